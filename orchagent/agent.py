@@ -1,0 +1,80 @@
+"""The agent: every component built once from the configuration and wired together.
+
+The HTTP API, the registration service and the command-line tests all reach the host
+through one :class:`Agent`; tests build one with fakes in place of the runner or a
+backend by passing them to :func:`build_agent`.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+import attrs
+
+from orchagent.config import Config
+from orchagent.interfaces import ICommandRunner
+from orchagent.token import Token
+
+
+@attrs.define
+class Agent:
+    config: Config
+    reactor: Any
+    runner: ICommandRunner
+    hostname: str
+    token: Token
+    service: Any
+    host: Any
+    binlogs: Any
+    snapshots: Any
+    snapshot_hosts: Any
+    seeds: Any
+    registration: Any
+    #: Called with each request; raises AccessDenied when the client certificate's OU is
+    #: not accepted (mutual TLS), else does nothing.
+    tls_guard: Callable[[Any], None] = lambda request: None
+
+
+def local_hostname(config: Config) -> str:
+    """AgentHostname when set, else the host's fully qualified name."""
+    return config.agent_hostname or socket.getfqdn()
+
+
+def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
+                token: Token | None = None, http_client=None, **replace) -> Agent:
+    """Build every component; ``replace`` swaps any of them by field name (tests)."""
+    from orchagent.api.tls import make_ou_guard
+    from orchagent.host.binlogs import MySQLLogs
+    from orchagent.host.facts import MySQLHost
+    from orchagent.host.service import MySQLService
+    from orchagent.process import ProcessRunner
+    from orchagent.registration.client import Registration
+    from orchagent.seed.manager import SeedManager
+    from orchagent.snapshots import build_backend
+    from orchagent.snapshots.hosts import SnapshotHosts
+
+    if runner is None:
+        runner = ProcessRunner(reactor, default_timeout=config.command_timeout_seconds,
+                               sudo=config.exec_with_sudo)
+    if token is None:
+        token = Token.from_file(config.token_file) if config.token_file else Token.random()
+    hostname = local_hostname(config)
+
+    def part(name, make):
+        return replace[name] if name in replace else make()
+
+    service = part("service", lambda: MySQLService(config, runner))
+    host = part("host", lambda: MySQLHost(config, runner, reactor, service))
+    binlogs = part("binlogs", lambda: MySQLLogs(config, runner, reactor, host))
+    snapshots = part("snapshots", lambda: build_backend(config, runner, reactor, host, service))
+    snapshot_hosts = part("snapshot_hosts", lambda: SnapshotHosts(config, runner))
+    seeds = part("seeds", lambda: SeedManager(config, reactor, runner, host, service, snapshots))
+    registration = part("registration", lambda: Registration(
+        config, reactor, hostname, token, http_client=http_client))
+    return Agent(
+        config=config, reactor=reactor, runner=runner, hostname=hostname, token=token,
+        service=service, host=host, binlogs=binlogs, snapshots=snapshots,
+        snapshot_hosts=snapshot_hosts, seeds=seeds, registration=registration,
+        tls_guard=part("tls_guard", lambda: make_ou_guard(config)),
+    )
