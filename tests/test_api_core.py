@@ -57,10 +57,12 @@ def make_api(**config_values):
         config=config, reactor=task.Clock(), runner=runner, hostname="db1.example",
         token=Token(TOKEN), service=Recorder(is_running=True, stop=True, start=True),
         host=Recorder(port=3306, disk_usage=42, post_copy=True),
-        binlogs=Recorder(apply_relaylog_contents=None),
-        snapshots=Recorder(remove=True, get_volume=NotFound("no volume named 'x'")),
+        binlogs=Recorder(apply_relaylog_contents=None, binlog_contents="", relaylog_contents_tail=""),
+        snapshots=Recorder(remove=True, get_volume=NotFound("no volume named 'x'"),
+                           list_volumes=[], list_snapshots=[], mount=NotFound("no volume")),
         snapshot_hosts=Recorder(local=["a"], anywhere=["a", "b"]),
-        seeds=Recorder(receive=True, abort=None, send=Refused("snapshot not mounted")),
+        seeds=Recorder(receive=True, abort=None, send=Refused("snapshot not mounted"),
+                       status=NotFound("no such seed"), set_rate_limit=NotFound("no such seed")),
         registration=Registration(),
     )
     api = AgentAPI(agent)
