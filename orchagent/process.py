@@ -177,7 +177,7 @@ class ProcessRunner:
             for observer in self.observers:
                 observer(result)
             if check and not result.ok:
-                log.warn("{failure}", failure=result.describe_failure())
+                log.warn("{failure}", failure=result.describe_failure(), command=result.name)
                 raise CommandFailed(result.describe_failure(), result)
             return result
 

@@ -7,9 +7,6 @@ server, the registration service and the seed manager.
 
 from __future__ import annotations
 
-import re
-
-
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
@@ -21,6 +18,7 @@ from orchagent import config as config_module
 from orchagent.agent import build_agent
 from orchagent.api.resource import AgentAPI
 from orchagent.errors import ConfigError
+from orchagent.logging import RootService, configured_observer, redact
 
 log = Logger()
 
@@ -66,10 +64,7 @@ def http_endpoint(config, reactor):
 def redacted_access_log(timestamp, request) -> str:
     """The combined access-log line with every query value of ``token`` or ``key`` hidden."""
     line = http.combinedLogFormatter(timestamp, request)
-    return _SECRET_QUERY.sub(r"\1=***", line)
-
-
-_SECRET_QUERY = re.compile(r"([?&](?:token|key))=[^&\s\"]*")
+    return redact(line)
 
 
 def makeService(options, reactor=None) -> service.MultiService:
@@ -78,17 +73,18 @@ def makeService(options, reactor=None) -> service.MultiService:
     try:
         config = load_config(options)
         agent = build_agent(config, reactor)
+        endpoint = http_endpoint(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"orchestrator-agent: {e.message}") from None
     except OSError as e:
         raise SystemExit(f"orchestrator-agent: {e}") from None
     if config.token_hint_file:
         agent.token.write_hint(config.token_hint_file)
-    root = service.MultiService()
+    root = RootService(configured_observer(config, options))
     root.agent = agent
     site = server.Site(AgentAPI(agent).resource(), logFormatter=redacted_access_log)
     site.displayTracebacks = False
-    StreamServerEndpointService(http_endpoint(config, reactor), site).setServiceParent(root)
+    StreamServerEndpointService(endpoint, site).setServiceParent(root)
     agent.registration.setServiceParent(root)
     agent.seeds.setServiceParent(root)
     log.info("orchestrator-agent for {hostname} on port {port}; config from {files}",

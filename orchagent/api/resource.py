@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import HTTPException
 
-from orchagent.api import params
+from orchagent.api import openapi, params
 from orchagent.errors import AgentError, BadRequest, NotFound
+from orchagent.metrics import AgentMetrics
 
 log = Logger()
 
@@ -44,11 +45,13 @@ class AgentAPI:
     def __init__(self, agent):
         self.agent = agent
         self.config = agent.config
+        self.metrics = AgentMetrics(agent)
 
     # --- plumbing ------------------------------------------------------------------------
 
     def resource(self):
-        return self.app.resource()
+        """The Klein app as a resource, counting every request for /metrics."""
+        return self.metrics.counting(self.app.resource(), self.app.url_map, self.config.status_endpoint)
 
     def _json(self, request, value, code: int = 200) -> bytes:
         request.setResponseCode(code)
@@ -122,6 +125,20 @@ class AgentAPI:
     def hostname(self, request):
         self._guard(request, token=False)
         return self._json(request, self.agent.hostname)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_exposition(self, request):
+        """Prometheus scrape; the token is required unless MetricsOpen."""
+        self._guard(request, token=not self.config.metrics_open)
+        body, content_type = self.metrics.exposition(request.getHeader(b"Accept"))
+        request.setHeader(b"Content-Type", content_type.encode())
+        return body
+
+    @app.route("/api/openapi.json", methods=["GET"])
+    def openapi_document(self, request):
+        """This API's description; public like /api/hostname (basic auth and OUs still apply)."""
+        self._guard(request, token=False)
+        return self._json(request, openapi.document(self.config))
 
     @app.route("/", branch=True, methods=["GET"])
     def status_or_unknown(self, request):
@@ -380,7 +397,7 @@ class AgentAPI:
         if not body.strip():
             raise BadRequest("empty request body: expected gzip+base64 relay log contents")
         try:
-            payload = base64.b64decode(body.strip(), validate=True)
+            payload = base64.b64decode(b"".join(body.split()), validate=True)  # Go agents wrap lines
         except (binascii.Error, ValueError):
             raise BadRequest("request body is not valid base64") from None
         await self.agent.binlogs.apply_relaylog_contents(payload)

@@ -1,13 +1,380 @@
-"""PLACEHOLDER: replaced by the seed engine work."""
+"""The seed manager: the one object the API and the service tree see for seeds.
+
+It owns the seed jobs (by id), the listener on SeedTransferPort (open while this host is
+receiving any seed, and accepting streams only for the seeds it was told to receive),
+the worker thread pool for disk, hashing and compression work, the persisted state
+under StateDir, and the progress log.  Engine mode is the default; when
+ReceiveSeedDataCommand / SendSeedDataCommand are set the original command mode runs
+instead (see :mod:`orchagent.seed.command`).
+
+On restart every seed that was pending or running is picked up again: a receiver
+listens again (its staging and journal are kept), a sender reconnects, and the
+receiver's READY makes the transfer continue from its last verified chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
 from twisted.application import service
-from orchagent.errors import NotAvailable
+from twisted.internet import defer, endpoints, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from orchagent.errors import BadRequest, NotAvailable, NotFound, Refused
+from orchagent.seed import auth, state, tree
+from orchagent.seed.auth import Admission, Rejected
+from orchagent.seed.command import CommandJob
+from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
+from orchagent.seed.sender import SendJob
+
+log = Logger()
+
+#: Seconds between progress lines in the log (and state saves) while seeds run.
+PROGRESS_INTERVAL = 5.0
+#: Finished seeds remembered for status queries.
+KEEP_FINISHED = 200
+THREADS = 4
+
 
 class SeedManager(service.Service):
-    def __init__(self, config, reactor, runner, host, service_, snapshots):
+    """See the module docstring.  ``clock`` defaults to the reactor (tests pass a Clock)."""
+
+    name = "seeds"
+
+    def __init__(self, config, reactor, runner, host, service_, snapshots, clock=None,
+                 chunk_size: int = tree.DEFAULT_CHUNK):
         self.config = config
-    def __getattr__(self, name):
-        if name.startswith("_") or name in ("parent", "name", "running"):
-            raise AttributeError(name)
-        async def unavailable(*a, **k):
-            raise NotAvailable(f"seeding is not available yet ({name})")
-        return unavailable
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.runner = runner
+        self.host = host
+        self.mysql = service_
+        self.snapshots = snapshots
+        self.chunk_size = chunk_size
+        self.store = state.StateStore(config.state_dir)
+        self.networks = auth.parse_networks(config.seed_allowed_networks)
+        self.tls = auth.tls_configured(config)
+        self.records: dict[str, state.SeedRecord] = {}
+        self.jobs: dict[str, Any] = {}
+        self.keys: dict[str, bytes] = {}
+        self.streams: set = set()
+        self.pool: ThreadPool | None = None
+        self._port = None
+        self._listen_lock = defer.DeferredLock()
+        self._ticker: task.LoopingCall | None = None
+        self._saved_at: dict[str, float] = {}
+
+    # --- service ---------------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.store.open()
+        self.pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="orchagent-seed")
+        self.pool.start()
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = self.clock
+        self._ticker.start(PROGRESS_INTERVAL, now=False)
+        for record in self.store.load_all():
+            self.records[record.seed_id] = record
+        self._prune()
+        for record in list(self.records.values()):
+            if not record.terminal:
+                self._resume_after_restart(record)
+
+    async def _stop(self) -> None:
+        for job in list(self.jobs.values()):
+            try:
+                await job.stop()
+            except Exception:
+                log.failure("seed {seed}: error while stopping", seed=job.seed_id)
+        await self._close_port()
+        for stream in list(self.streams):
+            stream.close(abort=True)
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        for record in self.records.values():
+            self.store.save(record)
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    def _resume_after_restart(self, record: state.SeedRecord) -> None:
+        key = self.store.read(record.seed_id, "key") if record.keyed else None
+        if record.mode != "engine" or (record.keyed and key is None):
+            record.state = state.FAILED
+            record.error = "the agent restarted while this seed ran and it cannot be resumed"
+            self.store.save(record)
+            return
+        record.resumes += 1
+        log.info("seed {seed}: resuming as {role} after a restart", seed=record.seed_id, role=record.role)
+        if record.role == "receiver":
+            job = ReceiveJob(self, record, key)
+            job.restore()
+            self.jobs[record.seed_id] = job
+            defer.ensureDeferred(self._listen()).addErrback(self._listen_failed, job)
+        else:
+            host, port = self._parse_target(record.target)
+            job = SendJob(self, record, key, host, port)
+            self.jobs[record.seed_id] = job
+            job.start()
+
+    # --- helpers the jobs use ----------------------------------------------------------------
+
+    def thread(self, fn, *args, **kwargs) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+
+    def touch(self, record: state.SeedRecord, force: bool = False) -> None:
+        record.updated_at = time.time()
+        if force or record.updated_at - self._saved_at.get(record.seed_id, 0) > PROGRESS_INTERVAL:
+            self.save(record)
+
+    def save(self, record: state.SeedRecord) -> None:
+        self._saved_at[record.seed_id] = time.time()
+        try:
+            self.store.save(record)
+        except OSError as e:
+            log.error("cannot save seed state for {seed}: {error}", seed=record.seed_id, error=e)
+
+    def job_ended(self, job) -> None:
+        if self.jobs.get(job.seed_id) is job:
+            del self.jobs[job.seed_id]
+        self.keys.pop(job.seed_id, None)
+        if not any(isinstance(j, ReceiveJob) for j in self.jobs.values()):
+            defer.ensureDeferred(self._close_port())
+
+    def receive_job(self, seed_id: str) -> ReceiveJob | None:
+        job = self.jobs.get(seed_id)
+        return job if isinstance(job, ReceiveJob) else None
+
+    def admission(self, seed_id: str) -> Admission:
+        """What a stream for ``seed_id`` must prove (called by the handshake)."""
+        job = self.receive_job(seed_id)
+        if job is None or not job.active:
+            raise Rejected(f"this host is not receiving seed {seed_id}")
+        if job.auth_key is not None or self.tls:
+            return Admission(job.auth_key)
+
+        def check_peer(host: str) -> None:
+            if not auth.peer_allowed(host, self.networks):
+                raise Rejected(f"{host} is not in SeedAllowedNetworks")
+
+        return Admission(None, check_peer)
+
+    # --- listening -------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        await self._listen_lock.acquire()
+        try:
+            if self._port is None:
+                port = self.config.seed_transfer_port
+                if self.tls:
+                    endpoint = endpoints.SSL4ServerEndpoint(
+                        self.reactor, port, auth.tls_server_options(self.config))
+                else:
+                    endpoint = endpoints.TCP4ServerEndpoint(self.reactor, port)
+                self._port = await endpoint.listen(ReceiverFactory(self))
+                log.info("listening for seed streams on port {port}", port=port)
+        finally:
+            self._listen_lock.release()
+
+    def _listen_failed(self, failure, job) -> None:
+        job.fail(f"cannot listen on seed port {self.config.seed_transfer_port}: {failure.getErrorMessage()}")
+
+    async def _close_port(self) -> None:
+        await self._listen_lock.acquire()
+        try:
+            port, self._port = self._port, None
+            if port is not None:
+                await port.stopListening()
+        finally:
+            self._listen_lock.release()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def _new_record(self, seed_id: str, role: str, **fields) -> state.SeedRecord:
+        now = time.time()
+        record = state.SeedRecord(seed_id=seed_id, role=role, started_at=now, updated_at=now, **fields)
+        self.records[seed_id] = record
+        self._prune()
+        return record
+
+    def _active(self, seed_id: str):
+        job = self.jobs.get(seed_id)
+        return job if job is not None and job.active else None
+
+    async def receive(self, seed_id: str, key: str | None = None) -> bool:
+        """Start receiving ``seed_id`` into the datadir; answers once listening."""
+        job = self._active(seed_id)
+        if job is not None:
+            if isinstance(job, ReceiveJob) or isinstance(job, CommandJob) and job.record.role == "receiver":
+                return True
+            raise Refused(f"this host is sending seed {seed_id}; it cannot also receive it")
+        if await self.mysql.is_running():
+            raise Refused(f"MySQL is running on this host: stop it before receiving seed {seed_id}")
+        datadir = await self.host.datadir()
+        if not datadir or datadir == "/":
+            raise Refused(f"refusing to receive seed {seed_id} into datadir {datadir!r}")
+        if self.config.receive_seed_data_command:
+            record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir)
+            job = CommandJob(self, record, self.config.receive_seed_data_command,
+                             [datadir, str(self.config.seed_transfer_port)])
+            self.jobs[seed_id] = job
+            job.start()
+            return True
+        if not os.path.isdir(datadir):
+            raise Refused(f"datadir {datadir} of seed {seed_id} is not a directory")
+        auth_key = auth.derive_auth_key(key, seed_id) if key else None
+        record = self._new_record(seed_id, "receiver", datadir=datadir, keyed=auth_key is not None)
+        self.store.remove(seed_id, "journal", "manifest")
+        if auth_key is not None:
+            self.store.write(seed_id, "key", auth_key)
+        job = ReceiveJob(self, record, auth_key)
+        self.jobs[seed_id] = job
+        self.save(record)
+        try:
+            await self._listen()
+        except Exception as e:
+            job.fail(f"cannot listen on seed port {self.config.seed_transfer_port}: {e}")
+            raise NotAvailable(f"cannot listen on seed port {self.config.seed_transfer_port}: {e}") from None
+        if auth_key is None and not self.tls:
+            where = ", ".join(self.config.seed_allowed_networks) or "ANY address"
+            log.warn("seed {seed}: waiting for an UNAUTHENTICATED stream from {where} on port {port} "
+                     "(no key given, no seed TLS configured)", seed=seed_id, where=where,
+                     port=self.config.seed_transfer_port)
+        else:
+            log.info("seed {seed}: waiting for the sender on port {port}", seed=seed_id,
+                     port=self.config.seed_transfer_port)
+        return True
+
+    def _parse_target(self, target: str) -> tuple[str, int]:
+        port = self.config.seed_transfer_port
+        host = target
+        if target.startswith("["):
+            host, _, rest = target[1:].partition("]")
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif target.count(":") == 1:
+            host, _, text = target.partition(":")
+            port = int(text)
+        if not 0 < port < 65536:
+            raise BadRequest(f"invalid port in target {target!r}")
+        return host, port
+
+    async def send(self, target: str, seed_id: str, key: str | None = None,
+                   source: str = "snapshot") -> bool:
+        """Start sending ``source`` to ``target`` ("host" or "host:port") in the background."""
+        job = self._active(seed_id)
+        if job is not None:
+            if job.record.role == "sender" and job.record.target == target:
+                return True
+            raise Refused(f"seed {seed_id} is already active on this host as {job.record.role}")
+        host, port = self._parse_target(target)
+        if source == "hot":
+            raise NotAvailable("hot seeds are not available yet")
+        if source == "snapshot":
+            mount = await self.snapshots.mount_state()
+            if not mount.is_mounted:
+                raise Refused(f"no snapshot is mounted on {mount.path or 'SnapshotMountPoint'}: "
+                              f"mount one (mountlv) before sending seed {seed_id}")
+            path = mount.mysql_data_path
+        elif source == "datadir":
+            if await self.mysql.is_running():
+                raise Refused(f"MySQL is running: a datadir seed ({seed_id}) needs it stopped; "
+                              "send a snapshot instead")
+            path = await self.host.datadir()
+        else:
+            raise BadRequest(f"unknown seed source {source!r}")
+        if self.config.send_seed_data_command:
+            record = self._new_record(seed_id, "sender", mode="command", target=target,
+                                      source=source, source_path=path)
+            job = CommandJob(self, record, self.config.send_seed_data_command, [path, host, str(port)])
+            self.jobs[seed_id] = job
+            job.start()
+            return True
+        if not path or not os.path.isdir(path):
+            raise Refused(f"seed source {path!r} is not a directory")
+        previous = self.records.get(seed_id)
+        auth_key = auth.derive_auth_key(key, seed_id) if key else None
+        record = self._new_record(seed_id, "sender", target=target, source=source, source_path=path,
+                                  keyed=auth_key is not None,
+                                  rate_limit=self.config.seed_rate_limit_bytes_per_sec)
+        if previous is not None and previous.role == "sender":
+            record.resumes = previous.resumes + 1
+            record.rate_limit = previous.rate_limit
+            record.started_at = previous.started_at
+        if auth_key is not None:
+            self.store.write(seed_id, "key", auth_key)
+        self.save(record)
+        job = SendJob(self, record, auth_key, host, port)
+        self.jobs[seed_id] = job
+        job.start()
+        return True
+
+    def _record(self, seed_id: str) -> state.SeedRecord:
+        record = self.records.get(seed_id)
+        if record is None:
+            raise NotFound(f"no seed {seed_id} on this host")
+        return record
+
+    async def abort(self, seed_id: str) -> bool:
+        self._record(seed_id)
+        job = self._active(seed_id)
+        if job is not None:
+            await job.fail("aborted through the API", state.ABORTED)
+        return True
+
+    async def completed(self, seed_id: str) -> bool:
+        return self._record(seed_id).terminal
+
+    async def succeeded(self, seed_id: str) -> bool:
+        return self._record(seed_id).state == state.COMPLETED
+
+    async def status(self, seed_id: str) -> dict:
+        return self._status(self._record(seed_id))
+
+    def all_status(self) -> list[dict]:
+        return [self._status(r) for r in self.records.values()]
+
+    async def set_rate_limit(self, seed_id: str, bytes_per_sec: int) -> bool:
+        record = self._record(seed_id)
+        record.rate_limit = bytes_per_sec
+        job = self._active(seed_id)
+        if isinstance(job, SendJob):
+            job.set_rate_limit(bytes_per_sec)
+        self.save(record)
+        log.info("seed {seed}: rate limit set to {rate} bytes/s", seed=seed_id, rate=bytes_per_sec)
+        return True
+
+    # --- progress --------------------------------------------------------------------------
+
+    def _status(self, record: state.SeedRecord) -> dict:
+        job = self.jobs.get(record.seed_id)
+        if job is not None and job.active and hasattr(job, "progress"):
+            rate, eta = job.progress()
+        else:
+            rate, eta = 0.0, (0.0 if record.state == state.COMPLETED else None)
+        return record.status(rate, eta)
+
+    def _tick(self) -> None:
+        for job in list(self.jobs.values()):
+            if not job.active:
+                continue
+            status = self._status(job.record)
+            log.info("seed {SeedId} {Role} {State}: {BytesDone}/{BytesTotal} bytes, "
+                     "{FilesDone}/{FilesTotal} files, {RateBytesPerSec} B/s, eta {EtaSeconds}s, "
+                     "resumes {Resumes}", **status)
+            self.save(job.record)
+
+    def _prune(self) -> None:
+        finished = sorted((r for r in self.records.values() if r.terminal), key=lambda r: r.updated_at)
+        for record in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self.records[record.seed_id]
+            self.store.remove(record.seed_id, "json", "key", "journal", "manifest")

@@ -1,5 +1,101 @@
-"""PLACEHOLDER: replaced by the snapshots work."""
-from orchagent.host.facts import MySQLHost as _Unavailable
+"""Snapshots of the MySQL datadir: LVM, btrfs and cold-copy backends behind one front.
 
-def build_backend(config, runner, reactor, host, service):
-    return _Unavailable(config, runner, reactor, service)
+:func:`build_backend` returns the :class:`Snapshots` front the API and the seed manager
+use.  It chooses the backend named by ``SnapshotBackend`` (``auto`` detects it from the
+datadir's file system on first use, see :mod:`orchagent.snapshots.detect`), lets
+``CreateSnapshotCommand``, when set, win over the backend for creating snapshots (the
+original agent's do-it-yourself hook), and runs one changing operation at a time (create,
+mount, unmount, remove, restore), so that two requests never race on the mount point or
+the datadir.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from orchagent.interfaces import ICommandRunner, ISnapshotBackend
+from orchagent.snapshots.model import LogicalVolume, Mount
+
+log = Logger()
+
+
+@implementer(ISnapshotBackend)
+class Snapshots:
+    """The snapshot backend as the rest of the agent sees it."""
+
+    def __init__(self, config: Any, runner: ICommandRunner, backends: dict[str, Any],
+                 detect: Callable[[], Awaitable[str]]):
+        self.config = config
+        self.runner = runner
+        self.backends = backends
+        self.detect = detect
+        self.lock = DeferredLock()
+        self.chosen = None if config.snapshot_backend == "auto" else backends[config.snapshot_backend]
+
+    @property
+    def name(self) -> str:
+        return self.chosen.name if self.chosen is not None else "auto"
+
+    async def backend(self):
+        if self.chosen is None:
+            name = await self.detect()
+            log.info("snapshots: SnapshotBackend auto chose {name}", name=name)
+            self.chosen = self.backends[name]
+        return self.chosen
+
+    async def list_volumes(self, pattern: str = "") -> list[LogicalVolume]:
+        return await (await self.backend()).list_volumes(pattern)
+
+    async def list_snapshots(self) -> list[LogicalVolume]:
+        return await (await self.backend()).list_snapshots()
+
+    async def get_volume(self, name: str) -> LogicalVolume:
+        return await (await self.backend()).get_volume(name)
+
+    async def mount_state(self) -> Mount:
+        return await (await self.backend()).mount_state()
+
+    async def create_snapshot(self) -> bool:
+        async with self.lock:
+            command = self.config.create_snapshot_command
+            if command:
+                log.info("snapshots: running CreateSnapshotCommand")
+                await self.runner.shell(command)
+                return True
+            return await (await self.backend()).create_snapshot()
+
+    async def mount(self, name: str) -> Mount:
+        async with self.lock:
+            return await (await self.backend()).mount(name)
+
+    async def unmount(self) -> Mount:
+        async with self.lock:
+            return await (await self.backend()).unmount()
+
+    async def remove(self, name: str) -> bool:
+        async with self.lock:
+            return await (await self.backend()).remove(name)
+
+    async def restore(self, name: str) -> bool:
+        async with self.lock:
+            return await (await self.backend()).restore(name)
+
+
+def build_backend(config: Any, runner: ICommandRunner, reactor: Any, host: Any,
+                  service: Any) -> Snapshots:
+    """The agent's snapshot front, with every backend ready and ``auto`` detection."""
+    from orchagent.snapshots.btrfs import BtrfsBackend
+    from orchagent.snapshots.copy import CopyBackend
+    from orchagent.snapshots.detect import detect_backend
+    from orchagent.snapshots.lvm import LVMBackend
+
+    backends = {
+        "lvm": LVMBackend(config, runner, reactor, host, service),
+        "btrfs": BtrfsBackend(config, runner, reactor, host, service),
+        "copy": CopyBackend(config, runner, reactor, host, service),
+    }
+    return Snapshots(config, runner, backends, lambda: detect_backend(host, backends["lvm"]))

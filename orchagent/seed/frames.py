@@ -1,0 +1,335 @@
+"""The seed wire format: frames, their integrity tags, and data chunks.
+
+Every frame is ``header | body | tag``::
+
+    header  = type u8, flags u8, body length u32        (big-endian, 6 bytes)
+    tag     = BLAKE3(key=stream key, header | covered)[:16]
+
+For control frames ``covered`` is the whole body.  A DATA frame's body is a 49-byte chunk
+head (file index u32, offset u64, raw length u32, encoding u8, BLAKE3 digest of the raw
+bytes, 32 bytes) followed by the payload (raw or zstd); its tag covers the header and the
+chunk head, and the payload is bound to it through the digest, which the receiver checks
+after decompressing.  So one hash pass over the data on each side authenticates and
+verifies it, and the content digest does not depend on the stream key: it can be kept
+in the receiver's journal and compared again after a restart.
+
+The stream key is all-zero during the handshake (integrity only) and afterwards derived
+from both sides' nonces and, when the controller gave one, the per-seed key (see
+:mod:`orchagent.seed.auth`): then nobody without the key can forge or splice a frame.
+
+:class:`FrameSplitter` only cuts bytes into frames (cheap, runs on the reactor thread);
+:func:`open_control`, :func:`open_data` and :func:`unpack_chunk` check them (the last one
+hashes and decompresses, so it runs in a worker thread).  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import threading
+from collections import deque
+from typing import Any, Iterable
+
+import attrs
+import blake3
+import zstandard
+
+HEADER = struct.Struct(">BBI")
+CHUNK_HEAD = struct.Struct(">IQIB32s")
+TAG_SIZE = 16
+DIGEST_SIZE = 32
+ZERO_KEY = bytes(32)
+#: The largest raw chunk; bodies are at most this plus the chunk head.
+MAX_CHUNK = 8 << 20
+MAX_BODY = MAX_CHUNK + CHUNK_HEAD.size
+#: A compressed chunk is sent only when it saves at least 1/16th.
+MIN_SAVING = 16
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    ACCEPT = 4
+    REJECT = 5
+    MANIFEST = 6
+    MANIFEST_END = 7
+    READY = 8
+    DATA = 9
+    DIGESTS = 10
+    FINISH = 11
+    RESULT = 12
+    ABORT = 13
+
+
+class Encoding(enum.IntEnum):
+    RAW = 0
+    ZSTD = 1
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the stream cannot be trusted any more."""
+
+
+class IntegrityError(ProtocolError):
+    """A tag or digest did not match: corruption or forgery.  ``where`` names the place."""
+
+    def __init__(self, message: str, where: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.where = where
+
+
+@attrs.frozen
+class Frame:
+    """One cut frame; ``raw`` is the whole frame (header, body and tag) as one buffer."""
+
+    type: int
+    flags: int
+    raw: memoryview
+
+    @property
+    def body(self) -> memoryview:
+        return self.raw[HEADER.size:len(self.raw) - TAG_SIZE]
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
+@attrs.frozen
+class Chunk:
+    """A DATA frame whose tag was checked; the payload is not verified yet."""
+
+    file: int
+    offset: int
+    length: int
+    encoding: int
+    digest: bytes
+    payload: memoryview
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.file, self.offset)
+
+
+def _tag(key: bytes, *parts) -> bytes:
+    h = blake3.blake3(key=key)
+    for part in parts:
+        h.update(part)
+    return h.digest(length=TAG_SIZE)
+
+
+def seal(ftype: int, body: bytes, key: bytes = ZERO_KEY, flags: int = 0) -> bytes:
+    """A complete control frame."""
+    if len(body) > MAX_BODY:
+        raise ValueError(f"frame body of {len(body)} bytes is too large")
+    head = HEADER.pack(ftype, flags, len(body))
+    return head + body + _tag(key, head, body)
+
+
+def seal_json(ftype: int, value: Any, key: bytes = ZERO_KEY) -> bytes:
+    return seal(ftype, json.dumps(value, separators=(",", ":")).encode(), key)
+
+
+def seal_packed(ftype: int, value: Any, key: bytes = ZERO_KEY) -> bytes:
+    """A control frame whose body is zstd-compressed JSON (manifests, chunk lists)."""
+    raw = json.dumps(value, separators=(",", ":")).encode()
+    return seal(ftype, _compressor().compress(raw), key)
+
+
+def open_control(frame: Frame, key: bytes = ZERO_KEY) -> bytes:
+    """The body of a control frame, after checking its tag."""
+    if frame.type == FrameType.DATA:
+        raise ProtocolError("a DATA frame where a control frame was expected")
+    raw = frame.raw
+    if _tag(key, raw[:len(raw) - TAG_SIZE]) != raw[len(raw) - TAG_SIZE:]:
+        raise IntegrityError(f"{_name(frame.type)} frame failed its integrity check")
+    return bytes(frame.body)
+
+
+def open_json(frame: Frame, key: bytes = ZERO_KEY) -> Any:
+    try:
+        value = json.loads(open_control(frame, key))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{_name(frame.type)} frame does not hold valid JSON") from e
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{_name(frame.type)} frame does not hold a JSON object")
+    return value
+
+
+def open_packed(frame: Frame, key: bytes = ZERO_KEY, limit: int = 256 << 20) -> Any:
+    body = open_control(frame, key)
+    try:
+        return json.loads(_decompressor().decompress(body, max_output_size=limit))
+    except (zstandard.ZstdError, ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{_name(frame.type)} frame does not hold packed JSON") from e
+
+
+def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
+               digest: bytes | None = None) -> tuple[list, bytes, bool]:
+    """Frame one chunk: returns (pieces to write, content digest, compressed or not).
+
+    ``raw`` may be any buffer; it is neither copied nor kept.  Runs in a worker thread.
+    """
+    length = len(raw)
+    if length > MAX_CHUNK:
+        raise ValueError(f"chunk of {length} bytes is larger than {MAX_CHUNK}")
+    if digest is None:
+        digest = blake3.blake3(raw).digest()
+    payload = raw
+    encoding = Encoding.RAW
+    if compress and length:
+        packed = _compressor().compress(raw)
+        if len(packed) <= length - length // MIN_SAVING:
+            payload, encoding = packed, Encoding.ZSTD
+    chunk_head = CHUNK_HEAD.pack(file, offset, length, encoding, digest)
+    head = HEADER.pack(FrameType.DATA, 0, CHUNK_HEAD.size + len(payload))
+    return [head, chunk_head, payload, _tag(key, head, chunk_head)], digest, encoding == Encoding.ZSTD
+
+
+def open_data(frame: Frame, key: bytes) -> Chunk:
+    """Check a DATA frame's tag (header and chunk head); cheap, any thread."""
+    if frame.type != FrameType.DATA:
+        raise ProtocolError(f"a {_name(frame.type)} frame where a DATA frame was expected")
+    raw = frame.raw
+    end = HEADER.size + CHUNK_HEAD.size
+    if len(raw) < end + TAG_SIZE:
+        raise ProtocolError("DATA frame shorter than its chunk head")
+    file, offset, length, encoding, digest = CHUNK_HEAD.unpack_from(raw, HEADER.size)
+    if _tag(key, raw[:end]) != raw[len(raw) - TAG_SIZE:]:
+        raise IntegrityError(f"DATA frame for file #{file} offset {offset} failed its integrity check",
+                             where=(file, offset))
+    payload = raw[end:len(raw) - TAG_SIZE]
+    if length > MAX_CHUNK or encoding not in (Encoding.RAW, Encoding.ZSTD) or (
+            encoding == Encoding.RAW and len(payload) != length):
+        raise ProtocolError(f"DATA frame for file #{file} offset {offset} has an impossible chunk head")
+    return Chunk(file, offset, length, encoding, digest, payload)
+
+
+def unpack_chunk(chunk: Chunk):
+    """The chunk's raw bytes, decompressed and checked against its digest (worker thread)."""
+    data = chunk.payload
+    if chunk.encoding == Encoding.ZSTD:
+        try:
+            data = _decompressor().decompress(data, max_output_size=chunk.length)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
+                                 f"does not decompress: {e}", where=chunk.key) from None
+        if len(data) != chunk.length:
+            raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
+                                 f"decompressed to {len(data)} bytes, not {chunk.length}",
+                                 where=chunk.key)
+    if blake3.blake3(data).digest() != chunk.digest:
+        raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
+                             f"does not match its digest", where=chunk.key)
+    return data
+
+
+class FrameSplitter:
+    """Cuts a byte stream into frames without copying more than once per frame.
+
+    Pieces are queued as they arrive; a frame is joined into one buffer only when all of
+    it is there.  A length beyond ``max_body`` fails at once (never buffers it).
+    """
+
+    def __init__(self, max_body: int = MAX_BODY):
+        self.max_body = max_body
+        self._pieces: deque = deque()
+        self._have = 0
+        self._head: tuple[int, int, int] | None = None
+
+    @property
+    def buffered(self) -> int:
+        return self._have
+
+    def feed(self, data) -> list[Frame]:
+        if data:
+            self._pieces.append(memoryview(data))
+            self._have += len(data)
+        frames = []
+        while True:
+            if self._head is None:
+                if self._have < HEADER.size:
+                    break
+                ftype, flags, length = HEADER.unpack(self._peek(HEADER.size))
+                if length > self.max_body:
+                    raise ProtocolError(f"frame length {length} exceeds the limit of {self.max_body}")
+                if ftype not in _TYPES:
+                    raise ProtocolError(f"unknown frame type {ftype}")
+                self._head = (ftype, flags, HEADER.size + length + TAG_SIZE)
+            ftype, flags, total = self._head
+            if self._have < total:
+                break
+            frames.append(Frame(ftype, flags, self._take(total)))
+            self._head = None
+        return frames
+
+    def finish(self) -> None:
+        """The stream ended: a partial frame left over is an error."""
+        if self._have:
+            raise ProtocolError(f"stream ended inside a frame ({self._have} bytes left over)")
+
+    def _peek(self, n: int) -> bytes:
+        first = self._pieces[0]
+        if len(first) >= n:
+            return first[:n].tobytes()
+        out = bytearray()
+        for piece in self._pieces:
+            out += piece[:n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
+
+    def _take(self, n: int) -> memoryview:
+        self._have -= n
+        first = self._pieces[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._pieces.popleft()
+            else:
+                self._pieces[0] = first[n:]
+            return first[:n]
+        parts = []
+        need = n
+        while need:
+            piece = self._pieces.popleft()
+            if len(piece) > need:
+                self._pieces.appendleft(piece[need:])
+                piece = piece[:need]
+            parts.append(piece)
+            need -= len(piece)
+        return memoryview(b"".join(parts))
+
+
+_TYPES = frozenset(int(t) for t in FrameType)
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "compressor", None)
+    if c is None:
+        c = _local.compressor = zstandard.ZstdCompressor(level=1)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+def _name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return f"type-{ftype}"
+
+
+def iter_frames(chunks: Iterable[bytes]) -> Iterable[Frame]:
+    """Every frame in a sequence of byte pieces (tests and tools)."""
+    splitter = FrameSplitter()
+    for piece in chunks:
+        yield from splitter.feed(piece)
+    splitter.finish()

@@ -1,0 +1,531 @@
+"""The sending side: the send job, its sessions, and the push-producer streams.
+
+A *session* is one attempt: a control stream carries the manifest, learns from READY
+which chunks the receiver already holds, then it and SeedStreams-1 data streams pull
+chunks from one shared queue (so a large file is split between streams).  Any stream
+failing ends the session; the job reconnects with backoff and the receiver's READY makes
+the next session continue from the last verified chunk.  When the queue is empty the
+control stream sends the per-file digests and the tree digest, and the receiver answers
+RESULT after it verified and moved everything into place.
+
+Each stream is an IPushProducer on its transport: when the transport's buffer is full it
+is paused and reads no more from disk.  At most :data:`READS_IN_FLIGHT` read tasks per
+stream run in the thread pool (read, hash, maybe compress), so memory is bounded by
+streams × reads × chunk size, independent of the seed's size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import blake3
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from orchagent.errors import BadRequest
+from orchagent.seed import frames, plan, state, tree
+from orchagent.seed.auth import ClientHandshake, Rejected, is_loopback, tls_client_options
+from orchagent.seed.frames import FrameType, ProtocolError
+
+if TYPE_CHECKING:
+    from orchagent.seed.manager import SeedManager
+
+log = Logger()
+
+READS_IN_FLIGHT = 2
+#: A read task gathers small chunks (whole small files) up to this many bytes.
+BATCH_BYTES = 1 << 20
+BATCH_ITEMS = 256
+MANIFEST_BATCH = 4096
+CONNECT_TIMEOUT = 10
+#: Sessions in a row that fail without progress before the seed fails.
+MAX_ATTEMPTS = 6
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 15.0
+
+
+@implementer(IPushProducer)
+class SenderStream(protocol.Protocol):
+    """One connection to the receiver: handshake, then frames to/from the job."""
+
+    def __init__(self, job: "SendJob", role: str, index: int):
+        self.job = job
+        self.role = role
+        self.index = index
+        self.splitter = frames.FrameSplitter()
+        self.handshake = ClientHandshake(job.seed_id, job.session, role, index, job.auth_key)
+        self.key: bytes | None = None
+        self.paused = False
+        self.reads = 0
+        self.timer = None
+        self.closed = False
+        self.lost = defer.Deferred()
+        self.accepted = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.handshake.hello())
+
+    def dataReceived(self, data):
+        try:
+            for frame in self.splitter.feed(data):
+                if self.closed:
+                    return
+                if self.key is None:
+                    reply = self.handshake.receive(frame)
+                    if reply is not None:
+                        self.transport.write(reply)
+                    else:
+                        self.key = self.handshake.key
+                        self.transport.registerProducer(self, True)
+                        self.accepted.callback(self)
+                else:
+                    self.job.frame(self, frame)
+        except Rejected as e:
+            self.job.rejected(self, str(e))
+        except ProtocolError as e:
+            self.job.broken(self, f"protocol error from the receiver: {e}")
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.closed = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if not self.accepted.called:
+            self.accepted.errback(reason)
+        self.job.stream_lost(self, reason)
+        self.lost.callback(None)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # IPushProducer
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self.job.pump(self)
+
+    def stopProducing(self):
+        self.closed = True
+
+
+class CompressionPolicy:
+    """Adaptive zstd: try on a chunk; after chunks that did not shrink, skip more and
+    more chunks (up to 64) before trying again."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._skip = 0
+        self._backoff = 1
+
+    def should_try(self) -> bool:
+        if not self.enabled:
+            return False
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def record(self, tried: bool, compressed: bool) -> None:
+        if not tried:
+            return
+        if compressed:
+            self._backoff = 1
+        else:
+            self._skip = self._backoff
+            self._backoff = min(self._backoff * 2, 64)
+
+
+class SendJob:
+    """The sending side of one seed (engine mode)."""
+
+    def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None,
+                 host: str, port: int):
+        self.manager = manager
+        self.record = record
+        self.auth_key = auth_key
+        self.host = host
+        self.port = port
+        self.manifest: tree.Manifest | None = None
+        self.table: plan.ChunkTable | None = None
+        self.session = ""
+        self.streams: list[SenderStream] = []
+        self.control: SenderStream | None = None
+        self.queue: deque = deque()
+        self.finishing = False
+        self.attempts = 0
+        self.retry_call = None
+        self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
+        self.compression = CompressionPolicy(False)
+        self.meter = state.RateMeter(manager.clock)
+        self.done = defer.Deferred()
+        self.ready = False
+        #: Content digests of every chunk read from the source, by (file, offset).
+        self.digests: dict[tuple[int, int], bytes] = {}
+        #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
+        self.bytes_sent = 0
+        self.have_at_ready = 0
+
+    @property
+    def seed_id(self) -> str:
+        return self.record.seed_id
+
+    @property
+    def active(self) -> bool:
+        return not self.record.terminal
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        defer.ensureDeferred(self._walk()).addErrback(self._crashed)
+
+    async def _walk(self) -> None:
+        manifest = await self.manager.thread(tree.walk, self.record.source_path, self.manager.chunk_size)
+        if not self.active:
+            return
+        self.manifest = manifest
+        self.table = plan.ChunkTable(manifest)
+        self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
+        self.manager.touch(self.record)
+        log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
+                 seed=self.seed_id, bytes=self.table.bytes_total, files=len(self.table.files),
+                 source=self.record.source_path, target=self.record.target)
+        self._connect()
+
+    def _crashed(self, failure) -> None:
+        if not self.active:
+            return
+        if failure.check(BadRequest):
+            self.fail(failure.value.message)
+        elif failure.check(OSError):
+            self.fail(f"cannot read the seed source {self.record.source_path}: {failure.value}")
+        else:
+            log.failure("seed {seed}: sender crashed", failure, seed=self.seed_id)
+            self.fail(f"sending failed: {failure.value}")
+
+    def _endpoint(self):
+        reactor = self.manager.reactor
+        endpoint = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
+        if self.manager.tls:
+            endpoint = endpoints.wrapClientTLS(tls_client_options(self.manager.config, self.host), endpoint)
+        return endpoint
+
+    def _connect(self) -> None:
+        self.retry_call = None
+        if not self.active:
+            return
+        self.session = os.urandom(8).hex()
+        self.finishing = False
+        self.ready = False
+        self.queue = deque()
+        self.record.state = state.RUNNING
+        defer.ensureDeferred(self._open_control(self.session)).addErrback(self._connect_failed, self.session)
+
+    async def _open_control(self, session: str) -> None:
+        stream = SenderStream(self, "control", 0)
+        self.streams = [stream]
+        self.control = stream
+        await endpoints.connectProtocol(self._endpoint(), stream)
+        await stream.accepted
+        if session != self.session:
+            return
+        peer = stream.transport.getPeer().host
+        setting = self.manager.config.seed_compression
+        self.compression = CompressionPolicy(
+            setting == "zstd" or (setting == "auto" and not is_loopback(peer)))
+        for start in range(0, len(self.manifest.entries), MANIFEST_BATCH):
+            batch = [e.to_wire() for e in self.manifest.entries[start:start + MANIFEST_BATCH]]
+            stream.transport.write(frames.seal_packed(FrameType.MANIFEST, batch, stream.key))
+        stream.transport.write(frames.seal_json(FrameType.MANIFEST_END, {
+            "count": len(self.manifest.entries), "chunk_size": self.manifest.chunk_size,
+            "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total}, stream.key))
+
+    def _connect_failed(self, failure, session) -> None:
+        if session != self.session or not self.active:
+            return
+        self._session_failed(f"cannot connect to {self.host}:{self.port}: "
+                             f"{failure.getErrorMessage()}")
+
+    # --- frames from the receiver ----------------------------------------------------------
+
+    def frame(self, stream: SenderStream, frame: frames.Frame) -> None:
+        if stream.role != "control" or stream is not self.control:
+            raise ProtocolError(f"frame type {frame.type} on a data stream")
+        if frame.type == FrameType.READY:
+            have = frames.open_packed(frame, stream.key).get("have", [])
+            defer.ensureDeferred(self._ready(have, self.session)).addErrback(self._crashed)
+        elif frame.type == FrameType.RESULT:
+            result = frames.open_json(frame, stream.key)
+            if result.get("ok") is True:
+                self._succeeded()
+            else:
+                final = state.ABORTED if result.get("state") == state.ABORTED else state.FAILED
+                self.fail(f"the receiver reports: {result.get('message', 'failed')}", final, tell=False)
+        else:
+            raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
+
+    async def _ready(self, have: list, session: str) -> None:
+        table = plan.ChunkTable(self.manifest)
+        recheck = []
+        for item in have:
+            index, offset, length, digest = item
+            if table.expected_length(index, offset) != length:
+                continue
+            digest = bytes.fromhex(digest)
+            known = self.digests.get((index, offset))
+            if known is None:
+                recheck.append((index, offset, length, digest))
+            elif known == digest:
+                table.mark_done(index, offset, digest)
+        if recheck:
+            good = await self.manager.thread(_recheck_source, self.record.source_path,
+                                             self.manifest, recheck)
+            for index, offset, digest in good:
+                self.digests[(index, offset)] = digest
+                table.mark_done(index, offset, digest)
+        if session != self.session or not self.active:
+            return
+        if table.bytes_done > self.have_at_ready:
+            self.attempts = 0
+        self.have_at_ready = table.bytes_done
+        self.table = table
+        self.ready = True
+        self.queue = deque(table.todo())
+        self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
+        log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
+                 seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)
+        for index in range(1, self.manager.config.seed_streams):
+            defer.ensureDeferred(self._open_data(session, index)).addErrback(
+                self._connect_failed, session)
+        self.pump(self.control)
+
+    async def _open_data(self, session: str, index: int) -> None:
+        stream = SenderStream(self, "data", index)
+        self.streams.append(stream)
+        await endpoints.connectProtocol(self._endpoint(), stream)
+        await stream.accepted
+        if session == self.session:
+            self.pump(stream)
+
+    # --- pumping -------------------------------------------------------------------------
+
+    def pump(self, stream: SenderStream) -> None:
+        """Start read tasks for ``stream`` while it may take more (the producer's loop)."""
+        while (self.active and stream.key is not None and not stream.closed and not stream.paused
+               and stream.reads < READS_IN_FLIGHT and self.queue and stream in self.streams):
+            delay = self.bucket.delay()
+            if delay > 0:
+                if stream.timer is None or not stream.timer.active():
+                    stream.timer = self.manager.clock.callLater(delay, self.pump, stream)
+                return
+            items = [self.queue.popleft()]
+            size = items[0][2]
+            while (self.queue and size + self.queue[0][2] <= BATCH_BYTES
+                   and len(items) < BATCH_ITEMS):
+                items.append(self.queue.popleft())
+                size += items[-1][2]
+            self.bucket.take(size)
+            stream.reads += 1
+            compress = self.compression.should_try()
+            d = self.manager.thread(_read_chunks, self.record.source_path, self.manifest, items,
+                                    stream.key, compress)
+            d.addBoth(self._read_done, stream, items, compress, self.session)
+        self._maybe_finish()
+
+    def _read_done(self, result, stream: SenderStream, items, compress, session):
+        stream.reads -= 1
+        if session != self.session or not self.active:
+            return None
+        if isinstance(result, Failure):
+            if result.check(BadRequest):
+                self.fail(result.value.message)
+            elif result.check(OSError):
+                self.fail(f"cannot read the seed source: {result.value}")
+            else:
+                log.failure("seed {seed}: read failed", result, seed=self.seed_id)
+                self.fail(f"reading the seed source failed: {result.value}")
+            return None
+        if stream.closed:
+            self.queue.extendleft(reversed(items))
+            return None
+        for (index, offset, length), (pieces, digest, compressed) in zip(items, result):
+            stream.transport.writeSequence(pieces)
+            self.digests[(index, offset)] = digest
+            self.table.mark_done(index, offset, digest)
+            self.compression.record(compress, compressed)
+            self.bytes_sent += length
+        self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+        self.pump(stream)
+        return None
+
+    def _maybe_finish(self) -> None:
+        if (self.finishing or not self.ready or self.queue or self.control is None
+                or any(s.reads for s in self.streams) or not self.table.complete):
+            return
+        self.finishing = True
+        table = self.table
+        digests = table.file_digests()
+        control = self.control
+        packed = plan.pack_digests(digests)
+        step = 36 * 100_000
+        for start in range(0, len(packed), step):
+            control.transport.write(frames.seal(FrameType.DIGESTS, packed[start:start + step], control.key))
+        control.transport.write(frames.seal_json(
+            FrameType.FINISH, {"tree": table.tree_digest(digests).hex()}, control.key))
+        self.record.state = state.VERIFYING
+        self.manager.touch(self.record)
+
+    # --- endings -------------------------------------------------------------------------
+
+    def rejected(self, stream: SenderStream, message: str) -> None:
+        self.fail(f"the receiver refused the seed: {message}", tell=False)
+
+    def broken(self, stream: SenderStream, message: str) -> None:
+        log.warn("seed {seed}: {message}", seed=self.seed_id, message=message)
+        stream.close(abort=True)
+
+    def stream_lost(self, stream: SenderStream, reason) -> None:
+        if not self.active or stream not in self.streams:
+            return
+        self._session_failed(f"connection to {self.host}:{self.port} lost: {reason.getErrorMessage()}")
+
+    def _session_failed(self, message: str) -> None:
+        if not self.active or not self.session:
+            return
+        self.session = ""
+        for stream in list(self.streams):
+            stream.close()
+        self.streams = []
+        self.control = None
+        self.attempts += 1
+        if self.attempts >= MAX_ATTEMPTS:
+            self.fail(f"{message} (gave up after {self.attempts} attempts)", tell=False)
+            return
+        delay = min(BACKOFF_FIRST * 2 ** (self.attempts - 1), BACKOFF_MAX)
+        log.warn("seed {seed}: {message}; resuming in {delay:.1f}s", seed=self.seed_id,
+                 message=message, delay=delay)
+        self.record.resumes += 1
+        self.record.state = state.RUNNING
+        self.retry_call = self.manager.clock.callLater(delay, self._connect)
+
+    def _succeeded(self) -> None:
+        self.record.state = state.COMPLETED
+        self.record.bytes_done = self.record.bytes_total
+        self.record.files_done = self.record.files_total
+        log.info("seed {seed}: {target} confirmed {bytes} bytes verified and in place",
+                 seed=self.seed_id, target=self.record.target, bytes=self.record.bytes_total)
+        self._close_all()
+        self.manager.touch(self.record, force=True)
+        self._settle()
+
+    def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> None:
+        if not self.active:
+            return
+        self.record.state = final_state
+        self.record.error = message
+        if final_state == state.FAILED:
+            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
+        else:
+            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+        if tell and self.control is not None and self.control.key is not None and not self.control.closed:
+            self.control.transport.write(frames.seal_json(
+                FrameType.ABORT, {"message": message}, self.control.key))
+        self._close_all()
+        self.manager.touch(self.record, force=True)
+        self._settle()
+
+    def _close_all(self) -> None:
+        self.session = ""
+        if self.retry_call is not None and self.retry_call.active():
+            self.retry_call.cancel()
+        self.retry_call = None
+        for stream in self.streams:
+            stream.close()
+        self.streams = []
+        self.control = None
+
+    def _settle(self) -> None:
+        self.manager.job_ended(self)
+        if not self.done.called:
+            self.done.callback(None)
+
+    async def stop(self) -> None:
+        """Service stop: close streams (the next start resumes); wait for reads to end."""
+        streams = list(self.streams)
+        self._close_all()
+        for stream in streams:
+            stream.close(abort=True)
+        await defer.DeferredList([s.lost for s in streams if not s.lost.called], consumeErrors=True)
+        self.manager.save(self.record)
+
+    def set_rate_limit(self, rate: int) -> None:
+        self.bucket.set_rate(rate)
+        for stream in self.streams:
+            if stream.timer is not None and stream.timer.active():
+                stream.timer.cancel()
+            self.pump(stream)
+
+    def progress(self) -> tuple[float, float | None]:
+        self.meter.sample(self.record.bytes_done)
+        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+
+
+def _read_exact(fd: int, length: int, offset: int, path: str):
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise BadRequest(f"seed source file {path} changed while it was being sent "
+                         f"(short read at offset {offset})")
+    return data
+
+
+def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool) -> list:
+    """Worker thread: read, hash and frame chunks (the whole batch)."""
+    out = []
+    fd_index, fd = -1, -1
+    try:
+        for index, offset, length in items:
+            if index != fd_index:
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                entry = manifest.entries[index]
+                fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd_index = index
+            data = _read_exact(fd, length, offset, manifest.entries[index].path)
+            out.append(frames.seal_chunk(index, offset, data, key, compress))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return out
+
+
+def _recheck_source(root: str, manifest: tree.Manifest, items) -> list:
+    """Worker thread: which chunks the receiver says it has match the source's bytes."""
+    good = []
+    for index, offset, length, digest in items:
+        entry = manifest.entries[index]
+        try:
+            fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) == length and blake3.blake3(data).digest() == digest:
+            good.append((index, offset, digest))
+    return good

@@ -1,0 +1,283 @@
+"""The receiver's staging area and the move into the datadir (blocking: worker threads).
+
+Where staging lives: beside the datadir (``<parent>/.<name>.orchagent-seed-<id>``) when
+the parent is on the same file system, else — the datadir is a mount point or a btrfs
+subvolume — inside it (``<datadir>/.orchagent-seed-<id>``).  Either way the staged
+entries can be renamed into the datadir, which itself is never replaced (its inode,
+owner, mode and labels stay).
+
+Nothing leaves staging before the whole tree is verified and synced (syncfs: every file
+and directory of that file system in one call, instead of one fsync per file).  Then
+:meth:`Staging.promote` renames the top-level entries into the datadir one by one and
+fsyncs both directories.  If the datadir is not empty (orchestrator normally empties it
+with delete-mysql-datadir first), what is there is not lost: it is moved to
+``.<name>.orchagent-previous-<id>`` beside the datadir (or inside it, as above), except an
+unrelated ``lost+found``.  A failed or aborted seed only removes staging.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import threading
+
+import blake3
+
+from orchagent.seed import frames
+from orchagent.seed.state import JOURNAL_RECORD
+from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+_IS_ROOT = os.geteuid() == 0
+_EARLY_WRITEBACK = os.environ.get("OA_WB", "1") == "1"
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def syncfs(path: str) -> None:
+    """Flush every dirty file and directory of the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def block_size(path: str) -> int:
+    return os.statvfs(path).f_bsize or 4096
+
+
+class Staging:
+    """One seed's staging directory for datadir ``datadir``."""
+
+    def __init__(self, datadir: str, seed_id: str):
+        self.datadir = os.path.abspath(datadir)
+        parent, name = os.path.split(self.datadir.rstrip("/") or "/")
+        self.inside = os.stat(parent).st_dev != os.stat(self.datadir).st_dev
+        if self.inside:
+            self.root = os.path.join(self.datadir, f".orchagent-seed-{seed_id}")
+            self.aside = os.path.join(self.datadir, f".orchagent-previous-{seed_id}")
+        else:
+            self.root = os.path.join(parent, f".{name}.orchagent-seed-{seed_id}")
+            self.aside = os.path.join(parent, f".{name}.orchagent-previous-{seed_id}")
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._owners: dict[tuple, tuple[int, int]] = {}
+
+    # --- preparing -----------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def prepare(self, manifest: Manifest) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for entry in manifest.entries:
+            if entry.kind == DIR:
+                path = self._path(entry)
+                try:
+                    os.mkdir(path, 0o700)
+                except FileExistsError:
+                    if not stat.S_ISDIR(os.lstat(path).st_mode):
+                        raise
+
+    def _path(self, entry: Entry) -> str:
+        return os.path.join(self.root, entry.path)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _open(self, index: int, entry: Entry) -> int:
+        fd = os.open(self._path(entry), _OPEN_FLAGS, 0o600)
+        try:
+            if os.fstat(fd).st_size != entry.size:
+                os.ftruncate(fd, entry.size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _fd(self, index: int, entry: Entry) -> int:
+        with self._lock:
+            fd = self._fds.get(index)
+            if fd is None:
+                fd = self._fds[index] = self._open(index, entry)
+            return fd
+
+    def write_batch(self, manifest: Manifest, items: list, journal_fd: int | None) -> list:
+        """Verify, write and journal chunks; returns ``[(chunk, digest or IntegrityError)]``.
+
+        ``items`` are ``(chunk, whole_file)``; a chunk that is a whole file is written,
+        given its metadata and closed at once.  An OSError (e.g. ENOSPC) propagates with
+        the file and offset in its message.
+        """
+        results = []
+        records = []
+        for chunk, whole in items:
+            try:
+                data = frames.unpack_chunk(chunk)
+            except frames.IntegrityError as e:
+                results.append((chunk, e))
+                continue
+            entry = manifest.entries[chunk.file]
+            try:
+                if whole:
+                    fd = self._open(chunk.file, entry)
+                    try:
+                        _pwrite_all(fd, data, chunk.offset)
+                        self._apply_meta(fd, entry)
+                    finally:
+                        os.close(fd)
+                else:
+                    fd = self._fd(chunk.file, entry)
+                    _pwrite_all(fd, data, chunk.offset)
+                    if chunk.length >= (1 << 20) and _EARLY_WRITEBACK:
+                        _libc.sync_file_range(fd, ctypes.c_int64(chunk.offset),
+                                              ctypes.c_int64(chunk.length), _SYNC_FILE_RANGE_WRITE)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror} while writing {entry.path} "
+                                       f"at offset {chunk.offset}") from None
+            results.append((chunk, chunk.digest))
+            records.append(JOURNAL_RECORD.pack(chunk.file, chunk.offset, chunk.length, chunk.digest))
+        if records and journal_fd is not None:
+            os.write(journal_fd, b"".join(records))
+        return results
+
+    def finish_file(self, index: int, entry: Entry) -> None:
+        """All chunks of a multi-chunk file are written: metadata, close."""
+        with self._lock:
+            fd = self._fds.pop(index, None)
+        if fd is None:
+            fd = self._open(index, entry)
+        try:
+            self._apply_meta(fd, entry)
+        finally:
+            os.close(fd)
+
+    def _owner(self, entry: Entry) -> tuple[int, int]:
+        key = (entry.user, entry.group, entry.uid, entry.gid)
+        owner = self._owners.get(key)
+        if owner is None:
+            owner = self._owners[key] = local_owner(entry)
+        return owner
+
+    def _apply_meta(self, fd: int, entry: Entry) -> None:
+        if _IS_ROOT:
+            os.fchown(fd, *self._owner(entry))
+        os.fchmod(fd, entry.mode)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+    def close_files(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    # --- checking, finishing, promoting ----------------------------------------------------
+
+    def recheck(self, manifest: Manifest, records: list) -> list[tuple[int, int, int, bytes]]:
+        """The journal records whose staged bytes still hash to their digest."""
+        good = []
+        lengths = {(i, o): n for i, o, n in manifest.chunks()}
+        for index, offset, length, digest in records:
+            if lengths.get((index, offset)) != length:
+                continue
+            try:
+                fd = os.open(self._path(manifest.entries[index]), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+            if len(data) == length and blake3.blake3(data).digest() == digest:
+                good.append((index, offset, length, digest))
+        return good
+
+    def finalize(self, manifest: Manifest, written: set[int]) -> None:
+        """Create what had no data (empty and hole-only files), symlinks, directory
+        metadata; then sync the whole file system."""
+        self.close_files()
+        for index, entry in enumerate(manifest.entries):
+            if entry.kind == FILE and index not in written:
+                fd = self._open(index, entry)
+                try:
+                    self._apply_meta(fd, entry)
+                finally:
+                    os.close(fd)
+            elif entry.kind == LINK:
+                path = self._path(entry)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                os.symlink(entry.target, path)
+                if _IS_ROOT:
+                    os.chown(path, *self._owner(entry), follow_symlinks=False)
+                os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+        for entry in reversed(manifest.entries):
+            if entry.kind == DIR:
+                path = self._path(entry)
+                if _IS_ROOT:
+                    os.chown(path, *self._owner(entry))
+                os.chmod(path, entry.mode)
+                os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
+        syncfs(self.root)
+
+    def _ours(self, name: str) -> bool:
+        return name in (os.path.basename(self.root), os.path.basename(self.aside))
+
+    def move_aside(self, manifest: Manifest) -> list[str]:
+        """Move what is already in the datadir out of the way; returns the names moved."""
+        incoming = {e.path for e in manifest.entries if "/" not in e.path}
+        moved = []
+        for name in sorted(os.listdir(self.datadir)):
+            if self._ours(name) or (name == "lost+found" and name not in incoming):
+                continue
+            os.makedirs(self.aside, mode=0o700, exist_ok=True)
+            os.rename(os.path.join(self.datadir, name), os.path.join(self.aside, name))
+            moved.append(name)
+        if moved:
+            fsync_dir(self.aside)
+            fsync_dir(self.datadir)
+        return moved
+
+    def promote(self) -> None:
+        """Rename every staged top-level entry into the datadir; remove staging."""
+        for name in sorted(os.listdir(self.root)):
+            os.rename(os.path.join(self.root, name), os.path.join(self.datadir, name))
+        fsync_dir(self.datadir)
+        os.rmdir(self.root)
+        fsync_dir(os.path.dirname(self.root))
+
+    def discard(self) -> None:
+        self.close_files()
+        shutil.rmtree(self.root, ignore_errors=True)
+        if os.path.exists(self.root):
+            shutil.rmtree(self.root)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n

@@ -1,0 +1,218 @@
+"""Seed state that outlives the process, and the small meters a seed runs on.
+
+Under ``StateDir/seeds`` (directory mode 0700) each seed has ``<id>.json`` (its
+:class:`SeedRecord`), and while it runs possibly ``<id>.key`` (the derived per-seed
+secret, mode 0600, never the controller's key), ``<id>.manifest`` and ``<id>.journal``
+(receiver: the manifest and one fixed-size record per chunk verified and written).  The
+journal is trusted only after re-hashing the staged bytes it names, so it needs no fsync.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import struct
+from collections import deque
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+PENDING, RUNNING, VERIFYING, COMPLETED, FAILED, ABORTED = (
+    "pending", "running", "verifying", "completed", "failed", "aborted")
+TERMINAL = frozenset((COMPLETED, FAILED, ABORTED))
+JOURNAL_RECORD = struct.Struct(">IQI32s")
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define
+class SeedRecord:
+    """One side of one seed, as persisted and as reported by /api/seed-status."""
+
+    seed_id: str
+    role: str
+    state: str = PENDING
+    bytes_total: int = 0
+    bytes_done: int = 0
+    files_total: int = 0
+    files_done: int = 0
+    resumes: int = 0
+    error: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    mode: str = "engine"
+    target: str = ""
+    source: str = ""
+    source_path: str = ""
+    datadir: str = ""
+    keyed: bool = False
+    rate_limit: int = 0
+    peer_host: str = ""
+    promoting: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SeedRecord":
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def status(self, rate: float, eta: float | None) -> dict[str, Any]:
+        return {
+            "SeedId": self.seed_id,
+            "Role": self.role,
+            "State": self.state,
+            "BytesTotal": self.bytes_total,
+            "BytesDone": self.bytes_done,
+            "FilesTotal": self.files_total,
+            "FilesDone": self.files_done,
+            "RateBytesPerSec": int(rate),
+            "EtaSeconds": None if eta is None else int(round(eta)),
+            "Resumes": self.resumes,
+            "Error": self.error,
+            "StartedAt": _rfc3339(self.started_at or None),
+            "UpdatedAt": _rfc3339(self.updated_at or None),
+        }
+
+
+class StateStore:
+    """Files of seed state under ``state_dir/seeds``; every write is atomic (rename)."""
+
+    def __init__(self, state_dir: str):
+        self.root = os.path.join(state_dir, "seeds")
+
+    def open(self) -> None:
+        for path in (os.path.dirname(self.root), self.root):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    def path(self, seed_id: str, suffix: str) -> str:
+        return os.path.join(self.root, f"{seed_id}.{suffix}")
+
+    def write(self, seed_id: str, suffix: str, data: bytes) -> None:
+        final = self.path(seed_id, suffix)
+        tmp = final + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+
+    def read(self, seed_id: str, suffix: str) -> bytes | None:
+        try:
+            with open(self.path(seed_id, suffix), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, seed_id: str, *suffixes: str) -> None:
+        for suffix in suffixes:
+            try:
+                os.unlink(self.path(seed_id, suffix))
+            except FileNotFoundError:
+                pass
+
+    def save(self, record: SeedRecord) -> None:
+        self.write(record.seed_id, "json", json.dumps(record.to_json(), indent=1).encode())
+
+    def load_all(self) -> list[SeedRecord]:
+        records = []
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return records
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.root, name), "rb") as fh:
+                    records.append(SeedRecord.from_json(json.loads(fh.read())))
+            except (OSError, ValueError, TypeError) as e:
+                log.warn("seed state file {name} is unreadable and ignored: {error}",
+                         name=name, error=e)
+        return records
+
+
+def read_journal(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """Whole records of a journal; a torn last record is ignored."""
+    size = JOURNAL_RECORD.size
+    return [JOURNAL_RECORD.unpack_from(data, p) for p in range(0, len(data) - size + 1, size)]
+
+
+class RateMeter:
+    """Bytes per second over the last ``window`` seconds, and the time left at that rate."""
+
+    def __init__(self, clock, window: float = 10.0):
+        self.clock = clock
+        self.window = window
+        self._samples: deque = deque()
+
+    def sample(self, done: int) -> None:
+        now = self.clock.seconds()
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self.window:
+            self._samples.popleft()
+
+    def rate(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def eta(self, remaining: int) -> float | None:
+        rate = self.rate()
+        if remaining <= 0:
+            return 0.0
+        return remaining / rate if rate > 0 else None
+
+
+class TokenBucket:
+    """A bytes-per-second limit shared by a seed's streams; 0 = none.
+
+    Taking may overdraw the bucket (a chunk is never split for it); the caller then waits
+    :meth:`delay` seconds before taking again, so the average rate is exact.
+    """
+
+    def __init__(self, clock, rate: int = 0):
+        self.clock = clock
+        self.rate = rate
+        self._level = 0.0
+        self._stamp = clock.seconds()
+
+    def set_rate(self, rate: int) -> None:
+        self._refill()
+        self.rate = rate
+        self._level = min(self._level, 0.0) if rate else 0.0
+
+    def _refill(self) -> None:
+        now = self.clock.seconds()
+        if self.rate:
+            # A burst of at most a quarter second's worth is kept.
+            self._level = min(self._level + (now - self._stamp) * self.rate, self.rate / 4)
+        self._stamp = now
+
+    def delay(self) -> float:
+        """Seconds to wait before the next take (0 when it may go now)."""
+        if not self.rate:
+            return 0.0
+        self._refill()
+        return 0.0 if self._level >= 0 else -self._level / self.rate
+
+    def take(self, n: int) -> None:
+        if self.rate:
+            self._refill()
+            self._level -= n

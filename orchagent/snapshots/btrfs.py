@@ -1,0 +1,163 @@
+"""btrfs snapshots: the datadir is a subvolume, snapshots are read-only subvolumes.
+
+A snapshot (``btrfs subvolume snapshot -r``) is atomic, so one taken while MySQL writes is
+crash-consistent, like a power cut: InnoDB recovers it on start.  That holds when all of
+MySQL's files (data, redo and undo logs, binlogs if wanted) are in the datadir subvolume.
+Snapshots go to ``SnapshotDirectory``, which must be on the same btrfs file system.
+
+Mounting uses a read-only bind mount of the snapshot's directory rather than a second
+``mount -o ro,subvol=...`` of the device: it needs neither the device (a multi-device or
+LUKS file system has several candidates) nor the subvolume's path from the file system's
+top level (which differs from the visible path whenever a subvolume, not the top level,
+is mounted), and it shows exactly the directory listed by ``/api/lvs``.  The snapshot is
+read-only twice over: the subvolume's own flag, and the mount's.
+
+Restore, with the datadir a subvolume at a fixed path: stop MySQL, rename the datadir
+subvolume aside (``<datadir>.replaced-<UTC time>``, same parent directory, so a plain
+rename), make a writable snapshot of the chosen snapshot at the datadir's path, start
+MySQL.  The old subvolume stays (listed by ``/api/lvs``) until the operator deletes it with
+``btrfs subvolume delete``.  A datadir that is itself a mount point (mounted with
+``subvol=``) cannot be renamed and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from orchagent.errors import CommandFailed, NotAvailable, Refused
+from orchagent.interfaces import ISnapshotBackend
+from orchagent.snapshots import mountinfo, naming
+from orchagent.snapshots.directory import DirectorySnapshots, identity
+from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
+
+log = Logger()
+
+#: The inode number of every btrfs subvolume's root directory.
+SUBVOLUME_ROOT_INODE = 256
+SYSFS_BTRFS = "/sys/fs/btrfs"
+
+
+def file_system_name(source: str, sysfs: str = SYSFS_BTRFS) -> str:
+    """The label of the btrfs file system on device ``source``, else its UUID, else the
+    device: read from sysfs, where each file system lists its devices."""
+    device = os.path.basename(os.path.realpath(source))
+    try:
+        uuids = os.listdir(sysfs)
+    except OSError:
+        return source
+    for uuid in uuids:
+        if os.path.exists(os.path.join(sysfs, uuid, "devices", device)):
+            try:
+                with open(os.path.join(sysfs, uuid, "label"), encoding="utf-8") as fh:
+                    label = fh.read().strip()
+            except OSError:
+                label = ""
+            return label or uuid
+    return source
+
+
+@implementer(ISnapshotBackend)
+class BtrfsBackend(DirectorySnapshots):
+    """Snapshots of a datadir that is a btrfs subvolume."""
+
+    name = "btrfs"
+
+    def _on_btrfs(self, path: str) -> mountinfo.MountEntry | None:
+        entry = mountinfo.containing(self.read_mounts(), path)
+        return entry if entry is not None and entry.fs_type == "btrfs" else None
+
+    def is_subvolume(self, path: str) -> bool:
+        try:
+            inode = os.lstat(path).st_ino
+        except OSError:
+            return False
+        return inode == SUBVOLUME_ROOT_INODE and self._on_btrfs(path) is not None
+
+    def is_snapshot_dir(self, path: str) -> bool:
+        return self.is_subvolume(path)
+
+    @property
+    def snapshot_dir(self) -> str:
+        path = super().snapshot_dir
+        if self._on_btrfs(path) is None:
+            raise NotAvailable(f"SnapshotDirectory {path} is not on a btrfs file system")
+        return path
+
+    def group_name(self, path: str) -> str:
+        entry = self._on_btrfs(path)
+        return file_system_name(entry.source) if entry is not None else ""
+
+    async def creation_times(self, paths: list[str]) -> list[float | None]:
+        """Each subvolume's creation time (btrfs otime, which stat reports as birth)."""
+        result = await self.runner.run(["stat", "--printf", "%W\\n", "--", *paths])
+        times: list[float | None] = []
+        lines = result.stdout.decode("ascii", "replace").split("\n")
+        for path, line in zip(paths, lines):
+            seconds = int(line) if line.strip().isdigit() else 0
+            times.append(float(seconds) if seconds > 0 else naming.parse_timestamp(os.path.basename(path)))
+        return times
+
+    async def require_subvolume_datadir(self) -> str:
+        datadir = await self.datadir()
+        if not self.is_subvolume(datadir):
+            raise NotAvailable(f"the datadir {datadir} is not a btrfs subvolume")
+        return datadir
+
+    async def create_snapshot(self) -> bool:
+        datadir = await self.require_subvolume_datadir()
+        name = naming.snapshot_name(self.config.snapshot_volumes_filter, self.now())
+        target = os.path.join(self.snapshot_dir, name)
+        if os.path.lexists(target):
+            raise Refused(f"{target} already exists; try again in a second")
+        log.info("btrfs: snapshot of {datadir} as {target}", datadir=datadir, target=target)
+        await self.runner.run(["btrfs", "subvolume", "snapshot", "-r", datadir, target],
+                              privileged=True)
+        return True
+
+    async def delete_snapshot(self, path: str) -> None:
+        await self.runner.run(["btrfs", "subvolume", "delete", path], privileged=True)
+
+    async def restore(self, name: str) -> bool:
+        snapshot = await self.find_snapshot(name)
+        self.require_mysql_data(snapshot)
+        datadir = await self.require_subvolume_datadir()
+        self.refuse_mount_point_datadir(datadir)
+        replaced = os.path.join(os.path.dirname(datadir),
+                                naming.replaced_name(os.path.basename(datadir), self.now()))
+        if os.path.lexists(replaced):
+            raise Refused(f"{replaced} already exists; try again in a second")
+        old = identity(datadir)
+        was_running = bool(await self.service.is_running())
+
+        async def set_aside():
+            await self.move(datadir, replaced)
+
+        async def put_back():
+            if identity(replaced) == old and not os.path.lexists(datadir):
+                await self.move(replaced, datadir)
+
+        async def clone():
+            await self.runner.run(["btrfs", "subvolume", "snapshot", snapshot.path, datadir],
+                                  privileged=True)
+
+        async def drop_clone():
+            current = identity(datadir)
+            if current is not None and current != old and identity(replaced) == old:
+                if not self.is_subvolume(datadir):
+                    raise CommandFailed(f"{datadir} is not the subvolume the restore made; "
+                                        "left in place")
+                await self.runner.run(["btrfs", "subvolume", "delete", datadir], privileged=True)
+
+        steps = [
+            mysql_stop_step(self.service, was_running),
+            Step(f"rename the datadir {datadir} to {replaced}", set_aside, put_back),
+            Step(f"snapshot {snapshot.path} as the new datadir {datadir}", clone, drop_clone),
+            mysql_start_step(self.service),
+        ]
+        await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
+        log.info("btrfs: restored {snap}; the replaced datadir is kept as {replaced}",
+                 snap=snapshot.path, replaced=replaced)
+        return True

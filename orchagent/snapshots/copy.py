@@ -1,0 +1,151 @@
+"""Cold copies of the datadir: the snapshot backend that works on any file system.
+
+A snapshot is ``cp -a --reflink=auto`` of the datadir into ``SnapshotDirectory``: on a file
+system that shares blocks (btrfs, XFS with reflink) it is nearly free, elsewhere it is a
+full copy.  A copy is only consistent when nothing writes the datadir while it is made,
+so the backend refuses while MySQL runs, and checks again once the copy is done.  The copy
+is made under a hidden name (``.<name>.partial``) and renamed when complete: a failed or
+interrupted copy never looks like a snapshot.  Removal renames to a hidden name first for
+the same reason.
+
+Restore copies the snapshot next to the datadir (hidden name, while MySQL still runs, so
+the downtime is two renames), stops MySQL, renames the datadir to
+``<datadir>.replaced-<UTC time>`` (kept, listed by ``/api/lvs``, until the operator deletes
+it), renames the copy to the datadir and starts MySQL.  A datadir that is itself a mount
+point cannot be renamed and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from orchagent.errors import Refused
+from orchagent.interfaces import ISnapshotBackend
+from orchagent.snapshots import naming
+from orchagent.snapshots.directory import DirectorySnapshots, identity
+from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
+
+log = Logger()
+
+RUNNING_REFUSAL = ("MySQL is running: a copy of a running datadir is not consistent; stop "
+                   "MySQL first, or use the lvm or btrfs snapshot backend")
+
+
+@implementer(ISnapshotBackend)
+class CopyBackend(DirectorySnapshots):
+    """Snapshots as reflinked (or plain) copies of a stopped datadir."""
+
+    name = "copy"
+
+    def is_snapshot_dir(self, path: str) -> bool:
+        return True
+
+    def group_name(self, path: str) -> str:
+        return self.snapshot_dir
+
+    async def creation_times(self, paths: list[str]) -> list[float | None]:
+        """The time in the name we gave it; else the last change of the directory (the
+        rename that completed it)."""
+        times: list[float | None] = []
+        for path in paths:
+            when = naming.parse_timestamp(os.path.basename(path))
+            if when is None:
+                try:
+                    when = os.stat(path).st_ctime
+                except OSError:
+                    when = None
+            times.append(when)
+        return times
+
+    async def copy_tree(self, source: str, target: str) -> None:
+        """Copy ``source`` to the new directory ``target``; on failure remove what was
+        copied.  No time limit: a large datadir takes as long as it takes."""
+        try:
+            await self.runner.run(["cp", "-a", "--reflink=auto", "-T", "--", source, target],
+                                  privileged=True, timeout=0)
+        except Exception:
+            await self.remove_tree(target)
+            raise
+
+    async def remove_tree(self, path: str) -> None:
+        if os.path.lexists(path):
+            await self.runner.run(["rm", "-rf", "--one-file-system", "--", path],
+                                  privileged=True, timeout=0)
+
+    async def create_snapshot(self) -> bool:
+        if await self.service.is_running():
+            raise Refused(RUNNING_REFUSAL)
+        datadir = await self.datadir()
+        name = naming.snapshot_name(self.config.snapshot_volumes_filter, self.now())
+        base = self.snapshot_dir
+        target = os.path.join(base, name)
+        partial = os.path.join(base, f".{name}.partial")
+        if os.path.lexists(target) or os.path.lexists(partial):
+            raise Refused(f"{target} already exists; try again in a second")
+        log.info("copy: copying {datadir} to {target}", datadir=datadir, target=target)
+        await self.copy_tree(datadir, partial)
+        if await self.service.is_running():
+            await self.remove_tree(partial)
+            raise Refused("MySQL was started while the datadir was being copied; the copy "
+                          "was discarded. " + RUNNING_REFUSAL)
+        await self.move(partial, target)
+        return True
+
+    async def delete_snapshot(self, path: str) -> None:
+        parent, name = os.path.split(path)
+        doomed = os.path.join(parent, f".{name}.removing")
+        await self.move(path, doomed)
+        await self.remove_tree(doomed)
+
+    async def restore(self, name: str) -> bool:
+        snapshot = await self.find_snapshot(name)
+        self.require_mysql_data(snapshot)
+        datadir = await self.datadir()
+        self.refuse_mount_point_datadir(datadir)
+        parent, base = os.path.split(datadir)
+        now = self.now()
+        replaced = os.path.join(parent, naming.replaced_name(base, now))
+        incoming = os.path.join(parent, f".{base}.restoring-{naming.timestamp(now)}")
+        for path in (replaced, incoming):
+            if os.path.lexists(path):
+                raise Refused(f"{path} already exists; try again in a second")
+        old = identity(datadir)
+        was_running = bool(await self.service.is_running())
+        state = {"new": None}
+
+        async def copy_in():
+            await self.copy_tree(snapshot.path, incoming)
+            state["new"] = identity(incoming)
+
+        async def drop_copy():
+            await self.remove_tree(incoming)
+
+        async def set_aside():
+            await self.move(datadir, replaced)
+
+        async def put_back():
+            if identity(replaced) == old and not os.path.lexists(datadir):
+                await self.move(replaced, datadir)
+
+        async def swap_in():
+            await self.move(incoming, datadir)
+
+        async def swap_out():
+            current = identity(datadir)
+            if current is not None and current == state["new"]:
+                await self.move(datadir, incoming)
+
+        steps = [
+            Step(f"copy {snapshot.path} to {incoming}", copy_in, drop_copy),
+            mysql_stop_step(self.service, was_running),
+            Step(f"rename the datadir {datadir} to {replaced}", set_aside, put_back),
+            Step(f"rename {incoming} to {datadir}", swap_in, swap_out),
+            mysql_start_step(self.service),
+        ]
+        await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
+        log.info("copy: restored {snap}; the replaced datadir is kept as {replaced}",
+                 snap=snapshot.path, replaced=replaced)
+        return True

@@ -1,0 +1,284 @@
+"""A stand-in for orchestrator: its agents server, and its way of calling an agent back.
+
+Example::
+
+    from tests.support.orchestrator import StandInOrchestrator
+
+    orchestrator = StandInOrchestrator()
+    url = await orchestrator.serve(self)                 # http://127.0.0.1:PORT, closed at cleanup
+    agent = await start_daemon(self, {"AgentsServer": url, "ContinuousPollSeconds": 1})
+    await orchestrator.wait_for("agent-ping")            # submit-agent came first
+    submission = orchestrator.submissions[-1]            # hostname, port, token as submitted
+    result = await orchestrator.get_agent(submission)    # the 9 GetAgent calls, in order
+    result.assert_shapes()                               # every answer has the v1 JSON type
+
+In memory (no socket): ``StubTreq(orchestrator.resource())`` as the registration
+client's ``http_client``.
+
+What it answers: submit-agent with the host name (as orchestrator does), agent-ping with
+``"OK"``.  Set :attr:`StandInOrchestrator.failing` to an HTTP status to make both fail with an
+ERROR body (200 is what orchestrator itself answers when a submit fails), or
+:attr:`StandInOrchestrator.hanging` to never answer.
+
+The agent-side checks are data: :data:`GET_AGENT_CALLS` lists (endpoint, expected shape)
+in orchestrator's order, shapes written with :data:`LOGICAL_VOLUME`, :data:`MOUNT`,
+:data:`INT`, ``[shape]`` for a list and plain ``str``/``bool``.  Longer scripts (the seed
+sequence) add their own lists of calls and reuse :meth:`StandInOrchestrator.call_agent`
+and :func:`shape_problems`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+from klein import Klein
+from twisted.internet import defer, endpoints
+from twisted.web import server
+
+
+class IntShape:
+    """JSON integer (int64 in Go): a Python int that is not a bool."""
+
+
+class FloatShape:
+    """JSON number (float64 in Go): int or float, not bool."""
+
+
+INT = IntShape
+FLOAT = FloatShape
+
+LOGICAL_VOLUME = {"Name": str, "GroupName": str, "Path": str, "IsSnapshot": bool,
+                  "SnapshotPercent": FLOAT}
+MOUNT = {"Path": str, "Device": str, "LVPath": str, "FileSystem": str, "IsMounted": bool,
+         "DiskUsage": INT, "MySQLDataPath": str, "MySQLDiskUsage": INT}
+
+#: orchestrator's GetAgent, in its order.
+GET_AGENT_CALLS: tuple[tuple[str, Any], ...] = (
+    ("available-snapshots-local", [str]),
+    ("available-snapshots", [str]),
+    ("lvs-snapshots", [LOGICAL_VOLUME]),
+    ("mount", MOUNT),
+    ("mysql-status", bool),
+    ("mysql-port", INT),
+    ("mysql-du", INT),
+    ("mysql-datadir-available-space", INT),
+    ("mysql-error-log-tail", [str]),
+)
+
+
+def shape_problems(value: Any, shape: Any, where: str = "answer") -> list[str]:
+    """What about ``value`` does not match ``shape`` (empty when it matches exactly)."""
+    if shape is INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: expected an integer, got {value!r}"]
+    if shape is FLOAT:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return [] if ok else [f"{where}: expected a number, got {value!r}"]
+    if shape in (str, bool):
+        return [] if type(value) is shape else [f"{where}: expected {shape.__name__}, got {value!r}"]
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {value!r}"]
+        problems = []
+        for i, item in enumerate(value):
+            problems += shape_problems(item, shape[0], f"{where}[{i}]")
+        return problems
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object, got {value!r}"]
+        problems = [f"{where}: missing field {k}" for k in shape if k not in value]
+        problems += [f"{where}: unexpected field {k}" for k in value if k not in shape]
+        for k, s in shape.items():
+            if k in value:
+                problems += shape_problems(value[k], s, f"{where}.{k}")
+        return problems
+    raise TypeError(f"unknown shape {shape!r}")
+
+
+@attrs.frozen
+class Submission:
+    """One submit-agent call: what orchestrator would store about the agent."""
+
+    hostname: str
+    port: int
+    token: str
+
+
+@attrs.frozen
+class Answer:
+    """One call to the agent: endpoint, HTTP status, parsed body, shape problems."""
+
+    endpoint: str
+    status: int
+    body: Any
+    problems: tuple[str, ...]
+
+
+@attrs.frozen
+class CallResult:
+    """The answers to a sequence of calls, in order."""
+
+    answers: tuple[Answer, ...]
+
+    def __getitem__(self, endpoint: str) -> Answer:
+        return next(a for a in self.answers if a.endpoint == endpoint)
+
+    def problems(self) -> list[str]:
+        return [problem for answer in self.answers for problem in answer.problems]
+
+    def assert_shapes(self) -> None:
+        """AssertionError listing every answer that is not a 200 of the expected shape."""
+        problems = self.problems()
+        if problems:
+            raise AssertionError("agent answers do not match the v1 surface:\n  " + "\n  ".join(problems))
+
+
+class StandInOrchestrator:
+    """orchestrator's agents server (records calls) and its agent client (checks answers)."""
+
+    app = Klein()
+
+    def __init__(self):
+        self.submissions: list[Submission] = []
+        self.pings = 0
+        self.calls: list[str] = []
+        #: The Host header of every call, to check the agents-server URL an agent used.
+        self.hosts: list[str] = []
+        #: HTTP status to answer with instead of success (None: succeed).
+        self.failing: int | None = None
+        #: Never answer (the request stays open until the client gives up).
+        self.hanging = False
+        self._waiters: list[tuple[str, int, defer.Deferred]] = []
+        self._hung: list[defer.Deferred] = []
+
+    # --- agents server ---------------------------------------------------------------------
+
+    def resource(self):
+        return self.app.resource()
+
+    def _answer(self, request, kind: str, value: Any):
+        self.calls.append(kind)
+        self.hosts.append((request.getHeader(b"host") or b"").decode("ascii", "replace"))
+        self._notify()
+        if self.hanging:
+            d = defer.Deferred()
+            self._hung.append(d)
+            return d
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.failing is not None:
+            request.setResponseCode(self.failing)
+            return json.dumps({"Code": "ERROR", "Message": "stand-in failing", "Details": None}).encode()
+        return json.dumps(value).encode()
+
+    @app.route("/api/submit-agent/<hostname>/<int:port>/<token>", methods=["GET"])
+    def submit_agent(self, request, hostname, port, token):
+        if self.failing is None and not self.hanging:
+            self.submissions.append(Submission(hostname, port, token))
+        return self._answer(request, "submit-agent", hostname)
+
+    @app.route("/api/agent-ping", methods=["GET"])
+    def agent_ping(self, request):
+        if self.failing is None and not self.hanging:
+            self.pings += 1
+        return self._answer(request, "agent-ping", "OK")
+
+    def count(self, kind: str) -> int:
+        """How many calls of ``kind`` ("submit-agent" or "agent-ping") arrived, failed ones too."""
+        return self.calls.count(kind)
+
+    def wait_for(self, kind: str, count: int = 1, timeout: float = 15.0, reactor=None) -> defer.Deferred:
+        """Fires once ``count`` calls of ``kind`` arrived (TimeoutError after ``timeout``)."""
+        if reactor is None:
+            from twisted.internet import reactor
+        d = defer.Deferred()
+        self._waiters.append((kind, count, d))
+        self._notify()
+        return d.addTimeout(timeout, reactor)
+
+    def _notify(self) -> None:
+        for waiter in list(self._waiters):
+            kind, count, d = waiter
+            if d.called:
+                self._waiters.remove(waiter)
+            elif self.count(kind) >= count:
+                self._waiters.remove(waiter)
+                d.callback(self.count(kind))
+
+    async def serve(self, testcase, reactor=None, tls_options=None, interface: str = "127.0.0.1",
+                    url_host: str | None = None) -> str:
+        """Listen on a free loopback port (HTTPS with ``tls_options``); the agents-server URL.
+
+        ``url_host`` is the host written in the URL (default ``interface``), e.g.
+        "localhost" to test certificate host names.  Stops listening, and drops hung
+        requests, at the test's cleanup.
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        if tls_options is None:
+            endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface=interface)
+            scheme = "http"
+        else:
+            endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, tls_options, interface=interface)
+            scheme = "https"
+        site = server.Site(self.resource())
+        site.noisy = False
+        port = await endpoint.listen(site)
+        testcase.addCleanup(port.stopListening)
+        testcase.addCleanup(self._drop_hung)
+        return f"{scheme}://{url_host or interface}:{port.getHost().port}"
+
+    def _drop_hung(self) -> None:
+        for d in self._hung:
+            if not d.called:
+                d.callback(b"")
+        self._hung.clear()
+
+    # --- calling an agent, as orchestrator does ---------------------------------------------
+
+    async def call_agent(self, submission: Submission, calls, http_client=None,
+                         scheme: str = "http", host: str | None = None) -> CallResult:
+        """Make ``calls`` ((endpoint, shape) pairs) in order against the submitted agent.
+
+        Like orchestrator: ``{scheme}://{hostname}:{port}/api/{endpoint}?token={token}``
+        (``&token=`` when the endpoint already has a query), ``host`` overriding the
+        submitted name.  Every answer is recorded; a 200 is checked against its shape, and
+        anything else is a problem.
+        """
+        if http_client is None:
+            http_client = _plain_client()
+        base = f"{scheme}://{host or submission.hostname}:{submission.port}/api/"
+        answers = []
+        for endpoint, shape in calls:
+            separator = "&" if "?" in endpoint else "?"
+            url = f"{base}{endpoint}{separator}token={quote(submission.token, safe='')}"
+            response = await http_client.get(url)
+            raw = await response.content()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+                problems = [f"{endpoint}: not JSON: {body[:200]!r}"]
+            else:
+                if response.code == 200:
+                    problems = shape_problems(body, shape, endpoint)
+                else:
+                    problems = [f"{endpoint}: HTTP {response.code}: {body!r}"]
+            answers.append(Answer(endpoint, response.code, body, tuple(problems)))
+        return CallResult(tuple(answers))
+
+    async def get_agent(self, submission: Submission | None = None, **options) -> CallResult:
+        """orchestrator's GetAgent against ``submission`` (default: the latest)."""
+        if submission is None:
+            submission = self.submissions[-1]
+        return await self.call_agent(submission, GET_AGENT_CALLS, **options)
+
+
+def _plain_client():
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from treq.client import HTTPClient
+
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
