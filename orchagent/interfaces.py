@@ -9,7 +9,7 @@ class ICommandRunner(Interface):
     """Runs OS commands without blocking the reactor.
 
     The one way the agent runs a child process (except seed streams, which need a pipe
-    of their own).  Tests swap in an expectation fake (``tests.fakes.FakeRunner``).
+    of their own).  Tests swap in an expectation fake (``tests.support.fakes.FakeRunner``).
     """
 
     def run(argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
@@ -35,7 +35,7 @@ class ICommandRunner(Interface):
 class ISnapshotBackend(Interface):
     """One way of making and serving snapshots of the MySQL datadir (LVM, btrfs, copy).
 
-    Every method returns a Deferred.  Volumes are reported as LogicalVolume, the mount
+    Every method is awaitable (async def).  Volumes are reported as LogicalVolume, the mount
     point as Mount (see orchagent.snapshots.model).
     """
 

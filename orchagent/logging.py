@@ -27,7 +27,7 @@ from twisted.python import logfile
 from twisted.python.components import Componentized
 
 #: Query parameters whose values are secrets: the API token and a seed's key.
-_SECRET_QUERY = re.compile(r"([?&](?:token|key))=[^&\s\"]*")
+_SECRET_QUERY = re.compile(r"([?&](?:token|key))=[^&\s\"']*")
 #: A field is secret when one of the ``_``-separated words of its name is one of these.
 _SECRET_WORDS = frozenset({"token", "key", "password", "passwd", "secret", "passphrase", "auth"})
 #: Keys of events that come from the legacy twisted.python.log API; the record has them.

@@ -260,8 +260,9 @@ class RefusalTests(ControllerTestCase):
 
 
 class InterruptionTests(ControllerTestCase):
-    def start_seed(self, *argv):
+    def start_seed(self, *argv, before=lambda controller: None):
         controller, out, err = self.controller()
+        before(controller)
         args = build_parser().parse_args(["seed", "--target", "db2", "--source", "db1", *argv])
         return controller, defer.ensureDeferred(controller.seed(args)), out, err
 
@@ -284,8 +285,11 @@ class InterruptionTests(ControllerTestCase):
 
     def test_ctrl_c_after_mounting_unmounts(self):
         db1, db2 = self.add_source(), self.add_target()
-        controller, d, _, _ = self.start_seed()
-        db1.on_change = lambda change: change[0] == "mountlv" and controller.on_signal()
+
+        def hook(controller):
+            db1.on_change = lambda change: change[0] == "mountlv" and controller.on_signal()
+
+        controller, d, _, _ = self.start_seed(before=hook)
         self.assertEqual(self.drive(d), EXIT_INTERRUPTED)
         self.assertEqual((db1.mounted, db1.mutations), (None, ["mountlv", "umount"]))
         self.assertEqual((db2.mutations, db2.seeds), ([], {}))
@@ -293,8 +297,11 @@ class InterruptionTests(ControllerTestCase):
 
     def test_ctrl_c_after_stopping_mysql_starts_it_again(self):
         db1, db2 = self.add_source(), self.add_target(running=True)
-        controller, d, _, _ = self.start_seed("--stop-target")
-        db2.on_change = lambda change: change[0] == "mysql-stop" and controller.on_signal()
+
+        def hook(controller):
+            db2.on_change = lambda change: change[0] == "mysql-stop" and controller.on_signal()
+
+        controller, d, _, _ = self.start_seed("--stop-target", before=hook)
         self.assertEqual(self.drive(d), EXIT_INTERRUPTED)
         self.assertEqual(db2.mutations, ["mysql-stop", "mysql-start"])
         self.assertTrue(db2.running)
@@ -428,7 +435,7 @@ class CommandTests(ControllerTestCase):
             fh.write("not-the-token\n")
         code, _, err = self.cli("status", "db1")
         self.assertEqual(code, EXIT_FAILED)
-        self.assertIn("db1: /api/hostname: Invalid token (the controller's token file", err)
+        self.assertIn("db1: /api/mysql-status: Invalid token (the controller's token file", err)
 
     def test_unreachable_agent(self):
         self.add_source().kill()

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from orchagent.config import Config
-from orchagent.errors import CommandFailed, NotFound, Refused
+from orchagent.errors import CommandFailed, NotAvailable, NotFound, Refused
 from orchagent.host.facts import MySQLHost
 from orchagent.process import ProcessRunner
 from orchagent.snapshots import mountinfo
@@ -116,6 +116,17 @@ class CreateTests(CopyCase):
         with self.assertRaisesRegex(Refused, "MySQL was started while the datadir was being copied"):
             await backend.create_snapshot()
         self.assertEqual(os.listdir(self.snapshot_dir), [])
+
+    async def test_without_snapshot_directory_there_are_no_snapshots(self):
+        self.config = Config(snapshot_backend="copy",
+                             mysql_datadir_command=f"echo {shlex.quote(self.datadir)}")
+        backend = CopyBackend(self.config, self.runner, reactor, self.host, self.service)
+        self.assertEqual(await backend.list_snapshots(), [])
+        self.assertEqual([v.name for v in await backend.list_volumes()], ["mysql"])
+        with self.assertRaisesRegex(NotAvailable, "SnapshotDirectory is not configured"):
+            await backend.create_snapshot()
+        with self.assertRaisesRegex(NotAvailable, "SnapshotDirectory is not configured"):
+            await backend.remove("mysql-snap-x")
 
     async def test_list_newest_first_ignores_hidden_work(self):
         first = await self.snapshot()

@@ -6,10 +6,13 @@ driven through the HTTP API of the real agent daemon (``twistd`` child process).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
+import time
+from urllib.parse import quote
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from orchagent.config import FIELDS
@@ -69,12 +72,12 @@ class DaemonCase(unittest.TestCase):
         })
         self.agent = await start_daemon(self, config)
 
-    async def get(self, path, **params):
-        return await self.agent.get(path, **params)
+    async def get(self, endpoint, **params):
+        return await self.agent.get(endpoint, **params)
 
-    async def ok(self, path, **params):
-        code, body = await self.get(path, **params)
-        self.assertEqual(code, 200, f"{path}: {body}")
+    async def ok(self, endpoint, **params):
+        code, body = await self.get(endpoint, **params)
+        self.assertEqual(code, 200, f"{endpoint}: {body}")
         return body
 
     async def rows(self, db=None) -> list[int]:
@@ -82,6 +85,12 @@ class DaemonCase(unittest.TestCase):
         return [int(r[0]) for r in rows]
 
     async def snapshot(self) -> dict:
+        """Create a snapshot through the API; its LogicalVolume.  Names have a resolution
+        of one second, so a second snapshot waits for the next second."""
+        now = time.time()
+        if int(now) == getattr(self, "last_snapshot", None):
+            await task.deferLater(reactor, math.ceil(now) - now + 0.01, lambda: None)
+        self.last_snapshot = int(time.time())
         before = {v["Name"] for v in await self.ok("/api/lvs-snapshots")}
         self.assertIs(await self.ok("/api/create-snapshot"), True)
         new = [v for v in await self.ok("/api/lvs-snapshots") if v["Name"] not in before]
@@ -125,7 +134,7 @@ class MountTests(DaemonCase):
         self.assertEqual(os.path.dirname(snapshot["Path"]), self.snapshot_dir)
 
         state = await self.ok("/api/mountlv", lv=snapshot["Path"])
-        du = await self.ok("/api/du", path=self.mount_point)
+        du = await self.ok(f"/api/du?path={quote(self.mount_point)}")
         self.assertEqual(state, {
             "Path": self.mount_point, "Device": self.fs.device, "LVPath": snapshot["Path"],
             "FileSystem": "btrfs", "IsMounted": True, "DiskUsage": du,

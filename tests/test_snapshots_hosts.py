@@ -84,6 +84,7 @@ class HostsTests(unittest.TestCase):
             ({"hosts": ["db1"]}, r"hosts\[0\] must be an object"),
             ({"hosts": [{"host": "ok"}, {"datacenter": "dc1"}]}, r"hosts\[1\]: host '' is not a host name"),
             ({"hosts": [{"host": "a;reboot"}]}, "is not a host name"),
+            ({"hosts": [{"host": "a\n"}]}, "is not a host name"),
             ({"hosts": [{"host": "a", "snapshotAt": "yesterday"}]}, "not an ISO 8601 time"),
             ({"hosts": [{"host": "a", "cluster": 3}]}, "cluster must be a string"),
         ]

@@ -3,8 +3,10 @@
 LVM snapshots need device-mapper, which this kernel lacks, so commands run against an
 expectation fake (tests.support.fakes.FakeRunner) answering with lvs reports: two
 recorded from real ``lvs`` on a loop-device volume group (tests/data/lvs-plain.json,
-lvs-empty.json) and two written in the same format for snapshots and thin volumes
-(lvs-snapshots.json, lvs-thin.json).  ``RealLvsTests`` runs the backend's own ``lvs``
+lvs-empty.json; ``lvs --driverloaded n --reportformat json --units b --nosuffix -o
+<LVS_FIELDS>`` after ``pvcreate``/``vgcreate``/``lvcreate -an -Zn`` with ``--driverloaded
+n``) and two written in the same format for snapshots (snap_percent 0.01, 12.50 and an
+overflowed 100.00 with state I) and thin volumes (lvs-snapshots.json, lvs-thin.json).  ``RealLvsTests`` runs the backend's own ``lvs``
 command for real on a loop-device volume group.
 """
 

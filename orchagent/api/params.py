@@ -50,7 +50,7 @@ def query_list(request, name: str) -> list[str]:
 
 def seed_id(value) -> str:
     value = text(value, "seedId")
-    if not _SEED_ID.match(value):
+    if not _SEED_ID.fullmatch(value):
         raise BadRequest(f"invalid seed id {value!r}: letters, digits, '.', '_' and '-' only")
     return value
 
@@ -58,7 +58,7 @@ def seed_id(value) -> str:
 def host(value, name: str = "targetHost") -> str:
     """A host name or address, optionally with ``:port``."""
     value = text(value, name)
-    if not _HOST.match(value):
+    if not _HOST.fullmatch(value):
         raise BadRequest(f"invalid host {value!r} in parameter {name}")
     return value
 
@@ -66,14 +66,14 @@ def host(value, name: str = "targetHost") -> str:
 def volume_name(value, name: str = "lv") -> str:
     """A volume name or path: no shell metacharacters, no '..' component."""
     value = text(value, name)
-    if not _NAME.match(value) or ".." in value.split("/"):
+    if not _NAME.fullmatch(value) or ".." in value.split("/"):
         raise BadRequest(f"invalid volume name {value!r} in parameter {name}")
     return value
 
 
 def command_name(value) -> str:
     value = text(value, "cmd")
-    if not _COMMAND.match(value):
+    if not _COMMAND.fullmatch(value):
         raise BadRequest(f"invalid command name {value!r}")
     return value
 

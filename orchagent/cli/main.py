@@ -140,9 +140,9 @@ class Controller:
     async def status(self, host: str, as_json: bool) -> int:
         client = self.connect(host)
         facts: dict[str, Any] = {"Host": host, "URL": client.address.url,
-                                 "Hostname": await client.call("hostname")}
-        for key, path in (("MySQLRunning", "mysql-status"),
-                          ("MySQLPort", "mysql-port"), ("MySQLDiskUsage", "mysql-du"),
+                                 "Hostname": await client.call("hostname"),
+                                 "MySQLRunning": await client.call("mysql-status")}
+        for key, path in (("MySQLPort", "mysql-port"), ("MySQLDiskUsage", "mysql-du"),
                           ("DatadirAvailableSpace", "mysql-datadir-available-space"),
                           ("Mount", "mount"), ("Snapshots", "lvs-snapshots"),
                           ("Datacenter", "datacenter")):
@@ -275,7 +275,7 @@ def _status_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
     rows = [
         ("host", f"{facts['Host']} ({facts['URL']})"),
         ("hostname", facts["Hostname"]),
-        ("mysql", show("MySQLRunning", lambda v: "running" if v else "stopped")
+        ("mysql", ("running" if facts["MySQLRunning"] else "stopped")
          + ("" if err(facts.get("MySQLPort")) else f", port {facts.get('MySQLPort')}")),
         ("datadir usage", show("MySQLDiskUsage", format_bytes)),
         ("free space", show("DatadirAvailableSpace", format_bytes)),

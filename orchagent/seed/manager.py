@@ -37,6 +37,7 @@ log = Logger()
 PROGRESS_INTERVAL = 5.0
 #: Finished seeds remembered for status queries.
 KEEP_FINISHED = 200
+#: Worker threads: disk I/O blocks more than it computes, so twice the 2 cores we plan for.
 THREADS = 4
 
 

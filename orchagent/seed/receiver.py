@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 log = Logger()
 
 #: Bytes a stream may have queued for writing before it stops reading its socket.
-STREAM_WINDOW = 8 << 20
+STREAM_WINDOW = 4 << 20
 #: A chunk that fails verification this often fails the seed.
 MAX_CHUNK_FAILURES = 3
-#: Socket read size: fewer, larger reads cost less per byte than Twisted's 64 KiB.
-READ_SIZE = 1 << 20
+#: Socket read size: larger reads than Twisted's 64 KiB cost less per byte; larger
+#: still cost memory (each read is a fresh buffer) for little gain.
+READ_SIZE = 256 << 10
 
 
 class ReceiverStream(protocol.Protocol):

@@ -9,9 +9,10 @@ control stream sends the per-file digests and the tree digest, and the receiver 
 RESULT after it verified and moved everything into place.
 
 Each stream is an IPushProducer on its transport: when the transport's buffer is full it
-is paused and reads no more from disk.  At most :data:`READS_IN_FLIGHT` read tasks per
-stream run in the thread pool (read, hash, maybe compress), so memory is bounded by
-streams × reads × chunk size, independent of the seed's size.
+is paused and keeps at most :data:`AHEAD` batches read ahead (read, hashed, maybe
+compressed in the thread pool) so that it can refill the socket the moment it is resumed,
+without waiting for the disk.  Memory is bounded by streams × AHEAD × batch size,
+independent of the seed's size.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-READS_IN_FLIGHT = 2
+#: Batches a stream may have being read or read and waiting for the socket.
+AHEAD = 2
 #: A read task gathers small chunks (whole small files) up to this many bytes.
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
@@ -63,6 +65,8 @@ class SenderStream(protocol.Protocol):
         self.key: bytes | None = None
         self.paused = False
         self.reads = 0
+        #: Batches read while paused: (items, results), written on resume.
+        self.waiting: deque = deque()
         self.timer = None
         self.closed = False
         self.lost = defer.Deferred()
@@ -117,6 +121,7 @@ class SenderStream(protocol.Protocol):
 
     def resumeProducing(self):
         self.paused = False
+        self.job.flush(self)
         self.job.pump(self)
 
     def stopProducing(self):
@@ -325,8 +330,9 @@ class SendJob:
 
     def pump(self, stream: SenderStream) -> None:
         """Start read tasks for ``stream`` while it may take more (the producer's loop)."""
-        while (self.active and stream.key is not None and not stream.closed and not stream.paused
-               and stream.reads < READS_IN_FLIGHT and self.queue and stream in self.streams):
+        while (self.active and stream.key is not None and not stream.closed
+               and stream.reads + len(stream.waiting) < AHEAD and self.queue
+               and stream in self.streams):
             delay = self.bucket.delay()
             if delay > 0:
                 if stream.timer is None or not stream.timer.active():
@@ -362,19 +368,26 @@ class SendJob:
         if stream.closed:
             self.queue.extendleft(reversed(items))
             return None
-        for (index, offset, length), (pieces, digest, compressed) in zip(items, result):
-            stream.transport.writeSequence(pieces)
-            self.digests[(index, offset)] = digest
-            self.table.mark_done(index, offset, digest)
-            self.compression.record(compress, compressed)
-            self.bytes_sent += length
-        self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+        stream.waiting.append((items, result, compress))
+        self.flush(stream)
         self.pump(stream)
         return None
 
+    def flush(self, stream: SenderStream) -> None:
+        """Write batches read ahead, unless the transport asked us to pause."""
+        while stream.waiting and not stream.paused and not stream.closed:
+            items, result, compress = stream.waiting.popleft()
+            for (index, offset, length), (pieces, digest, compressed) in zip(items, result):
+                stream.transport.writeSequence(pieces)
+                self.digests[(index, offset)] = digest
+                self.table.mark_done(index, offset, digest)
+                self.compression.record(compress, compressed)
+                self.bytes_sent += length
+        self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+
     def _maybe_finish(self) -> None:
         if (self.finishing or not self.ready or self.queue or self.control is None
-                or any(s.reads for s in self.streams) or not self.table.complete):
+                or any(s.reads or s.waiting for s in self.streams) or not self.table.complete):
             return
         self.finishing = True
         table = self.table

@@ -33,7 +33,6 @@ from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
 _IS_ROOT = os.geteuid() == 0
-_EARLY_WRITEBACK = os.environ.get("OA_WB", "1") == "1"
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -147,7 +146,7 @@ class Staging:
                 else:
                     fd = self._fd(chunk.file, entry)
                     _pwrite_all(fd, data, chunk.offset)
-                    if chunk.length >= (1 << 20) and _EARLY_WRITEBACK:
+                    if chunk.length >= (1 << 20):
                         _libc.sync_file_range(fd, ctypes.c_int64(chunk.offset),
                                               ctypes.c_int64(chunk.length), _SYNC_FILE_RANGE_WRITE)
             except OSError as e:

@@ -77,7 +77,11 @@ class BtrfsBackend(DirectorySnapshots):
         return inode == SUBVOLUME_ROOT_INODE and self._on_btrfs(path) is not None
 
     def is_snapshot_dir(self, path: str) -> bool:
-        return self.is_subvolume(path)
+        """A subvolume (SnapshotDirectory itself is known to be on btrfs)."""
+        try:
+            return os.lstat(path).st_ino == SUBVOLUME_ROOT_INODE
+        except OSError:
+            return False
 
     @property
     def snapshot_dir(self) -> str:

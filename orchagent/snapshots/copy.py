@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from orchagent.errors import Refused
 from orchagent.interfaces import ISnapshotBackend
-from orchagent.snapshots import naming
+from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.directory import DirectorySnapshots, identity
 from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
 
@@ -44,7 +44,8 @@ class CopyBackend(DirectorySnapshots):
         return True
 
     def group_name(self, path: str) -> str:
-        return self.snapshot_dir
+        configured = self.config.snapshot_directory
+        return mountinfo.normalize(configured) if configured else ""
 
     async def creation_times(self, paths: list[str]) -> list[float | None]:
         """The time in the name we gave it; else the last change of the directory (the

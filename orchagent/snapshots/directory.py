@@ -87,6 +87,10 @@ class DirectorySnapshots:
     # --- reading -------------------------------------------------------------------------
 
     def _snapshot_paths(self) -> list[str]:
+        """Every snapshot's path; none when SnapshotDirectory is not configured (there can
+        be none, and orchestrator asks on every agent page)."""
+        if not self.config.snapshot_directory:
+            return []
         base = self.snapshot_dir
         paths = []
         with os.scandir(base) as entries:

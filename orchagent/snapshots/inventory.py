@@ -85,7 +85,7 @@ def parse(raw: bytes, source: str) -> list[InventoryHost]:
         if not isinstance(entry, dict):
             raise NotAvailable(f"{where} must be an object")
         host = _text(entry, "host", where)
-        if not _HOST.match(host):
+        if not _HOST.fullmatch(host):
             raise NotAvailable(f"{where}: host {host!r} is not a host name")
         at = _text(entry, "snapshotAt", where)
         item = InventoryHost(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 from typing import Any
 
@@ -52,7 +51,7 @@ _FS_TYPE = re.compile(r"^[a-z0-9_.]{1,32}$")
 def parse_size(text: str) -> int:
     """Bytes of an lvcreate size: a number with an optional unit, megabytes by default.
     LVM reads sizes in powers of 1024 whatever the unit's case."""
-    match = _SIZE.match(text.strip())
+    match = _SIZE.fullmatch(text.strip())
     if not match:
         raise NotAvailable(f"LVMSnapshotSize {text!r} is not a size like 10G or 512M")
     number, unit = float(match.group(1)), (match.group(2) or "m").lower()
@@ -258,7 +257,7 @@ class LVMBackend:
         probe = await self.runner.run(["blkid", "-o", "value", "-s", "TYPE", volume.path],
                                       privileged=True, check=False)
         fs_type = probe.stdout.decode("utf-8", "replace").strip()
-        if not probe.ok or not _FS_TYPE.match(fs_type):
+        if not probe.ok or not _FS_TYPE.fullmatch(fs_type):
             detail = probe.describe_failure() if not probe.ok else repr(fs_type)
             raise NotAvailable(f"no file system found on {volume.path} ({detail})")
         options = "ro,nouuid" if fs_type == "xfs" else "ro"

@@ -58,6 +58,6 @@ def matches_filter(name: str, volumes_filter: str) -> bool:
 def check_safe(name: str, what: str = "volume name") -> str:
     """Refuse anything that is not a plain name: no path separators, no shell syntax,
     no leading dot (hidden work-in-progress names start with one)."""
-    if not _SAFE.match(name) or name.startswith("."):
+    if not _SAFE.fullmatch(name) or name.startswith("."):
         raise BadRequest(f"invalid {what} {name!r}: letters, digits, '.', '_', '+' and '-' only")
     return name

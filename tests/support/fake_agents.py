@@ -15,6 +15,7 @@ Example::
     db1 = net.add("db1", files={"ibdata1": 100}, snapshots=[("snap-2", 0.0, {...})])
     db2 = net.add("db2", running=True)
     http = net.http_for(address)          # what the controller's http_factory returns
+    client = net.client()                 # one client for all hosts (stand-in orchestrator)
     db2.changes                           # mutating calls made on db2, in order
 """
 
@@ -277,7 +278,7 @@ class _Seeds:
         self.h.changes.append(("send", target, seed_id))
         if self.h.mounted is None:
             raise Refused("no snapshot is mounted")
-        receiver_host = self.h.network.hosts.get(target)
+        receiver_host = self.h.network.find(target)
         side = self.h.seeds.get(seed_id)
         if side is None or side.state in ("failed", "aborted"):
             side = FakeSeedSide(seed_id, "sender", key, self.h.network.clock.seconds())
@@ -323,6 +324,19 @@ class _Unreachable:
         return self.host.stub.get(url, **kwargs)
 
 
+class _Dispatcher:
+    def __init__(self, network: "FakeNetwork"):
+        self.network = network
+
+    def get(self, url, **kwargs):
+        from urllib.parse import urlsplit
+
+        host = self.network.find(urlsplit(url).hostname)
+        if host is None:
+            return defer.fail(ConnectionRefusedError(url))
+        return _Unreachable(host).get(url, **kwargs)
+
+
 class FakeNetwork:
     """The hosts by name (the URL host part) and the seed transfers between them."""
 
@@ -338,8 +352,18 @@ class FakeNetwork:
         self.hosts[name] = host
         return host
 
+    def find(self, host: str) -> FakeHost | None:
+        """A host by its name or its hostname."""
+        return self.hosts.get(host) or next(
+            (h for h in self.hosts.values() if h.hostname == host), None)
+
     def http_for(self, address) -> _Unreachable:
+        """The controller's http_factory: one client per agent address."""
         return _Unreachable(self.hosts[address.host])
+
+    def client(self) -> "_Dispatcher":
+        """One treq-like client for every host, chosen by the URL's host (orchestrator)."""
+        return _Dispatcher(self)
 
     def transfer(self, sender_host: FakeHost, receiver_host: FakeHost | None, seed_id: str) -> None:
         sender = sender_host.seeds[seed_id]

@@ -6,7 +6,7 @@ Example (blocking, in ``setUp``)::
 
     pair = create_pair(self)                 # cleanup registered; SkipTest when impossible
     pair.a.address, pair.b.address           # "10.231.X.1", "10.231.X.2"
-    argv = pair.a.prefix + ["twistd", ...]   # ["ip", "netns", "exec", NAME, ...]
+    argv = pair.a.prefix + ["twistd", ...]   # ["nsenter", "--net=/var/run/netns/NAME", "--", ...]
     # with tests.support.daemon: start_daemon(self, config, prefix=pair.a.prefix,
     #                                         address=pair.a.address)
 
@@ -56,8 +56,14 @@ class HostNS:
 
     @property
     def prefix(self) -> list[str]:
-        """Command prefix running a program inside this namespace."""
-        return ["ip", "netns", "exec", self.name]
+        """Command prefix running a program inside this namespace's network.
+
+        ``nsenter --net`` rather than ``ip netns exec``: the latter also gives the program
+        a private mount namespace, so a snapshot the agent mounts would be invisible to
+        the test and vanish when the agent dies.  On a real host the agent's mounts are
+        the host's; here too.
+        """
+        return ["nsenter", f"--net=/var/run/netns/{self.name}", "--"]
 
 
 @attrs.frozen
@@ -77,6 +83,8 @@ def unavailable_reason() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is not installed"
+    if shutil.which("nsenter") is None:
+        return "nsenter (util-linux) is not installed"
     return None
 
 

@@ -282,3 +282,144 @@ def _plain_client():
     from treq.client import HTTPClient
 
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+# --- orchestrator's seed sequence (v1), for the drop-in proof ------------------------------
+
+
+class SeedAborted(Exception):
+    """The v1 seed sequence stopped; the message says where, as orchestrator would log it."""
+
+
+@attrs.frozen
+class SeedOutcome:
+    """What :class:`V1Seed` did: every call as ``"host endpoint"`` (token omitted), in order."""
+
+    ok: bool
+    reason: str
+    calls: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
+class V1Seed:
+    """orchestrator's seed of ``target`` from ``source``, exactly its v1 sequence.
+
+    The steps of the reference ("How orchestrator drives an agent"): GetAgent of both;
+    refuse when MySQL runs on the target, the source has no snapshot volume or its mount
+    point is taken; mountlv of the first snapshot's Path and GetAgent(source) for its
+    MySQLDiskUsage; delete-mysql-datadir and GetAgent(target), failing (and unmounting)
+    when the target has less free space than that; receive, wait ``wait_before_send``
+    (orchestrator's SeedWaitSecondsBeforeSend, 2 s), send; then every ``poll_interval``
+    (30 s in orchestrator) GetAgent(target) for progress and seed-command-completed,
+    once completed seed-command-succeeded; ``max_stalled_polls`` polls without growth of
+    the target's mysql-du, or completed but not succeeded, abort both sides and unmount;
+    finally post-copy/?sourceHost=, umount on the source, mysql-start on the target.
+
+    Agents are reached as orchestrator does: by the hostname and port they submitted,
+    with the token they submitted.  No call of orchagent's own extensions is made.
+    """
+
+    def __init__(self, orchestrator: StandInOrchestrator, target: Submission, source: Submission,
+                 seed_id: int, *, wait_before_send: float = 2.0, poll_interval: float = 30.0,
+                 max_stalled_polls: int = 10, http_client=None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.orchestrator = orchestrator
+        self.target = target
+        self.source = source
+        self.seed_id = seed_id
+        self.wait_before_send = wait_before_send
+        self.poll_interval = poll_interval
+        self.max_stalled_polls = max_stalled_polls
+        self.http_client = http_client
+        self.reactor = reactor
+        self.calls: list[str] = []
+        self.problems: list[str] = []
+
+    async def _calls(self, agent: Submission, calls) -> CallResult:
+        result = await self.orchestrator.call_agent(agent, calls, http_client=self.http_client)
+        for answer in result.answers:
+            self.calls.append(f"{agent.hostname} {answer.endpoint}")
+            self.problems += answer.problems
+        return result
+
+    async def _call(self, agent: Submission, endpoint: str, shape: Any = bool) -> Any:
+        answer = (await self._calls(agent, [(endpoint, shape)])).answers[0]
+        if answer.status != 200:
+            message = answer.body.get("Message") if answer.is_v1_error else answer.body
+            raise SeedAborted(f"{agent.hostname}: {endpoint}: {message}")
+        return answer.body
+
+    async def get_agent(self, agent: Submission) -> dict[str, Any]:
+        """GetAgent: the nine calls; the answers by endpoint (a failed call is None)."""
+        result = await self._calls(agent, GET_AGENT_CALLS)
+        return {a.endpoint: (a.body if a.status == 200 else None) for a in result.answers}
+
+    async def _sleep(self, seconds: float) -> None:
+        from twisted.internet import task
+
+        await task.deferLater(self.reactor, seconds, lambda: None)
+
+    async def run(self) -> SeedOutcome:
+        try:
+            await self._seed()
+        except SeedAborted as e:
+            return SeedOutcome(False, str(e), tuple(self.calls), tuple(self.problems))
+        return SeedOutcome(True, "", tuple(self.calls), tuple(self.problems))
+
+    async def _abort(self, reason: str) -> None:
+        """Abort both sides and unmount; like orchestrator, go on when an agent is down."""
+        for agent, endpoint, shape in ((self.target, f"abort-seed/{self.seed_id}", bool),
+                                       (self.source, f"abort-seed/{self.seed_id}", bool),
+                                       (self.source, "umount", MOUNT)):
+            try:
+                await self._calls(agent, [(endpoint, shape)])
+            except Exception as e:
+                self.calls.append(f"{agent.hostname} {endpoint}")
+                self.problems.append(f"{agent.hostname} {endpoint}: no answer: {e}")
+        raise SeedAborted(reason)
+
+    async def _seed(self) -> None:
+        target, source = self.target, self.source
+        target_agent = await self.get_agent(target)
+        source_agent = await self.get_agent(source)
+        if target_agent["mysql-status"]:
+            raise SeedAborted(f"MySQL is running on target host {target.hostname}; stop it first")
+        if not source_agent["lvs-snapshots"]:
+            raise SeedAborted(f"no snapshots found on source host {source.hostname}")
+        if (source_agent["mount"] or {}).get("IsMounted"):
+            raise SeedAborted(f"snapshot mount point on {source.hostname} is already in use")
+
+        await self._call(source, f"mountlv?lv={quote(source_agent['lvs-snapshots'][0]['Path'], safe='')}",
+                         MOUNT)
+        source_agent = await self.get_agent(source)
+        needed = source_agent["mount"]["MySQLDiskUsage"]
+
+        await self._call(target, "delete-mysql-datadir")
+        target_agent = await self.get_agent(target)
+        if needed > target_agent["mysql-datadir-available-space"]:
+            await self._calls(source, [("umount", MOUNT)])
+            raise SeedAborted(f"not enough space on {target.hostname}: {needed} needed, "
+                              f"{target_agent['mysql-datadir-available-space']} available")
+
+        await self._call(target, f"receive-mysql-seed-data/{self.seed_id}")
+        await self._sleep(self.wait_before_send)
+        await self._call(source, f"send-mysql-seed-data/{quote(target.hostname, safe='')}/{self.seed_id}")
+
+        last_usage, stalled = -1, 0
+        while True:
+            await self._sleep(self.poll_interval)
+            target_agent = await self.get_agent(target)
+            usage = target_agent["mysql-du"] or 0
+            stalled = 0 if usage > last_usage else stalled + 1
+            last_usage = max(usage, last_usage)
+            if await self._call(target, f"seed-command-completed/{self.seed_id}"):
+                if not await self._call(target, f"seed-command-succeeded/{self.seed_id}"):
+                    await self._abort(f"seed {self.seed_id} completed on {target.hostname} but failed")
+                break
+            if stalled >= self.max_stalled_polls:
+                await self._abort(f"seed {self.seed_id}: no progress in {stalled} polls")
+
+        await self._call(target, f"post-copy/?sourceHost={quote(source.hostname, safe='')}")
+        await self._call(source, "umount", MOUNT)
+        await self._call(target, "mysql-start")

@@ -1,0 +1,33 @@
+"""The Debian package, built and installed for real: runs packaging/deb_test.py.
+
+About a minute on 2 cores (build ~30 s, lintian ~10 s, install/run/purge ~10 s).  Skipped,
+with the script's reason, when not root, when the build tools are missing (apt-get install
+dpkg-dev debhelper dh-virtualenv python3-venv python3-dev build-essential lintian), or when
+this machine already has the package or its files (the test would purge them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet import reactor, utils
+from twisted.trial import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "packaging", "deb_test.py")
+SKIP = 77
+
+
+class DebianPackageTestCase(unittest.TestCase):
+    timeout = 900
+
+    async def test_build_install_run_purge(self):
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, [SCRIPT], env=dict(os.environ), path=REPO, reactor=reactor)
+        text = (out + err).decode("utf-8", "replace")
+        if code == SKIP:
+            raise unittest.SkipTest(text.strip().splitlines()[-1])
+        self.assertEqual(code, 0, text[-6000:])
+        self.assertIn("lintian: 0 E,", text)
+        self.assertIn("PASSED", text)
