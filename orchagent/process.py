@@ -181,7 +181,10 @@ class ProcessRunner:
                 raise CommandFailed(result.describe_failure(), result)
             return result
 
-        return proto.ended.addCallback(finished)
+        # Cancelling the returned Deferred stops the command (SIGTERM, then SIGKILL).
+        outer = defer.Deferred(lambda _: killer.stop())
+        proto.ended.addCallback(finished).chainDeferred(outer)
+        return outer
 
     def stop_all(self) -> None:
         """Stop every running child (service shutdown)."""

@@ -154,7 +154,7 @@ class SeedTests(ControllerTestCase):
 
     def test_tight_space_empties_the_datadir_first(self):
         # 1000 bytes to copy, 700 free + 500 in the datadir: fits only after emptying it.
-        db1, db2 = self.add_source(), self.add_target(available=700)
+        _, db2 = self.add_source(), self.add_target(available=700)
         code, _, err = self.cli("seed", "--target", "db2", "--source", "db1")
         self.assertEqual(code, EXIT_OK, err)
         self.assertEqual(db2.mutations[:2], ["delete-mysql-datadir", "receive"])

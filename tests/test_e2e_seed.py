@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from urllib.parse import quote
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -149,10 +150,10 @@ class Host:
         """HOST for the controller: the host's address and its agent's port."""
         return f"{self.ns.address}:{self.agent.port}"
 
-    async def api(self, path: str, **params):
-        status, body = await self.agent.get(path, **params)
+    async def api(self, endpoint: str, **params):
+        status, body = await self.agent.get(endpoint, **params)
         if status != 200:
-            raise AssertionError(f"{self.ns.address} {path}: HTTP {status}: {body}")
+            raise AssertionError(f"{self.ns.address} {endpoint}: HTTP {status}: {body}")
         return body
 
 
@@ -303,6 +304,18 @@ class SeedEndToEndTests(unittest.TestCase):
         code = await process.ended
         return code, process.text()
 
+    async def fill(self, host: Host) -> None:
+        """Leave about 2 MiB free on the host's file system (btrfs may report free space
+        late: fill until the agent sees it)."""
+        for i in range(5):
+            free = await host.api("/api/mysql-datadir-available-space")
+            if free < 4 << 20:
+                return
+            filler = host.fs.path(f"filler-{i}")
+            subprocess.run(["fallocate", "-l", str(free - (2 << 20)), filler], stderr=subprocess.DEVNULL)
+            subprocess.run(["btrfs", "filesystem", "sync", host.fs.mount_point], check=True)
+        self.fail(f"{host.fs.mount_point} does not fill up")
+
     def records(self) -> list[str]:
         directory = os.path.join(self.home, "controller", "seeds")
         return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
@@ -379,7 +392,7 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertIn(f"the source {source.address} has no snapshot (lvs-snapshots is empty)", output)
 
         # MySQL runs on the target.
-        await self.snapshot_under_writes(source)
+        snapshot = await self.snapshot_under_writes(source)
         pid = mariadb_support.server_status(target.db.option_file)
         names = sorted(os.listdir(target.datadir))
         code, output = await self.run_controller(*seed)
@@ -393,10 +406,11 @@ class SeedEndToEndTests(unittest.TestCase):
         # Not enough space on the target, even counting its datadir.
         await target.db.stop_async()
         before = tree_manifest(target.datadir)
+        await self.fill(target)
+        need = await source.api("/api/du?path=" + quote(snapshot["Path"], safe=""))
         free = await target.api("/api/mysql-datadir-available-space")
-        filler = target.fs.path("filler")
-        subprocess.run(["fallocate", "-l", str(max(free - (2 << 20), 1 << 20)), filler], check=True)
-        self.addCleanup(lambda: os.path.exists(filler) and os.unlink(filler))
+        used = await target.api("/api/mysql-du")
+        self.assertLess(free + used, need, "the target is full enough for the test")
         code, output = await self.run_controller(*seed)
         self.assertEqual(code, 3, output)
         self.assertIn(f"not enough space on the target {target.address}", output)

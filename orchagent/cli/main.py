@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "host's state and snapshots, abort a seed."))
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    seed = commands.add_parser("seed", parents=[common], help="seed a replica (the whole job)")
+    seed = commands.add_parser(
+        "seed", parents=[common], help="seed a replica (the whole job)",
+        description="Copy the newest snapshot of the source into the target's datadir and start "
+                    "MySQL there.  Everything is checked before anything changes; Ctrl-C aborts "
+                    "both sides cleanly; a seed that failed mid-way continues with --resume ID.",
+        epilog="Exit status: 0 done, 1 failed, 2 usage, 3 refused (nothing changed), 130 interrupted.")
     seed.add_argument("--target", help="the host to seed (its data is replaced)")
     seed.add_argument("--source", help="the host whose newest snapshot is copied (default: "
                       "the first the target suggests, same datacenter first)")
@@ -93,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop MySQL on the target instead of refusing")
     seed.add_argument("--rate-limit", type=parse_size, default=0, metavar="SIZE",
                       help="send at most SIZE bytes per second (e.g. 50M)")
-    seed.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS")
+    seed.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                      help="seconds between progress queries (default 1)")
     seed.add_argument("--unreachable-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
                       help="give up (resumably) when an agent does not answer this long")
-    seed.add_argument("--stall-timeout", type=_positive_float, default=600.0, metavar="SECONDS")
+    seed.add_argument("--stall-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                      help="give up (resumably) when no byte moved this long")
     seed.add_argument("--start-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                       help="how long MySQL may take to answer after it is started")
 

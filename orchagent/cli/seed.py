@@ -9,13 +9,16 @@ The order of a seed is chosen so that nothing is erased before every check passe
 
 1. Checks, read-only: target MySQL stopped (or ``stop_target``), the source's newest
    snapshot valid (lvs-snapshots, SnapshotPercent < 100), the source's mount point free,
-   no other seed of ours active on either host.  Every problem found is reported at once.
+   no other seed on either host: none unfinished in our state files, none active in the
+   agents' own count (the ``orchagent_seeds`` gauge of /metrics, which sees seeds
+   whoever started them).  Every problem found is reported at once.
 2. Mount the snapshot on the source (reversible) to learn its MySQL data size; refuse and
    unmount when the target cannot hold it even after emptying its datadir (free space +
    mysql-du).  When the target has room for the copy next to its current datadir
    (free space >= size + 5%), the datadir is kept: the agent receives into a staging
-   area and swaps only verified data in, so an abort leaves the target as it was.  Only
-   when space is short is the datadir emptied first, the v1 way.
+   area and swaps only verified data in (setting the old contents aside, not deleting
+   them), so an abort leaves the target as it was.  Only when space is short is the
+   datadir emptied first, the v1 way.
 3. Record the seed (hosts, snapshot, random key) in the state file, stop the target's
    MySQL if asked, empty the datadir if needed, receive on the target, send from the
    source, both with ``?key=``; follow the target's seed-status (progress bar).
@@ -331,8 +334,7 @@ class Seeder:
             self.store.save(record)
             await self._api(target, "mysql-stop", timeout=SLOW_TIMEOUT)
             if await self._api(target, "mysql-status") is not False:
-                raise SeedFailed(f"MySQL on {target.name} still runs after mysql-stop", record.seed_id,
-                                 resumable=False)
+                raise AgentCallFailed(target.name, "/api/mysql-stop", "MySQL still runs after mysql-stop")
         if not keep:
             self.report.warn(
                 f"{target.name} has {format_bytes(available)} free for {format_bytes(need)} of data: "

@@ -169,6 +169,9 @@ class ReceiveJob:
         self.written: set[int] = set()
         self.journal_fd: int | None = None
         self.recheck_journal = False
+        #: Sessions (sender attempts) seen, and whether the job came back from a restart.
+        self.sessions = 0
+        self.restored = False
         self.finalizing = False
         self.done = defer.Deferred()
         self.meter = state.RateMeter(manager.clock)
@@ -202,6 +205,7 @@ class ReceiveJob:
             return
         self.table = plan.ChunkTable(self.manifest)
         self.recheck_journal = True
+        self.restored = True
 
     # --- streams -------------------------------------------------------------------------
 
@@ -218,9 +222,9 @@ class ReceiveJob:
                 raise Rejected(f"seed {self.seed_id} is being verified; try again")
             if self.session:
                 self._end_session()
+            if self.sessions or self.restored:
                 self.record.resumes += 1
-            elif self.table is not None and self.table.bytes_done:
-                self.record.resumes += 1
+            self.sessions += 1
             self.session = hello["session"]
             self.control = stream
             self.ready = False
@@ -383,7 +387,13 @@ class ReceiveJob:
     def _data(self, stream: ReceiverStream, frame: frames.Frame) -> None:
         if not self.ready:
             raise ProtocolError("DATA before READY")
-        chunk = frames.open_data(frame, stream.key)
+        try:
+            chunk = frames.open_data(frame, stream.key)
+        except frames.IntegrityError as e:
+            if e.where is None or self.table.expected_length(*e.where) is None:
+                raise
+            self._chunk_failed(stream, e.where, e)
+            return
         expected = self.table.expected_length(chunk.file, chunk.offset)
         if expected is None or expected != chunk.length:
             raise ProtocolError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
@@ -420,7 +430,7 @@ class ReceiveJob:
         completed = []
         for chunk, outcome in result:
             if isinstance(outcome, frames.IntegrityError):
-                self._chunk_failed(stream, chunk, outcome)
+                self._chunk_failed(stream, chunk.key, outcome)
                 continue
             if self.table.mark_done(chunk.file, chunk.offset, outcome):
                 completed.append(chunk.file)
@@ -438,15 +448,15 @@ class ReceiveJob:
         if self.active:
             self.fail(f"cannot finish {entry.path}: {failure.value}")
 
-    def _chunk_failed(self, stream, chunk, error) -> None:
-        key = (chunk.file, chunk.offset)
+    def _chunk_failed(self, stream, key: tuple[int, int], error) -> None:
         self.failures[key] = self.failures.get(key, 0) + 1
-        path = self.manifest.entries[chunk.file].path
+        path = self.manifest.entries[key[0]].path
+        offset = key[1]
         log.warn("seed {seed}: chunk of {path} at offset {offset} failed verification "
                  "({n} time(s)); it will be sent again", seed=self.seed_id, path=path,
-                 offset=chunk.offset, n=self.failures[key])
+                 offset=offset, n=self.failures[key])
         if self.failures[key] >= MAX_CHUNK_FAILURES:
-            self.fail(f"{path} at offset {chunk.offset} failed verification "
+            self.fail(f"{path} at offset {offset} failed verification "
                       f"{self.failures[key]} times: {error}")
         elif stream in self.streams:
             self._end_session()

@@ -41,7 +41,8 @@ log = Logger()
 
 #: Batches a stream may have being read or read and waiting for the socket.
 AHEAD = 2
-#: A read task gathers small chunks (whole small files) up to this many bytes.
+#: A read task gathers whole small files up to this many bytes (one task per file would
+#: cost more in thread hand-offs than reading them); larger files go a chunk per task.
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
 MANIFEST_BATCH = 4096
@@ -183,6 +184,7 @@ class SendJob:
         self.digests: dict[tuple[int, int], bytes] = {}
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
+        self.stream_bytes: dict[int, int] = {}
         self.have_at_ready = 0
 
     @property
@@ -340,8 +342,8 @@ class SendJob:
                 return
             items = [self.queue.popleft()]
             size = items[0][2]
-            while (self.queue and size + self.queue[0][2] <= BATCH_BYTES
-                   and len(items) < BATCH_ITEMS):
+            while (self.queue and self._whole_file(self.queue[0]) and self._whole_file(items[0])
+                   and size + self.queue[0][2] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
                 items.append(self.queue.popleft())
                 size += items[-1][2]
             self.bucket.take(size)
@@ -351,6 +353,11 @@ class SendJob:
                                     stream.key, compress)
             d.addBoth(self._read_done, stream, items, compress, self.session)
         self._maybe_finish()
+
+    def _whole_file(self, item) -> bool:
+        index, offset, length = item
+        entry = self.manifest.entries[index]
+        return offset == 0 and length == entry.size and entry.extents is None
 
     def _read_done(self, result, stream: SenderStream, items, compress, session):
         stream.reads -= 1
@@ -383,6 +390,7 @@ class SendJob:
                 self.table.mark_done(index, offset, digest)
                 self.compression.record(compress, compressed)
                 self.bytes_sent += length
+                self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
         self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
 
     def _maybe_finish(self) -> None:
@@ -445,9 +453,9 @@ class SendJob:
         self.manager.touch(self.record, force=True)
         self._settle()
 
-    def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> None:
+    def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
         if not self.active:
-            return
+            return defer.succeed(None)
         self.record.state = final_state
         self.record.error = message
         if final_state == state.FAILED:
@@ -460,6 +468,7 @@ class SendJob:
         self._close_all()
         self.manager.touch(self.record, force=True)
         self._settle()
+        return defer.succeed(None)
 
     def _close_all(self) -> None:
         self.session = ""

@@ -210,7 +210,7 @@ class TokenBucket:
         if not self.rate:
             return 0.0
         self._refill()
-        return 0.0 if self._level >= 0 else -self._level / self.rate
+        return 0.0 if self._level > -1 else -self._level / self.rate
 
     def take(self, n: int) -> None:
         if self.rate:

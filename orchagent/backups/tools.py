@@ -1,0 +1,103 @@
+"""The backup tools on this host: which are installed, their versions, their argv.
+
+The agent never holds MySQL credentials: a tool that must connect to the server (a hot
+backup) reads them from its own option-file groups (``[mariabackup]``,
+``[xtrabackup]``, ``[client]``).  When ``MySQLOptionsFile`` is set, the agent reads that
+file instead of ``/etc/mysql/my.cnf``, and so does the tool: it gets
+``--defaults-file=MySQLOptionsFile``.  Preparing needs no server and no credentials: it
+reads only the backup's own ``backup-my.cnf`` (``--defaults-file``), so nothing in the
+host's option files (a log or undo directory of the live server, for one) can point it
+anywhere but the work copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Callable
+
+from orchagent.backups.discovery import MARIABACKUP, XTRABACKUP
+from orchagent.host.mysql_options import DEFAULT_OPTION_FILES, OptionFileError, ServerOptions, read_options
+
+#: The tools in the order a hot backup prefers them.
+TOOLS = (MARIABACKUP, XTRABACKUP)
+INNOCHECKSUM = "innochecksum"
+_VERSION = re.compile(r"\b(\d+\.\d+)\.\d+")
+
+
+def major_version(text: str) -> str:
+    """``X.Y`` of a version text (``10.11.19-MariaDB`` -> ``10.11``), or ""."""
+    match = _VERSION.search(text or "")
+    return match.group(1) if match else ""
+
+
+class Tools:
+    """What is installed (``which`` is looked up each time: installing a tool counts at
+    once) and each tool's version (asked once per process)."""
+
+    def __init__(self, config, runner, which: Callable[[str], str | None] = shutil.which):
+        self.config = config
+        self.runner = runner
+        self.which = which
+        self._versions: dict[str, str] = {}
+
+    def path(self, tool: str) -> str | None:
+        return self.which(tool) or next(
+            (p for p in (f"/usr/bin/{tool}", f"/usr/sbin/{tool}") if os.path.exists(p)), None)
+
+    def installed(self, tool: str) -> bool:
+        return self.path(tool) is not None
+
+    def hot_tool(self) -> str | None:
+        """mariabackup or xtrabackup, whichever is installed (mariabackup first)."""
+        return next((t for t in TOOLS if self.installed(t)), None)
+
+    async def version(self, tool: str) -> str:
+        """``X.Y`` of the installed tool's server version, "" when unknown.  mariabackup
+        says ``based on MariaDB server 10.11.19``; xtrabackup ``version 8.0.35-30``."""
+        if tool not in self._versions:
+            version = ""
+            if self.installed(tool):
+                result = await self.runner.run([tool, "--version"], check=False, timeout=30)
+                text = (result.stdout + result.stderr).decode("utf-8", "replace")
+                server = re.search(r"server\s+(\d+\.\d+\.\d+)", text)
+                version = major_version(server.group(1) if server else text)
+            self._versions[tool] = version
+        return self._versions[tool]
+
+    def defaults_args(self) -> list[str]:
+        """How a tool finds its option files: MySQLOptionsFile when set, else its own
+        defaults (the same files the agent reads)."""
+        if self.config.mysql_options_file:
+            return [f"--defaults-file={self.config.mysql_options_file}"]
+        return []
+
+    def tool_options(self, tool: str) -> ServerOptions:
+        """The ``[xtrabackup]`` (and for mariabackup ``[mariabackup]``) options the tool
+        itself will read: used to tell whether decryption is configured."""
+        groups = ["xtrabackup"] + (["mariabackup", "mariadb-backup"] if tool == MARIABACKUP else [])
+        if self.config.mysql_options_file:
+            files: tuple[str, ...] = (self.config.mysql_options_file,)
+        else:
+            files = tuple(p for p in DEFAULT_OPTION_FILES if os.path.exists(p))
+        try:
+            return ServerOptions(read_options(files, groups), files)
+        except OptionFileError:
+            return ServerOptions((), files)
+
+    def decryption(self, tool: str) -> tuple[str, str]:
+        """(algorithm, where) when the tool's option groups say how to decrypt (``encrypt``
+        and ``encrypt-key-file`` or ``encrypt-key``), else ("", what is missing)."""
+        options = self.tool_options(tool)
+        algorithm = options.value("encrypt") or ""
+        has_key = options.value("encrypt-key-file") or options.value("encrypt-key")
+        where = f"the [xtrabackup] group of {options.describe()}"
+        if algorithm and has_key:
+            return algorithm, where
+        return "", f"no encrypt and encrypt-key-file in {where}"
+
+    @staticmethod
+    def prepare_defaults(data_dir: str) -> list[str]:
+        cnf = os.path.join(data_dir, "backup-my.cnf")
+        return [f"--defaults-file={cnf}"] if os.path.isfile(cnf) else ["--no-defaults"]

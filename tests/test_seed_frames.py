@@ -1,0 +1,275 @@
+"""The seed wire format, handshake, manifest checks and meters, without sockets."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+from twisted.internet import task
+from twisted.trial import unittest
+
+from orchagent.errors import BadRequest, ConfigError
+from orchagent.seed import auth, frames, plan, tree
+from orchagent.seed.frames import FrameType
+from orchagent.seed.state import RateMeter, TokenBucket
+
+KEY = bytes(range(32))
+
+
+def _stream(chunks: list[tuple[int, int, bytes]], compress: bool) -> tuple[bytes, list]:
+    """A valid stream: a control frame, DATA frames, a packed control frame."""
+    out = [frames.seal_json(FrameType.FINISH, {"tree": "ab"}, KEY)]
+    expected = [("FINISH", b'{"tree":"ab"}')]
+    for file, offset, data in chunks:
+        pieces, digest, _ = frames.seal_chunk(file, offset, data, KEY, compress)
+        out.append(b"".join(bytes(p) for p in pieces))
+        expected.append(("DATA", file, offset, data))
+    out.append(frames.seal_packed(FrameType.READY, {"have": [[1, 2, 3, "00"]]}, KEY))
+    expected.append(("READY", {"have": [[1, 2, 3, "00"]]}))
+    return b"".join(out), expected
+
+
+def _decode(pieces) -> list:
+    """Cut and fully verify a stream (what the receiver does, minus the disk)."""
+    decoded = []
+    for frame in frames.iter_frames(pieces):
+        if frame.type == FrameType.DATA:
+            chunk = frames.open_data(frame, KEY)
+            decoded.append(("DATA", chunk.file, chunk.offset, bytes(frames.unpack_chunk(chunk))))
+        elif frame.type == FrameType.READY:
+            decoded.append(("READY", frames.open_packed(frame, KEY)))
+        else:
+            decoded.append((FrameType(frame.type).name, frames.open_control(frame, KEY)))
+    return decoded
+
+
+_chunk_data = st.one_of(
+    st.binary(max_size=3000),
+    st.integers(0, 5000).map(lambda n: bytes(n)),
+    st.integers(1, 5000).map(lambda n: (b"innodb page " * (n // 12 + 1))[:n]),
+)
+_chunks = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1), _chunk_data),
+                   min_size=0, max_size=6)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+class CodecTests(unittest.TestCase):
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_chunks, st.booleans(), st.lists(st.integers(0, 10**6), max_size=40))
+    def test_any_split_decodes_identically(self, chunks, compress, cuts):
+        data, expected = _stream(chunks, compress)
+        self.assertEqual(_decode([data]), expected)
+        self.assertEqual(_decode(_split(data, cuts)), expected)
+        self.assertEqual(_decode([bytes([b]) for b in data[:300]] + [data[300:]]), expected)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_chunks, st.booleans(), st.integers(0, 10**9), st.integers(1, 255))
+    def test_any_corruption_is_detected(self, chunks, compress, where, flip):
+        data, expected = _stream(chunks, compress)
+        position = where % len(data)
+        corrupt = bytearray(data)
+        corrupt[position] ^= flip
+        with self.assertRaises(frames.ProtocolError):
+            _decode([bytes(corrupt)])
+
+    def test_truncated_stream_is_an_error(self):
+        data, _ = _stream([(1, 0, b"x" * 100)], False)
+        with self.assertRaises(frames.ProtocolError) as caught:
+            _decode([data[:-1]])
+        self.assertIn("left over", str(caught.exception))
+
+    def test_oversized_length_fails_before_buffering(self):
+        splitter = frames.FrameSplitter()
+        head = frames.HEADER.pack(FrameType.DATA, 0, frames.MAX_BODY + 1)
+        with self.assertRaises(frames.ProtocolError) as caught:
+            splitter.feed(head)
+        self.assertIn("exceeds the limit", str(caught.exception))
+
+    def test_wrong_key_is_detected(self):
+        pieces, _, _ = frames.seal_chunk(3, 4096, b"data" * 100, KEY, False)
+        frame = next(frames.iter_frames([b"".join(pieces)]))
+        with self.assertRaises(frames.IntegrityError) as caught:
+            frames.open_data(frame, bytes(32))
+        self.assertEqual(caught.exception.where, (3, 4096))
+
+    def test_compression_only_when_it_pays(self):
+        text = b"abc" * 10000
+        _, _, compressed = frames.seal_chunk(0, 0, text, KEY, True)
+        self.assertTrue(compressed)
+        _, _, compressed = frames.seal_chunk(0, 0, os.urandom(30000), KEY, True)
+        self.assertFalse(compressed)
+        pieces, _, _ = frames.seal_chunk(0, 0, text, KEY, True)
+        self.assertLess(sum(len(p) for p in pieces), len(text) // 10)
+
+    def test_flipped_payload_names_file_and_offset(self):
+        pieces, _, _ = frames.seal_chunk(7, 2 << 20, os.urandom(5000), KEY, False)
+        data = bytearray(b"".join(pieces))
+        data[100] ^= 1
+        chunk = frames.open_data(next(frames.iter_frames([bytes(data)])), KEY)
+        with self.assertRaises(frames.IntegrityError) as caught:
+            frames.unpack_chunk(chunk)
+        self.assertEqual(caught.exception.where, (7, 2 << 20))
+        self.assertIn("file #7 at offset 2097152", str(caught.exception))
+
+
+class HandshakeTests(unittest.TestCase):
+    def _handshake(self, client_key, server_key, peer_check=lambda host: None):
+        client = auth.ClientHandshake("42", "s1", "control", 0, client_key)
+        server = auth.ServerHandshake(lambda seed: auth.Admission(server_key, peer_check), "10.0.0.9")
+        frame = lambda data: next(frames.iter_frames([data]))  # noqa: E731
+        challenge = server.receive(frame(client.hello()))
+        auth_frame = client.receive(frame(challenge))
+        self.assertIsNone(server.receive(frame(auth_frame)))
+        self.assertIsNone(client.receive(frame(server.accept(extra=1))))
+        return client, server
+
+    def test_same_key_gives_same_stream_key(self):
+        key = auth.derive_auth_key("secret", "42")
+        client, server = self._handshake(key, key)
+        self.assertEqual(client.key, server.key)
+        self.assertEqual(client.accept["extra"], 1)
+        self.assertNotEqual(client.key, frames.ZERO_KEY)
+
+    def test_wrong_key_is_rejected_by_the_receiver(self):
+        with self.assertRaises(auth.Rejected) as caught:
+            self._handshake(auth.derive_auth_key("wrong", "42"), auth.derive_auth_key("secret", "42"))
+        self.assertIn("wrong key for seed 42", str(caught.exception))
+
+    def test_key_is_bound_to_the_seed(self):
+        with self.assertRaises(auth.Rejected):
+            self._handshake(auth.derive_auth_key("secret", "41"), auth.derive_auth_key("secret", "42"))
+
+    def test_keyed_sender_refuses_unkeyed_receiver_and_back(self):
+        with self.assertRaises(auth.Rejected) as caught:
+            self._handshake(auth.derive_auth_key("secret", "42"), None)
+        self.assertIn("was given none", str(caught.exception))
+        with self.assertRaises(auth.Rejected) as caught:
+            self._handshake(None, auth.derive_auth_key("secret", "42"))
+        self.assertIn("needs a key", str(caught.exception))
+
+    def test_receiver_that_cannot_prove_the_key_is_refused(self):
+        key = auth.derive_auth_key("secret", "42")
+        frame = lambda data: next(frames.iter_frames([data]))  # noqa: E731
+        for impostor_key in (auth.stream_key(None, b"", b""), None):
+            client = auth.ClientHandshake("42", "s1", "data", 1, key)
+            nonce = os.urandom(auth.NONCE_SIZE)
+            client.hello()
+            client.receive(frame(frames.seal_json(FrameType.CHALLENGE, {"nonce": nonce.hex()})))
+            if impostor_key is None:
+                # Right stream key (as if it were guessed), but no proof of the seed key.
+                impostor_key = auth.stream_key(key, client.nonce, nonce)
+            fake = frames.seal_json(FrameType.ACCEPT, {}, impostor_key)
+            with self.assertRaises((auth.Rejected, frames.IntegrityError)):
+                client.receive(frame(fake))
+            self.assertIsNone(client.key)
+
+    def test_peer_outside_allowed_networks_is_rejected(self):
+        networks = auth.parse_networks(["192.168.0.0/16"])
+
+        def check(host):
+            if not auth.peer_allowed(host, networks):
+                raise auth.Rejected(f"{host} is not in SeedAllowedNetworks")
+
+        with self.assertRaises(auth.Rejected) as caught:
+            self._handshake(None, None, check)
+        self.assertIn("10.0.0.9 is not in SeedAllowedNetworks", str(caught.exception))
+
+    def test_networks(self):
+        nets = auth.parse_networks(["127.0.0.0/8", "fd00::/8"])
+        self.assertTrue(auth.peer_allowed("127.0.0.2", nets))
+        self.assertTrue(auth.peer_allowed("::ffff:127.0.0.1", nets))
+        self.assertFalse(auth.peer_allowed("10.1.1.1", nets))
+        self.assertTrue(auth.peer_allowed("10.1.1.1", ()))
+        with self.assertRaises(ConfigError) as caught:
+            auth.parse_networks(["10.0.0.0/33"])
+        self.assertIn("SeedAllowedNetworks", caught.exception.message)
+
+
+class ManifestTests(unittest.TestCase):
+    def _entries(self, *items):
+        return tuple(tree.Entry(**item) for item in items)
+
+    def test_unsafe_paths_are_rejected(self):
+        for path in ("/etc/passwd", "../x", "a/../../x", "a//b", "./a", ""):
+            with self.assertRaises(BadRequest, msg=path):
+                tree.validate_entries(self._entries({"path": path, "kind": "f"}), 65536)
+
+    def test_entry_under_a_symlink_is_rejected(self):
+        entries = self._entries({"path": "d", "kind": "l", "target": "x"},
+                                {"path": "d/f", "kind": "f"})
+        with self.assertRaises(BadRequest) as caught:
+            tree.validate_entries(entries, 65536)
+        self.assertIn("not under a directory", caught.exception.message)
+
+    def test_symlinks_leaving_the_tree_are_rejected(self):
+        for target in ("/etc/passwd", "../../x", "x/../../../y"):
+            entries = self._entries({"path": "d", "kind": "d"}, {"path": "d/l", "kind": "l", "target": target})
+            with self.assertRaises(BadRequest, msg=target) as caught:
+                tree.validate_entries(entries, 65536)
+            self.assertIn("points outside", caught.exception.message)
+        tree.validate_entries(self._entries({"path": "d", "kind": "d"},
+                                            {"path": "d/l", "kind": "l", "target": "../d"}), 65536)
+
+    def test_walk_refuses_a_symlink_out_of_the_source(self):
+        root = self.mktemp()
+        os.makedirs(root)
+        os.symlink("/etc", os.path.join(root, "out"))
+        with self.assertRaises(BadRequest) as caught:
+            tree.walk(root)
+        self.assertIn("points outside", caught.exception.message)
+
+    def test_walk_finds_sparse_extents_and_plans_chunks(self):
+        root = self.mktemp()
+        os.makedirs(root)
+        with open(os.path.join(root, "sparse"), "wb") as fh:
+            fh.truncate(10 << 20)
+            fh.seek(4 << 20)
+            fh.write(b"x" * 100_000)
+        manifest = tree.walk(root, chunk_size=65536)
+        (entry,) = manifest.entries
+        self.assertEqual(entry.size, 10 << 20)
+        self.assertIsNotNone(entry.extents)
+        self.assertLess(manifest.total_bytes, 1 << 20)
+        self.assertGreaterEqual(manifest.total_bytes, 100_000)
+        table = plan.ChunkTable(manifest)
+        self.assertEqual(sum(n for _, _, n in table.todo()), manifest.total_bytes)
+
+    def test_digests_depend_on_every_chunk(self):
+        manifest = tree.Manifest(self._entries({"path": "f", "kind": "f", "size": 200000}), 65536)
+        a, b = plan.ChunkTable(manifest), plan.ChunkTable(manifest)
+        for index, offset, _ in manifest.chunks():
+            a.mark_done(index, offset, bytes(32))
+            b.mark_done(index, offset, bytes(32) if offset else b"\x01" * 32)
+        self.assertTrue(a.complete)
+        self.assertNotEqual(a.tree_digest(), b.tree_digest())
+        self.assertEqual(plan.unpack_digests(plan.pack_digests(a.file_digests())), a.file_digests())
+
+
+class MeterTests(unittest.TestCase):
+    def test_token_bucket_holds_the_average_rate(self):
+        clock = task.Clock()
+        bucket = TokenBucket(clock, 1000)
+        sent = 0
+        while clock.seconds() < 10:
+            delay = bucket.delay()
+            if delay:
+                clock.advance(delay)
+                continue
+            bucket.take(300)
+            sent += 300
+        self.assertAlmostEqual(sent / clock.seconds(), 1000, delta=100)
+        bucket.set_rate(0)
+        self.assertEqual(bucket.delay(), 0)
+
+    def test_rate_meter(self):
+        clock = task.Clock()
+        meter = RateMeter(clock)
+        for i in range(5):
+            meter.sample(i * 500)
+            clock.advance(1)
+        self.assertAlmostEqual(meter.rate(), 500)
+        self.assertAlmostEqual(meter.eta(1000), 2)

@@ -1,0 +1,496 @@
+"""Seeds between two real SeedManagers over real TCP on loopback."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial import unittest
+
+from orchagent.errors import NotAvailable, NotFound, Refused
+from orchagent.process import ProcessRunner
+from orchagent.seed import frames, receiver, sender
+from orchagent.seed.frames import FrameType
+from orchagent.seed.manager import SeedManager
+from tests import seed_support as S
+from tests.support.certs import TestCA
+
+STATUS_KEYS = {"SeedId", "Role", "State", "BytesTotal", "BytesDone", "FilesTotal", "FilesDone",
+               "RateBytesPerSec", "EtaSeconds", "Resumes", "Error", "StartedAt", "UpdatedAt"}
+CHUNK = 64 * 1024
+
+
+class SeedCase(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.dst = os.path.join(self.base, "dst")
+        os.makedirs(self.src)
+        os.makedirs(self.dst)
+        self.port = S.free_port()
+        self.patch(sender, "BACKOFF_FIRST", 0.05)
+
+    def receiver(self, name="r", **overrides) -> SeedManager:
+        return S.make_manager(self, os.path.join(self.base, name), self.dst, self.port, **overrides)
+
+    def sender(self, name="s", **overrides) -> SeedManager:
+        overrides.setdefault("chunk_size", CHUNK)
+        return S.make_manager(self, os.path.join(self.base, name), self.src, self.port,
+                              snapshot=self.src, **overrides)
+
+    def assert_untouched(self, before: dict) -> None:
+        self.assertEqual(S.snapshot_tree(self.dst), before)
+        leftovers = [n for n in os.listdir(self.base) if "orchagent-seed" in n]
+        self.assertEqual(leftovers, [])
+
+    def big_file(self, name="big.ibd", size=1_500_000, compressible=False):
+        data = bytes(size) if compressible else os.urandom(size)
+        with open(os.path.join(self.src, name), "wb") as fh:
+            fh.write(data)
+        return data
+
+
+class HappyPathTests(SeedCase):
+    async def test_seed_reproduces_the_tree(self):
+        S.make_tree(self.src)
+        r = self.receiver()
+        s = self.sender(seed_streams=3, seed_compression="zstd")
+        self.assertTrue(await r.receive("7", key="k3y"))
+        self.assertTrue(await s.send(f"127.0.0.1:{self.port}", "7", key="k3y", source="snapshot"))
+        status = await S.finished(r, "7")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        sent = await S.finished(s, "7")
+        self.assertEqual(set(status), STATUS_KEYS)
+        self.assertEqual((sent["Role"], status["Role"]), ("sender", "receiver"))
+        self.assertEqual(status["BytesDone"], status["BytesTotal"])
+        self.assertEqual(status["FilesDone"], status["FilesTotal"])
+        self.assertTrue(await r.completed("7") and await r.succeeded("7"))
+        self.assertTrue(await s.completed("7") and await s.succeeded("7"))
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+        sparse = os.stat(os.path.join(self.dst, "db1", "sparse.ibd"))
+        self.assertLess(sparse.st_blocks * 512, sparse.st_size // 2, "the sparse file was filled")
+        self.assertEqual(os.stat(os.path.join(self.dst, "hole_only")).st_blocks, 0)
+        self.assertEqual([n for n in os.listdir(self.base) if "orchagent" in n], [])
+        leftover = sorted(os.listdir(os.path.join(self.base, "r", "state", "seeds")))
+        self.assertEqual(leftover, ["7.json"])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.base, "r", "state")).st_mode), 0o700)
+
+    async def test_large_file_is_split_between_streams(self):
+        data = self.big_file(size=2_000_000)
+        r = self.receiver()
+        s = self.sender(seed_streams=3)
+        await r.receive("8")
+        await s.send(f"127.0.0.1:{self.port}", "8", source="datadir")
+        job = s.jobs["8"]
+        self.assertEqual((await S.finished(r, "8"))["State"], "completed")
+        used = [i for i, n in job.stream_bytes.items() if n]
+        self.assertGreaterEqual(len(used), 2, job.stream_bytes)
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def test_compression_shrinks_the_wire_and_auto_skips_loopback(self):
+        self.big_file(size=1_000_000, compressible=True)
+        counted = {}
+        original = frames.seal_chunk
+
+        def counting(*args, **kwargs):
+            result = original(*args, **kwargs)
+            counted.setdefault("wire", 0)
+            counted["wire"] += sum(len(p) for p in result[0])
+            return result
+
+        self.patch(frames, "seal_chunk", counting)
+        for seed, setting in (("c1", "zstd"), ("c2", "auto")):
+            counted["wire"] = 0
+            for name in os.listdir(self.dst):
+                os.unlink(os.path.join(self.dst, name))
+            r = self.receiver(name=f"r{seed}")
+            s = self.sender(name=f"s{seed}", seed_compression=setting)
+            await r.receive(seed)
+            await s.send(f"127.0.0.1:{self.port}", seed, source="datadir")
+            self.assertEqual((await S.finished(r, seed))["State"], "completed")
+            await r.stopService()
+            await s.stopService()
+            if setting == "zstd":
+                self.assertLess(counted["wire"], 100_000)
+            else:
+                self.assertGreater(counted["wire"], 1_000_000)
+
+    async def test_rate_limit_changes_during_the_seed(self):
+        self.big_file(size=1_200_000)
+        r = self.receiver()
+        s = self.sender(seed_rate_limit_bytes_per_sec=200_000)
+        await r.receive("9")
+        await s.send(f"127.0.0.1:{self.port}", "9", source="datadir")
+        await task.deferLater(reactor, 1.0, lambda: None)
+        status = await r.status("9")
+        self.assertEqual(status["State"], "running")
+        self.assertLess(status["BytesDone"], 600_000)
+        self.assertTrue(await s.set_rate_limit("9", 0))
+        started = reactor.seconds()
+        self.assertEqual((await S.finished(r, "9"))["State"], "completed")
+        self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_datadir_not_empty_is_kept_aside(self):
+        self.big_file(size=10_000)
+        with open(os.path.join(self.dst, "old.cnf"), "w") as fh:
+            fh.write("keep me")
+        r = self.receiver()
+        s = self.sender()
+        await r.receive("10")
+        await s.send(f"127.0.0.1:{self.port}", "10", source="datadir")
+        self.assertEqual((await S.finished(r, "10"))["State"], "completed")
+        self.assertEqual(sorted(os.listdir(self.dst)), ["big.ibd"])
+        aside = os.path.join(self.base, ".dst.orchagent-previous-10", "old.cnf")
+        with open(aside) as fh:
+            self.assertEqual(fh.read(), "keep me")
+
+    async def test_restarted_agent_still_reports_finished_seeds(self):
+        self.big_file(size=10_000)
+        r = self.receiver()
+        s = self.sender()
+        await r.receive("11")
+        await s.send(f"127.0.0.1:{self.port}", "11", source="datadir")
+        await S.finished(r, "11")
+        await r.stopService()
+        again = self.receiver()
+        self.assertTrue(await again.succeeded("11"))
+        self.assertEqual((await again.status("11"))["BytesTotal"], 10_000)
+
+
+class RefusalTests(SeedCase):
+    async def test_receive_refuses_while_mysql_runs(self):
+        r = self.receiver()
+        r.mysql.running = True
+        with self.assertRaises(Refused) as caught:
+            await r.receive("1")
+        self.assertIn("MySQL is running", caught.exception.message)
+        with self.assertRaises(NotFound):
+            await r.status("1")
+
+    async def test_send_sources(self):
+        s = self.sender()
+        with self.assertRaises(NotAvailable) as caught:
+            await s.send("127.0.0.1", "1", source="hot")
+        self.assertEqual(caught.exception.message, "hot seeds are not available yet")
+        s.snapshots.mount = S.Snapshots(self.src, mounted=False).mount
+        with self.assertRaises(Refused) as caught:
+            await s.send("127.0.0.1", "1", source="snapshot")
+        self.assertIn("no snapshot is mounted", caught.exception.message)
+        s.mysql.running = True
+        with self.assertRaises(Refused) as caught:
+            await s.send("127.0.0.1", "1", source="datadir")
+        self.assertIn("MySQL is running", caught.exception.message)
+
+    async def test_unknown_seed_is_not_found(self):
+        s = self.sender()
+        for call in (s.status, s.abort, s.completed, s.succeeded):
+            with self.assertRaises(NotFound) as caught:
+                await call("nope")
+            self.assertIn("no seed nope", caught.exception.message)
+        with self.assertRaises(NotFound):
+            await s.set_rate_limit("nope", 5)
+        self.assertEqual(s.all_status(), [])
+
+
+class AuthTests(SeedCase):
+    async def _refused(self, r, s, send_key=None, expect="refused"):
+        self.big_file(size=300_000)
+        before = S.snapshot_tree(self.dst)
+        await s.send(f"127.0.0.1:{self.port}", "5", key=send_key, source="datadir")
+        status = await S.finished(s, "5")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn(expect, status["Error"])
+        self.assert_untouched(before)
+        self.assertEqual((await r.status("5"))["BytesDone"], 0)
+        self.assertFalse(await r.completed("5"))
+        return status
+
+    async def test_wrong_key_writes_nothing(self):
+        r = self.receiver()
+        await r.receive("5", key="right")
+        await self._refused(r, self.sender(), send_key="wrong", expect="wrong key for seed 5")
+
+    async def test_missing_key_writes_nothing(self):
+        r = self.receiver()
+        await r.receive("5", key="right")
+        await self._refused(r, self.sender(), expect="needs a key")
+
+    async def test_peer_outside_allowed_networks_writes_nothing(self):
+        r = self.receiver(seed_allowed_networks=["192.0.2.0/24"])
+        await r.receive("5")
+        await self._refused(r, self.sender(), expect="127.0.0.1 is not in SeedAllowedNetworks")
+
+    def _issue(self, ca: TestCA, name: str):
+        """A certificate usable as TLS server and client (no EKU restriction)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        import ipaddress
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca.certificate.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                    critical=False)
+                .sign(ca.key, hashes.SHA256()))
+        cert_path = os.path.join(ca.directory, f"{name}.pem")
+        key_path = os.path.join(ca.directory, f"{name}.key")
+        with open(cert_path, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(key_path, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        return {"seed_tls_cert_file": cert_path, "seed_tls_key_file": key_path,
+                "seed_tls_ca_file": ca.cert_path}
+
+    async def test_mutual_tls(self):
+        ca = TestCA(os.path.join(self.base, "ca"))
+        data = self.big_file(size=500_000)
+        r = self.receiver(**self._issue(ca, "r"))
+        s = self.sender(**self._issue(ca, "s"))
+        await r.receive("6")
+        await s.send(f"127.0.0.1:{self.port}", "6", source="datadir")
+        self.assertEqual((await S.finished(r, "6"))["State"], "completed")
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def test_certificate_from_another_ca_writes_nothing(self):
+        ca = TestCA(os.path.join(self.base, "ca"))
+        other = TestCA(os.path.join(self.base, "other"), name="someone else")
+        r = self.receiver(**self._issue(ca, "r"))
+        await r.receive("5")
+        await self._refused(r, self.sender(**self._issue(other, "s")), expect="")
+
+    async def test_garbage_and_unknown_seeds_are_refused(self):
+        r = self.receiver()
+        await r.receive("5", key="k")
+        replies = []
+
+        class Client(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(self.factory.payload)
+
+            def dataReceived(self, data):
+                replies.append(data)
+
+            def connectionLost(self, reason):
+                self.factory.done.callback(None)
+
+        for payload in (b"GET / HTTP/1.0\r\n\r\n" * 3,
+                        frames.seal_json(FrameType.HELLO, {"proto": "orchagent-seed/1", "seed": "99",
+                                                           "session": "x", "role": "control",
+                                                           "index": 0, "nonce": "00" * 16,
+                                                           "keyed": True})):
+            factory = protocol.ClientFactory.forProtocol(Client)
+            factory.payload, factory.done = payload, defer.Deferred()
+            reactor.connectTCP("127.0.0.1", self.port, factory)
+            await factory.done
+        rejected = frames.open_json(next(frames.iter_frames([replies[-1]])))
+        self.assertIn("not receiving seed 99", rejected["message"])
+        self.assertEqual((await r.status("5"))["State"], "pending")
+        self.assertEqual(os.listdir(self.dst), [])
+
+
+class FlippingProxy(protocol.Protocol):
+    """Forwards to the receiver, flipping the byte at ``flip_at`` of each client stream
+    (only in the first ``times`` connections)."""
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+        self.seen = 0
+        self.factory.count += 1
+        self.flip = self.factory.count <= self.factory.times
+        self.peer = None
+        client = protocol.ClientCreator(reactor, _Back, self)
+        client.connectTCP("127.0.0.1", self.factory.target).addCallback(self._connected)
+
+    def _connected(self, back):
+        self.peer = back
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data):
+        if self.flip and self.seen <= self.factory.flip_at < self.seen + len(data):
+            data = bytearray(data)
+            data[self.factory.flip_at - self.seen] ^= 0x40
+            data = bytes(data)
+            self.factory.flipped += 1
+        self.seen += len(data)
+        self.peer.transport.write(data)
+
+    def connectionLost(self, reason):
+        if self.peer is not None:
+            self.peer.transport.loseConnection()
+
+
+class _Back(protocol.Protocol):
+    def __init__(self, front):
+        self.front = front
+
+    def dataReceived(self, data):
+        self.front.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.front.transport.loseConnection()
+
+
+class FailureTests(SeedCase):
+    def proxy(self, times: int, flip_at: int = 4000) -> int:
+        factory = protocol.Factory.forProtocol(FlippingProxy)
+        factory.target, factory.count, factory.times = self.port, 0, times
+        factory.flip_at, factory.flipped = flip_at, 0
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.proxy_factory = factory
+        return port.getHost().port
+
+    async def test_flipped_byte_is_sent_again(self):
+        data = self.big_file(size=600_000)
+        proxy_port = self.proxy(times=1)
+        r = self.receiver()
+        s = self.sender(seed_streams=1)
+        await r.receive("3", key="k")
+        await s.send(f"127.0.0.1:{proxy_port}", "3", key="k", source="datadir")
+        status = await S.finished(r, "3")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(self.proxy_factory.flipped, 1)
+        self.assertGreaterEqual(status["Resumes"], 1)
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def test_chunk_that_keeps_failing_fails_the_seed_naming_it(self):
+        self.big_file(size=600_000)
+        before = S.snapshot_tree(self.dst)
+        proxy_port = self.proxy(times=100)
+        r = self.receiver()
+        s = self.sender(seed_streams=1)
+        await r.receive("4", key="k")
+        await s.send(f"127.0.0.1:{proxy_port}", "4", key="k", source="datadir")
+        status = await S.finished(r, "4")
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], r"big\.ibd at offset \d+ failed verification 3 times")
+        sent = await S.finished(s, "4")
+        self.assertEqual(sent["State"], "failed")
+        self.assertIn("failed verification", sent["Error"])
+        await r.stopService()
+        self.assert_untouched(before)
+
+    async def test_sender_killed_mid_stream_resumes_where_it_stopped(self):
+        total = 1_500_000
+        data = self.big_file(size=total)
+        r = self.receiver()
+        s = self.sender(seed_streams=2, seed_rate_limit_bytes_per_sec=800_000)
+        await r.receive("12", key="k")
+        await s.send(f"127.0.0.1:{self.port}", "12", key="k", source="datadir")
+        await S.wait_for(lambda: r.records["12"].bytes_done > 400_000)
+        sent_before = s.jobs["12"].bytes_sent
+        await s.stopService()
+        await r.jobs["12"].drain()
+        have = r.records["12"].bytes_done
+        self.assertLess(have, total)
+        # The same agent comes back (same state dir) and picks the seed up by itself.
+        again = self.sender(seed_streams=2)
+        await again.set_rate_limit("12", 0)
+        job = again.jobs["12"]
+        status = await S.finished(r, "12")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertEqual(job.bytes_sent, total - have)
+        self.assertLessEqual(sent_before - have, 2 * CHUNK, "more than a chunk per stream was lost")
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def test_receiver_restart_resumes_from_its_journal(self):
+        total = 1_500_000
+        data = self.big_file(size=total)
+        r = self.receiver()
+        s = self.sender(seed_streams=2, seed_rate_limit_bytes_per_sec=800_000)
+        await r.receive("13")
+        await s.send(f"127.0.0.1:{self.port}", "13", source="datadir")
+        await S.wait_for(lambda: r.records["13"].bytes_done > 400_000)
+        await r.stopService()
+        have = r.records["13"].bytes_done
+        job = s.jobs["13"]
+        again = self.receiver()
+        await s.set_rate_limit("13", 0)
+        status = await S.finished(again, "13")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertEqual((await S.finished(s, "13"))["State"], "completed")
+        # The restarted receiver re-checked its journal against the staged bytes and
+        # offered all of them: the last session only sent the rest.
+        self.assertEqual(job.have_at_ready, have)
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def _abort(self, side: str):
+        self.big_file(size=1_500_000)
+        before = S.snapshot_tree(self.dst)
+        r = self.receiver()
+        s = self.sender(seed_rate_limit_bytes_per_sec=500_000)
+        await r.receive("14")
+        await s.send(f"127.0.0.1:{self.port}", "14", source="datadir")
+        await S.wait_for(lambda: r.records["14"].bytes_done > 100_000)
+        self.assertTrue(await (r if side == "receiver" else s).abort("14"))
+        mine = await S.finished(r if side == "receiver" else s, "14")
+        theirs = await S.finished(s if side == "receiver" else r, "14")
+        self.assertEqual(mine["State"], "aborted")
+        self.assertEqual(mine["Error"], "aborted through the API")
+        self.assertIn(theirs["State"], ("aborted", "failed"))
+        self.assertIn("aborted", theirs["Error"])
+        self.assertTrue(await r.completed("14"))
+        self.assertFalse(await r.succeeded("14"))
+        await S.wait_for(lambda: "14" not in r.jobs)
+        self.assert_untouched(before)
+
+    async def test_abort_at_the_receiver(self):
+        await self._abort("receiver")
+
+    async def test_abort_at_the_sender(self):
+        await self._abort("sender")
+
+
+class CommandModeTests(SeedCase):
+    def manager(self, **overrides):
+        manager = self.receiver(**overrides)
+        manager.runner = ProcessRunner(reactor)
+        return manager
+
+    async def test_receive_command_gets_datadir_and_port(self):
+        out = os.path.join(self.base, "args")
+        m = self.manager(receive_seed_data_command=f"printf '%s\\n' > {out}")
+        self.assertTrue(await m.receive("20"))
+        status = await S.finished(m, "20")
+        self.assertEqual(status["State"], "completed")
+        self.assertTrue(await m.succeeded("20"))
+        with open(out) as fh:
+            self.assertEqual(fh.read().split(), [self.dst, str(self.port)])
+
+    async def test_failing_send_command(self):
+        m = self.manager(send_seed_data_command="sh -c 'echo nope >&2; exit 3'")
+        await m.send("db2:4000", "21", source="snapshot")
+        status = await S.finished(m, "21")
+        self.assertEqual(status["State"], "failed")
+        self.assertFalse(await m.succeeded("21"))
+        self.assertIn("exited with status 3: nope", status["Error"])
+
+    async def test_abort_stops_the_command(self):
+        pidfile = os.path.join(self.base, "pid")
+        m = self.manager(receive_seed_data_command=f"echo $$ > {pidfile}; exec sleep 30 #")
+        await m.receive("22")
+        await S.wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip())
+        pid = int(open(pidfile).read())
+        await m.abort("22")
+        self.assertEqual((await m.status("22"))["State"], "aborted")
+        await S.wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                         open(f"/proc/{pid}/stat").read().split()[2] == "Z", timeout=10)
