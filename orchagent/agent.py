@@ -34,6 +34,8 @@ class Agent:
     #: Called with each request; raises AccessDenied when the client certificate's OU is
     #: not accepted (mutual TLS), else does nothing.
     tls_guard: Callable[[Any], None] = lambda request: None
+    #: orchagent.backups.Backups: mariabackup/xtrabackup backups as seed sources.
+    backups: Any = None
 
 
 def local_hostname(config: Config) -> str:
@@ -45,6 +47,7 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
                 token: Token | None = None, http_client=None, **replace) -> Agent:
     """Build every component; ``replace`` swaps any of them by field name (tests)."""
     from orchagent.api.tls import make_ou_guard
+    from orchagent.backups import Backups
     from orchagent.host.binlogs import MySQLLogs
     from orchagent.host.facts import MySQLHost
     from orchagent.host.service import MySQLService
@@ -67,14 +70,17 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
     service = part("service", lambda: MySQLService(config, runner))
     host = part("host", lambda: MySQLHost(config, runner, reactor, service))
     binlogs = part("binlogs", lambda: MySQLLogs(config, runner, reactor, host))
-    snapshots = part("snapshots", lambda: build_backend(config, runner, reactor, host, service))
+    backups = part("backups", lambda: Backups(config, runner, reactor, host, service))
+    snapshots = part("snapshots", lambda: build_backend(config, runner, reactor, host, service,
+                                                        backups=backups))
     snapshot_hosts = part("snapshot_hosts", lambda: SnapshotHosts(config, runner))
-    seeds = part("seeds", lambda: SeedManager(config, reactor, runner, host, service, snapshots))
+    seeds = part("seeds", lambda: SeedManager(config, reactor, runner, host, service, snapshots,
+                                              hot=getattr(backups, "hot", None)))
     registration = part("registration", lambda: Registration(
         config, reactor, hostname, token, http_client=http_client))
     return Agent(
         config=config, reactor=reactor, runner=runner, hostname=hostname, token=token,
         service=service, host=host, binlogs=binlogs, snapshots=snapshots,
         snapshot_hosts=snapshot_hosts, seeds=seeds, registration=registration,
-        tls_guard=part("tls_guard", lambda: make_ou_guard(config)),
+        tls_guard=part("tls_guard", lambda: make_ou_guard(config)), backups=backups,
     )

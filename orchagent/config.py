@@ -106,8 +106,8 @@ FIELDS: tuple[Field, ...] = (
     _f("SeedTLSCAFile", "seed_tls_ca_file", str, "", "CA that signs the peer agents' seed certificates.", ours=True),
     _f("MetricsOpen", "metrics_open", bool, False, "Serve /metrics without token.", ours=True),
     _f("LogFormat", "log_format", str, "text", "text or json (JSON lines).", ours=True),
-    _f("BackupDirectories", "backup_directories", list, [], "Directories holding mariabackup/xtrabackup backups.", ours=True, item=str),
-    _f("HotBackupCommand", "hot_backup_command", str, "", "Command streaming a hot backup; empty = mariabackup or xtrabackup.", ours=True),
+    _f("BackupDirectories", "backup_directories", list, [], "Directories whose subdirectories holding a mariabackup/xtrabackup backup serve as snapshots.", ours=True, item=str),
+    _f("HotBackupCommand", "hot_backup_command", str, "", "Shell command writing a hot backup into the directory given as its argument; empty = mariabackup or xtrabackup --backup --target-dir.", ours=True),
 )
 
 _BY_KEY = {f.key: f for f in FIELDS}

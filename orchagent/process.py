@@ -183,7 +183,12 @@ class ProcessRunner:
 
         # Cancelling the returned Deferred stops the command (SIGTERM, then SIGKILL).
         outer = defer.Deferred(lambda _: killer.stop())
-        proto.ended.addCallback(finished).chainDeferred(outer)
+
+        def forward(result):
+            if not outer.called:
+                outer.callback(result)
+
+        proto.ended.addCallback(finished).addBoth(forward)
         return outer
 
     def stop_all(self) -> None:

@@ -21,6 +21,7 @@ from orchagent.host.facts import MySQLHost
 from orchagent.host.mysql_options import ServerOptions
 from orchagent.host.service import MySQLService
 from orchagent.process import ProcessRunner
+from tests.support.fakes import FakeRunner
 from tests.support.mariadb import MariaDB
 
 
@@ -82,6 +83,38 @@ class FactsTests(unittest.TestCase):
             host = make_host(self.db, mysql_port_command=command)
             e = await self.assertFailure(defer.ensureDeferred(host.port()), NotAvailable)
             self.assertIn("not a TCP port", e.message)
+
+
+class VersionGroupTests(unittest.TestCase):
+    """``[mariadb-X.Y]`` groups count for the installed version only."""
+
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    async def test_the_installed_versions_group_counts(self):
+        db = MariaDB.create(self)
+        version = ".".join(server_variable(db, "version").split(".")[:2])
+        path = self.write(f"!include {db.option_file}\n[mariadb-{version}]\nport=4444\n"
+                          "[mariadb-9.9]\nport=9999\n")
+        self.assertEqual(await make_host(db, mysql_options_file=path).port(), 4444)
+        path = self.write(f"!include {db.option_file}\n[mariadb-9.9]\nport=9999\n")
+        self.assertEqual(await make_host(db, mysql_options_file=path).port(), db.port)
+
+    async def test_the_version_is_asked_only_when_needed(self):
+        runner = FakeRunner(self)
+        plain = self.write("[mysqld]\nport=3310\n")
+        host = MySQLHost(Config(mysql_options_file=plain), runner, reactor, None)
+        self.assertEqual(await host.port(), 3310)
+        self.assertEqual(runner.calls, [])
+        runner.expect(["mariadbd", "--version"], stdout="mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu\n")
+        versioned = self.write("[mysqld]\nport=3310\n[mysqld-10.11]\nport=3311\n")
+        host = MySQLHost(Config(mysql_options_file=versioned), runner, reactor, None)
+        self.assertEqual(await host.port(), 3311)
+        self.assertEqual(await host.port(), 3311)
+        self.assertEqual(len(runner.calls), 1)
 
 
 class DefaultNamesTests(unittest.TestCase):

@@ -180,7 +180,7 @@ class RefusalTests(SeedCase):
         s = self.sender()
         with self.assertRaises(NotAvailable) as caught:
             await s.send("127.0.0.1", "1", source="hot")
-        self.assertEqual(caught.exception.message, "hot seeds are not available yet")
+        self.assertIn("hot seeds are not available", caught.exception.message)
         s.snapshots.mount = S.Snapshots(self.src, mounted=False).mount
         with self.assertRaises(Refused) as caught:
             await s.send("127.0.0.1", "1", source="snapshot")
@@ -313,7 +313,8 @@ class FlippingProxy(protocol.Protocol):
         self.flip = self.factory.count <= self.factory.times
         self.peer = None
         client = protocol.ClientCreator(reactor, _Back, self)
-        client.connectTCP("127.0.0.1", self.factory.target).addCallback(self._connected)
+        client.connectTCP("127.0.0.1", self.factory.target).addCallbacks(
+            self._connected, lambda failure: self.transport.loseConnection())
 
     def _connected(self, back):
         self.peer = back

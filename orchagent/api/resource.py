@@ -223,6 +223,12 @@ class AgentAPI:
         name = params.volume_name(params.query(request, "lv"))
         return self._json(request, bool(await self.agent.snapshots.restore(name)))
 
+    @app.route("/api/backups", methods=["GET"])
+    async def backups(self, request):
+        """mariabackup/xtrabackup backups of BackupDirectories, newest first (orchagent's)."""
+        self._guard(request)
+        return self._json(request, [b.to_json() for b in await self.agent.backups.list()])
+
     @app.route("/api/available-snapshots-local", methods=["GET"])
     async def available_snapshots_local(self, request):
         self._guard(request)

@@ -33,7 +33,7 @@ from twisted.internet import threads
 
 from orchagent.errors import AgentError, NotAvailable, Refused
 from orchagent.host import diskusage
-from orchagent.host.mysql_options import ServerOptions, load_server_options
+from orchagent.host.mysql_options import ServerOptions, has_versioned_groups, load_server_options
 
 DEFAULT_DATADIR = "/var/lib/mysql"
 DEFAULT_PORT = 3306
@@ -80,26 +80,36 @@ class MySQLHost:
         self.service = service
         #: The host name the server derives default file names from (``gethostname()``).
         self.hostname = hostname or socket.gethostname()
-        self._version: list[str | None] = []
+        self._version: str | None = None
+        self._version_known = False
 
     # --- configuration ---------------------------------------------------------------
 
     async def server_version(self) -> str | None:
         """``X.Y`` of the installed server (for ``[mysqld-X.Y]`` groups), None if unknown."""
-        if not self._version:
-            version = None
+        if not self._version_known:
             for program in ("mariadbd", "mysqld"):
                 result = await self.runner.run([program, "--version"], check=False, timeout=30)
                 match = re.search(rb"\bVer\s+(\d+\.\d+)", result.stdout)
                 if result.exit_code == 0 and match:
-                    version = match.group(1).decode()
+                    self._version = match.group(1).decode()
                     break
-            self._version.append(version)
-        return self._version[0]
+            self._version_known = True
+        return self._version
 
     async def options(self) -> ServerOptions:
-        """The server's option-file settings (small local files: read inline)."""
-        return load_server_options(self.config.mysql_options_file, await self.server_version())
+        """The server's option-file settings (small local files: read inline).
+
+        The server binary is asked for its version only when the files have
+        version-specific groups such as ``[mariadb-10.11]``.
+        """
+        groups: set[str] = set()
+        options = load_server_options(self.config.mysql_options_file, None, groups)
+        if has_versioned_groups(groups):
+            version = await self.server_version()
+            if version:
+                options = load_server_options(self.config.mysql_options_file, version)
+        return options
 
     async def _command_output(self, command: str, key: str) -> str:
         result = await self.runner.shell(command)
@@ -140,7 +150,7 @@ class MySQLHost:
 
     async def pid_file_path(self, options: ServerOptions | None = None, datadir: str | None = None) -> str:
         """Where the server writes its pid; every default log name starts from it."""
-        options = options or await self.options()
+        options = options if options is not None else await self.options()
         datadir = datadir or await self.datadir()
         value = options.value("pid_file")
         if value:
@@ -150,7 +160,7 @@ class MySQLHost:
 
     async def default_log_stem(self, options: ServerOptions | None = None, datadir: str | None = None) -> str:
         """``<datadir>/<pid file name without extension>``: the base of default log names."""
-        options = options or await self.options()
+        options = options if options is not None else await self.options()
         datadir = datadir or await self.datadir()
         pid_file = await self.pid_file_path(options, datadir)
         name = os.path.basename(pid_file)

@@ -20,7 +20,8 @@ of MariaDB 10.11 (the tests compare with ``my_print_defaults``):
 
 The server groups are ``mysqld``, ``server``, ``mariadb``, ``mariadbd``, ``client-server``,
 ``galera``, and ``mysqld-X.Y`` / ``mariadb-X.Y`` / ``mariadbd-X.Y`` for the installed server
-version X.Y when it is known.
+version X.Y when it is known (the caller asks the server binary only when the files have
+such groups: see :func:`has_versioned_groups`).
 
 Option files are a few small local files; reading them is quick enough to do inline,
 on the reactor thread, every time a value is needed (so an edited my.cnf counts at once).
@@ -41,6 +42,7 @@ DEFAULT_OPTION_FILES = ("/etc/mysql/my.cnf", "/etc/my.cnf")
 
 SERVER_GROUPS = ("mysqld", "server", "mariadb", "mariadbd", "client-server", "galera")
 _VERSIONED_GROUPS = ("mysqld", "mariadb", "mariadbd")
+_VERSIONED_GROUP = re.compile(r"^(mysqld|mariadb|mariadbd)-[0-9]+\.[0-9]+$")
 _MAX_INCLUDE_DEPTH = 10
 _DIRECTIVE = re.compile(r"^!(includedir|include)\s+(\S.*?)\s*$")
 _ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "r": "\r", "\\": "\\", "s": " ", '"': '"', "'": "'"}
@@ -74,24 +76,28 @@ def normalize(name: str) -> str:
     return name.replace("-", "_")
 
 
-def read_options(paths: Sequence[str], groups: Iterable[str], required: bool = False) -> list[Option]:
+def read_options(paths: Sequence[str], groups: Iterable[str], required: bool = False,
+                 seen_groups: set[str] | None = None) -> list[Option]:
     """All options of ``groups`` in ``paths`` (and their includes), in the server's order.
 
     A listed file that does not exist is skipped, unless ``required`` (the operator named
-    it in MySQLOptionsFile: then it must exist).
+    it in MySQLOptionsFile: then it must exist).  ``seen_groups``, when given, receives
+    the name of every group the files have.
     """
     wanted = {g.lower() for g in groups}
     options: list[Option] = []
+    seen_groups = set() if seen_groups is None else seen_groups
     for path in paths:
         if not os.path.exists(path):
             if required:
                 raise OptionFileError(f"MySQL option file {path} does not exist")
             continue
-        _read_file(path, wanted, options, depth=0, seen=())
+        _read_file(path, wanted, options, 0, (), seen_groups)
     return options
 
 
-def _read_file(path: str, wanted: set[str], out: list[Option], depth: int, seen: tuple) -> None:
+def _read_file(path: str, wanted: set[str], out: list[Option], depth: int, seen: tuple,
+               groups_seen: set[str]) -> None:
     if depth > _MAX_INCLUDE_DEPTH or path in seen:
         raise OptionFileError(f"MySQL option file {path}: includes nested too deep (or in a loop)")
     try:
@@ -111,13 +117,14 @@ def _read_file(path: str, wanted: set[str], out: list[Option], depth: int, seen:
         if not line or line[0] in "#;":
             continue
         if line[0] == "!":
-            _directive(line, where, wanted, out, depth, seen + (path,))
+            _directive(line, where, wanted, out, depth, seen + (path,), groups_seen)
             continue
         if line[0] == "[":
             end = line.find("]")
             if end < 0:
                 raise OptionFileError(f"wrong group definition in MySQL option file at {where}")
             group = line[1:end].rstrip().lower()
+            groups_seen.add(group)
             continue
         if group is None:
             raise OptionFileError(f"option without a preceding group in MySQL option file at {where}")
@@ -128,20 +135,20 @@ def _read_file(path: str, wanted: set[str], out: list[Option], depth: int, seen:
             out.append(option)
 
 
-def _directive(line: str, where: str, wanted, out, depth, seen) -> None:
+def _directive(line: str, where: str, wanted, out, depth, seen, groups_seen) -> None:
     match = _DIRECTIVE.match(line)
     if match is None:
         raise OptionFileError(f"unknown directive in MySQL option file at {where}: {line.strip()!r}")
     word, target = match.group(1), os.path.join("/", match.group(2))
     if word == "include":
-        _read_file(target, wanted, out, depth + 1, seen)
+        _read_file(target, wanted, out, depth + 1, seen, groups_seen)
         return
     try:
         names = sorted(n for n in os.listdir(target) if n.endswith(".cnf"))
     except OSError as e:
         raise OptionFileError(f"cannot read directory {target} named by !includedir at {where}: {e.strerror}") from e
     for name in names:
-        _read_file(os.path.join(target, name), wanted, out, depth + 1, seen)
+        _read_file(os.path.join(target, name), wanted, out, depth + 1, seen, groups_seen)
 
 
 def _remove_comment(line: str) -> str:
@@ -222,12 +229,21 @@ class ServerOptions:
         return ", ".join(self.files) or "no option files"
 
 
-def load_server_options(options_file: str = "", version: str | None = None) -> ServerOptions:
-    """The server's options: from ``options_file`` when given, else the default files."""
+def option_files(options_file: str = "") -> tuple[tuple[str, ...], bool]:
+    """The files to read and whether they must exist: MySQLOptionsFile, else the defaults."""
     if options_file:
-        files: Sequence[str] = (options_file,)
-        options = read_options(files, server_groups(version), required=True)
-    else:
-        files = tuple(p for p in DEFAULT_OPTION_FILES if os.path.exists(p))
-        options = read_options(files, server_groups(version))
+        return (options_file,), True
+    return tuple(p for p in DEFAULT_OPTION_FILES if os.path.exists(p)), False
+
+
+def load_server_options(options_file: str = "", version: str | None = None,
+                        seen_groups: set[str] | None = None) -> ServerOptions:
+    """The server's options: from ``options_file`` when given, else the default files."""
+    files, required = option_files(options_file)
+    options = read_options(files, server_groups(version), required, seen_groups)
     return ServerOptions(options, files)
+
+
+def has_versioned_groups(groups: Iterable[str]) -> bool:
+    """Whether any of ``groups`` is a ``[mysqld-X.Y]``-style group (needs the version)."""
+    return any(_VERSIONED_GROUP.match(g) for g in groups)

@@ -47,7 +47,7 @@ class SeedManager(service.Service):
     name = "seeds"
 
     def __init__(self, config, reactor, runner, host, service_, snapshots, clock=None,
-                 chunk_size: int = tree.DEFAULT_CHUNK):
+                 chunk_size: int = tree.DEFAULT_CHUNK, hot=None):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
@@ -55,6 +55,8 @@ class SeedManager(service.Service):
         self.host = host
         self.mysql = service_
         self.snapshots = snapshots
+        #: orchagent.backups.hot.HotSeeds: makes the source of ``source=hot`` seeds.
+        self.hot = hot
         self.chunk_size = chunk_size
         self.store = state.StateStore(config.state_dir)
         self.networks = auth.parse_networks(config.seed_allowed_networks)
@@ -85,6 +87,8 @@ class SeedManager(service.Service):
         for record in list(self.records.values()):
             if not record.terminal:
                 self._resume_after_restart(record)
+        if self.hot is not None:
+            self.hot.adopt(self)
 
     async def _stop(self) -> None:
         for job in list(self.jobs.values()):
@@ -279,7 +283,9 @@ class SeedManager(service.Service):
             raise Refused(f"seed {seed_id} is already active on this host as {job.record.role}")
         host, port = self._parse_target(target)
         if source == "hot":
-            raise NotAvailable("hot seeds are not available yet")
+            if self.hot is None:
+                raise NotAvailable("hot seeds are not available on this agent")
+            return await self.hot.send(self, seed_id, target, host, port, key)
         if source == "snapshot":
             mount = await self.snapshots.mount_state()
             if not mount.is_mounted:

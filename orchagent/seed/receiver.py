@@ -40,6 +40,10 @@ MAX_CHUNK_FAILURES = 3
 #: Socket read size: larger reads than Twisted's 64 KiB cost less per byte; larger
 #: still cost memory (each read is a fresh buffer) for little gain.
 READ_SIZE = 256 << 10
+#: Seconds a new connection has to complete the handshake.
+HANDSHAKE_TIMEOUT = 30
+#: Seconds the sender has to close a stream after our last frame.
+LINGER = 10
 
 
 class ReceiverStream(protocol.Protocol):
@@ -57,6 +61,8 @@ class ReceiverStream(protocol.Protocol):
         self.paused = False
         self.closed = False
         self.batch: list = []
+        self.timer = None
+        self.lingering = False
 
     def connectionMade(self):
         transport = getattr(self.transport, "transport", self.transport)
@@ -65,9 +71,11 @@ class ReceiverStream(protocol.Protocol):
         self.peer = self.transport.getPeer().host
         self.handshake = ServerHandshake(self.manager.admission, self.peer)
         self.manager.streams.add(self)
+        self.timer = self.manager.clock.callLater(HANDSHAKE_TIMEOUT, self.fail,
+                                                  "no handshake within the time limit")
 
     def dataReceived(self, data):
-        if self.closed:
+        if self.closed or self.lingering:
             return
         try:
             for frame in self.splitter.feed(data):
@@ -96,6 +104,7 @@ class ReceiverStream(protocol.Protocol):
         job.attach(self, hello)
         self.job, self.role, self.session = job, hello["role"], hello["session"]
         self.key = self.handshake.key
+        self._stop_timer()
         self.transport.write(self.handshake.accept())
 
     def send_frame(self, data: bytes) -> None:
@@ -104,8 +113,22 @@ class ReceiverStream(protocol.Protocol):
 
     def reject(self, message: str) -> None:
         log.warn("seed connection from {peer} refused: {message}", peer=self.peer, message=message)
-        self.send_frame(reject_frame(message))
-        self.close()
+        self.last_word(reject_frame(message))
+
+    def last_word(self, data: bytes | None = None) -> None:
+        """Send a final frame and let the sender close: closing with its unread data in
+        our socket would reset the connection and could destroy that frame in flight.
+        Whatever still arrives is ignored; after LINGER seconds the connection is cut."""
+        if self.closed or self.lingering:
+            return
+        self.lingering = True
+        if data:
+            self.transport.write(data)
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+        self._stop_timer()
+        self.timer = self.manager.clock.callLater(LINGER, self.close, True)
 
     def fail(self, message: str) -> None:
         log.warn("seed stream from {peer} broken: {message}", peer=self.peer, message=message)
@@ -130,8 +153,14 @@ class ReceiverStream(protocol.Protocol):
             self.paused = False
             self.transport.resumeProducing()
 
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
     def connectionLost(self, reason=protocol.connectionDone):
         self.closed = True
+        self._stop_timer()
         self.manager.streams.discard(self)
         if self.job is not None:
             self.job.stream_lost(self)
@@ -506,9 +535,9 @@ class ReceiveJob:
                  seed=self.seed_id, bytes=table.bytes_total, files=len(table.files),
                  datadir=record.datadir)
         if self.control is not None:
-            self.control.send_frame(frames.seal_json(FrameType.RESULT, {"ok": True}, self.control.key))
+            self.control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.control.key))
         for stream in list(self.streams):
-            stream.close()
+            stream.last_word()
         self._settle()
 
     def _finalize_failed(self, failure) -> None:
@@ -533,11 +562,11 @@ class ReceiveJob:
         else:
             log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
         if self.control is not None:
-            self.control.send_frame(frames.seal_json(
+            self.control.last_word(frames.seal_json(
                 FrameType.RESULT, {"ok": False, "message": message, "state": final_state},
                 self.control.key))
         for stream in list(self.streams):
-            stream.close()
+            stream.last_word()
         self.streams.clear()
         self.manager.touch(record, force=True)
         return defer.ensureDeferred(self._cleanup())

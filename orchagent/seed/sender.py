@@ -47,6 +47,8 @@ BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 256
 MANIFEST_BATCH = 4096
 CONNECT_TIMEOUT = 10
+#: Seconds a connected stream may take to finish its handshake.
+HANDSHAKE_TIMEOUT = 30
 #: Sessions in a row that fail without progress before the seed fails.
 MAX_ATTEMPTS = 6
 BACKOFF_FIRST = 0.5
@@ -72,9 +74,18 @@ class SenderStream(protocol.Protocol):
         self.closed = False
         self.lost = defer.Deferred()
         self.accepted = defer.Deferred()
+        self.connecting: defer.Deferred | None = None
 
     def connectionMade(self):
+        if self.closed:
+            self.transport.abortConnection()
+            return
+        self.timer = self.job.manager.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         self.transport.write(self.handshake.hello())
+
+    def _handshake_timeout(self):
+        self.timer = None
+        self.job.broken(self, f"the receiver did not complete the handshake in {HANDSHAKE_TIMEOUT}s")
 
     def dataReceived(self, data):
         try:
@@ -86,14 +97,19 @@ class SenderStream(protocol.Protocol):
                     if reply is not None:
                         self.transport.write(reply)
                     else:
+                        if self.timer is not None and self.timer.active():
+                            self.timer.cancel()
+                        self.timer = None
                         self.key = self.handshake.key
                         self.transport.registerProducer(self, True)
                         self.accepted.callback(self)
                 else:
                     self.job.frame(self, frame)
         except Rejected as e:
+            self.close()
             self.job.rejected(self, str(e))
         except ProtocolError as e:
+            self.close(abort=True)
             self.job.broken(self, f"protocol error from the receiver: {e}")
 
     def connectionLost(self, reason=protocol.connectionDone):
@@ -103,7 +119,8 @@ class SenderStream(protocol.Protocol):
         if not self.accepted.called:
             self.accepted.errback(reason)
         self.job.stream_lost(self, reason)
-        self.lost.callback(None)
+        if not self.lost.called:
+            self.lost.callback(None)
 
     def close(self, abort: bool = False) -> None:
         if self.closed:
@@ -111,6 +128,13 @@ class SenderStream(protocol.Protocol):
         self.closed = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
+        if self.transport is None:
+            # Still connecting: stop trying; nothing to wait for.
+            if self.connecting is not None:
+                self.connecting.cancel()
+            if not self.lost.called:
+                self.lost.callback(None)
+            return
         if abort:
             self.transport.abortConnection()
         else:
@@ -246,7 +270,8 @@ class SendJob:
         stream = SenderStream(self, "control", 0)
         self.streams = [stream]
         self.control = stream
-        await endpoints.connectProtocol(self._endpoint(), stream)
+        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
+        await stream.connecting
         await stream.accepted
         if session != self.session:
             return
@@ -323,7 +348,8 @@ class SendJob:
     async def _open_data(self, session: str, index: int) -> None:
         stream = SenderStream(self, "data", index)
         self.streams.append(stream)
-        await endpoints.connectProtocol(self._endpoint(), stream)
+        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
+        await stream.connecting
         await stream.accepted
         if session == self.session:
             self.pump(stream)

@@ -28,11 +28,14 @@ class Snapshots:
     """The snapshot backend as the rest of the agent sees it."""
 
     def __init__(self, config: Any, runner: ICommandRunner, backends: dict[str, Any],
-                 detect: Callable[[], Awaitable[str]]):
+                 detect: Callable[[], Awaitable[str]], backups: Any = None):
         self.config = config
         self.runner = runner
         self.backends = backends
         self.detect = detect
+        #: orchagent.backups.Backups: backups are listed with the snapshots, and a name
+        #: that is a backup's goes to it (a backup wins over a snapshot of the same name).
+        self.backups = backups
         self.lock = DeferredLock()
         self.chosen = None if config.snapshot_backend == "auto" else backends[config.snapshot_backend]
 
@@ -47,16 +50,31 @@ class Snapshots:
             self.chosen = self.backends[name]
         return self.chosen
 
+    async def _backup(self, name: str):
+        return await self.backups.find(name) if self.backups is not None else None
+
     async def list_volumes(self, pattern: str = "") -> list[LogicalVolume]:
-        return await (await self.backend()).list_volumes(pattern)
+        volumes = await (await self.backend()).list_volumes(pattern)
+        if self.backups is not None:
+            volumes += await self.backups.volumes(pattern)
+        return volumes
 
     async def list_snapshots(self) -> list[LogicalVolume]:
-        return await (await self.backend()).list_snapshots()
+        snapshots = await (await self.backend()).list_snapshots()
+        if self.backups is None:
+            return snapshots
+        merged = snapshots + await self.backups.snapshot_volumes()
+        return sorted(merged, key=lambda v: (v.created_at or 0.0, v.name), reverse=True)
 
     async def get_volume(self, name: str) -> LogicalVolume:
+        backup = await self._backup(name)
+        if backup is not None:
+            return backup.as_volume()
         return await (await self.backend()).get_volume(name)
 
     async def mount_state(self) -> Mount:
+        if self.backups is not None and self.backups.mounted() is not None:
+            return await self.backups.mount_state()
         return await (await self.backend()).mount_state()
 
     async def create_snapshot(self) -> bool:
@@ -70,23 +88,31 @@ class Snapshots:
 
     async def mount(self, name: str) -> Mount:
         async with self.lock:
+            if await self._backup(name) is not None:
+                return await self.backups.mount(name)
             return await (await self.backend()).mount(name)
 
     async def unmount(self) -> Mount:
         async with self.lock:
+            if self.backups is not None and self.backups.mounted() is not None:
+                return await self.backups.unmount()
             return await (await self.backend()).unmount()
 
     async def remove(self, name: str) -> bool:
         async with self.lock:
+            if await self._backup(name) is not None:
+                return await self.backups.remove(name)
             return await (await self.backend()).remove(name)
 
     async def restore(self, name: str) -> bool:
         async with self.lock:
+            if await self._backup(name) is not None:
+                return await self.backups.restore(name)
             return await (await self.backend()).restore(name)
 
 
 def build_backend(config: Any, runner: ICommandRunner, reactor: Any, host: Any,
-                  service: Any) -> Snapshots:
+                  service: Any, backups: Any = None) -> Snapshots:
     """The agent's snapshot front, with every backend ready and ``auto`` detection."""
     from orchagent.snapshots.btrfs import BtrfsBackend
     from orchagent.snapshots.copy import CopyBackend
@@ -98,4 +124,5 @@ def build_backend(config: Any, runner: ICommandRunner, reactor: Any, host: Any,
         "btrfs": BtrfsBackend(config, runner, reactor, host, service),
         "copy": CopyBackend(config, runner, reactor, host, service),
     }
-    return Snapshots(config, runner, backends, lambda: detect_backend(host, backends["lvm"]))
+    return Snapshots(config, runner, backends, lambda: detect_backend(host, backends["lvm"]),
+                     backups=backups)

@@ -1,0 +1,161 @@
+"""Seeds onto real small file systems (loop devices): full disks, mount points, subvolumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from twisted.trial import unittest
+
+from orchagent.seed import sender
+from orchagent.seed.staging import Staging
+from tests import seed_support as S
+
+CHUNK = 256 * 1024
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class LoopFileSystemCase(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("loop devices and mounts need root")
+        for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed")
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        os.makedirs(self.src)
+        self.port = S.free_port()
+        self.patch(sender, "BACKOFF_FIRST", 0.05)
+
+    def loop_fs(self, kind: str = "ext4", size_mib: int = 64, *mkfs_args: str) -> str:
+        """A fresh file system of ``size_mib`` on a loop device, mounted; all undone at cleanup."""
+        image = os.path.join(self.base, f"{kind}.img")
+        mnt = os.path.join(self.base, f"{kind}-mnt")
+        os.makedirs(mnt)
+        with open(image, "wb") as fh:
+            fh.truncate(size_mib << 20)
+        if kind == "btrfs":
+            _run("mkfs.btrfs", "-q", "-f", *mkfs_args, image)
+        else:
+            _run("mkfs.ext4", "-q", "-F", *mkfs_args, image)
+        device = _run("losetup", "--find", "--show", image)
+        self.addCleanup(_run, "losetup", "-d", device)
+        _run("mount", device, mnt)
+        self.addCleanup(_run, "umount", mnt)
+        return mnt
+
+    def managers(self, datadir: str, **sender_overrides):
+        r = S.make_manager(self, os.path.join(self.base, "r"), datadir, self.port)
+        sender_overrides.setdefault("chunk_size", CHUNK)
+        s = S.make_manager(self, os.path.join(self.base, "s"), self.src, self.port,
+                           snapshot=self.src, **sender_overrides)
+        return r, s
+
+    def write(self, name: str, size: int) -> bytes:
+        data = os.urandom(size)
+        with open(os.path.join(self.src, name), "wb") as fh:
+            fh.write(data)
+        return data
+
+
+class FullDiskTests(LoopFileSystemCase):
+    async def test_seed_larger_than_the_disk_fails_fast_with_both_numbers(self):
+        mnt = self.loop_fs()
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        with open(os.path.join(datadir, "keep"), "w") as fh:
+            fh.write("old")
+        before = S.snapshot_tree(datadir)
+        self.write("big.ibd", 100 << 20)
+        r, s = self.managers(datadir)
+        await r.receive("1")
+        await s.send(f"127.0.0.1:{self.port}", "1", source="datadir")
+        status = await S.finished(r, "1")
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], r"not enough space for seed 1 in .*/mysql: it needs "
+                                          r"\d+ bytes, \d+ bytes are free")
+        self.assertEqual(status["BytesDone"], 0)
+        sent = await S.finished(s, "1")
+        self.assertIn("not enough space", sent["Error"])
+        self.assertEqual(s.jobs.get("1"), None)
+        self.assertEqual(S.snapshot_tree(datadir), before)
+        self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
+
+    async def test_disk_filling_up_during_the_seed_fails_cleanly(self):
+        mnt = self.loop_fs()
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        with open(os.path.join(datadir, "keep"), "w") as fh:
+            fh.write("old")
+        before = S.snapshot_tree(datadir)
+        self.write("big.ibd", 30 << 20)
+        r, s = self.managers(datadir, seed_rate_limit_bytes_per_sec=8 << 20)
+        await r.receive("2")
+        await s.send(f"127.0.0.1:{self.port}", "2", source="datadir")
+        await S.wait_for(lambda: r.records["2"].bytes_done > 0)
+        # Something else takes all the space that was free when the seed started.
+        st = os.statvfs(mnt)
+        _run("fallocate", "-l", str(st.f_bavail * st.f_frsize), os.path.join(mnt, "filler"))
+        status = await S.finished(r, "2")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("No space left on device while writing big.ibd at offset", status["Error"])
+        await S.wait_for(lambda: "2" not in r.jobs)
+        self.assertEqual(S.snapshot_tree(datadir), before)
+        self.assertEqual(sorted(os.listdir(mnt)), ["filler", "lost+found", "mysql"])
+        self.assertEqual((await S.finished(s, "2"))["State"], "failed")
+
+    async def test_running_out_of_inodes_fails_cleanly(self):
+        mnt = self.loop_fs("ext4", 64, "-N", "64")
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        before = S.snapshot_tree(datadir)
+        for i in range(150):
+            self.write(f"t{i:03}.frm", 1000)
+        r, s = self.managers(datadir)
+        await r.receive("3")
+        await s.send(f"127.0.0.1:{self.port}", "3", source="datadir")
+        status = await S.finished(r, "3")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("No space left on device while writing t", status["Error"])
+        await S.wait_for(lambda: "3" not in r.jobs)
+        self.assertEqual(S.snapshot_tree(datadir), before)
+        self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
+
+
+class MovedIntoPlaceTests(LoopFileSystemCase):
+    async def _seed_into(self, datadir: str):
+        # Staging cannot live beside this datadir (another file system): it goes inside.
+        self.assertTrue(Staging(datadir, "4").inside)
+        data = self.write("ibdata1", 3 << 20)
+        os.makedirs(os.path.join(self.src, "db"))
+        self.write("db/t.ibd", 100_000)
+        r, s = self.managers(datadir)
+        await r.receive("4")
+        await s.send(f"127.0.0.1:{self.port}", "4", source="datadir")
+        status = await S.finished(r, "4")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(S.snapshot_tree(datadir), S.snapshot_tree(self.src) | {
+            k: v for k, v in S.snapshot_tree(datadir).items() if k == "lost+found"})
+        with open(os.path.join(datadir, "ibdata1"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+        self.assertFalse([n for n in os.listdir(datadir) if n.startswith(".orchagent")])
+
+    async def test_datadir_that_is_a_mount_point(self):
+        mnt = self.loop_fs()
+        await self._seed_into(mnt)
+
+    async def test_datadir_that_is_a_btrfs_subvolume(self):
+        if shutil.which("mkfs.btrfs") is None:
+            raise unittest.SkipTest("btrfs-progs is not installed")
+        mnt = self.loop_fs("btrfs", 128)
+        datadir = os.path.join(mnt, "mysql")
+        _run("btrfs", "subvolume", "create", datadir)
+        self.assertNotEqual(os.stat(mnt).st_dev, os.stat(datadir).st_dev)
+        await self._seed_into(datadir)
