@@ -20,6 +20,6 @@ setup(
         "blake3>=0.3",
         "prometheus_client>=0.17",
     ],
-    extras_require={"test": ["hypothesis>=6.80"]},
+    extras_require={"test": ["hypothesis>=6.80", "openapi-spec-validator>=0.7", "packaging>=23"]},
     entry_points={"console_scripts": ["orchagent = orchagent.cli.main:main"]},
 )

@@ -18,7 +18,7 @@
 5. Reinstalls the same .deb (an upgrade): the configuration is kept.
 6. Purges the package: nothing of it may remain (files, state, unit, byte code).
 
-Needs root and the packages dpkg-dev, debhelper, dh-virtualenv, python3-venv,
+Needs root and the packages dpkg-dev, debhelper, dh-virtualenv, help2man, python3-venv,
 python3-dev, build-essential, lintian.  Refuses to run (exit 77) where the package, its
 configuration or its directories already exist: it would purge them.  Exit 0 when every
 check passed, 1 otherwise; timings are printed.
@@ -50,8 +50,10 @@ UNIT_LINK = "/etc/systemd/system/multi-user.target.wants/orchestrator-agent.serv
 VENV = "/usr/lib/orchestrator-agent"
 STATE = "/var/lib/orchestrator-agent"
 MAN_PAGE = "/usr/share/man/man8/orchestrator-agent.8.gz"
+CLI = "/usr/bin/orchagent"
+CLI_MAN_PAGE = "/usr/share/man/man1/orchagent.1.gz"
 GO_AGENT_DIR = "/usr/local/orchestrator-agent"
-TOOLS = ("dpkg-buildpackage", "dh", "dh_virtualenv", "lintian")
+TOOLS = ("dpkg-buildpackage", "dh", "dh_virtualenv", "help2man", "lintian")
 SKIP = 77
 
 
@@ -85,7 +87,10 @@ def preconditions() -> str | None:
         return "needs root (dpkg -i / --purge)"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        return f"missing tools: {', '.join(missing)} (apt-get install dpkg-dev debhelper dh-virtualenv python3-venv python3-dev build-essential lintian)"
+        return f"missing tools: {', '.join(missing)} (apt-get install dpkg-dev debhelper dh-virtualenv help2man python3-venv python3-dev build-essential lintian)"
+    if shutil.which("git") is None or run(["git", "rev-parse", "--is-inside-work-tree"], cwd=REPO,
+                                           check=False).returncode != 0:
+        return "not a git checkout: the build copies the files git lists"
     status = package_status()
     if status and "not-installed" not in status:
         return f"package {PACKAGE} is already on this machine ({status}); not touching it"
@@ -212,9 +217,12 @@ def check_installed(expected_config: bytes) -> None:
                              CONFFILE + ".dpkg-migrate", GO_AGENT_DIR) if os.path.lexists(p)]
     if leftovers:
         raise Failed(f"left after the upgrade: {leftovers}")
-    for path in (UNIT, os.path.join(VENV, "bin", "twistd"), MAN_PAGE, STATE):
+    for path in (UNIT, os.path.join(VENV, "bin", "twistd"), MAN_PAGE, CLI, CLI_MAN_PAGE, STATE):
         if not os.path.exists(path):
             raise Failed(f"{path} is missing after installation")
+    usage = run([CLI, "--help"]).stdout
+    if "usage: orchagent" not in usage:
+        raise Failed(f"{CLI} --help says {usage[:300]!r}")
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -345,8 +353,8 @@ def purge() -> None:
              if "warning" in l.lower() or "not empty" in l]
     if noise:
         raise Failed("dpkg --purge complained:\n" + "\n".join(noise))
-    remains = [p for p in (VENV, STATE, CONFFILE, UNIT, UNIT_LINK, MAN_PAGE, GO_AGENT_DIR)
-               if os.path.lexists(p)]
+    remains = [p for p in (VENV, STATE, CONFFILE, UNIT, UNIT_LINK, MAN_PAGE, CLI, CLI_MAN_PAGE,
+                           GO_AGENT_DIR) if os.path.lexists(p)]
     remains += [CONFFILE + suffix for suffix in (".dpkg-new", ".dpkg-dist", ".dpkg-old", ".dpkg-migrate")
                 if os.path.lexists(CONFFILE + suffix)]
     if remains:

@@ -15,7 +15,7 @@ import shutil
 import time
 
 from treq.testing import StubTreq
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from orchagent.agent import build_agent
@@ -64,6 +64,20 @@ def _installed_version() -> str:
     return _VERSION[0]
 
 
+async def api_get(http: StubTreq, path: str, **params):
+    """GET through StubTreq while the handler waits on real threads and processes: the
+    in-memory transport only delivers the answer when flushed."""
+    params["token"] = TOKEN
+    d = http.get("http://agent" + path, params=params)
+    while not d.called:
+        await task.deferLater(reactor, 0.01, http.flush)
+    response = await d
+    body = response.content()
+    while not body.called:
+        await task.deferLater(reactor, 0.01, http.flush)
+    return response.code, json.loads(await body)
+
+
 def local(text: str) -> str:
     """A start_time (server local time) as the API's RFC 3339 UTC."""
     seconds = time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
@@ -99,9 +113,7 @@ class ListingTests(unittest.TestCase):
         self.http = StubTreq(AgentAPI(self.agent).resource())
 
     async def get(self, path, **params):
-        params["token"] = TOKEN
-        response = await self.http.get("http://agent" + path, params=params)
-        return response.code, json.loads(await response.content())
+        return await api_get(self.http, path, **params)
 
     async def listed(self) -> dict[str, dict]:
         code, body = await self.get("/api/backups")

@@ -2,7 +2,8 @@
 
 About a minute on 2 cores (build ~30 s, lintian ~10 s, install/run/purge ~10 s).  Skipped,
 with the script's reason, when not root, when the build tools are missing (apt-get install
-dpkg-dev debhelper dh-virtualenv python3-venv python3-dev build-essential lintian), or when
+dpkg-dev debhelper dh-virtualenv help2man python3-venv python3-dev
+build-essential lintian), or when
 this machine already has the package or its files (the test would purge them).
 """
 

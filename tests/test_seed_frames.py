@@ -35,7 +35,7 @@ def _decode(pieces) -> list:
     for frame in frames.iter_frames(pieces):
         if frame.type == FrameType.DATA:
             chunk = frames.open_data(frame, KEY)
-            decoded.append(("DATA", chunk.file, chunk.offset, bytes(frames.unpack_chunk(chunk))))
+            decoded.append(("DATA", chunk.file, chunk.offset, b"".join(frames.unpack_chunk(chunk))))
         elif frame.type == FrameType.READY:
             decoded.append(("READY", frames.open_packed(frame, KEY)))
         else:
@@ -73,7 +73,8 @@ class CodecTests(unittest.TestCase):
         position = where % len(data)
         corrupt = bytearray(data)
         corrupt[position] ^= flip
-        with self.assertRaises(frames.ProtocolError):
+        with self.assertRaises(frames.ProtocolError, msg=f"flip {flip:#x} at {position} of {len(data)}: "
+                               f"{data[max(0, position - 70):position + 8].hex()}"):
             _decode([bytes(corrupt)])
 
     def test_truncated_stream_is_an_error(self):

@@ -7,11 +7,13 @@ Every frame is ``header | body | tag``::
 
 For control frames ``covered`` is the whole body.  A DATA frame's body is a 49-byte chunk
 head (file index u32, offset u64, raw length u32, encoding u8, BLAKE3 digest of the raw
-bytes, 32 bytes) followed by the payload (raw or zstd); its tag covers the header and the
-chunk head, and the payload is bound to it through the digest, which the receiver checks
-after decompressing.  So one hash pass over the data on each side authenticates and
-verifies it, and the content digest does not depend on the stream key: it can be kept
-in the receiver's journal and compared again after a restart.
+bytes, 32 bytes) followed by the payload.  A raw payload is bound to the tag through the
+digest (the tag covers header and chunk head), so one hash pass over the data on each
+side both authenticates and verifies it.  A zstd payload is covered by the tag as well
+and checked before it is decompressed: nothing unauthenticated reaches the decompressor,
+and every flipped bit is caught even where it would not change the output.  The content
+digest does not depend on the stream key: the receiver keeps it in its journal and
+compares it again after a restart.
 
 The stream key is all-zero during the handshake (integrity only) and afterwards derived
 from both sides' nonces and, when the controller gave one, the per-seed key (see
@@ -82,35 +84,64 @@ class IntegrityError(ProtocolError):
 
 @attrs.frozen
 class Frame:
-    """One cut frame; ``raw`` is the whole frame (header, body and tag) as one buffer."""
+    """One cut frame (header, body and tag) as the buffers it arrived in.
+
+    DATA frames stay in pieces: the payload goes to disk with one ``pwritev`` and is
+    hashed piece by piece, never copied into one buffer.  Control frames are small and
+    joined on demand (:attr:`raw`).
+    """
 
     type: int
     flags: int
-    raw: memoryview
+    parts: tuple
+    size: int
+
+    @property
+    def raw(self) -> memoryview:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return memoryview(b"".join(self.parts))
 
     @property
     def body(self) -> memoryview:
-        return self.raw[HEADER.size:len(self.raw) - TAG_SIZE]
-
-    @property
-    def size(self) -> int:
-        return len(self.raw)
+        return self.raw[HEADER.size:self.size - TAG_SIZE]
 
 
 @attrs.frozen
 class Chunk:
-    """A DATA frame whose tag was checked; the payload is not verified yet."""
+    """A DATA frame whose tag was checked; the payload (buffers) is not verified yet."""
 
     file: int
     offset: int
     length: int
     encoding: int
     digest: bytes
-    payload: memoryview
+    payload: tuple
+    #: The whole frame's size on the wire.
+    size: int
+    #: For a zstd payload, what its tag check (in :func:`unpack_chunk`) needs.
+    head: bytes = b""
+    tag: bytes = b""
+    key: bytes = attrs.field(default=ZERO_KEY, repr=False)
 
     @property
-    def key(self) -> tuple[int, int]:
+    def where(self) -> tuple[int, int]:
         return (self.file, self.offset)
+
+
+def _slice(parts, start: int, end: int) -> list[memoryview]:
+    """The bytes [start, end) of a sequence of buffers, as views (no copy)."""
+    out = []
+    position = 0
+    for part in parts:
+        size = len(part)
+        lo, hi = max(start - position, 0), min(end - position, size)
+        if lo < hi:
+            out.append(part[lo:hi])
+        position += size
+        if position >= end:
+            break
+    return out
 
 
 def _tag(key: bytes, *parts) -> bytes:
@@ -185,52 +216,73 @@ def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
             payload, encoding = packed, Encoding.ZSTD
     chunk_head = CHUNK_HEAD.pack(file, offset, length, encoding, digest)
     head = HEADER.pack(FrameType.DATA, 0, CHUNK_HEAD.size + len(payload))
-    return [head, chunk_head, payload, _tag(key, head, chunk_head)], digest, encoding == Encoding.ZSTD
+    if encoding == Encoding.ZSTD:
+        tag = _tag(key, head, chunk_head, payload)
+    else:
+        tag = _tag(key, head, chunk_head)
+    return [head, chunk_head, payload, tag], digest, encoding == Encoding.ZSTD
 
 
 def open_data(frame: Frame, key: bytes) -> Chunk:
     """Check a DATA frame's tag (header and chunk head); cheap, any thread."""
     if frame.type != FrameType.DATA:
         raise ProtocolError(f"a {_name(frame.type)} frame where a DATA frame was expected")
-    raw = frame.raw
     end = HEADER.size + CHUNK_HEAD.size
-    if len(raw) < end + TAG_SIZE:
+    if frame.size < end + TAG_SIZE:
         raise ProtocolError("DATA frame shorter than its chunk head")
-    file, offset, length, encoding, digest = CHUNK_HEAD.unpack_from(raw, HEADER.size)
-    if _tag(key, raw[:end]) != raw[len(raw) - TAG_SIZE:]:
+    head = b"".join(_slice(frame.parts, 0, end))
+    file, offset, length, encoding, digest = CHUNK_HEAD.unpack_from(head, HEADER.size)
+    tag = b"".join(_slice(frame.parts, frame.size - TAG_SIZE, frame.size))
+    payload = tuple(_slice(frame.parts, end, frame.size - TAG_SIZE))
+    if encoding != Encoding.ZSTD and _tag(key, head) != tag:
         raise IntegrityError(f"DATA frame for file #{file} offset {offset} failed its integrity check",
                              where=(file, offset))
-    payload = raw[end:len(raw) - TAG_SIZE]
+    payload_size = frame.size - end - TAG_SIZE
     if length > MAX_CHUNK or encoding not in (Encoding.RAW, Encoding.ZSTD) or (
-            encoding == Encoding.RAW and len(payload) != length):
+            encoding == Encoding.RAW and payload_size != length):
         raise ProtocolError(f"DATA frame for file #{file} offset {offset} has an impossible chunk head")
-    return Chunk(file, offset, length, encoding, digest, payload)
+    return Chunk(file, offset, length, encoding, digest, payload, frame.size, head, tag, key)
 
 
-def unpack_chunk(chunk: Chunk):
-    """The chunk's raw bytes, decompressed and checked against its digest (worker thread)."""
-    data = chunk.payload
+def unpack_chunk(chunk: Chunk) -> list:
+    """The chunk's raw bytes as buffers, decompressed and checked against its digest
+    (worker thread)."""
+    parts = list(chunk.payload)
     if chunk.encoding == Encoding.ZSTD:
+        packed = parts[0] if len(parts) == 1 else b"".join(parts)
+        if _tag(chunk.key, chunk.head, packed) != chunk.tag:
+            raise IntegrityError(f"DATA frame for file #{chunk.file} offset {chunk.offset} failed "
+                                 "its integrity check", where=chunk.where)
         try:
-            data = _decompressor().decompress(data, max_output_size=chunk.length)
+            # The declared size is checked first: decompress() would allocate what a
+            # corrupt header claims.
+            declared = zstandard.frame_content_size(packed)
+            if declared != chunk.length:
+                raise zstandard.ZstdError(f"frame declares {declared} bytes")
+            data = _decompressor().decompress(packed, max_output_size=chunk.length)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
-                                 f"does not decompress: {e}", where=chunk.key) from None
+                                 f"does not decompress: {e}", where=chunk.where) from None
         if len(data) != chunk.length:
             raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
                                  f"decompressed to {len(data)} bytes, not {chunk.length}",
-                                 where=chunk.key)
-    if blake3.blake3(data).digest() != chunk.digest:
+                                 where=chunk.where)
+        parts = [data]
+    h = blake3.blake3()
+    for part in parts:
+        h.update(part)
+    if h.digest() != chunk.digest:
         raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
-                             f"does not match its digest", where=chunk.key)
-    return data
+                             f"does not match its digest", where=chunk.where)
+    return parts
 
 
 class FrameSplitter:
-    """Cuts a byte stream into frames without copying more than once per frame.
+    """Cuts a byte stream into frames without copying the data.
 
-    Pieces are queued as they arrive; a frame is joined into one buffer only when all of
-    it is there.  A length beyond ``max_body`` fails at once (never buffers it).
+    Pieces are kept as they arrived (views of the socket's read buffers); a frame is
+    handed out once all of it is there.  A length beyond ``max_body`` fails at once
+    (never buffers it).
     """
 
     def __init__(self, max_body: int = MAX_BODY):
@@ -261,7 +313,10 @@ class FrameSplitter:
             ftype, flags, total = self._head
             if self._have < total:
                 break
-            frames.append(Frame(ftype, flags, self._take(total)))
+            parts = self._take(total)
+            if ftype != FrameType.DATA and len(parts) > 1:
+                parts = [memoryview(b"".join(parts))]
+            frames.append(Frame(ftype, flags, tuple(parts), total))
             self._head = None
         return frames
 
@@ -281,15 +336,8 @@ class FrameSplitter:
                 break
         return bytes(out)
 
-    def _take(self, n: int) -> memoryview:
+    def _take(self, n: int) -> list[memoryview]:
         self._have -= n
-        first = self._pieces[0]
-        if len(first) >= n:
-            if len(first) == n:
-                self._pieces.popleft()
-            else:
-                self._pieces[0] = first[n:]
-            return first[:n]
         parts = []
         need = n
         while need:
@@ -299,7 +347,7 @@ class FrameSplitter:
                 piece = piece[:need]
             parts.append(piece)
             need -= len(piece)
-        return memoryview(b"".join(parts))
+        return parts
 
 
 _TYPES = frozenset(int(t) for t in FrameType)

@@ -434,7 +434,7 @@ class ReceiveJob:
 
     def flush(self, stream: ReceiverStream) -> None:
         batch, stream.batch = stream.batch, []
-        size = sum(_frame_size(c) for c, _ in batch)
+        size = sum(c.size for c, _ in batch)
         if stream.queued > STREAM_WINDOW:
             stream.pause()
         d = self.manager.thread(self.staging.write_batch, self.manifest, batch, self.journal_fd)
@@ -459,7 +459,7 @@ class ReceiveJob:
         completed = []
         for chunk, outcome in result:
             if isinstance(outcome, frames.IntegrityError):
-                self._chunk_failed(stream, chunk.key, outcome)
+                self._chunk_failed(stream, chunk.where, outcome)
                 continue
             if self.table.mark_done(chunk.file, chunk.offset, outcome):
                 completed.append(chunk.file)
@@ -604,7 +604,3 @@ class ReceiveJob:
     def progress(self) -> tuple[float, float | None]:
         self.meter.sample(self.record.bytes_done)
         return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
-
-
-def _frame_size(chunk: frames.Chunk) -> int:
-    return frames.HEADER.size + frames.CHUNK_HEAD.size + chunk.payload.nbytes + frames.TAG_SIZE

@@ -139,13 +139,13 @@ class Staging:
                 if whole:
                     fd = self._open(chunk.file, entry)
                     try:
-                        _pwrite_all(fd, data, chunk.offset)
+                        _pwrite_all(fd, data, chunk.offset, chunk.length)
                         self._apply_meta(fd, entry)
                     finally:
                         os.close(fd)
                 else:
                     fd = self._fd(chunk.file, entry)
-                    _pwrite_all(fd, data, chunk.offset)
+                    _pwrite_all(fd, data, chunk.offset, chunk.length)
                     if chunk.length >= (1 << 20):
                         _libc.sync_file_range(fd, ctypes.c_int64(chunk.offset),
                                               ctypes.c_int64(chunk.length), _SYNC_FILE_RANGE_WRITE)
@@ -272,11 +272,16 @@ class Staging:
             shutil.rmtree(self.root)
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
+def _pwrite_all(fd: int, buffers: list, offset: int, length: int) -> None:
+    """Write the buffers at ``offset`` (one pwritev; the rest again if it was short)."""
+    written = os.pwritev(fd, buffers, offset) if buffers else 0
+    if written == length:
+        return
+    rest = memoryview(b"".join(buffers))[written:]
+    offset += written
+    while rest:
+        n = os.pwrite(fd, rest, offset)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
-        view = view[n:]
+        rest = rest[n:]
         offset += n

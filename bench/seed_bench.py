@@ -1,0 +1,413 @@
+"""Seed throughput, side by side: ``sudo python3 bench/seed_bench.py`` (root: netns, tc).
+
+On the same data, in the same run, alternating, several rounds, medians:
+
+* **orchagent** — two real agents (``twistd -n orchestrator-agent``), driven over their
+  HTTP API: ``receive-mysql-seed-data`` then ``send-mysql-seed-data?source=datadir``;
+  timed from the send call until the receiver reports ``completed`` (verified, synced with
+  syncfs, moved into place).  Checksums are always on.
+* **tar|nc** — ``nc -l | tar -xf -`` on the target, ``tar -cf - | nc -N`` on the source;
+  timed until the receiving tar exits (reported with and without a ``sync`` after it: the
+  agent's time includes making the data durable, tar's does not).
+* **write limit** — ``cat <files> > one file`` on the target disk (+ ``sync``).
+
+Scenarios: (a) 1 GiB of InnoDB-like 16 KiB pages, half of them compressible, loopback;
+(b) 50,000 files of 16 KiB, loopback; (c) two network namespaces joined by a veth pair
+throttled with tc (tbf) to 200 Mbit/s, 256 MiB of pages with InnoDB-like compressibility;
+(d) peak RSS of both agents for 1 GiB and 4 GiB (one run each).
+
+Data lives under ``--dir`` (default /var/tmp/orchagent-seed-bench) on the root file system
+and is removed at the end unless ``--keep``.  Namespaces, daemons and tc are removed
+whatever happens.  The figures go to stdout as a Markdown table (pasted into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PAGE = 16 * 1024
+WORDS = [w.encode() for w in (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu customer "
+    "order invoice paid shipped pending returned warehouse berlin paris lisbon oslo madrid "
+    "rome vienna prague dublin athens null true false 2024-01-01 2025-06-30 EUR USD GBP").split()]
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def random_page() -> bytes:
+    return os.urandom(PAGE)
+
+
+def half_page() -> bytes:
+    """Hex text and free space: compresses about 4:1."""
+    return os.urandom(PAGE // 4).hex().encode() + bytes(PAGE // 2)
+
+
+def innodb_page(rnd: random.Random) -> bytes:
+    """Rows of words and numbers, 60-90 % full, the rest free: zstd -1 gets 3-5:1."""
+    fill = int(PAGE * rnd.uniform(0.6, 0.9))
+    parts = [os.urandom(38)]
+    size = 38
+    while size < fill:
+        row = b"|".join([str(rnd.getrandbits(24)).encode()] + rnd.choices(WORDS, k=6)) + b"\n"
+        parts.append(row)
+        size += len(row)
+    page = b"".join(parts)[:fill]
+    return page + bytes(PAGE - len(page))
+
+
+def write_pages_file(path: str, size: int, page_maker) -> None:
+    with open(path, "wb") as fh:
+        for _ in range(size // PAGE):
+            fh.write(page_maker())
+
+
+def make_mixed(root: str, total: int, file_size: int = 64 << 20) -> None:
+    """(a)/(d): files of 16 KiB pages, alternately random and compressible."""
+    os.makedirs(root, exist_ok=True)
+    counter = [0]
+
+    def page():
+        counter[0] += 1
+        return random_page() if counter[0] % 2 else half_page()
+
+    for i in range(total // file_size):
+        write_pages_file(os.path.join(root, f"t{i:03d}.ibd"), file_size, page)
+
+
+def make_small(root: str, count: int = 50_000) -> None:
+    """(b): ``count`` files of 16 KiB, 1000 per directory, half of them compressible."""
+    for i in range(count):
+        directory = os.path.join(root, f"db{i // 1000:03d}")
+        if i % 1000 == 0:
+            os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"t{i:05d}.frm"), "wb") as fh:
+            fh.write(random_page() if i % 2 else half_page())
+
+
+def make_realistic(root: str, total: int, file_size: int = 32 << 20) -> None:
+    """(c): InnoDB-like pages; one page in ten is random (compressed blobs)."""
+    os.makedirs(root, exist_ok=True)
+    rnd = random.Random(7)
+    for i in range(total // file_size):
+        write_pages_file(os.path.join(root, f"t{i:03d}.ibd"), file_size,
+                         lambda: random_page() if rnd.random() < 0.1 else innodb_page(rnd))
+
+
+def tree_bytes(root: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+def clear(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    subprocess.run(["sync"], check=True)
+    time.sleep(1.0)
+
+
+# --- agents ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """One real agent daemon (optionally inside a network namespace)."""
+
+    def __init__(self, directory: str, datadir: str, seed_port: int, prefix=(),
+                 address: str = "127.0.0.1", extra: dict | None = None):
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        self.address = address
+        self.port = free_port()
+        config = {"HTTPPort": self.port, "HTTPBindAddress": address,
+                  "MySQLDatadirCommand": f"echo {datadir}", "MySQLServiceStatusCommand": "false",
+                  "SeedTransferPort": seed_port, "StateDir": os.path.join(directory, "state"),
+                  "TokenHintFile": os.path.join(directory, "token")}
+        config.update(extra or {})
+        path = os.path.join(directory, "agent.conf.json")
+        with open(path, "w") as fh:
+            json.dump(config, fh)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        self.log = open(os.path.join(directory, "agent.log"), "w")
+        self.process = subprocess.Popen(
+            [*prefix, sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "orchestrator-agent", "--config", path],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=directory)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((address, self.port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"agent in {directory} did not start")
+                time.sleep(0.05)
+        with open(config["TokenHintFile"]) as fh:
+            self.token = fh.read().strip()
+
+    def get(self, path: str):
+        sep = "&" if "?" in path else "?"
+        url = f"http://{self.address}:{self.port}{path}{sep}token={self.token}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+
+    def peak_rss_mb(self) -> float:
+        pid = self.process.pid
+        # Inside a namespace the agent is nsenter's child.
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        if children:
+            pid = int(children[0])
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None) -> dict:
+    seed_port = free_port()
+    a_prefix = ns.a.prefix if ns else ()
+    b_prefix = ns.b.prefix if ns else ()
+    receiver = Agent(os.path.join(work, "agent-r"), dst, seed_port, b_prefix,
+                     ns.b.address if ns else "127.0.0.1")
+    sender = Agent(os.path.join(work, "agent-s"), src, seed_port, a_prefix,
+                   ns.a.address if ns else "127.0.0.1")
+    try:
+        assert receiver.get("/api/receive-mysql-seed-data/1") is True
+        started = time.monotonic()
+        assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir") is True
+        while True:
+            status = receiver.get("/api/seed-status/1")
+            if status["State"] in ("completed", "failed", "aborted"):
+                break
+            time.sleep(0.02)
+        elapsed = time.monotonic() - started
+        if status["State"] != "completed":
+            raise RuntimeError(f"seed failed: {status['Error']}")
+        return {"seconds": elapsed, "rss_receiver": receiver.peak_rss_mb(),
+                "rss_sender": sender.peak_rss_mb(), "bytes": status["BytesTotal"]}
+    finally:
+        receiver.stop()
+        sender.stop()
+
+
+def run_tar_nc(src: str, dst: str, *, address: str = "127.0.0.1", ns=None) -> dict:
+    port = free_port()
+    a_prefix = list(ns.a.prefix) if ns else []
+    b_prefix = list(ns.b.prefix) if ns else []
+    listener = subprocess.Popen(b_prefix + ["sh", "-c", f"nc -l {address} {port} | tar -xf - -C {dst}"])
+    time.sleep(0.3)
+    started = time.monotonic()
+    subprocess.run(a_prefix + ["sh", "-c", f"tar -cf - -C {src} . | nc -N {address} {port}"], check=True)
+    listener.wait()
+    elapsed = time.monotonic() - started
+    subprocess.run(["sync"], check=True)
+    return {"seconds": elapsed, "seconds_synced": time.monotonic() - started}
+
+
+def run_cat(src: str, dst: str) -> dict:
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs)
+    started = time.monotonic()
+    with open(os.path.join(dst, "one"), "wb") as out:
+        for path in files:
+            with open(path, "rb") as fh:
+                shutil.copyfileobj(fh, out, 1 << 20)
+    elapsed = time.monotonic() - started
+    subprocess.run(["sync"], check=True)
+    return {"seconds": elapsed, "seconds_synced": time.monotonic() - started}
+
+
+# --- network namespaces --------------------------------------------------------------------------
+
+class Cleanups:
+    """Stands in for a test case's addCleanup (tests.support.netns needs one)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def addCleanup(self, fn, *args):
+        self.calls.append((fn, args))
+
+    def run(self):
+        while self.calls:
+            fn, args = self.calls.pop()
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - cleanup goes on
+                print(f"cleanup failed: {e}", file=sys.stderr)
+
+
+def throttled_pair(cleanups: Cleanups, rate: str = "200mbit"):
+    from tests.support.netns import create_pair
+
+    pair = create_pair(cleanups)
+    for host in (pair.a, pair.b):
+        links = subprocess.run(["ip", "-n", host.name, "-o", "link"], capture_output=True,
+                               text=True, check=True).stdout
+        for line in links.splitlines():
+            name = line.split(":")[1].strip().split("@")[0]
+            if name.endswith(("ab", "ba")):
+                subprocess.run(["ip", "netns", "exec", host.name, "tc", "qdisc", "add", "dev", name,
+                                "root", "tbf", "rate", rate, "burst", "256kb", "latency", "50ms"],
+                               check=True)
+    return pair
+
+
+# --- the runs ----------------------------------------------------------------------------------
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def scenario(name: str, src: str, dst: str, work: str, rounds: int, *, ns=None,
+             with_cat: bool = True) -> dict:
+    results = {"orchagent": [], "tar_nc": [], "cat": []}
+    total = tree_bytes(src)
+    for round_ in range(rounds):
+        order = ["orchagent", "tar_nc", "cat"] if round_ % 2 == 0 else ["cat", "tar_nc", "orchagent"]
+        for kind in order:
+            if kind == "cat" and not with_cat:
+                continue
+            clear(dst)
+            if kind == "orchagent":
+                target = ns.b.address if ns else "127.0.0.1"
+                result = run_orchagent(work, src, dst, target=target, ns=ns)
+            elif kind == "tar_nc":
+                result = run_tar_nc(src, dst, address=ns.b.address if ns else "127.0.0.1", ns=ns)
+            else:
+                result = run_cat(src, dst)
+            results[kind].append(result)
+            print(f"  {name} round {round_ + 1} {kind}: {result['seconds']:.2f}s "
+                  f"({total / result['seconds'] / 1e6:.0f} MB/s)", flush=True)
+    clear(dst)
+    summary = {"bytes": total}
+    for kind, runs in results.items():
+        if runs:
+            summary[kind] = {key: median([r[key] for r in runs]) for key in runs[0]}
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default="/var/tmp/orchagent-seed-bench")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (network namespaces, tc, sync)", file=sys.stderr)
+        return 2
+    only = set(args.only.split(","))
+    base = args.dir
+    os.makedirs(base, exist_ok=True)
+    dst = os.path.join(base, "dst")
+    work = os.path.join(base, "work")
+    report = {}
+    cleanups = Cleanups()
+    try:
+        if "a" in only:
+            src = os.path.join(base, "mixed-1g")
+            if not os.path.isdir(src):
+                print("generating 1 GiB of mixed pages ...", flush=True)
+                make_mixed(src, 1 << 30)
+            report["a"] = scenario("a", src, dst, work, args.rounds)
+        if "b" in only:
+            src = os.path.join(base, "small-50k")
+            if not os.path.isdir(src):
+                print("generating 50,000 files of 16 KiB ...", flush=True)
+                make_small(src)
+            report["b"] = scenario("b", src, dst, work, args.rounds)
+        if "c" in only:
+            src = os.path.join(base, "innodb-256m")
+            if not os.path.isdir(src):
+                print("generating 256 MiB of InnoDB-like pages ...", flush=True)
+                make_realistic(src, 256 << 20)
+            pair = throttled_pair(cleanups)
+            report["c"] = scenario("c", src, dst, work, args.rounds, ns=pair, with_cat=False)
+        if "d" in only:
+            report["d"] = {}
+            for label, size in (("1 GiB", 1 << 30), ("4 GiB", 4 << 30)):
+                src = os.path.join(base, f"mixed-{size >> 30}g")
+                if not os.path.isdir(src):
+                    print(f"generating {label} of mixed pages ...", flush=True)
+                    make_mixed(src, size)
+                clear(dst)
+                result = run_orchagent(work, src, dst, target="127.0.0.1")
+                report["d"][label] = result
+                print(f"  d {label}: {result['seconds']:.1f}s, peak RSS receiver "
+                      f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB", flush=True)
+            clear(dst)
+    finally:
+        cleanups.run()
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(markdown(report, args.rounds))
+    with open(os.path.join(REPO, "bench", "seed_bench.last.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    return 0
+
+
+def markdown(report: dict, rounds: int) -> str:
+    lines = [f"Medians of {rounds} alternating rounds; MB/s = data bytes / seconds.", "",
+             "| scenario | orchagent | tar\\|nc | tar\\|nc + sync | cat | cat + sync "
+             "| × tar\\|nc | × tar\\|nc+sync | × cat+sync | peak RSS r / s (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    titles = {"a": "(a) 1 GiB mixed, loopback", "b": "(b) 50,000 × 16 KiB, loopback",
+              "c": "(c) 256 MiB InnoDB-like, 200 Mbit/s veth"}
+    for key in ("a", "b", "c"):
+        if key not in report:
+            continue
+        r = report[key]
+        n, ours, tar, cat = r["bytes"], r["orchagent"], r["tar_nc"], r.get("cat")
+
+        def rate(seconds):
+            return f"{seconds:.2f}s ({n / seconds / 1e6:.0f} MB/s)"
+
+        cells = [titles[key], rate(ours["seconds"]), rate(tar["seconds"]), rate(tar["seconds_synced"]),
+                 rate(cat["seconds"]) if cat else "–", rate(cat["seconds_synced"]) if cat else "–",
+                 f"{tar['seconds'] / ours['seconds']:.2f}",
+                 f"{tar['seconds_synced'] / ours['seconds']:.2f}",
+                 f"{cat['seconds_synced'] / ours['seconds']:.2f}" if cat else "–",
+                 f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "d" in report:
+        lines.append("")
+        for label, result in report["d"].items():
+            lines.append(f"- {label}: {result['seconds']:.1f}s, peak RSS receiver "
+                         f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
