@@ -3,7 +3,7 @@
 The file format is the Go agent's: one JSON object with PascalCase keys.  Every key the
 original knows keeps its name and default, so an operator's existing
 ``/etc/orchestrator-agent.conf.json`` works unchanged.  Keys orchagent adds are marked
-``ours`` in :data:`FIELDS` and documented in README.
+``ours`` in :data:`FIELDS` and documented in docs/configuration.md.
 
 Loading is strict where a mistake would hurt (a wrong type, an unreadable file: the daemon
 refuses to start, naming file and key) and lenient where the original was (an unknown key

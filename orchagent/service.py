@@ -84,7 +84,11 @@ def makeService(options, reactor=None) -> service.MultiService:
     root.agent = agent
     site = server.Site(AgentAPI(agent).resource(), logFormatter=redacted_access_log)
     site.displayTracebacks = False
-    StreamServerEndpointService(endpoint, site).setServiceParent(root)
+    http_service = StreamServerEndpointService(endpoint, site)
+    # A port that can't be bound is fatal: an agent that runs without its API is worse
+    # than one that visibly fails to start.
+    http_service._raiseSynchronously = True
+    http_service.setServiceParent(root)
     agent.registration.setServiceParent(root)
     agent.seeds.setServiceParent(root)
     log.info("orchestrator-agent for {hostname} on port {port}; config from {files}",

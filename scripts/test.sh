@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 apt_packages=(mariadb-server mariadb-client mariadb-backup btrfs-progs lvm2 xfsprogs
-              netcat-openbsd iproute2 procps psmisc util-linux e2fsprogs python3-venv)
+              netcat-openbsd iproute2 procps psmisc util-linux e2fsprogs python3-venv
+              dpkg-dev debhelper dh-virtualenv help2man python3-dev build-essential
+              lintian git curl)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
