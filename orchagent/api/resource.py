@@ -337,6 +337,12 @@ class AgentAPI:
         self._guard(request)
         return self._json(request, bool(await self.agent.seeds.succeeded(params.seed_id(seed_id))))
 
+    @app.route("/api/seeds", methods=["GET"])
+    def seeds(self, request):
+        """Every seed this agent knows (running and recently ended), for controllers."""
+        self._guard(request)
+        return self._json(request, list(self.agent.seeds.all_status()))
+
     @app.route("/api/seed-status/<seed_id>", methods=["GET"])
     async def seed_status(self, request, seed_id):
         self._guard(request)

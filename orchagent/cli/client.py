@@ -80,13 +80,6 @@ class AgentClient:
             raise AgentCallFailed(self.name, endpoint, "HTTP 401: basic auth refused (HTTPAuthUser)")
         raise AgentCallFailed(self.name, endpoint, f"HTTP {code}: {body[:200]!r}")
 
-    async def metrics(self) -> str:
-        """The agent's Prometheus text (``/metrics``, with the token)."""
-        code, body = await self._get("/metrics", None, {})
-        if code != 200:
-            raise AgentCallFailed(self.name, "/metrics", f"HTTP {code}: {body[:200]!r}")
-        return body.decode("utf-8", "replace")
-
     async def _get(self, endpoint: str, timeout: float | None, params: dict) -> tuple[int, bytes]:
         timeout = timeout or self.timeout
         query = dict(params, token=self.address.token)

@@ -10,8 +10,7 @@ The order of a seed is chosen so that nothing is erased before every check passe
 1. Checks, read-only: target MySQL stopped (or ``stop_target``), the source's newest
    snapshot valid (lvs-snapshots, SnapshotPercent < 100), the source's mount point free,
    no other seed on either host: none unfinished in our state files, none active in the
-   agents' own count (the ``orchagent_seeds`` gauge of /metrics, which sees seeds
-   whoever started them).  Every problem found is reported at once.
+   agents' own list (/api/seeds, which sees seeds whoever started them).  Every problem found is reported at once.
 2. Mount the snapshot on the source (reversible) to learn its MySQL data size; refuse and
    unmount when the target cannot hold it even after emptying its datadir (free space +
    mysql-du).  When the target has room for the copy next to its current datadir
@@ -35,7 +34,6 @@ and the agents resume where the data stopped; ``abort`` cleans up instead.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from typing import Any, Callable
@@ -92,18 +90,13 @@ class SeedOptions:
     start_timeout: float = 600.0
 
 
-_SEEDS_GAUGE = re.compile(
-    r'^orchagent_seeds\{(?=[^}]*role="(?P<role>[^"]*)")(?=[^}]*state="(?P<state>[^"]*)")[^}]*\}\s+(?P<n>[0-9.eE+]+)\s*$',
-    re.MULTILINE)
-
-
-def active_seeds(metrics_text: str) -> dict[tuple[str, str], int]:
-    """``{(role, state): count}`` of seeds in an active state, from an agent's /metrics."""
-    active = {}
-    for match in _SEEDS_GAUGE.finditer(metrics_text):
-        count = int(float(match.group("n")))
-        if match.group("state") in ACTIVE_STATES and count > 0:
-            active[match.group("role"), match.group("state")] = count
+def active_seeds(statuses: list[dict]) -> dict[tuple[str, str], int]:
+    """``{(role, state): count}`` of the seeds in an active state, from an agent's /api/seeds."""
+    active: dict[tuple[str, str], int] = {}
+    for status in statuses:
+        if status.get("State") in ACTIVE_STATES:
+            key = (str(status.get("Role")), str(status["State"]))
+            active[key] = active.get(key, 0) + 1
     return active
 
 
@@ -278,7 +271,7 @@ class Seeder:
 
     async def _busy(self, target: AgentClient, source: AgentClient) -> list[str]:
         """Other seeds on either host: unfinished ones recorded here, active ones the agents
-        report (the ``orchagent_seeds`` gauge of /metrics: any seed, whoever started it).
+        report in /api/seeds (any seed, whoever started it).
         When an agent cannot tell, the answer is "busy" (fail closed)."""
         ours = {target.address.url, source.address.url}
         problems = []
@@ -296,7 +289,7 @@ class Seeder:
                     f"orchagent abort {record.seed_id}")
         for client in (target, source):
             try:
-                active = active_seeds(await self._api_metrics(client))
+                active = active_seeds(await self._api(client, "seeds"))
             except AgentCallFailed as e:
                 problems.append(f"cannot tell whether {client.name} is seeding: {e}")
                 continue
@@ -304,11 +297,6 @@ class Seeder:
                 what = ", ".join(f"{n} {role} {state}" for (role, state), n in sorted(active.items()))
                 problems.append(f"{client.name} is busy with another seed ({what})")
         return problems
-
-    async def _api_metrics(self, client: AgentClient) -> str:
-        text = await client.metrics()
-        self._check()
-        return text
 
     async def _prepare(self, record: SeedRecord, target: AgentClient, source: AgentClient) -> None:
         """Mount, check the space, stop MySQL, empty the datadir if there is no room."""
