@@ -16,11 +16,63 @@ from twisted.web import http, server
 
 from orchagent import config as config_module
 from orchagent.agent import build_agent
-from orchagent.api.resource import AgentAPI
+from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body
 from orchagent.errors import ConfigError
 from orchagent.logging import RootService, configured_observer, redact
 
 log = Logger()
+
+#: Seconds a client connection may stay silent before it is closed (slow or dead clients
+#: hold a socket each; they never hold up other clients, the reactor serves everyone).
+HTTP_IDLE_TIMEOUT = 60
+
+
+class BoundedRequest(server.Request):
+    """A request whose body may not exceed MAX_BODY_BYTES.
+
+    twisted.web spools any body to a temp file before the resource sees it, so without a
+    bound a client could fill the disk or, through the handler, the memory.  A body
+    announced too large, or found too large while it arrives, is discarded unread and
+    answered with 413 and the v1 error body; the resource is never called.
+    """
+
+    max_body = MAX_BODY_BYTES
+
+    def gotLength(self, length):
+        self._body_seen = 0
+        self._too_large = length is not None and length > self.max_body
+        super().gotLength(0 if self._too_large else length)
+
+    def handleContentChunk(self, data):
+        self._body_seen += len(data)
+        if not self._too_large and self._body_seen > self.max_body:
+            self._too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+        if self._too_large:
+            if self._body_seen > 2 * self.max_body:
+                self.channel.transport.abortConnection()
+            return
+        super().handleContentChunk(data)
+
+    def process(self):
+        if getattr(self, "_too_large", False):
+            self.setResponseCode(413)
+            self.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+            self.setHeader(b"Connection", b"close")
+            self.write(error_body(f"request body larger than {self.max_body} bytes"))
+            self.finish()
+            return
+        super().process()
+
+
+def bounded_site(resource, reactor=None) -> server.Site:
+    """The API's Site: bounded bodies, an idle timeout, no tracebacks, redacted access log."""
+    site = server.Site(resource, logFormatter=redacted_access_log, timeout=HTTP_IDLE_TIMEOUT,
+                       reactor=reactor)
+    site.requestFactory = BoundedRequest
+    site.displayTracebacks = False
+    return site
 
 
 class Options(usage.Options):
@@ -82,8 +134,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         agent.token.write_hint(config.token_hint_file)
     root = RootService(configured_observer(config, options))
     root.agent = agent
-    site = server.Site(AgentAPI(agent).resource(), logFormatter=redacted_access_log)
-    site.displayTracebacks = False
+    site = bounded_site(AgentAPI(agent).resource(), reactor)
     http_service = StreamServerEndpointService(endpoint, site)
     # A port that can't be bound is fatal: an agent that runs without its API is worse
     # than one that visibly fails to start.

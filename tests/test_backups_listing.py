@@ -16,6 +16,7 @@ import time
 
 from treq.testing import StubTreq
 from twisted.internet import reactor, task
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from orchagent.agent import build_agent
@@ -68,14 +69,19 @@ async def api_get(http: StubTreq, path: str, **params):
     """GET through StubTreq while the handler waits on real threads and processes: the
     in-memory transport only delivers the answer when flushed."""
     params["token"] = TOKEN
-    d = http.get("http://agent" + path, params=params)
-    while not d.called:
-        await task.deferLater(reactor, 0.01, http.flush)
-    response = await d
-    body = response.content()
-    while not body.called:
-        await task.deferLater(reactor, 0.01, http.flush)
-    return response.code, json.loads(await body)
+
+    async def settled(d):
+        box = []
+        d.addBoth(lambda result: box.append(result))
+        while not box:
+            await task.deferLater(reactor, 0.01, http.flush)
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return box[0]
+
+    response = await settled(http.get("http://agent" + path, params=params))
+    body = await settled(response.content())
+    return response.code, json.loads(body)
 
 
 def local(text: str) -> str:
@@ -88,7 +94,7 @@ class ListingTests(unittest.TestCase):
     def setUp(self):
         if not INSTALLED:
             raise unittest.SkipTest("mariabackup is not installed (apt-get install mariadb-backup)")
-        base = self.mktemp()
+        base = os.path.abspath(self.mktemp())
         self.backups = os.path.join(base, "backups")
         self.other = os.path.join(base, "other")
         self.datadir = os.path.join(base, "data")
@@ -148,6 +154,7 @@ class ListingTests(unittest.TestCase):
             {"Name": "good", "GroupName": "backup", "Path": "good", "IsSnapshot": True,
              "SnapshotPercent": 0.0}]))
         code, volumes = await self.get("/api/lvs")
+        self.assertEqual(code, 200, volumes)
         by_name = {v["Name"]: v for v in volumes}
         self.assertEqual(by_name["partial"]["SnapshotPercent"], 100.0)
         self.assertEqual(by_name["good"]["GroupName"], "backup")

@@ -68,9 +68,12 @@ class Place:
     reflink: bool
 
 
-def _tail(data: bytes, lines: int = 4) -> str:
+def _tail(data: bytes, lines: int = 3) -> str:
+    """The lines of a tool's output worth an error message: its [ERROR] lines when it
+    printed any (InnoDB says there what went wrong), else its last lines."""
     text = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-    return " | ".join(text[-lines:])
+    errors = [line for line in text if "[ERROR]" in line or "error:" in line.lower()]
+    return " | ".join((errors or text)[-lines:])
 
 
 def _free_bytes(path: str) -> int:
