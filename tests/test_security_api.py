@@ -92,7 +92,7 @@ class RouteEnumerationTests(unittest.TestCase):
                         "Code": "ERROR", "Message": "Invalid token", "Details": None}),
                         f"{method} {route['rule']} token={token!r}")
                     checked += 1
-        self.assertGreater(checked, 150)
+        self.assertGreater(checked, 200)
         # Not one component was reached.
         for component in (agent.host, agent.service, agent.binlogs, agent.snapshots,
                           agent.snapshot_hosts, agent.seeds, agent.runner):
@@ -211,7 +211,7 @@ class HostileInputTests(unittest.TestCase):
                             self.assertNotIn("Traceback", value["Message"])
                             self.assertNotIn("internal error", value["Message"], f"{method} {path}")
         await self._send("GET", "/api/abort-seed/901", {"token": self.agent.token})
-        self.assertGreater(tried, 400)
+        self.assertGreater(tried, 800)
         self.assertFalse(os.path.exists(self.canary), "a payload reached a shell")
         with open(self.victim) as fh:
             self.assertEqual(fh.read(), "must survive")
@@ -224,7 +224,6 @@ class HostileInputTests(unittest.TestCase):
         for answer in bodies:
             self.assertNotIn(self.agent.token.encode(), answer)
         self.assertNotIn("Traceback", output)
-        self.__class__.figures = {"hostile_requests": tried}
 
     async def test_token_never_in_error_bodies_or_logs(self):
         token = self.agent.token
@@ -254,7 +253,8 @@ class SizeLimitTests(unittest.TestCase):
         with open(f"/proc/{self.pid}/status") as fh:
             return int(re.search(r"VmRSS:\s+(\d+)", fh.read()).group(1)) << 10
 
-    def raw(self, request: bytes, body_bytes: int = 0, chunk: bytes = b"A" * 65536) -> bytes:
+    def raw(self, request: bytes, body_bytes: int = 0, chunk: bytes = b"A" * 65536,
+            tail: bytes = b"") -> bytes:
         """Send a raw request (and ``body_bytes`` of body) on a blocking socket; the answer."""
         with socket.create_connection(("127.0.0.1", self.agent.port), timeout=20) as s:
             s.sendall(request)
@@ -263,6 +263,7 @@ class SizeLimitTests(unittest.TestCase):
                 while sent < body_bytes:
                     s.sendall(chunk)
                     sent += len(chunk)
+                s.sendall(tail)
             except (BrokenPipeError, ConnectionResetError):
                 pass
             answer = b""
@@ -308,8 +309,11 @@ class SizeLimitTests(unittest.TestCase):
         head = (f"POST /api/apply-relaylog-contents?token={self.agent.token} HTTP/1.1\r\n"
                 "Host: x\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
         piece = b"10000\r\n" + b"A" * 0x10000 + b"\r\n"
-        answer = await threads.deferToThread(self.raw, head, size, piece)
-        self.assertRegex(answer[:40], rb"^HTTP/1.1 (413|500)")
+        answer = await threads.deferToThread(self.raw, head, size, piece, b"0\r\n\r\n")
+        # The answer may be lost to the reset of a connection cut mid-body; what must hold
+        # is that nothing else comes back, the daemon stays small, and it still serves.
+        if answer:
+            self.assertRegex(answer[:40], rb"^HTTP/1.1 (413|500)")
         self.assertLess(self.rss() - before, 64 << 20)
         self.assertEqual((await self.agent.get("/api/mysql-port"))[0], 200)
 

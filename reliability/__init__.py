@@ -1,0 +1,1 @@
+"""The fault matrix: real agents, real data, injected faults; see RELIABILITY.md."""
