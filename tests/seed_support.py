@@ -6,7 +6,7 @@ import os
 import random
 import socket
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 
 from orchagent import config as config_module
 from orchagent.seed.manager import SeedManager
@@ -91,7 +91,8 @@ def make_tree(root: str, seed: int = 1, files: int = 12, max_size: int = 300_000
         fh.write(os.urandom(70_000))
     with open(os.path.join(root, "hole_only"), "wb") as fh:
         fh.truncate(200_000)
-    os.chmod(os.path.join(root, "db1", "f0.ibd") if os.path.exists(os.path.join(root, "db1", "f0.ibd")) else os.path.join(root, "db1"), 0o640)
+    os.chmod(os.path.join(root, "db1", "sparse.ibd"), 0o600)
+    os.chmod(os.path.join(root, "db1"), 0o750)
     os.symlink("db1/sub", os.path.join(root, "link_in"))
 
 

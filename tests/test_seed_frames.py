@@ -17,13 +17,20 @@ KEY = bytes(range(32))
 
 
 def _stream(chunks: list[tuple[int, int, bytes]], compress: bool) -> tuple[bytes, list]:
-    """A valid stream: a control frame, DATA frames, a packed control frame."""
+    """A valid stream: a control frame, DATA frames, a BUNDLE of them, a packed control
+    frame."""
     out = [frames.seal_json(FrameType.FINISH, {"tree": "ab"}, KEY)]
     expected = [("FINISH", b'{"tree":"ab"}')]
     for file, offset, data in chunks:
         pieces, digest, _ = frames.seal_chunk(file, offset, data, KEY, compress)
         out.append(b"".join(bytes(p) for p in pieces))
         expected.append(("DATA", file, offset, data))
+    if chunks:
+        files = [(file, data) for file, _, data in chunks]
+        pieces, _, _ = frames.seal_bundle([(f, len(d)) for f, d in files],
+                                          b"".join(d for _, d in files), KEY, compress)
+        out.append(b"".join(bytes(p) for p in pieces))
+        expected.append(("BUNDLE", files))
     out.append(frames.seal_packed(FrameType.READY, {"have": [[1, 2, 3, "00"]]}, KEY))
     expected.append(("READY", {"have": [[1, 2, 3, "00"]]}))
     return b"".join(out), expected
@@ -36,6 +43,12 @@ def _decode(pieces) -> list:
         if frame.type == FrameType.DATA:
             chunk = frames.open_data(frame, KEY)
             decoded.append(("DATA", chunk.file, chunk.offset, b"".join(frames.unpack_chunk(chunk))))
+        elif frame.type == FrameType.BUNDLE:
+            files = frames.unpack_bundle(frames.open_bundle(frame, KEY))
+            for _, outcome in files:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            decoded.append(("BUNDLE", [(index, bytes(data)) for index, data in files]))
         elif frame.type == FrameType.READY:
             decoded.append(("READY", frames.open_packed(frame, KEY)))
         else:
@@ -237,17 +250,37 @@ class ManifestTests(unittest.TestCase):
         self.assertLess(manifest.total_bytes, 1 << 20)
         self.assertGreaterEqual(manifest.total_bytes, 100_000)
         table = plan.ChunkTable(manifest)
-        self.assertEqual(sum(n for _, _, n in table.todo()), manifest.total_bytes)
+        self.assertEqual(sum(table.length[c] for c in table.todo()), manifest.total_bytes)
+        self.assertEqual(table.chunk_id(0, (4 << 20) + 65536), 1)
+        self.assertIsNone(table.chunk_id(0, 4096))
 
     def test_digests_depend_on_every_chunk(self):
         manifest = tree.Manifest(self._entries({"path": "f", "kind": "f", "size": 200000}), 65536)
         a, b = plan.ChunkTable(manifest), plan.ChunkTable(manifest)
-        for index, offset, _ in manifest.chunks():
-            a.mark_done(index, offset, bytes(32))
-            b.mark_done(index, offset, bytes(32) if offset else b"\x01" * 32)
+        for cid in range(len(a)):
+            a.mark_done(cid, b"\x02" * 32)
+            b.mark_done(cid, b"\x02" * 32 if cid else b"\x01" * 32)
         self.assertTrue(a.complete)
+        self.assertEqual(a.files_done, 1)
         self.assertNotEqual(a.tree_digest(), b.tree_digest())
-        self.assertEqual(plan.unpack_digests(plan.pack_digests(a.file_digests())), a.file_digests())
+        self.assertEqual(a.first_difference(a.file_digests(), b.file_digests()), 0)
+        a.reset()
+        self.assertEqual((a.bytes_done, len(a.todo())), (0, len(a)))
+        self.assertEqual(a.known(0), b"\x02" * 32)
+
+    def test_manifest_columns_give_entries_back(self):
+        entries = self._entries({"path": "d", "kind": "d", "mode": 0o750, "user": "mysql"},
+                                {"path": "d/f", "kind": "f", "size": 10, "extents": ((0, 4),)},
+                                {"path": "l", "kind": "l", "target": "d/f", "mtime_ns": -5})
+        manifest = tree.Manifest(entries, 65536)
+        self.assertEqual(list(manifest.entries), list(entries))
+        self.assertEqual(manifest.entries[-1].target, "d/f")
+        batches = tree.pack_batches(manifest, batch=2)
+        again = tree.manifest_from_batches(batches, 65536, 3, manifest.digest().hex())
+        self.assertEqual(list(again.entries), list(entries))
+        with self.assertRaises(BadRequest) as caught:
+            tree.manifest_from_batches(batches[:1], 65536, 3, manifest.digest().hex())
+        self.assertIn("incomplete or altered", caught.exception.message)
 
 
 class MeterTests(unittest.TestCase):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import stat
 
@@ -15,7 +16,7 @@ from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
-from orchagent.seed import frames, receiver, sender
+from orchagent.seed import frames, sender
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from tests import seed_support as S
@@ -83,6 +84,27 @@ class HappyPathTests(SeedCase):
         self.assertEqual(leftover, ["7.json"])
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.base, "r", "state")).st_mode), 0o700)
 
+    async def test_many_small_files_travel_in_bundles(self):
+        os.makedirs(os.path.join(self.src, "db"))
+        for i in range(300):
+            data = os.urandom(700) + bytes(i * 7) if i % 2 else os.urandom(1500 + i)
+            with open(os.path.join(self.src, "db", f"t{i:03d}.frm"), "wb") as fh:
+                fh.write(data)
+            os.chmod(os.path.join(self.src, "db", f"t{i:03d}.frm"), 0o640 if i % 3 else 0o600)
+        bundles = []
+        original = frames.seal_bundle
+        self.patch(frames, "seal_bundle", lambda *a: bundles.append(a[0]) or original(*a))
+        r = self.receiver()
+        s = self.sender(seed_streams=2, seed_compression="zstd")
+        await r.receive("15", key="k")
+        await s.send(f"127.0.0.1:{self.port}", "15", key="k", source="datadir")
+        status = await S.finished(r, "15")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(status["FilesDone"], 300)
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+        self.assertEqual(sum(len(b) for b in bundles), 300)
+        self.assertLess(len(bundles), 20)
+
     async def test_large_file_is_split_between_streams(self):
         data = self.big_file(size=2_000_000)
         r = self.receiver()
@@ -138,6 +160,18 @@ class HappyPathTests(SeedCase):
         started = reactor.seconds()
         self.assertEqual((await S.finished(r, "9"))["State"], "completed")
         self.assertLess(reactor.seconds() - started, 3)
+
+    async def test_rate_limit_on_the_receiving_side(self):
+        self.big_file(size=1_200_000)
+        r = self.receiver()
+        s = self.sender()
+        await r.receive("16")
+        self.assertTrue(await r.set_rate_limit("16", 200_000))
+        await s.send(f"127.0.0.1:{self.port}", "16", source="datadir")
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertLess((await r.status("16"))["BytesDone"], 600_000)
+        await r.set_rate_limit("16", 0)
+        self.assertEqual((await S.finished(r, "16"))["State"], "completed")
 
     async def test_datadir_not_empty_is_kept_aside(self):
         self.big_file(size=10_000)
@@ -233,7 +267,6 @@ class AuthTests(SeedCase):
         """A certificate usable as TLS server and client (no EKU restriction)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        import ipaddress
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                 .issuer_name(ca.certificate.subject).public_key(key.public_key())
@@ -410,6 +443,28 @@ class FailureTests(SeedCase):
         self.assertLessEqual(sent_before - have, 2 * CHUNK, "more than a chunk per stream was lost")
         with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
             self.assertEqual(fh.read(), data)
+
+    async def test_restarted_sender_refuses_an_unmounted_snapshot(self):
+        self.big_file(size=1_500_000)
+        r = self.receiver()
+        s = self.sender(seed_rate_limit_bytes_per_sec=800_000)
+        await r.receive("17")
+        await s.send(f"127.0.0.1:{self.port}", "17", source="snapshot")
+        await S.wait_for(lambda: r.records["17"].bytes_done > 200_000)
+        await s.stopService()
+        await r.jobs["17"].drain()
+        have = r.records["17"].bytes_done
+        # The snapshot was unmounted meanwhile: walking the bare mount point would send
+        # an empty tree and the receiver would start over from nothing.
+        again = self.sender(start=False)
+        again.snapshots.mount = S.Snapshots(self.src, mounted=False).mount
+        again.startService()
+        self.addCleanup(again.stopService)
+        status = await S.finished(again, "17")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("no snapshot is mounted", status["Error"])
+        self.assertEqual(r.records["17"].bytes_done, have)
+        self.assertEqual(r.records["17"].state, "running")
 
     async def test_receiver_restart_resumes_from_its_journal(self):
         total = 1_500_000

@@ -3,12 +3,13 @@
 ``send-mysql-seed-data/{target}/{seedId}?source=hot`` answers at once; in the
 background the source agent
 
-1. *backup*: runs ``HotBackupCommand`` (shell text, the work directory as ``"$1"``) or,
-   by default, ``mariabackup`` (else ``xtrabackup``) ``--backup --target-dir=WORK`` into
-   ``StateDir/hot/<seedId>/data``.  The tool connects to the server with its own option
-   groups (``[mariabackup]``, ``[xtrabackup]``, ``[client]``) of ``MySQLOptionsFile`` or
-   of its default files: the agent holds no MySQL credentials.  The tool checks every
-   page's checksum as it copies it.
+1. *backup*: runs ``HotBackupCommand`` (shell text; the directory to write the backup
+   into is appended as its last argument, e.g. ``xtrabackup --backup --target-dir``) or,
+   by default, ``mariabackup`` (else ``xtrabackup``) ``--backup --parallel=2
+   --target-dir=StateDir/hot/<seedId>/data``.  The tool connects to the server with its
+   own option groups (``[mariabackup]``, ``[xtrabackup]``, ``[client]``) of
+   ``MySQLOptionsFile`` or of its default files: the agent holds no MySQL credentials.
+   The tool checks every page's checksum as it copies it.
 2. *prepare*: ``--prepare`` on that directory (it is ours, no copy needed), then gives it
    the datadir's owner;
 3. *send*: hands the directory to the seed engine, exactly like a mounted snapshot:
@@ -47,6 +48,8 @@ log = Logger()
 
 #: Free space a hot backup needs beyond the size of the datadir it copies.
 SPACE_MARGIN = 64 << 20
+#: Files mariabackup/xtrabackup copy at once during a hot backup.
+BACKUP_THREADS = 2
 
 
 class _TrackedRunner:
@@ -184,8 +187,10 @@ class HotSeeds:
                 tool = self.tools.hot_tool()
                 if tool is None:
                     raise NotAvailable("neither mariabackup nor xtrabackup is installed")
+                # The backup is on the seed's critical path; two copy threads shorten it.
                 result = await runner.run(
-                    [tool, *self.tools.defaults_args(), "--backup", f"--target-dir={data}"],
+                    [tool, *self.tools.defaults_args(), "--backup", f"--parallel={BACKUP_THREADS}",
+                     f"--target-dir={data}"],
                     timeout=0, check=False, privileged=True)
                 what = f"{tool} --backup"
             if not result.ok:

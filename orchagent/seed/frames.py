@@ -15,6 +15,12 @@ and every flipped bit is caught even where it would not change the output.  The 
 digest does not depend on the stream key: the receiver keeps it in its journal and
 compares it again after a restart.
 
+Small files travel together in BUNDLE frames: a head (count u32, encoding u8, raw length
+u32), one item per file (file index u32, length u32, BLAKE3 digest) and the files' bytes
+one after the other (raw or zstd as a whole), tagged like a DATA frame.  One frame per
+megabyte instead of one per file keeps the per-file cost on both sides to the system
+calls the file needs.
+
 The stream key is all-zero during the handshake (integrity only) and afterwards derived
 from both sides' nonces and, when the controller gave one, the per-seed key (see
 :mod:`orchagent.seed.auth`): then nobody without the key can forge or splice a frame.
@@ -39,6 +45,9 @@ import zstandard
 
 HEADER = struct.Struct(">BBI")
 CHUNK_HEAD = struct.Struct(">IQIB32s")
+BUNDLE_HEAD = struct.Struct(">IBI")
+BUNDLE_ITEM = struct.Struct(">II32s")
+MAX_BUNDLE_ITEMS = 4096
 TAG_SIZE = 16
 DIGEST_SIZE = 32
 ZERO_KEY = bytes(32)
@@ -63,6 +72,7 @@ class FrameType(enum.IntEnum):
     FINISH = 11
     RESULT = 12
     ABORT = 13
+    BUNDLE = 14
 
 
 class Encoding(enum.IntEnum):
@@ -171,8 +181,8 @@ def seal_packed(ftype: int, value: Any, key: bytes = ZERO_KEY) -> bytes:
 
 def open_control(frame: Frame, key: bytes = ZERO_KEY) -> bytes:
     """The body of a control frame, after checking its tag."""
-    if frame.type == FrameType.DATA:
-        raise ProtocolError("a DATA frame where a control frame was expected")
+    if frame.type in (FrameType.DATA, FrameType.BUNDLE):
+        raise ProtocolError("a data frame where a control frame was expected")
     raw = frame.raw
     if _tag(key, raw[:len(raw) - TAG_SIZE]) != raw[len(raw) - TAG_SIZE:]:
         raise IntegrityError(f"{_name(frame.type)} frame failed its integrity check")
@@ -221,6 +231,108 @@ def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
     else:
         tag = _tag(key, head, chunk_head)
     return [head, chunk_head, payload, tag], digest, encoding == Encoding.ZSTD
+
+
+@attrs.frozen
+class Bundle:
+    """A BUNDLE frame whose head was read (and, when raw, its tag checked)."""
+
+    items: tuple
+    encoding: int
+    raw_length: int
+    payload: tuple
+    size: int
+    head: bytes = b""
+    tag: bytes = b""
+    key: bytes = attrs.field(default=ZERO_KEY, repr=False)
+
+    @property
+    def where(self) -> tuple[int, int]:
+        return (self.items[0][0], 0)
+
+
+def seal_bundle(files: list, raw, key: bytes, compress: bool) -> tuple[list, list[bytes], bool]:
+    """Frame whole small files as one BUNDLE (worker thread): ``files`` are ``[(file
+    index, length)]`` whose bytes follow each other in ``raw``.  Returns (pieces, their
+    digests, compressed or not)."""
+    view = memoryview(raw)
+    digests = []
+    position = 0
+    for _, length in files:
+        digests.append(blake3.blake3(view[position:position + length]).digest())
+        position += length
+    raw = bytes(raw)  # transports take bytes only
+    payload, encoding = raw, Encoding.RAW
+    if compress and raw:
+        packed = _compressor().compress(raw)
+        if len(packed) <= len(raw) - len(raw) // MIN_SAVING:
+            payload, encoding = packed, Encoding.ZSTD
+    head_body = BUNDLE_HEAD.pack(len(files), encoding, len(raw)) + b"".join(
+        BUNDLE_ITEM.pack(index, length, digest) for (index, length), digest in zip(files, digests))
+    head = HEADER.pack(FrameType.BUNDLE, 0, len(head_body) + len(payload))
+    if encoding == Encoding.ZSTD:
+        tag = _tag(key, head, head_body, payload)
+    else:
+        tag = _tag(key, head, head_body)
+    return [head, head_body, payload, tag], digests, encoding == Encoding.ZSTD
+
+
+def open_bundle(frame: Frame, key: bytes) -> Bundle:
+    """Read a BUNDLE's head; check its tag when the payload is raw (cheap, any thread)."""
+    start = HEADER.size + BUNDLE_HEAD.size
+    if frame.size < start + TAG_SIZE:
+        raise ProtocolError("BUNDLE frame shorter than its head")
+    count, encoding, raw_length = BUNDLE_HEAD.unpack(b"".join(_slice(frame.parts, HEADER.size, start)))
+    end = start + count * BUNDLE_ITEM.size
+    if not 0 < count <= MAX_BUNDLE_ITEMS or frame.size < end + TAG_SIZE or raw_length > MAX_CHUNK \
+            or encoding not in (Encoding.RAW, Encoding.ZSTD):
+        raise ProtocolError("BUNDLE frame has an impossible head")
+    head = b"".join(_slice(frame.parts, 0, end))
+    items = tuple(BUNDLE_ITEM.unpack_from(head, start + i * BUNDLE_ITEM.size) for i in range(count))
+    tag = b"".join(_slice(frame.parts, frame.size - TAG_SIZE, frame.size))
+    payload = tuple(_slice(frame.parts, end, frame.size - TAG_SIZE))
+    if encoding == Encoding.RAW and _tag(key, head) != tag:
+        raise IntegrityError(f"BUNDLE frame starting with file #{items[0][0]} failed its integrity check",
+                             where=(items[0][0], 0))
+    payload_size = frame.size - end - TAG_SIZE
+    if sum(length for _, length, _ in items) != raw_length or (
+            encoding == Encoding.RAW and payload_size != raw_length):
+        raise ProtocolError("BUNDLE frame lengths do not add up")
+    return Bundle(items, encoding, raw_length, payload, frame.size, head, tag, key)
+
+
+def unpack_bundle(bundle: Bundle) -> list:
+    """``[(file index, bytes or IntegrityError)]``: each file checked against its digest
+    (worker thread).  A zstd payload is authenticated before it is decompressed."""
+    parts = list(bundle.payload)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if bundle.encoding == Encoding.ZSTD:
+        first = bundle.items[0][0]
+        if _tag(bundle.key, bundle.head, data) != bundle.tag:
+            raise IntegrityError(f"BUNDLE frame starting with file #{first} failed its integrity check",
+                                 where=(first, 0))
+        try:
+            if zstandard.frame_content_size(data) != bundle.raw_length:
+                raise zstandard.ZstdError("wrong declared size")
+            data = _decompressor().decompress(data, max_output_size=bundle.raw_length)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"BUNDLE frame starting with file #{first} does not decompress: {e}",
+                                 where=(first, 0)) from None
+        if len(data) != bundle.raw_length:
+            raise IntegrityError(f"BUNDLE frame starting with file #{first} has the wrong length",
+                                 where=(first, 0))
+    view = memoryview(data)
+    out = []
+    position = 0
+    for index, length, digest in bundle.items:
+        piece = view[position:position + length]
+        position += length
+        if blake3.blake3(piece).digest() == digest:
+            out.append((index, piece))
+        else:
+            out.append((index, IntegrityError(f"file #{index} in a bundle does not match its digest",
+                                              where=(index, 0))))
+    return out
 
 
 def open_data(frame: Frame, key: bytes) -> Chunk:
@@ -314,7 +426,7 @@ class FrameSplitter:
             if self._have < total:
                 break
             parts = self._take(total)
-            if ftype != FrameType.DATA and len(parts) > 1:
+            if ftype not in (FrameType.DATA, FrameType.BUNDLE) and len(parts) > 1:
                 parts = [memoryview(b"".join(parts))]
             frames.append(Frame(ftype, flags, tuple(parts), total))
             self._head = None

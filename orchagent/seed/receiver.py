@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
@@ -62,6 +63,8 @@ class ReceiverStream(protocol.Protocol):
         self.closed = False
         self.batch: list = []
         self.timer = None
+        #: The rate limit's timer while it holds this stream's reading.
+        self.hold = None
         self.lingering = False
 
     def connectionMade(self):
@@ -161,6 +164,9 @@ class ReceiverStream(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone):
         self.closed = True
         self._stop_timer()
+        if self.hold is not None:
+            self.hold.cancel()
+            self.hold = None
         self.manager.streams.discard(self)
         if self.job is not None:
             self.job.stream_lost(self)
@@ -190,14 +196,16 @@ class ReceiveJob:
         self.control: ReceiverStream | None = None
         self.streams: set[ReceiverStream] = set()
         self.ready = False
-        self.pending_entries: list = []
-        self.sender_digests: dict[int, bytes] = {}
+        #: MANIFEST bodies (packed batches) of the current session, until MANIFEST_END.
+        self.batches: list[bytes] = []
+        self.sender_digests = b""
         self.finish: dict | None = None
         self.inflight: set[defer.Deferred] = set()
         self.failures: dict[tuple[int, int], int] = {}
-        self.written: set[int] = set()
         self.journal_fd: int | None = None
         self.recheck_journal = False
+        self.restoring: defer.Deferred | None = None
+        self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
         #: Sessions (sender attempts) seen, and whether the job came back from a restart.
         self.sessions = 0
         self.restored = False
@@ -217,24 +225,24 @@ class ReceiveJob:
     # --- restart -------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """After an agent restart: reload the manifest; the journal is re-checked on the
-        next session (its records are trusted only after re-hashing the staged bytes)."""
-        packed = self.manager.store.read(self.seed_id, "manifest")
-        if packed is None or not self.staging.exists():
+        """After an agent restart: reload the manifest (in a worker thread); the journal is
+        re-checked on the next session (its records are trusted only after re-hashing the
+        staged bytes)."""
+        saved = self.manager.store.read(self.seed_id, "manifest")
+        if saved is None or not self.staging.exists():
             return
-        try:
-            data = frames._decompressor().decompress(packed, max_output_size=1 << 30)
-            doc = json.loads(data)
-            self.manifest = tree.Manifest(tuple(tree.Entry.from_wire(e) for e in doc["entries"]),
-                                          doc["chunk_size"])
-        except Exception as e:
-            log.warn("seed {seed}: saved manifest unreadable, starting over: {error}",
-                     seed=self.seed_id, error=e)
-            self.manifest = None
-            return
-        self.table = plan.ChunkTable(self.manifest)
-        self.recheck_journal = True
         self.restored = True
+        self.restoring = self.manager.thread(_load_manifest, saved)
+        self.restoring.addCallbacks(self._restored, self._restore_failed)
+
+    def _restored(self, manifest: tree.Manifest) -> None:
+        self.manifest = manifest
+        self.table = plan.ChunkTable(manifest)
+        self.recheck_journal = True
+
+    def _restore_failed(self, failure) -> None:
+        log.warn("seed {seed}: saved manifest unreadable, starting over: {error}",
+                 seed=self.seed_id, error=failure.getErrorMessage())
 
     # --- streams -------------------------------------------------------------------------
 
@@ -257,8 +265,8 @@ class ReceiveJob:
             self.session = hello["session"]
             self.control = stream
             self.ready = False
-            self.pending_entries = []
-            self.sender_digests = {}
+            self.batches = []
+            self.sender_digests = b""
             self.finish = None
             if not self.record.keyed and not self.manager.tls:
                 self.record.peer_host = stream.peer
@@ -296,6 +304,9 @@ class ReceiveJob:
         if frame.type == FrameType.DATA:
             self._data(stream, frame)
             return
+        if frame.type == FrameType.BUNDLE:
+            self._bundle(stream, frame)
+            return
         if frame.type == FrameType.ABORT:
             message = frames.open_json(frame, stream.key).get("message", "")
             self.manager.reactor.callLater(0, self.fail, f"the sender aborted the seed: {message}",
@@ -304,39 +315,35 @@ class ReceiveJob:
         if stream is not self.control:
             raise ProtocolError(f"control frame {frame.type} on a data stream")
         if frame.type == FrameType.MANIFEST and not self.ready:
-            self.pending_entries.extend(frames.open_packed(frame, stream.key))
+            self.batches.append(frames.open_control(frame, stream.key))
         elif frame.type == FrameType.MANIFEST_END and not self.ready:
-            self._manifest_end(frames.open_json(frame, stream.key))
+            end = frames.open_json(frame, stream.key)
+            session, batches, self.batches = self.session, self.batches, []
+            d = defer.ensureDeferred(self._prepare(batches, end, session))
+            d.addErrback(self._prepare_failed, session)
         elif frame.type == FrameType.DIGESTS and self.ready:
-            try:
-                self.sender_digests.update(plan.unpack_digests(frames.open_control(frame, stream.key)))
-            except ValueError as e:
-                raise ProtocolError(str(e)) from None
+            self.sender_digests += frames.open_control(frame, stream.key)
         elif frame.type == FrameType.FINISH and self.ready:
             self.finish = frames.open_json(frame, stream.key)
             self._maybe_finish()
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} on the control stream")
 
-    def _manifest_end(self, end: dict) -> None:
+    async def _prepare(self, batches: list[bytes], end: dict, session: str) -> None:
+        """MANIFEST_END: check the manifest, make room, answer READY with what is here."""
         try:
-            entries = tuple(tree.Entry.from_wire(e) for e in self.pending_entries)
-            manifest = tree.Manifest(entries, int(end["chunk_size"]))
-            tree.validate_entries(entries, manifest.chunk_size)
-            if len(entries) != end["count"] or manifest.digest().hex() != end["digest"]:
-                raise BadRequest("the seed manifest arrived incomplete or altered")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"malformed MANIFEST_END: {e}") from None
+            chunk_size, count, digest = end["chunk_size"], end["count"], end["digest"]
+        except (KeyError, TypeError):
+            raise BadRequest("malformed MANIFEST_END") from None
+        try:
+            manifest = await self.manager.thread(tree.manifest_from_batches, batches, chunk_size,
+                                                 count, digest)
         except BadRequest as e:
-            self.fail(f"refused the seed manifest: {e.message}")
-            return
-        self.pending_entries = []
-        session = self.session
-        d = defer.ensureDeferred(self._prepare(manifest, session))
-        d.addErrback(self._prepare_failed, session)
-
-    async def _prepare(self, manifest: tree.Manifest, session: str) -> None:
+            raise BadRequest(f"refused the seed manifest: {e.message}") from None
         await self.drain()
+        if self.restoring is not None:
+            await self.restoring
+            self.restoring = None
         if self.manifest is not None and self.manifest.digest() != manifest.digest():
             log.info("seed {seed}: the source changed since the last attempt; starting over",
                      seed=self.seed_id)
@@ -344,13 +351,12 @@ class ReceiveJob:
         if self.manifest is None:
             self.manifest = manifest
             self.table = plan.ChunkTable(manifest)
-            await self.manager.thread(self._save_manifest, manifest)
+            await self.manager.thread(_save_manifest, self.manager.store, self.seed_id, batches, end)
         if self.recheck_journal:
             records = state.read_journal(self.manager.store.read(self.seed_id, "journal") or b"")
-            good = await self.manager.thread(self.staging.recheck, self.manifest, records)
-            for index, offset, _length, digest in good:
-                self.table.mark_done(index, offset, digest)
-                self.written.add(index)
+            good = await self.manager.thread(self.staging.recheck, self.manifest, self.table, records)
+            for cid, digest in good:
+                self.table.mark_done(cid, digest)
             log.info("seed {seed}: {n} of {m} journaled chunks re-checked good after restart",
                      seed=self.seed_id, n=len(good), m=len(records))
             self.recheck_journal = False
@@ -370,9 +376,11 @@ class ReceiveJob:
         self.manager.touch(record)
         if session != self.session or self.control is None:
             return
-        have = [[i, o, n, d.hex()] for i, o, n, d in table.done_list()]
+        have = await self.manager.thread(lambda: frames._compressor().compress(table.done_records()))
+        if session != self.session or self.control is None:
+            return
         self.ready = True
-        self.control.send_frame(frames.seal_packed(FrameType.READY, {"have": have}, self.control.key))
+        self.control.send_frame(frames.seal(FrameType.READY, have, self.control.key))
         log.info("seed {seed}: ready for {total} bytes in {files} files ({have} bytes already here)",
                  seed=self.seed_id, total=table.bytes_total, files=len(table.files),
                  have=table.bytes_done)
@@ -388,17 +396,11 @@ class ReceiveJob:
             log.failure("seed {seed}: preparing failed", failure, seed=self.seed_id)
             self.fail(f"preparing the seed failed: {failure.value}")
 
-    def _save_manifest(self, manifest: tree.Manifest) -> None:
-        doc = {"chunk_size": manifest.chunk_size, "entries": [e.to_wire() for e in manifest.entries]}
-        packed = frames._compressor().compress(json.dumps(doc).encode())
-        self.manager.store.write(self.seed_id, "manifest", packed)
-
     async def _reset_staging(self) -> None:
         await self.manager.thread(self.staging.discard)
         self._close_journal()
         self.manager.store.remove(self.seed_id, "journal", "manifest")
         self.manifest = self.table = None
-        self.written = set()
 
     async def _check_space(self) -> None:
         where = os.path.dirname(self.staging.root)
@@ -423,28 +425,71 @@ class ReceiveJob:
                 raise
             self._chunk_failed(stream, e.where, e)
             return
-        expected = self.table.expected_length(chunk.file, chunk.offset)
-        if expected is None or expected != chunk.length:
+        table = self.table
+        cid = table.chunk_id(chunk.file, chunk.offset)
+        if cid is None or table.length[cid] != chunk.length:
             raise ProtocolError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
                                 "is not in the plan")
-        whole = chunk.offset == 0 and chunk.length == self.manifest.entries[chunk.file].size \
-            and self.manifest.entries[chunk.file].extents is None
-        stream.batch.append((chunk, whole))
+        stream.batch.append((chunk, self._whole_file(chunk.file)))
         stream.queued += frame.size
+
+    def _bundle(self, stream: ReceiverStream, frame: frames.Frame) -> None:
+        if not self.ready:
+            raise ProtocolError("BUNDLE before READY")
+        try:
+            bundle = frames.open_bundle(frame, stream.key)
+        except frames.IntegrityError as e:
+            if self.table.expected_length(*e.where) is None:
+                raise
+            self._chunk_failed(stream, e.where, e)
+            return
+        table = self.table
+        for index, length, _digest in bundle.items:
+            cid = table.chunk_id(index, 0)
+            if cid is None or table.length[cid] != length or not self._whole_file(index):
+                raise ProtocolError(f"file #{index} in a bundle is not a whole small file of the plan")
+        stream.batch.append((bundle, None))
+        stream.queued += frame.size
+
+    def _whole_file(self, index: int) -> bool:
+        """A dense file of one chunk: written, given its metadata and closed in one go."""
+        return self.table.chunk_count(index) == 1 and self.manifest.is_dense(index)
 
     def flush(self, stream: ReceiverStream) -> None:
         batch, stream.batch = stream.batch, []
-        size = sum(c.size for c, _ in batch)
+        size = sum(item.size for item, _ in batch)
+        self.bucket.take(size)
         if stream.queued > STREAM_WINDOW:
             stream.pause()
+        delay = self.bucket.delay()
+        if delay > 0 and stream.hold is None:
+            stream.pause()
+            stream.hold = self.manager.clock.callLater(delay, self._release, stream)
         d = self.manager.thread(self.staging.write_batch, self.manifest, batch, self.journal_fd)
         self.inflight.add(d)
-        d.addBoth(self._written, stream, batch, size, d)
+        d.addBoth(self._written, stream, size, d)
+        d.addErrback(self._crashed)
 
-    def _written(self, result, stream: ReceiverStream, batch, size, d):
+    def _release(self, stream: ReceiverStream) -> None:
+        """The rate limit allows reading again (if the write window does too)."""
+        stream.hold = None
+        delay = self.bucket.delay()
+        if delay > 0:
+            stream.hold = self.manager.clock.callLater(delay, self._release, stream)
+        elif stream.queued <= STREAM_WINDOW // 2:
+            stream.unpause()
+
+    def set_rate_limit(self, rate: int) -> None:
+        self.bucket.set_rate(rate)
+        for stream in list(self.streams):
+            if stream.hold is not None:
+                stream.hold.cancel()
+                self._release(stream)
+
+    def _written(self, result, stream: ReceiverStream, size, d):
         self.inflight.discard(d)
         stream.queued -= size
-        if stream.queued <= STREAM_WINDOW // 2:
+        if stream.queued <= STREAM_WINDOW // 2 and stream.hold is None:
             stream.unpause()
         if not self.active or self.table is None:
             return None
@@ -456,22 +501,25 @@ class ReceiveJob:
                 log.failure("seed {seed}: write failed", result, seed=self.seed_id)
                 self.fail(f"seed {self.seed_id} could not be written: {result.value}")
             return None
-        completed = []
-        for chunk, outcome in result:
+        table = self.table
+        for where, outcome in result:
             if isinstance(outcome, frames.IntegrityError):
-                self._chunk_failed(stream, chunk.where, outcome)
+                self._chunk_failed(stream, where, outcome)
                 continue
-            if self.table.mark_done(chunk.file, chunk.offset, outcome):
-                completed.append(chunk.file)
-            self.written.add(chunk.file)
-        for index in completed:
-            entry = self.manifest.entries[index]
-            if not (entry.extents is None and self.table.length.get((index, 0)) == entry.size):
+            index = where[0]
+            if table.mark_done(table.chunk_id(*where), outcome) and not self._whole_file(index):
+                entry = self.manifest.entry(index)
                 self.manager.thread(self.staging.finish_file, index, entry).addErrback(
                     self._finish_file_failed, entry)
-        self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+        self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         self._maybe_finish()
         return None
+
+    def _crashed(self, failure) -> None:
+        """A bug, not a condition: fail the seed rather than leave it hanging."""
+        log.failure("seed {seed}: internal error", failure, seed=self.seed_id)
+        if self.active:
+            self.fail(f"internal error: {failure.getErrorMessage()}")
 
     def _finish_file_failed(self, failure, entry):
         if self.active:
@@ -479,7 +527,7 @@ class ReceiveJob:
 
     def _chunk_failed(self, stream, key: tuple[int, int], error) -> None:
         self.failures[key] = self.failures.get(key, 0) + 1
-        path = self.manifest.entries[key[0]].path
+        path = self.manifest.paths[key[0]]
         offset = key[1]
         log.warn("seed {seed}: chunk of {path} at offset {offset} failed verification "
                  "({n} time(s)); it will be sent again", seed=self.seed_id, path=path,
@@ -506,15 +554,14 @@ class ReceiveJob:
         record, table = self.record, self.table
         record.state = state.VERIFYING
         self.manager.touch(record)
-        mine = table.file_digests()
-        for index in table.files:
-            theirs = self.sender_digests.get(index)
-            if theirs != mine[index]:
-                path = self.manifest.entries[index].path
-                raise BadRequest(f"{path} does not match the sender's file digest")
+        mine = await self.manager.thread(table.file_digests)
+        if mine != self.sender_digests:
+            index = table.first_difference(self.sender_digests, mine)
+            path = self.manifest.paths[index] if index is not None else "?"
+            raise BadRequest(f"{path} does not match the sender's file digest")
         if bytes.fromhex(str(self.finish.get("tree", ""))) != table.tree_digest(mine):
             raise BadRequest("the tree digest does not match the sender's")
-        await self.manager.thread(self.staging.finalize, self.manifest, set(self.written))
+        await self.manager.thread(self.staging.finalize, self.manifest, table)
         if not self.active:
             return
         if not record.promoting:
@@ -571,6 +618,21 @@ class ReceiveJob:
         self.manager.touch(record, force=True)
         return defer.ensureDeferred(self._cleanup())
 
+    async def finish_promotion(self) -> None:
+        """After a restart in the middle of moving the verified tree into place."""
+        try:
+            await self.manager.thread(self.staging.promote)
+        except OSError as e:
+            self.fail(f"the agent restarted while moving the seed into place and cannot finish: {e}")
+            return
+        self.manager.store.remove(self.seed_id, "journal", "manifest", "key")
+        self.record.state = state.COMPLETED
+        self.record.promoting = False
+        self.manager.touch(self.record, force=True)
+        log.info("seed {seed}: finished moving the verified seed into {datadir} after a restart",
+                 seed=self.seed_id, datadir=self.record.datadir)
+        self._settle()
+
     async def _cleanup(self) -> None:
         await self.drain()
         try:
@@ -604,3 +666,23 @@ class ReceiveJob:
     def progress(self) -> tuple[float, float | None]:
         self.meter.sample(self.record.bytes_done)
         return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+
+
+def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:
+    """Keep the manifest as it came (its MANIFEST_END, then its packed batches)."""
+    head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest")}).encode()
+    parts = [struct.pack(">I", len(head)), head]
+    for body in batches:
+        parts += [struct.pack(">I", len(body)), body]
+    store.write(seed_id, "manifest", b"".join(parts))
+
+
+def _load_manifest(saved: bytes) -> tree.Manifest:
+    pieces = []
+    position = 0
+    while position < len(saved):
+        (size,) = struct.unpack_from(">I", saved, position)
+        pieces.append(saved[position + 4:position + 4 + size])
+        position += 4 + size
+    end = json.loads(pieces[0])
+    return tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"])

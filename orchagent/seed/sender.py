@@ -18,9 +18,11 @@ independent of the seed's size.
 from __future__ import annotations
 
 import os
+from array import array
 from collections import deque
 
 import blake3
+import zstandard
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer, endpoints, protocol
@@ -44,7 +46,7 @@ AHEAD = 2
 #: A read task gathers whole small files up to this many bytes (one task per file would
 #: cost more in thread hand-offs than reading them); larger files go a chunk per task.
 BATCH_BYTES = 1 << 20
-BATCH_ITEMS = 256
+BATCH_ITEMS = 1024
 MANIFEST_BATCH = 4096
 CONNECT_TIMEOUT = 10
 #: Seconds a connected stream may take to finish its handshake.
@@ -153,6 +155,35 @@ class SenderStream(protocol.Protocol):
         self.closed = True
 
 
+class ChunkQueue:
+    """Chunk numbers still to send: an array and a cursor (no object per chunk), and in
+    front of it the few taken back from a stream that closed."""
+
+    def __init__(self, chunks=()):
+        self._chunks = array("I", chunks)
+        self._next = 0
+        self._front: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self._front) + len(self._chunks) - self._next
+
+    def __getitem__(self, index: int) -> int:
+        if index != 0 or not self:
+            raise IndexError(index)
+        return self._front[0] if self._front else self._chunks[self._next]
+
+    def popleft(self) -> int:
+        if self._front:
+            return self._front.popleft()
+        if self._next >= len(self._chunks):
+            raise IndexError("empty")
+        self._next += 1
+        return self._chunks[self._next - 1]
+
+    def push_front(self, chunks) -> None:
+        self._front.extendleft(reversed(chunks))
+
+
 class CompressionPolicy:
     """Adaptive zstd: try on a chunk; after chunks that did not shrink, skip more and
     more chunks (up to 64) before trying again."""
@@ -195,7 +226,7 @@ class SendJob:
         self.session = ""
         self.streams: list[SenderStream] = []
         self.control: SenderStream | None = None
-        self.queue: deque = deque()
+        self.queue = ChunkQueue()
         self.finishing = False
         self.attempts = 0
         self.retry_call = None
@@ -204,8 +235,8 @@ class SendJob:
         self.meter = state.RateMeter(manager.clock)
         self.done = defer.Deferred()
         self.ready = False
-        #: Content digests of every chunk read from the source, by (file, offset).
-        self.digests: dict[tuple[int, int], bytes] = {}
+        #: The manifest as packed MANIFEST bodies (made once, off the reactor).
+        self.batches: list[bytes] = []
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -225,11 +256,11 @@ class SendJob:
         defer.ensureDeferred(self._walk()).addErrback(self._crashed)
 
     async def _walk(self) -> None:
-        manifest = await self.manager.thread(tree.walk, self.record.source_path, self.manager.chunk_size)
+        manifest, table, batches = await self.manager.thread(
+            _survey, self.record.source_path, self.manager.chunk_size)
         if not self.active:
             return
-        self.manifest = manifest
-        self.table = plan.ChunkTable(manifest)
+        self.manifest, self.table, self.batches = manifest, table, batches
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
         self.manager.touch(self.record)
         log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
@@ -262,7 +293,7 @@ class SendJob:
         self.session = os.urandom(8).hex()
         self.finishing = False
         self.ready = False
-        self.queue = deque()
+        self.queue = ChunkQueue()
         self.record.state = state.RUNNING
         defer.ensureDeferred(self._open_control(self.session)).addErrback(self._connect_failed, self.session)
 
@@ -279,11 +310,10 @@ class SendJob:
         setting = self.manager.config.seed_compression
         self.compression = CompressionPolicy(
             setting == "zstd" or (setting == "auto" and not is_loopback(peer)))
-        for start in range(0, len(self.manifest.entries), MANIFEST_BATCH):
-            batch = [e.to_wire() for e in self.manifest.entries[start:start + MANIFEST_BATCH]]
-            stream.transport.write(frames.seal_packed(FrameType.MANIFEST, batch, stream.key))
+        for body in self.batches:
+            stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
         stream.transport.write(frames.seal_json(FrameType.MANIFEST_END, {
-            "count": len(self.manifest.entries), "chunk_size": self.manifest.chunk_size,
+            "count": len(self.manifest), "chunk_size": self.manifest.chunk_size,
             "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total}, stream.key))
 
     def _connect_failed(self, failure, session) -> None:
@@ -298,7 +328,11 @@ class SendJob:
         if stream.role != "control" or stream is not self.control:
             raise ProtocolError(f"frame type {frame.type} on a data stream")
         if frame.type == FrameType.READY:
-            have = frames.open_packed(frame, stream.key).get("have", [])
+            try:
+                packed = frames.open_control(frame, stream.key)
+                have = plan.unpack_records(frames._decompressor().decompress(packed, max_output_size=1 << 30))
+            except (ValueError, zstandard.ZstdError) as e:
+                raise ProtocolError(f"malformed READY: {e}") from None
             defer.ensureDeferred(self._ready(have, self.session)).addErrback(self._crashed)
         elif frame.type == FrameType.RESULT:
             result = frames.open_json(frame, stream.key)
@@ -311,32 +345,32 @@ class SendJob:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
 
     async def _ready(self, have: list, session: str) -> None:
-        table = plan.ChunkTable(self.manifest)
+        table = self.table
+        table.reset()
         recheck = []
-        for item in have:
-            index, offset, length, digest = item
-            if table.expected_length(index, offset) != length:
+        for index, offset, length, digest in have:
+            cid = table.chunk_id(index, offset)
+            if cid is None or table.length[cid] != length:
                 continue
-            digest = bytes.fromhex(digest)
-            known = self.digests.get((index, offset))
+            known = table.known(cid)
             if known is None:
-                recheck.append((index, offset, length, digest))
+                recheck.append((cid, index, offset, length, digest))
             elif known == digest:
-                table.mark_done(index, offset, digest)
+                table.mark_done(cid, digest)
         if recheck:
             good = await self.manager.thread(_recheck_source, self.record.source_path,
                                              self.manifest, recheck)
-            for index, offset, digest in good:
-                self.digests[(index, offset)] = digest
-                table.mark_done(index, offset, digest)
+            if session != self.session or not self.active:
+                return
+            for cid, digest in good:
+                table.mark_done(cid, digest)
         if session != self.session or not self.active:
             return
         if table.bytes_done > self.have_at_ready:
             self.attempts = 0
         self.have_at_ready = table.bytes_done
-        self.table = table
         self.ready = True
-        self.queue = deque(table.todo())
+        self.queue = ChunkQueue(table.todo())
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
                  seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)
@@ -366,24 +400,25 @@ class SendJob:
                 if stream.timer is None or not stream.timer.active():
                     stream.timer = self.manager.clock.callLater(delay, self.pump, stream)
                 return
+            length = self.table.length
             items = [self.queue.popleft()]
-            size = items[0][2]
+            size = length[items[0]]
             while (self.queue and self._whole_file(self.queue[0]) and self._whole_file(items[0])
-                   and size + self.queue[0][2] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
+                   and size + length[self.queue[0]] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
                 items.append(self.queue.popleft())
-                size += items[-1][2]
+                size += length[items[-1]]
             self.bucket.take(size)
             stream.reads += 1
             compress = self.compression.should_try()
-            d = self.manager.thread(_read_chunks, self.record.source_path, self.manifest, items,
-                                    stream.key, compress)
+            d = self.manager.thread(_read_chunks, self.record.source_path, self.manifest,
+                                    [self.table.chunk(cid) for cid in items], stream.key, compress)
             d.addBoth(self._read_done, stream, items, compress, self.session)
+            d.addErrback(self._crashed)
         self._maybe_finish()
 
-    def _whole_file(self, item) -> bool:
-        index, offset, length = item
-        entry = self.manifest.entries[index]
-        return offset == 0 and length == entry.size and entry.extents is None
+    def _whole_file(self, cid: int) -> bool:
+        index = self.table.file[cid]
+        return self.table.chunk_count(index) == 1 and self.manifest.is_dense(index)
 
     def _read_done(self, result, stream: SenderStream, items, compress, session):
         stream.reads -= 1
@@ -399,7 +434,7 @@ class SendJob:
                 self.fail(f"reading the seed source failed: {result.value}")
             return None
         if stream.closed:
-            self.queue.extendleft(reversed(items))
+            self.queue.push_front(items)
             return None
         stream.waiting.append((items, result, compress))
         self.flush(stream)
@@ -410,13 +445,16 @@ class SendJob:
         """Write batches read ahead, unless the transport asked us to pause."""
         while stream.waiting and not stream.paused and not stream.closed:
             items, result, compress = stream.waiting.popleft()
-            for (index, offset, length), (pieces, digest, compressed) in zip(items, result):
+            pending = iter(items)
+            for pieces, digests, compressed in result:
                 stream.transport.writeSequence(pieces)
-                self.digests[(index, offset)] = digest
-                self.table.mark_done(index, offset, digest)
                 self.compression.record(compress, compressed)
-                self.bytes_sent += length
-                self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
+                for digest in digests:
+                    cid = next(pending)
+                    self.table.mark_done(cid, digest)
+                    length = self.table.length[cid]
+                    self.bytes_sent += length
+                    self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
         self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
 
     def _maybe_finish(self) -> None:
@@ -424,13 +462,18 @@ class SendJob:
                 or any(s.reads or s.waiting for s in self.streams) or not self.table.complete):
             return
         self.finishing = True
+        defer.ensureDeferred(self._finish(self.session)).addErrback(self._crashed)
+
+    async def _finish(self, session: str) -> None:
+        """Everything is on its way: send the file digests and the tree digest."""
         table = self.table
-        digests = table.file_digests()
+        digests = await self.manager.thread(table.file_digests)
         control = self.control
-        packed = plan.pack_digests(digests)
+        if session != self.session or control is None or control.closed:
+            return
         step = 36 * 100_000
-        for start in range(0, len(packed), step):
-            control.transport.write(frames.seal(FrameType.DIGESTS, packed[start:start + step], control.key))
+        for start in range(0, len(digests), step):
+            control.transport.write(frames.seal(FrameType.DIGESTS, digests[start:start + step], control.key))
         control.transport.write(frames.seal_json(
             FrameType.FINISH, {"tree": table.tree_digest(digests).hex()}, control.key))
         self.record.state = state.VERIFYING
@@ -540,34 +583,47 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
     return data
 
 
+def _survey(root: str, chunk_size: int):
+    """Worker thread: walk the source; the chunk plan and the packed manifest with it."""
+    manifest = tree.walk(root, chunk_size)
+    return manifest, plan.ChunkTable(manifest), tree.pack_batches(manifest, MANIFEST_BATCH)
+
+
 def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool) -> list:
-    """Worker thread: read, hash and frame chunks (the whole batch)."""
-    out = []
-    fd_index, fd = -1, -1
+    """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``.
+
+    A batch of several whole small files becomes one BUNDLE frame, else one DATA frame
+    per chunk."""
+    if len(items) > 1:
+        raw = bytearray(sum(length for _, _, length in items))
+        view = memoryview(raw)
+        position = 0
+        for index, _offset, length in items:
+            fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if os.preadv(fd, [view[position:position + length]], 0) != length:
+                    raise BadRequest(f"seed source file {manifest.paths[index]} changed while it "
+                                     "was being sent (short read)")
+            finally:
+                os.close(fd)
+            position += length
+        return [frames.seal_bundle([(i, n) for i, _, n in items], raw, key, compress)]
+    (index, offset, length), = items
+    fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for index, offset, length in items:
-            if index != fd_index:
-                if fd >= 0:
-                    os.close(fd)
-                    fd = -1
-                entry = manifest.entries[index]
-                fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                fd_index = index
-            data = _read_exact(fd, length, offset, manifest.entries[index].path)
-            out.append(frames.seal_chunk(index, offset, data, key, compress))
+        data = _read_exact(fd, length, offset, manifest.paths[index])
     finally:
-        if fd >= 0:
-            os.close(fd)
-    return out
+        os.close(fd)
+    pieces, digest, compressed = frames.seal_chunk(index, offset, data, key, compress)
+    return [(pieces, [digest], compressed)]
 
 
 def _recheck_source(root: str, manifest: tree.Manifest, items) -> list:
     """Worker thread: which chunks the receiver says it has match the source's bytes."""
     good = []
-    for index, offset, length, digest in items:
-        entry = manifest.entries[index]
+    for cid, index, offset, length, digest in items:
         try:
-            fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
@@ -575,5 +631,5 @@ def _recheck_source(root: str, manifest: tree.Manifest, items) -> list:
         finally:
             os.close(fd)
         if len(data) == length and blake3.blake3(data).digest() == digest:
-            good.append((index, offset, digest))
+            good.append((cid, digest))
     return good

@@ -33,6 +33,22 @@ from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
 _IS_ROOT = os.geteuid() == 0
+_SELF = (os.geteuid(), os.getegid())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o777
+
+
+_UMASK = _umask()
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -79,7 +95,9 @@ class Staging:
             self.aside = os.path.join(parent, f".{name}.orchagent-previous-{seed_id}")
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._owners: dict[tuple, tuple[int, int]] = {}
+        self._column_owners: dict[tuple, tuple[int, int]] = {}
 
     # --- preparing -----------------------------------------------------------------------
 
@@ -88,9 +106,9 @@ class Staging:
 
     def prepare(self, manifest: Manifest) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for entry in manifest.entries:
-            if entry.kind == DIR:
-                path = self._path(entry)
+        for index in range(len(manifest)):
+            if manifest.kind(index) == DIR:
+                path = os.path.join(self.root, manifest.paths[index])
                 try:
                     os.mkdir(path, 0o700)
                 except FileExistsError:
@@ -120,43 +138,83 @@ class Staging:
             return fd
 
     def write_batch(self, manifest: Manifest, items: list, journal_fd: int | None) -> list:
-        """Verify, write and journal chunks; returns ``[(chunk, digest or IntegrityError)]``.
+        """Verify, write and journal chunks and bundles (worker thread).
 
-        ``items`` are ``(chunk, whole_file)``; a chunk that is a whole file is written,
-        given its metadata and closed at once.  An OSError (e.g. ENOSPC) propagates with
-        the file and offset in its message.
+        ``items`` are ``(Chunk, whole_file)`` or ``(Bundle, None)``; a whole file is
+        written, given its metadata and closed at once.  Returns ``[((file, offset),
+        digest or IntegrityError)]``.  An OSError (e.g. ENOSPC) propagates with the file
+        and offset in its message.
         """
         results = []
         records = []
-        for chunk, whole in items:
-            try:
-                data = frames.unpack_chunk(chunk)
-            except frames.IntegrityError as e:
-                results.append((chunk, e))
+        for item, whole in items:
+            if isinstance(item, frames.Bundle):
+                try:
+                    files = frames.unpack_bundle(item)
+                except frames.IntegrityError as e:
+                    results += [((index, 0), e) for index, _, _ in item.items]
+                    continue
+                # One bundle's files are created by one thread at a time: threads creating
+                # files in the same directory spin on its lock in the kernel.
+                with self._create_lock:
+                    for (index, outcome), (_, length, digest) in zip(files, item.items):
+                        if not isinstance(outcome, frames.IntegrityError):
+                            self._write_small(manifest, index, outcome)
+                            records.append(JOURNAL_RECORD.pack(index, 0, length, digest))
+                            outcome = digest
+                        results.append(((index, 0), outcome))
                 continue
-            entry = manifest.entries[chunk.file]
             try:
-                if whole:
-                    fd = self._open(chunk.file, entry)
-                    try:
-                        _pwrite_all(fd, data, chunk.offset, chunk.length)
-                        self._apply_meta(fd, entry)
-                    finally:
-                        os.close(fd)
-                else:
-                    fd = self._fd(chunk.file, entry)
-                    _pwrite_all(fd, data, chunk.offset, chunk.length)
-                    if chunk.length >= (1 << 20):
-                        _libc.sync_file_range(fd, ctypes.c_int64(chunk.offset),
-                                              ctypes.c_int64(chunk.length), _SYNC_FILE_RANGE_WRITE)
-            except OSError as e:
-                raise OSError(e.errno, f"{e.strerror} while writing {entry.path} "
-                                       f"at offset {chunk.offset}") from None
-            results.append((chunk, chunk.digest))
-            records.append(JOURNAL_RECORD.pack(chunk.file, chunk.offset, chunk.length, chunk.digest))
+                data = frames.unpack_chunk(item)
+            except frames.IntegrityError as e:
+                results.append((item.where, e))
+                continue
+            self._write(manifest, item.file, item.offset, item.length, data, whole)
+            results.append((item.where, item.digest))
+            records.append(JOURNAL_RECORD.pack(item.file, item.offset, item.length, item.digest))
         if records and journal_fd is not None:
             os.write(journal_fd, b"".join(records))
         return results
+
+    def _write_small(self, manifest: Manifest, index: int, data) -> None:
+        """:meth:`_write_whole` for a bundled file, straight from the manifest's columns
+        (this runs once per small file: no Entry object, as few system calls as can be)."""
+        path = manifest.paths[index]
+        mode = manifest.modes[index]
+        key = (manifest.users[index], manifest.groups[index], manifest.uids[index], manifest.gids[index])
+        owner = self._column_owners.get(key)
+        try:
+            if owner is None:
+                owner = self._column_owners[key] = local_owner(manifest.entry(index))
+            fd = os.open(os.path.join(self.root, path), _OPEN_FLAGS | os.O_TRUNC, mode & 0o777)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.EIO, "short write")
+                if owner != _SELF and _IS_ROOT:
+                    os.fchown(fd, *owner)
+                if mode & (_UMASK | 0o7000) or owner != _SELF:
+                    os.fchmod(fd, mode)
+                mtime = manifest.mtimes[index]
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} while writing {path} at offset 0") from None
+
+    def _write(self, manifest: Manifest, index: int, offset: int, length: int, data: list,
+               whole: bool) -> None:
+        entry = manifest.entry(index)
+        try:
+            if whole:
+                self._write_whole(entry, data, length)
+            else:
+                fd = self._fd(index, entry)
+                _pwrite_all(fd, data, offset, length)
+                if length >= (1 << 20):
+                    _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length),
+                                          _SYNC_FILE_RANGE_WRITE)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} while writing {entry.path} at offset {offset}") from None
 
     def finish_file(self, index: int, entry: Entry) -> None:
         """All chunks of a multi-chunk file are written: metadata, close."""
@@ -169,6 +227,15 @@ class Staging:
         finally:
             os.close(fd)
 
+    def _write_whole(self, entry: Entry, data: list, length: int) -> None:
+        """A small file in one go: create (with its mode), write, owner, times, close."""
+        fd = os.open(self._path(entry), _OPEN_FLAGS | os.O_TRUNC, entry.mode & 0o777)
+        try:
+            _pwrite_all(fd, data, 0, length)
+            self._apply_meta(fd, entry, created=True)
+        finally:
+            os.close(fd)
+
     def _owner(self, entry: Entry) -> tuple[int, int]:
         key = (entry.user, entry.group, entry.uid, entry.gid)
         owner = self._owners.get(key)
@@ -176,10 +243,14 @@ class Staging:
             owner = self._owners[key] = local_owner(entry)
         return owner
 
-    def _apply_meta(self, fd: int, entry: Entry) -> None:
-        if _IS_ROOT:
-            os.fchown(fd, *self._owner(entry))
-        os.fchmod(fd, entry.mode)
+    def _apply_meta(self, fd: int, entry: Entry, created: bool = False) -> None:
+        """Owner, mode and times; the syscalls that would change nothing are skipped
+        (a file created with its mode, by the user it belongs to)."""
+        owner = self._owner(entry)
+        if _IS_ROOT and owner != _SELF:
+            os.fchown(fd, *owner)
+        if not created or entry.mode & (_UMASK | 0o7000) or owner != _SELF:
+            os.fchmod(fd, entry.mode)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def close_files(self) -> None:
@@ -190,15 +261,16 @@ class Staging:
 
     # --- checking, finishing, promoting ----------------------------------------------------
 
-    def recheck(self, manifest: Manifest, records: list) -> list[tuple[int, int, int, bytes]]:
-        """The journal records whose staged bytes still hash to their digest."""
+    def recheck(self, manifest: Manifest, table, records: list) -> list[tuple[int, bytes]]:
+        """(chunk id, digest) of the journal records whose staged bytes still hash to
+        their digest."""
         good = []
-        lengths = {(i, o): n for i, o, n in manifest.chunks()}
         for index, offset, length, digest in records:
-            if lengths.get((index, offset)) != length:
+            cid = table.chunk_id(index, offset)
+            if cid is None or table.length[cid] != length:
                 continue
             try:
-                fd = os.open(self._path(manifest.entries[index]), os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(os.path.join(self.root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:
                 continue
             try:
@@ -206,21 +278,24 @@ class Staging:
             finally:
                 os.close(fd)
             if len(data) == length and blake3.blake3(data).digest() == digest:
-                good.append((index, offset, length, digest))
+                good.append((cid, digest))
         return good
 
-    def finalize(self, manifest: Manifest, written: set[int]) -> None:
+    def finalize(self, manifest: Manifest, table) -> None:
         """Create what had no data (empty and hole-only files), symlinks, directory
         metadata; then sync the whole file system."""
         self.close_files()
-        for index, entry in enumerate(manifest.entries):
-            if entry.kind == FILE and index not in written:
+        for index in range(len(manifest)):
+            kind = manifest.kind(index)
+            if kind == FILE and not table.chunk_count(index):
+                entry = manifest.entry(index)
                 fd = self._open(index, entry)
                 try:
                     self._apply_meta(fd, entry)
                 finally:
                     os.close(fd)
-            elif entry.kind == LINK:
+            elif kind == LINK:
+                entry = manifest.entry(index)
                 path = self._path(entry)
                 try:
                     os.unlink(path)
@@ -230,8 +305,9 @@ class Staging:
                 if _IS_ROOT:
                     os.chown(path, *self._owner(entry), follow_symlinks=False)
                 os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-        for entry in reversed(manifest.entries):
-            if entry.kind == DIR:
+        for index in reversed(range(len(manifest))):
+            if manifest.kind(index) == DIR:
+                entry = manifest.entry(index)
                 path = self._path(entry)
                 if _IS_ROOT:
                     os.chown(path, *self._owner(entry))
@@ -244,7 +320,7 @@ class Staging:
 
     def move_aside(self, manifest: Manifest) -> list[str]:
         """Move what is already in the datadir out of the way; returns the names moved."""
-        incoming = {e.path for e in manifest.entries if "/" not in e.path}
+        incoming = {p for p in manifest.paths if "/" not in p}
         moved = []
         for name in sorted(os.listdir(self.datadir)):
             if self._ours(name) or (name == "lost+found" and name not in incoming):
@@ -258,7 +334,10 @@ class Staging:
         return moved
 
     def promote(self) -> None:
-        """Rename every staged top-level entry into the datadir; remove staging."""
+        """Rename every staged top-level entry into the datadir; remove staging.  Safe to
+        run again after an interruption (what was moved is not in staging any more)."""
+        if not os.path.isdir(self.root):
+            return
         for name in sorted(os.listdir(self.root)):
             os.rename(os.path.join(self.root, name), os.path.join(self.datadir, name))
         fsync_dir(self.datadir)

@@ -1,0 +1,152 @@
+"""Hot seeds: ``send-mysql-seed-data/...?source=hot`` between two real agents.
+
+Two real agents (``twistd -n orchestrator-agent`` children) on loopback, each with its
+own real MariaDB: the source's runs (and is written to), the target's is stopped.  The
+source agent runs ``mariabackup --backup`` with the server's option file (its
+``[client]`` group: socket, user root), prepares the backup and sends it with the seed
+engine; the target receives it like any seed, then post-copy and mysql-start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from orchagent.config import FIELDS
+from tests.support.daemon import free_port, start_daemon, wait_until
+from tests.support.mariadb import MariaDB
+from tests.test_backups_mariadb import (DATABASE, ROWS_UP_TO, mariabackup_unavailable, populated,
+                                        table_checksums)
+
+_KEY = {f.attr: f.key for f in FIELDS}
+SEED_KEY = "hot-seed-test-key"
+
+
+class HotSeedTests(unittest.TestCase):
+    timeout = 240
+
+    def setUp(self):
+        reason = mariabackup_unavailable()
+        if reason:
+            raise unittest.SkipTest(reason)
+        self.home = os.path.abspath(self.mktemp())
+        os.makedirs(self.home)
+
+    async def agents(self, source_db: MariaDB, target_db: MariaDB, **source_extra):
+        self.seed_port = free_port()
+        common = {"CommandTimeoutSeconds": 120, "SnapshotBackend": "copy"}
+        source_config = dict(common, **{_KEY[k]: v for k, v in source_db.agent_settings().items()})
+        source_config.update(source_extra)
+        target_config = dict(common, SeedTransferPort=self.seed_port,
+                             **{_KEY[k]: v for k, v in target_db.agent_settings().items()})
+        self.source = await start_daemon(self, source_config, directory=os.path.join(self.home, "source"))
+        self.target = await start_daemon(self, target_config, directory=os.path.join(self.home, "target"))
+
+    async def api(self, agent, endpoint, **params):
+        status, body = await agent.get(endpoint, **params)
+        if status != 200:
+            raise AssertionError(f"{endpoint}: HTTP {status}: {body}\n{agent.output()[-3000:]}")
+        return body
+
+    async def status(self, agent, seed):
+        return await self.api(agent, f"/api/seed-status/{seed}")
+
+    async def hot_seed(self, seed: str) -> tuple[dict, dict]:
+        """orchestrator's calls for a seed, with source=hot instead of a mounted snapshot."""
+        self.assertIs(await self.api(self.target, "/api/delete-mysql-datadir"), True)
+        self.assertIs(await self.api(self.target, f"/api/receive-mysql-seed-data/{seed}", key=SEED_KEY), True)
+        self.assertIs(await self.api(self.source, f"/api/send-mysql-seed-data/127.0.0.1:{self.seed_port}/{seed}",
+                                     key=SEED_KEY, source="hot"), True)
+        states = set()
+
+        async def done():
+            status = await self.status(self.source, seed)
+            states.add((status["State"], status["BytesTotal"] > 0))
+            return status["State"] in ("completed", "failed", "aborted")
+
+        await wait_until(done, timeout=180, interval=0.1)
+        await wait_until(lambda: self.api(self.target, f"/api/seed-command-completed/{seed}"), timeout=60)
+        source_status, target_status = await self.status(self.source, seed), await self.status(self.target, seed)
+        self.assertEqual((source_status["State"], target_status["State"]), ("completed", "completed"),
+                         (source_status, target_status))
+        self.assertIn(("running", False), states, "the backup phase shows as running")
+        self.assertIs(await self.api(self.target, f"/api/seed-command-succeeded/{seed}"), True)
+        await wait_until(lambda: os.listdir(os.path.join(self.home, "source", "state", "hot")) == [],
+                         timeout=15)
+        self.assertIs(await self.api(self.target, "/api/post-copy/", sourceHost="127.0.0.1"), True)
+        self.assertIs(await self.api(self.target, "/api/mysql-start"), True)
+        return source_status, target_status
+
+    async def test_hot_seed_equal_checksums(self):
+        source_db = populated(self)
+        source_db.sql("CALL writer(0.5)", DATABASE)
+        target_db = MariaDB.create(self, start=False)
+        await self.agents(source_db, target_db)
+        source_status, target_status = await self.hot_seed("41")
+        self.assertEqual(source_status["BytesTotal"], target_status["BytesTotal"])
+        self.assertTrue(target_db.is_running())
+        tables = ("t1", "t3", "w")
+        self.assertEqual(table_checksums(target_db, tables), table_checksums(source_db, tables))
+        self.assertIn((DATABASE,), target_db.sql("SHOW DATABASES"))
+
+    async def test_hot_seed_under_writes(self):
+        source_db = populated(self)
+        target_db = MariaDB.create(self, start=False)
+        await self.agents(source_db, target_db)
+        writer = subprocess.Popen(source_db.client_argv(DATABASE) + ["-e", "CALL writer(3.0)"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(writer.wait)
+        marker = 0
+        while marker < 200:
+            await task.deferLater(reactor, 0.05, lambda: None)
+            marker = int(source_db.sql(f"SELECT COALESCE(MAX(id), 0) FROM {DATABASE}.w")[0][0])
+        await self.hot_seed("42")
+        await task.deferLater(reactor, 0, writer.wait)
+        last = int(target_db.sql(f"SELECT MAX(id) FROM {DATABASE}.w")[0][0])
+        self.assertGreaterEqual(last, marker, "every row committed before the seed is there")
+        self.assertGreater(int(source_db.sql(f"SELECT MAX(id) FROM {DATABASE}.w")[0][0]), last,
+                           "the source kept writing during the hot backup")
+        self.assertEqual(target_db.sql(ROWS_UP_TO.format(marker=last)),
+                         source_db.sql(ROWS_UP_TO.format(marker=last)),
+                         "the target holds exactly the source's rows up to its last one")
+        self.assertEqual(table_checksums(target_db), table_checksums(source_db))
+
+    async def test_abort_during_the_backup(self):
+        source_db = MariaDB.create(self)
+        target_db = MariaDB.create(self, start=False)
+        marker = os.path.join(self.home, "backup-started")
+        await self.agents(source_db, target_db,
+                          HotBackupCommand=f"touch {marker}; sleep 120; mkdir")
+        self.assertIs(await self.api(self.target, "/api/receive-mysql-seed-data/43", key=SEED_KEY), True)
+        self.assertIs(await self.api(self.source, f"/api/send-mysql-seed-data/127.0.0.1:{self.seed_port}/43",
+                                     key=SEED_KEY, source="hot"), True)
+        await wait_until(lambda: os.path.exists(marker), timeout=30)
+        work = os.path.join(self.home, "source", "state", "hot")
+        self.assertEqual(os.listdir(work), ["43"])
+        started = time.monotonic()
+        self.assertIs(await self.api(self.source, "/api/abort-seed/43"), True)
+        self.assertIs(await self.api(self.target, "/api/abort-seed/43"), True)
+        status = await self.status(self.source, "43")
+        self.assertEqual((status["State"], status["Error"]), ("aborted", "aborted through the API"))
+        self.assertIs(await self.api(self.source, "/api/seed-command-completed/43"), True)
+        self.assertIs(await self.api(self.source, "/api/seed-command-succeeded/43"), False)
+        await wait_until(lambda: os.listdir(work) == [], timeout=15)
+        self.assertLess(time.monotonic() - started, 15)
+        sleeping = subprocess.run(["pgrep", "-f", f"touch {marker}"], capture_output=True)
+        self.assertEqual(sleeping.returncode, 1, "the backup command was stopped")
+        self.assertTrue(source_db.is_running())
+
+    async def test_refused_while_mysql_is_stopped(self):
+        source_db = MariaDB.create(self, start=False)
+        target_db = MariaDB.create(self, start=False)
+        await self.agents(source_db, target_db)
+        status, body = await self.source.get(f"/api/send-mysql-seed-data/127.0.0.1:{self.seed_port}/44",
+                                             source="hot")
+        self.assertEqual((status, body["Message"]), (500, "hot seed 44: MySQL is not running here; "
+                         "a hot seed copies the running server (send a snapshot or the datadir instead)"))
+        status, body = await self.source.get("/api/seed-status/44")
+        self.assertEqual(status, 500)
