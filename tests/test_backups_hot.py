@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, utils
 from twisted.trial import unittest
 
 from orchagent.config import FIELDS
-from tests.support.daemon import free_port, start_daemon, wait_until
+from tests.support.daemon import REPO_ROOT, free_port, start_daemon, wait_until
 from tests.support.mariadb import MariaDB
 from tests.test_backups_mariadb import (DATABASE, ROWS_UP_TO, mariabackup_unavailable, populated,
                                         table_checksums)
@@ -36,13 +37,14 @@ class HotSeedTests(unittest.TestCase):
         self.home = os.path.abspath(self.mktemp())
         os.makedirs(self.home)
 
-    async def agents(self, source_db: MariaDB, target_db: MariaDB, **source_extra):
+    async def agents(self, source_db: MariaDB, target_db: MariaDB, target_extra=None, **source_extra):
         self.seed_port = free_port()
         common = {"CommandTimeoutSeconds": 120, "SnapshotBackend": "copy"}
         source_config = dict(common, **{_KEY[k]: v for k, v in source_db.agent_settings().items()})
         source_config.update(source_extra)
         target_config = dict(common, SeedTransferPort=self.seed_port,
                              **{_KEY[k]: v for k, v in target_db.agent_settings().items()})
+        target_config.update(target_extra or {})
         self.source = await start_daemon(self, source_config, directory=os.path.join(self.home, "source"))
         self.target = await start_daemon(self, target_config, directory=os.path.join(self.home, "target"))
 
@@ -114,6 +116,65 @@ class HotSeedTests(unittest.TestCase):
                          source_db.sql(ROWS_UP_TO.format(marker=last)),
                          "the target holds exactly the source's rows up to its last one")
         self.assertEqual(table_checksums(target_db), table_checksums(source_db))
+
+    async def test_send_resumes_after_a_source_restart(self):
+        """The send phase is an ordinary engine send: the work directory outlives a restart
+        of the source agent, the send resumes from it, and it is removed at the end."""
+        source_db = populated(self)
+        target_db = MariaDB.create(self, start=False)
+        await self.agents(source_db, target_db, SeedRateLimitBytesPerSec=6 << 20)
+        self.assertIs(await self.api(self.target, "/api/receive-mysql-seed-data/45", key=SEED_KEY), True)
+        self.assertIs(await self.api(self.source, f"/api/send-mysql-seed-data/127.0.0.1:{self.seed_port}/45",
+                                     key=SEED_KEY, source="hot"), True)
+
+        async def sending():
+            return (await self.status(self.source, "45"))["BytesDone"] > 0
+
+        await wait_until(sending, timeout=60, interval=0.05)
+        await self.source.stop()
+        work = os.path.join(self.home, "source", "state", "hot")
+        self.assertEqual(os.listdir(work), ["45"], "the prepared backup is kept across the restart")
+        await self.source.start()
+
+        async def finished():
+            return (await self.status(self.target, "45"))["State"] in ("completed", "failed", "aborted")
+
+        await wait_until(finished, timeout=120, interval=0.1)
+        target_status = await self.status(self.target, "45")
+        self.assertEqual((target_status["State"], target_status["Error"]), ("completed", ""))
+        self.assertGreaterEqual(target_status["Resumes"], 1)
+        await wait_until(lambda: self.api(self.source, "/api/seed-command-completed/45"), timeout=30)
+        self.assertEqual((await self.status(self.source, "45"))["State"], "completed")
+        await wait_until(lambda: os.listdir(work) == [], timeout=15)
+        self.assertIs(await self.api(self.target, "/api/post-copy/", sourceHost="127.0.0.1"), True)
+        self.assertIs(await self.api(self.target, "/api/mysql-start"), True)
+        tables = ("t1", "t3", "w")
+        self.assertEqual(table_checksums(target_db, tables), table_checksums(source_db, tables))
+
+    async def test_controller_seed_hot(self):
+        """``orchagent seed --target T --source S --hot``: the controller's whole seed with a
+        hot backup instead of a snapshot, ending with the target's MySQL answering."""
+        source_db = populated(self)
+        target_db = MariaDB.create(self, start=False)
+        token_file = os.path.join(self.home, "fleet-token")
+        with open(token_file, "w") as fh:
+            fh.write("fleet-token-for-the-hot-test\n")
+        os.chmod(token_file, 0o600)
+        seed_port = free_port()
+        await self.agents(source_db, target_db, dict(TokenFile=token_file, AgentHostname="target.test",
+                                                      SeedTransferPort=seed_port),
+                          TokenFile=token_file, AgentHostname="source.test", SeedTransferPort=seed_port)
+        env = dict(os.environ, ORCHAGENT_HOME=os.path.join(self.home, "controller"),
+                   ORCHAGENT_TOKEN_FILE=token_file, PYTHONPATH=REPO_ROOT)
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "orchagent.cli.main", "seed", "--target", self.target.base_url,
+                             "--source", self.source.base_url, "--hot", "--poll-interval", "0.2"],
+            env=env, path=self.home)
+        self.assertEqual(code, 0, (out + err).decode(errors="replace"))
+        self.assertIn(b"MySQL answers on", out + err)
+        self.assertTrue(target_db.is_running())
+        tables = ("t1", "t3", "w")
+        self.assertEqual(table_checksums(target_db, tables), table_checksums(source_db, tables))
 
     async def test_abort_during_the_backup(self):
         source_db = MariaDB.create(self)

@@ -253,3 +253,51 @@ class ListingTests(unittest.TestCase):
         self.make_agent(backup_directories=[])
         self.assertEqual(await self.get("/api/backups"), (200, []))
         self.assertEqual(await self.get("/api/lvs-snapshots"), (200, []))
+
+
+class DecodeTests(unittest.TestCase):
+    """Opening an encrypted or compressed backup on its work copy.  Neither xtrabackup nor
+    qpress can be installed here (no Debian package), so the commands are checked against
+    an expectation fake: decrypt first, then decompress, with the tool's own options."""
+
+    async def test_decrypt_then_decompress_with_the_tools_options(self):
+        from orchagent.backups.model import Backup
+        from orchagent.backups.prepare import Preparer
+        from tests.support.fakes import FakeRunner
+
+        options = os.path.abspath(self.mktemp())
+        with open(options, "w") as fh:
+            fh.write("[xtrabackup]\nencrypt=AES256\nencrypt-key-file=/etc/mysql/backup.key\n")
+        config = Config(mysql_options_file=options)
+        runner = FakeRunner(self)
+        tools = Tools(config, runner, which=lambda name: f"/opt/bin/{name}")
+        preparer = Preparer(config, runner, tools, host=None)
+        backup = Backup(name="secret", path="/backups/secret", tool="xtrabackup",
+                        backup_type="full-backuped", prepared=False, from_lsn=0, to_lsn=9,
+                        created_at=None, size_bytes=1, compressed="zstd", encrypted=True)
+        data = "/work/w/data"
+        runner.expect(["xtrabackup", f"--defaults-file={options}", "--decrypt=AES256",
+                       "--remove-original", f"--target-dir={data}"], privileged=True)
+        runner.expect(["xtrabackup", f"--defaults-file={options}", "--decompress",
+                       "--remove-original", f"--target-dir={data}"], privileged=True)
+        await preparer._decode([backup], "/work/w")
+
+    async def test_a_failing_decompress_names_the_tool_and_its_error(self):
+        from orchagent.backups.model import Backup
+        from orchagent.backups.prepare import Preparer
+        from orchagent.errors import CommandFailed
+        from tests.support.fakes import FakeRunner
+
+        config = Config()
+        runner = FakeRunner(self)
+        tools = Tools(config, runner, which=lambda name: f"/opt/bin/{name}")
+        preparer = Preparer(config, runner, tools, host=None)
+        backup = Backup(name="squeezed", path="/b/squeezed", tool="mariabackup",
+                        backup_type="full-backuped", prepared=False, from_lsn=0, to_lsn=9,
+                        created_at=None, size_bytes=1, compressed="qpress")
+        runner.expect(["mariabackup", "--decompress", "--remove-original", "--target-dir=/w/data"],
+                      exit_code=1, stderr="[00] error: cannot open ./ibdata1.qp\n")
+        with self.assertRaises(CommandFailed) as caught:
+            await preparer._decode([backup], "/w")
+        self.assertEqual(caught.exception.message, "mariabackup --decompress exited with status 1: "
+                         "[00] error: cannot open ./ibdata1.qp")

@@ -3,7 +3,9 @@
 The lossy-link case of ``python -m reliability.run`` failed a seed with "Invalid argument
 while writing ibdata1": over a slow, lossy link a 2 MiB chunk arrives in more socket
 reads than one pwritev() may take (IOV_MAX, 1024 on Linux), and the kernel refuses the
-whole call with EINVAL.
+whole call with EINVAL.  The racing-seeds case accepted a second seed into a busy
+datadir.  And a control connection lost at the very end left the sender "failed" although
+the receiver had completed.
 """
 
 from __future__ import annotations
@@ -20,11 +22,7 @@ KEY = bytes(range(32))
 
 
 class ManyPiecesTests(unittest.TestCase):
-    todo = "seed engine fix pending: pwritev with more than IOV_MAX buffers (EINVAL)"
-
     def test_chunk_arriving_in_more_pieces_than_iov_max_is_written(self):
-        # Expected to fail until orchagent/seed/staging.py writes at most IOV_MAX buffers
-        # per pwritev (the seed engine is being finished by its owner; see RELIABILITY.md).
         base = os.path.abspath(self.mktemp())
         datadir = os.path.join(base, "mysql")
         os.makedirs(datadir)
@@ -43,20 +41,38 @@ class ManyPiecesTests(unittest.TestCase):
         chunk = frames.open_data(got[0], KEY)
         self.assertGreater(len(chunk.payload), os.sysconf("SC_IOV_MAX"))
         results = staging.write_batch(manifest, [(chunk, True)], None)
-        self.assertEqual(results, [(chunk, digest)])
+        self.assertEqual(results, [(chunk.where, digest)])
         with open(os.path.join(staging.root, "ibdata1"), "rb") as fh:
             self.assertEqual(blake3.blake3(fh.read()).digest(), blake3.blake3(data).digest())
+
+
+    def test_short_pwritev_is_completed(self):
+        # The kernel may write less than asked (a signal, a nearly full quota); the rest
+        # of each IOV_MAX batch must still land at the right offset.
+        from orchagent.seed import staging
+
+        calls = []
+
+        def half(fd, buffers, offset):
+            calls.append(len(buffers))
+            size = sum(len(b) for b in buffers)
+            return os.pwrite(fd, b"".join(buffers)[:size // 2], offset)
+
+        self.patch(os, "pwritev", half)
+        pieces = [os.urandom(7) for _ in range(staging._IOV_MAX * 2 + 5)]
+        path = os.path.abspath(self.mktemp())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        staging._pwrite_all(fd, pieces, 3, 7 * len(pieces))
+        self.assertEqual(calls, [staging._IOV_MAX, staging._IOV_MAX, 5])
+        self.assertEqual(os.pread(fd, 7 * len(pieces) + 10, 0), b"\0" * 3 + b"".join(pieces))
 
 
 class RacingSeedsTests(unittest.TestCase):
     """The racing-seeds case: a second seed into a datadir that one is already receiving
     was accepted, and the later promote moved the first seed's result aside."""
 
-    todo = "seed engine fix pending: a second receive into a busy datadir is accepted"
-
     async def test_second_seed_for_the_same_datadir_is_refused(self):
-        # Expected to fail until SeedManager.receive refuses a second active receive for
-        # the same datadir (seed engine, owner finishing it; see RELIABILITY.md).
         from orchagent.errors import Refused
         from tests import seed_support as S
 
@@ -70,3 +86,72 @@ class RacingSeedsTests(unittest.TestCase):
         self.assertIn("seed 1", caught.exception.message)
         self.assertTrue(await receiver.receive("1", key="k"), "the same seed again is idempotent")
         await receiver.abort("1")
+
+
+class DroppedControlTests(unittest.TestCase):
+    """The control connection drops at the very end: the sender reconnects and must learn
+    the receiver's verdict, not fail because the receiver finished without it."""
+
+    timeout = 60
+
+    def setUp(self):
+        from orchagent.seed import sender
+        from tests import seed_support as S
+
+        self.S = S
+        self.patch(sender, "BACKOFF_FIRST", 0.05)
+        base = os.path.abspath(self.mktemp())
+        self.src, self.dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(self.dst)
+        S.make_tree(self.src)
+        port = S.free_port()
+        self.target = f"127.0.0.1:{port}"
+        self.r = S.make_manager(self, os.path.join(base, "r"), self.dst, port)
+        self.s = S.make_manager(self, os.path.join(base, "s"), self.src, port, snapshot=self.src,
+                                chunk_size=64 * 1024)
+
+    async def seed(self, seed: str) -> tuple[dict, dict]:
+        S = self.S
+        await self.r.receive(seed, key="k")
+        await self.s.send(self.target, seed, key="k", source="snapshot")
+        theirs, ours = await S.finished(self.r, seed), await S.finished(self.s, seed)
+        self.assertEqual(theirs["State"], "completed", theirs["Error"])
+        self.assertEqual(ours["State"], "completed", ours["Error"])
+        self.assertGreaterEqual(ours["Resumes"], 1, "the sender never reconnected")
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+        return theirs, ours
+
+    async def test_sender_reconnecting_after_completion_learns_the_success(self):
+        from orchagent.seed import receiver
+
+        real = receiver.ReceiverStream.last_word
+        dropped = []
+
+        def drop_first_result(stream, data=None):
+            # The connection breaks just as the receiver finished: the RESULT is lost.
+            if data is not None and stream.role == "control" and not dropped:
+                dropped.append(stream)
+                stream.close(abort=True)
+                return
+            real(stream, data)
+
+        self.patch(receiver.ReceiverStream, "last_word", drop_first_result)
+        await self.seed("21")
+        self.assertEqual(len(dropped), 1)
+        # Once the sender has read the RESULT, nothing is kept and the seed port closes.
+        await self.S.wait_for(lambda: not self.r.completed_receives and self.r._port is None)
+
+    async def test_sender_reconnecting_while_the_receiver_verifies_waits_for_the_result(self):
+        from orchagent.seed import receiver
+
+        real = receiver.ReceiveJob._finalize
+
+        async def drop_then_finalize(job):
+            # The control stream breaks after FINISH; the sender's new control stream
+            # arrives while the tree is still being verified.
+            job.control.close(abort=True)
+            await self.S.wait_for(lambda: job.waiting)
+            await real(job)
+
+        self.patch(receiver.ReceiveJob, "_finalize", drop_then_finalize)
+        await self.seed("22")

@@ -1,6 +1,7 @@
 """``orchagent``: the operator's command line for a fleet of agents.
 
     orchagent seed --target HOST [--source HOST] [--stop-target] [--rate-limit 50M]
+    orchagent seed --target HOST --source HOST --hot
     orchagent seed --resume ID
     orchagent status HOST [--json]
     orchagent snapshots HOST [--json]
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--resume", metavar="ID", help="continue the interrupted seed ID")
     seed.add_argument("--stop-target", action="store_true",
                       help="stop MySQL on the target instead of refusing")
+    seed.add_argument("--hot", action="store_true",
+                      help="copy a fresh backup of the source's running server (mariabackup or "
+                           "xtrabackup on the source) instead of its newest snapshot; needs --source")
     seed.add_argument("--rate-limit", type=parse_size, default=0, metavar="SIZE",
                       help="send at most SIZE bytes per second (e.g. 50M)")
     seed.add_argument("--poll-interval", type=_positive_float, default=1.0, metavar="SECONDS",
@@ -210,7 +214,7 @@ class Controller:
         options = SeedOptions(
             stop_target=args.stop_target, rate_limit=args.rate_limit,
             poll_interval=args.poll_interval, unreachable_timeout=args.unreachable_timeout,
-            stall_timeout=args.stall_timeout, start_timeout=args.start_timeout)
+            stall_timeout=args.stall_timeout, start_timeout=args.start_timeout, hot=args.hot)
         reporter = Reporter(self.err if args.json else self.out, self.err,
                             live=False if args.json else None, clock=self.reactor)
         self.seeder = Seeder(self.connect, self.store, self.reactor, reporter, options)
@@ -228,6 +232,8 @@ class Controller:
             else:
                 if not args.target:
                     raise SettingsError("seed needs --target HOST (or --resume ID)")
+                if args.hot and not args.source:
+                    raise SettingsError("--hot needs --source HOST (the running server to copy)")
                 record = await seeder.seed(args.target, args.source)
         except SeedRefused as e:
             self.err.write("refused, nothing was changed:\n" + "".join(f"  - {p}\n" for p in e.problems))

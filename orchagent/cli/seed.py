@@ -88,6 +88,9 @@ class SeedOptions:
     stall_timeout: float = 600.0
     #: Seconds to wait for the target's MySQL to answer after mysql-start.
     start_timeout: float = 600.0
+    #: Copy a hot backup of the source's running server (send-mysql-seed-data?source=hot)
+    #: instead of its newest snapshot.
+    hot: bool = False
 
 
 def active_seeds(statuses: list[dict]) -> dict[tuple[str, str], int]:
@@ -188,7 +191,7 @@ class Seeder:
             seed_id=self.make_id(), key=self.make_key(), target=target.name, source=source.name,
             target_host=target.address.host, source_hostname=chosen.hostname,
             snapshot=chosen.snapshot["Path"], created_at=time.time(),
-            rate_limit=self.options.rate_limit)
+            rate_limit=self.options.rate_limit, hot=self.options.hot)
         self.report.step(f"seed {record.seed_id}: {source.name} ({chosen.hostname}) -> "
                          f"{target.name} ({target_hostname}), snapshot {chosen.snapshot['Name']}")
         self.store.save(record)
@@ -221,6 +224,11 @@ class Seeder:
     async def _check_source(self, source: AgentClient) -> tuple[list[str], _Source | None]:
         """Problems of ``source`` as a seed source, and what was learned about it."""
         hostname = await self._api(source, "hostname")
+        if self.options.hot:
+            running = await self._api(source, "mysql-status")
+            problems = [] if running is True else [
+                f"MySQL is not running on the source {source.name}: a hot seed copies the running server"]
+            return problems, _Source(source, hostname, {"Path": "", "Name": "(hot backup)"})
         snapshots = await self._api(source, "lvs-snapshots")
         problems = []
         newest = snapshots[0] if snapshots else None
@@ -300,17 +308,23 @@ class Seeder:
 
     async def _prepare(self, record: SeedRecord, target: AgentClient, source: AgentClient) -> None:
         """Mount, check the space, stop MySQL, empty the datadir if there is no room."""
-        self.report.step(f"mounting {record.snapshot} on {source.name}")
-        mount = await self._api(source, "mountlv", lv=record.snapshot, timeout=SLOW_TIMEOUT)
-        need = int(mount.get("MySQLDiskUsage") or 0)
+        if record.hot:
+            mount = {"MySQLDataPath": "(hot backup)"}
+            need = int(await self._api(source, "mysql-du"))
+        else:
+            self.report.step(f"mounting {record.snapshot} on {source.name}")
+            mount = await self._api(source, "mountlv", lv=record.snapshot, timeout=SLOW_TIMEOUT)
+            need = int(mount.get("MySQLDiskUsage") or 0)
         if not mount.get("MySQLDataPath") or need <= 0:
-            await self._unmount(source)
+            if not record.hot:
+                await self._unmount(source)
             raise SeedRefused([f"the snapshot {record.snapshot} on {source.name} holds no MySQL data "
                                f"(mounted on {mount.get('Path')}, MySQLDataPath empty)"])
         available = int(await self._api(target, "mysql-datadir-available-space"))
         used = int(await self._api(target, "mysql-du"))
         if need > available + used:
-            await self._unmount(source)
+            if not record.hot:
+                await self._unmount(source)
             raise SeedRefused([
                 f"not enough space on the target {target.name}: the snapshot's MySQL data is "
                 f"{format_bytes(need)} ({need} bytes); the target has {format_bytes(available)} free "
@@ -339,7 +353,9 @@ class Seeder:
         await self._api(target, f"receive-mysql-seed-data/{seed}", key=record.key)
         if self.options.send_delay:
             await self._sleep(self.options.send_delay)
-        await self._api(source, f"send-mysql-seed-data/{segment(record.target_host)}/{seed}", key=record.key)
+        hot = {"source": "hot"} if record.hot else {}
+        await self._api(source, f"send-mysql-seed-data/{segment(record.target_host)}/{seed}",
+                        key=record.key, **hot)
         if record.rate_limit:
             await self._api(source, f"seed-rate-limit/{seed}", bytesPerSec=str(record.rate_limit))
 
@@ -408,7 +424,8 @@ class Seeder:
     async def _finish(self, record: SeedRecord, target: AgentClient, source: AgentClient) -> None:
         self.report.step(f"post-copy on {target.name}")
         await self._api(target, "post-copy/", sourceHost=record.source_hostname, timeout=SLOW_TIMEOUT)
-        await self._unmount(source)
+        if not record.hot:
+            await self._unmount(source)
         before = await self._error_log(target)
         self.report.step(f"starting MySQL on {target.name}")
         await self._api(target, "mysql-start", timeout=SLOW_TIMEOUT)
@@ -479,6 +496,8 @@ class Seeder:
             return None
 
     async def _ensure_mounted(self, record: SeedRecord, source: AgentClient) -> None:
+        if record.hot:
+            return
         mount = await self._api(source, "mount")
         if not mount.get("IsMounted"):
             self.report.step(f"mounting {record.snapshot} on {source.name} again")
@@ -528,7 +547,7 @@ class Seeder:
                 problems += await self._quietly(client, f"abort-seed/{segment(record.seed_id)}")
         try:
             mount = await source.call("mount")
-            if mount.get("IsMounted") and mount.get("LVPath") in ("", record.snapshot):
+            if not record.hot and mount.get("IsMounted") and mount.get("LVPath") in ("", record.snapshot):
                 await self._unmount(source)
         except AgentCallFailed as e:
             self.report.warn(str(e))

@@ -44,6 +44,8 @@ class SeedRecord:
     stopped_mysql: bool = False
     #: The target's datadir was emptied before the copy (there was no room to keep it).
     deleted_datadir: bool = False
+    #: The source sends a hot backup of its running server (``--hot``): nothing is mounted.
+    hot: bool = False
 
     def to_json(self) -> dict:
         return attrs.asdict(self)

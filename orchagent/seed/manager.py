@@ -1,7 +1,8 @@
 """The seed manager: the one object the API and the service tree see for seeds.
 
 It owns the seed jobs (by id), the listener on SeedTransferPort (open while this host is
-receiving any seed, and accepting streams only for the seeds it was told to receive),
+receiving any seed, or completed one lately that its sender may not know of yet, and
+accepting streams only for those seeds),
 the worker thread pool for disk, hashing and compression work, the persisted state
 under StateDir, and the progress log.  Engine mode is the default; when
 ReceiveSeedDataCommand / SendSeedDataCommand are set the original command mode runs
@@ -39,6 +40,10 @@ PROGRESS_INTERVAL = 5.0
 KEEP_FINISHED = 200
 #: Worker threads: disk I/O blocks more than it computes, so twice the 2 cores we plan for.
 THREADS = 4
+#: Seconds a completed receive still answers its sender (and keeps the listener open) when
+#: the sender did not visibly read our RESULT: a sender whose control connection dropped
+#: reconnects within its backoff (well under a minute) and learns the success.
+COMPLETED_GRACE = 60.0
 
 
 def _fewer_malloc_arenas() -> None:
@@ -77,6 +82,8 @@ class SeedManager(service.Service):
             auth.tls_server_options(config)  # a ConfigError naming the key stops the daemon
         self.records: dict[str, state.SeedRecord] = {}
         self.jobs: dict[str, Any] = {}
+        #: Receive jobs that completed within COMPLETED_GRACE, with their expiry call.
+        self.completed_receives: dict[str, tuple[ReceiveJob, Any]] = {}
         self.keys: dict[str, bytes] = {}
         self.streams: set = set()
         self.pool: ThreadPool | None = None
@@ -106,6 +113,9 @@ class SeedManager(service.Service):
             self.hot.adopt(self)
 
     async def _stop(self) -> None:
+        for _, expiry in self.completed_receives.values():
+            expiry.cancel()
+        self.completed_receives.clear()
         for job in list(self.jobs.values()):
             try:
                 await job.stop()
@@ -182,17 +192,38 @@ class SeedManager(service.Service):
         if self.jobs.get(job.seed_id) is job:
             del self.jobs[job.seed_id]
         self.keys.pop(job.seed_id, None)
-        if not any(isinstance(j, ReceiveJob) for j in self.jobs.values()):
+        if isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED and self.running:
+            _, earlier = self.completed_receives.pop(job.seed_id, (None, None))
+            if earlier is not None and earlier.active():
+                earlier.cancel()
+            expiry = self.clock.callLater(COMPLETED_GRACE, self.forget_completed, job.seed_id)
+            self.completed_receives[job.seed_id] = (job, expiry)
+        self._close_port_if_idle()
+
+    def forget_completed(self, seed_id: str) -> None:
+        """The sender of a completed seed learned the result, or waited too long."""
+        _, expiry = self.completed_receives.pop(seed_id, (None, None))
+        if expiry is not None:
+            if expiry.active():
+                expiry.cancel()
+            self._close_port_if_idle()
+
+    def _close_port_if_idle(self) -> None:
+        if not self.completed_receives and not any(isinstance(j, ReceiveJob) for j in self.jobs.values()):
             defer.ensureDeferred(self._close_port())
 
     def receive_job(self, seed_id: str) -> ReceiveJob | None:
+        """The seed's receive job: the running one, else one that completed lately (its
+        sender may reconnect to learn the result)."""
         job = self.jobs.get(seed_id)
-        return job if isinstance(job, ReceiveJob) else None
+        if isinstance(job, ReceiveJob):
+            return job
+        return self.completed_receives.get(seed_id, (None, None))[0]
 
     def admission(self, seed_id: str) -> Admission:
         """What a stream for ``seed_id`` must prove (called by the handshake)."""
         job = self.receive_job(seed_id)
-        if job is None or not job.active:
+        if job is None or not (job.active or job.record.state == state.COMPLETED):
             raise Rejected(f"this host is not receiving seed {seed_id}")
         if job.auth_key is not None or self.tls:
             return Admission(job.auth_key)
@@ -257,6 +288,7 @@ class SeedManager(service.Service):
         datadir = await self.host.datadir()
         if not datadir or datadir == "/":
             raise Refused(f"refusing to receive seed {seed_id} into datadir {datadir!r}")
+        self._refuse_busy_datadir(seed_id, datadir)
         if self.config.receive_seed_data_command:
             record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir)
             job = CommandJob(self, record, self.config.receive_seed_data_command,
@@ -288,6 +320,16 @@ class SeedManager(service.Service):
             log.info("seed {seed}: waiting for the sender on port {port}", seed=seed_id,
                      port=self.config.seed_transfer_port)
         return True
+
+    def _refuse_busy_datadir(self, seed_id: str, datadir: str) -> None:
+        """Two seeds promoting into one datadir would move each other's result aside."""
+        wanted = os.path.realpath(datadir)
+        for job in self.jobs.values():
+            record = job.record
+            if (job.active and record.role == "receiver" and record.datadir
+                    and os.path.realpath(record.datadir) == wanted):
+                raise Refused(f"seed {record.seed_id} is still being received into datadir {datadir}: "
+                              f"abort it or wait for it to end before receiving seed {seed_id}")
 
     def _parse_target(self, target: str) -> tuple[str, int]:
         port = self.config.seed_transfer_port

@@ -19,7 +19,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -66,6 +66,8 @@ class ReceiverStream(protocol.Protocol):
         #: The rate limit's timer while it holds this stream's reading.
         self.hold = None
         self.lingering = False
+        #: Our last word was a frame the peer was connected to read (RESULT, a refusal).
+        self.told = False
 
     def connectionMade(self):
         transport = getattr(self.transport, "transport", self.transport)
@@ -109,6 +111,9 @@ class ReceiverStream(protocol.Protocol):
         self.key = self.handshake.key
         self._stop_timer()
         self.transport.write(self.handshake.accept())
+        if job.record.state == state.COMPLETED:
+            # The sender reconnected because it lost the control stream before our RESULT.
+            self.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.key))
 
     def send_frame(self, data: bytes) -> None:
         if not self.closed:
@@ -126,6 +131,7 @@ class ReceiverStream(protocol.Protocol):
             return
         self.lingering = True
         if data:
+            self.told = True
             self.transport.write(data)
         if self.paused:
             self.paused = False
@@ -170,6 +176,9 @@ class ReceiverStream(protocol.Protocol):
         self.manager.streams.discard(self)
         if self.job is not None:
             self.job.stream_lost(self)
+            if self.told and reason.check(error.ConnectionDone):
+                # The sender closes when it has read our RESULT.
+                self.job.result_read()
 
 
 class ReceiverFactory(protocol.Factory):
@@ -195,6 +204,8 @@ class ReceiveJob:
         self.session = ""
         self.control: ReceiverStream | None = None
         self.streams: set[ReceiverStream] = set()
+        #: Control streams of a sender that reconnected while we verified: told RESULT.
+        self.waiting: set[ReceiverStream] = set()
         self.ready = False
         #: MANIFEST bodies (packed batches) of the current session, until MANIFEST_END.
         self.batches: list[bytes] = []
@@ -247,16 +258,22 @@ class ReceiveJob:
     # --- streams -------------------------------------------------------------------------
 
     def attach(self, stream: ReceiverStream, hello: dict) -> None:
-        """A stream passed the handshake; raises Rejected if it may not join."""
-        if not self.active:
+        """A stream passed the handshake; raises Rejected if it may not join.  A control
+        stream of a completed seed is let in only to be told the result (by the stream)."""
+        completed = self.record.state == state.COMPLETED and hello["role"] == "control"
+        if not self.active and not completed:
             raise Rejected(f"seed {self.seed_id} is {self.record.state} on this host")
         if self.record.peer_host and not self.record.keyed and not self.manager.tls:
             if stream.peer != self.record.peer_host:
                 raise Rejected(f"seed {self.seed_id} is being sent from {self.record.peer_host}, "
                                f"not {stream.peer}")
+        if completed:
+            return
         if hello["role"] == "control":
             if self.finalizing:
-                raise Rejected(f"seed {self.seed_id} is being verified; try again")
+                # The sender lost its control stream while we verify: it waits for RESULT.
+                self.waiting.add(stream)
+                return
             if self.session:
                 self._end_session()
             if self.sessions or self.restored:
@@ -289,12 +306,17 @@ class ReceiveJob:
         self.ready = False
 
     def stream_lost(self, stream: ReceiverStream) -> None:
+        self.waiting.discard(stream)
         was_current = stream in self.streams
         self.streams.discard(stream)
         if was_current and self.active and not self.finalizing:
             log.info("seed {seed}: a stream from {peer} ended; waiting for the sender to resume",
                      seed=self.seed_id, peer=stream.peer)
             self._end_session()
+
+    def result_read(self) -> None:
+        if self.record.state == state.COMPLETED:
+            self.manager.forget_completed(self.seed_id)
 
     # --- frames --------------------------------------------------------------------------
 
@@ -581,10 +603,15 @@ class ReceiveJob:
         log.info("seed {seed}: received and verified {bytes} bytes in {files} files into {datadir}",
                  seed=self.seed_id, bytes=table.bytes_total, files=len(table.files),
                  datadir=record.datadir)
-        if self.control is not None:
-            self.control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.control.key))
+        for control in [self.control, *self.waiting]:
+            if control is not None:
+                control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, control.key))
+        self.waiting.clear()
         for stream in list(self.streams):
             stream.last_word()
+        # The manager keeps this job a while for a sender that reconnects: not its tree.
+        self.manifest = self.table = None
+        self.sender_digests = b""
         self._settle()
 
     def _finalize_failed(self, failure) -> None:
@@ -608,10 +635,12 @@ class ReceiveJob:
             log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
         else:
             log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
-        if self.control is not None:
-            self.control.last_word(frames.seal_json(
-                FrameType.RESULT, {"ok": False, "message": message, "state": final_state},
-                self.control.key))
+        for control in [self.control, *self.waiting]:
+            if control is not None:
+                control.last_word(frames.seal_json(
+                    FrameType.RESULT, {"ok": False, "message": message, "state": final_state},
+                    control.key))
+        self.waiting.clear()
         for stream in list(self.streams):
             stream.last_word()
         self.streams.clear()

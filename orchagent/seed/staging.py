@@ -351,13 +351,27 @@ class Staging:
             shutil.rmtree(self.root)
 
 
+#: The most buffers one pwritev() takes (Linux refuses more with EINVAL): a chunk that
+#: came over a slow or lossy link can arrive in thousands of small reads.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
 def _pwrite_all(fd: int, buffers: list, offset: int, length: int) -> None:
-    """Write the buffers at ``offset`` (one pwritev; the rest again if it was short)."""
-    written = os.pwritev(fd, buffers, offset) if buffers else 0
-    if written == length:
-        return
-    rest = memoryview(b"".join(buffers))[written:]
-    offset += written
+    """Write the buffers at ``offset``: pwritev of at most IOV_MAX buffers at a time; what a
+    short write left of a batch is written again."""
+    total = 0
+    for start in range(0, len(buffers), _IOV_MAX):
+        batch = buffers[start:start + _IOV_MAX]
+        size = sum(len(b) for b in batch)
+        written = os.pwritev(fd, batch, offset + total)
+        if written != size:
+            _pwrite_rest(fd, memoryview(b"".join(batch))[written:], offset + total + written)
+        total += size
+    if total != length:
+        raise OSError(errno.EIO, f"the chunk's buffers hold {total} bytes, not {length}")
+
+
+def _pwrite_rest(fd: int, rest: memoryview, offset: int) -> None:
     while rest:
         n = os.pwrite(fd, rest, offset)
         if n <= 0:
