@@ -28,11 +28,18 @@ KEY = auth.derive_auth_key("right", SEED)
 WRONG = auth.derive_auth_key("wrong", SEED)
 
 
+def _admission(seed: str) -> Admission:
+    """As SeedManager.admission: only the seed being received, and it needs the key."""
+    if seed != SEED:
+        raise Rejected(f"this host is not receiving seed {seed}")
+    return Admission(KEY)
+
+
 class ReceiverDecoder(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.splitter = frames.FrameSplitter(max_body=1 << 20)
-        self.server = auth.ServerHandshake(lambda seed: Admission(KEY if seed == SEED else None), "10.0.0.1")
+        self.server = auth.ServerHandshake(_admission, "10.0.0.1")
         self.client: auth.ClientHandshake | None = None
         self.broken = False
         self.accepted = False
