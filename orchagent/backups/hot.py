@@ -43,6 +43,7 @@ from orchagent.backups.discovery import checkpoints_file, read_backup
 from orchagent.backups.prepare import Preparer, StepFailed, _free_bytes, _tail
 from orchagent.backups.tools import Tools
 from orchagent.errors import AgentError, NotAvailable, Refused
+from orchagent.seed.state import JobIdentity
 
 log = Logger()
 
@@ -233,7 +234,7 @@ class HotSeeds:
         await self.runner.run(["rm", "-rf", "--one-file-system", "--", doomed], privileged=True, timeout=0)
 
 
-class HotSeedJob:
+class HotSeedJob(JobIdentity):
     """Steps 1-2 of a hot seed, standing in the seed manager's jobs until the engine's
     SendJob takes over (step 3); then it is done."""
 
@@ -248,10 +249,6 @@ class HotSeedJob:
         self.runner = _TrackedRunner(hot.runner)
         self.sender = None
         self.done = defer.Deferred()
-
-    @property
-    def seed_id(self) -> str:
-        return self.record.seed_id
 
     @property
     def active(self) -> bool:

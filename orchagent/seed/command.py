@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 
-class CommandJob:
+class CommandJob(state.JobIdentity):
     def __init__(self, manager: "SeedManager", record: state.SeedRecord, command: str, args: list[str]):
         self.manager = manager
         self.record = record
@@ -30,14 +30,6 @@ class CommandJob:
         self.args = args
         self.running: defer.Deferred | None = None
         self.done = defer.Deferred()
-
-    @property
-    def seed_id(self) -> str:
-        return self.record.seed_id
-
-    @property
-    def active(self) -> bool:
-        return not self.record.terminal
 
     def start(self) -> None:
         self.record.state = state.RUNNING

@@ -191,7 +191,7 @@ class ReceiverFactory(protocol.Factory):
         return stream
 
 
-class ReceiveJob:
+class ReceiveJob(state.JobIdentity):
     """The receiving side of one seed (engine mode)."""
 
     def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None):
@@ -224,14 +224,6 @@ class ReceiveJob:
         self.done = defer.Deferred()
         self.meter = state.RateMeter(manager.clock)
         self.free_at_start = 0
-
-    @property
-    def seed_id(self) -> str:
-        return self.record.seed_id
-
-    @property
-    def active(self) -> bool:
-        return not self.record.terminal
 
     # --- restart -------------------------------------------------------------------------
 

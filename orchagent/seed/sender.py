@@ -211,7 +211,7 @@ class CompressionPolicy:
             self._backoff = min(self._backoff * 2, 64)
 
 
-class SendJob:
+class SendJob(state.JobIdentity):
     """The sending side of one seed (engine mode)."""
 
     def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None,
@@ -241,14 +241,6 @@ class SendJob:
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
         self.have_at_ready = 0
-
-    @property
-    def seed_id(self) -> str:
-        return self.record.seed_id
-
-    @property
-    def active(self) -> bool:
-        return not self.record.terminal
 
     # --- lifecycle -----------------------------------------------------------------------
 

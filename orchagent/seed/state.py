@@ -88,6 +88,20 @@ class SeedRecord:
         }
 
 
+class JobIdentity:
+    """What every seed job shows the manager: its seed id, and whether it still runs."""
+
+    record: SeedRecord
+
+    @property
+    def seed_id(self) -> str:
+        return self.record.seed_id
+
+    @property
+    def active(self) -> bool:
+        return not self.record.terminal
+
+
 class StateStore:
     """Files of seed state under ``state_dir/seeds``; every write is atomic (rename)."""
 
