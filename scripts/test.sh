@@ -35,7 +35,7 @@ status=${PIPESTATUS[0]}
 set -e
 summary=$(grep -E '^(PASSED|FAILED) \(' "$log" | tail -n 1)
 rm -f "$log"
-count() { echo "$summary" | grep -oE "$1=[0-9]+" | cut -d= -f2 | head -n1; }
+count() { echo "$summary" | grep -oE "$1=[0-9]+" | cut -d= -f2 | head -n1 || true; }
 successes=$(count successes); failures=$(count failures); errors=$(count errors)
 skips=$(count skips); unexpected=$(count unexpectedSuccesses)
 passed=${successes:-0}
