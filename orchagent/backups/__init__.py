@@ -39,19 +39,12 @@ from orchagent.backups.prepare import Preparer
 from orchagent.backups.tools import Tools
 from orchagent.errors import AgentError, NotAvailable, NotFound, Refused
 from orchagent.snapshots import mountinfo, naming
+from orchagent.snapshots.directory import identity
 from orchagent.snapshots.model import LogicalVolume, Mount
 from orchagent.snapshots.mountpoint import SnapshotMountPoint
 from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
 
 log = Logger()
-
-
-def identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class Backups:
