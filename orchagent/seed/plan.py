@@ -15,6 +15,7 @@ objects: a seed of 50,000 small files costs a few MB here.
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 from array import array
 
@@ -155,3 +156,20 @@ def unpack_records(data: bytes) -> list[tuple[int, int, int, bytes]]:
     if len(data) % RECORD.size:
         raise ValueError("chunk list has a partial entry")
     return [RECORD.unpack_from(data, p) for p in range(0, len(data), RECORD.size)]
+
+
+def range_matches(path: str, offset: int, length: int, digest: bytes) -> bool:
+    """Whether ``length`` bytes of ``path`` at ``offset`` hash to ``digest`` (BLAKE3).
+
+    Worker threads only (it reads the disk).  Used on resume by both sides: a chunk the
+    receiver's journal names is trusted only when its bytes still match.  A missing
+    file or a symlink in its place is simply "no match"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    return len(data) == length and blake3.blake3(data).digest() == digest

@@ -21,7 +21,6 @@ import os
 from array import array
 from collections import deque
 
-import blake3
 import zstandard
 from typing import TYPE_CHECKING
 
@@ -614,14 +613,6 @@ def _recheck_source(root: str, manifest: tree.Manifest, items) -> list:
     """Worker thread: which chunks the receiver says it has match the source's bytes."""
     good = []
     for cid, index, offset, length, digest in items:
-        try:
-            fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-        if len(data) == length and blake3.blake3(data).digest() == digest:
+        if plan.range_matches(os.path.join(root, manifest.paths[index]), offset, length, digest):
             good.append((cid, digest))
     return good

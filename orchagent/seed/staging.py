@@ -24,9 +24,8 @@ import shutil
 import stat
 import threading
 
-import blake3
 
-from orchagent.seed import frames
+from orchagent.seed import frames, plan
 from orchagent.seed.state import JOURNAL_RECORD
 from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
 
@@ -269,15 +268,7 @@ class Staging:
             cid = table.chunk_id(index, offset)
             if cid is None or table.length[cid] != length:
                 continue
-            try:
-                fd = os.open(os.path.join(self.root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                data = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
-            if len(data) == length and blake3.blake3(data).digest() == digest:
+            if plan.range_matches(os.path.join(self.root, manifest.paths[index]), offset, length, digest):
                 good.append((cid, digest))
         return good
 

@@ -15,15 +15,13 @@ those whose name contains ``SnapshotVolumesFilter``).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.logger import Logger
 
 from orchagent.errors import NotAvailable, NotFound, Refused
-from orchagent.interfaces import ICommandRunner
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.model import LogicalVolume, Mount
-from orchagent.snapshots.mountpoint import DATADIR_MARKER, SnapshotMountPoint
+from orchagent.snapshots.mountpoint import DATADIR_MARKER, BackendParts
 
 log = Logger()
 
@@ -37,20 +35,10 @@ def identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-class DirectorySnapshots:
+class DirectorySnapshots(BackendParts):
     """Base of the btrfs and copy backends; subclasses make, remove and restore."""
 
     name = ""
-
-    def __init__(self, config: Any, runner: ICommandRunner, reactor: Any, host: Any,
-                 service: Any, read_mounts=mountinfo.read):
-        self.config = config
-        self.runner = runner
-        self.reactor = reactor
-        self.host = host
-        self.service = service
-        self.read_mounts = read_mounts
-        self.mount_point = SnapshotMountPoint(config.snapshot_mount_point, runner, host, read_mounts)
 
     # --- to be provided by the backend ---------------------------------------------------
 

@@ -22,17 +22,16 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from typing import Any
 
 import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from orchagent.errors import BadRequest, CommandFailed, NotAvailable, NotFound, Refused
-from orchagent.interfaces import ICommandRunner, ISnapshotBackend
+from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.model import LogicalVolume, Mount
-from orchagent.snapshots.mountpoint import SnapshotMountPoint
+from orchagent.snapshots.mountpoint import BackendParts
 from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
 
 log = Logger()
@@ -148,20 +147,10 @@ def parse_lvs(stdout: bytes) -> list[LVMVolume]:
 
 
 @implementer(ISnapshotBackend)
-class LVMBackend:
+class LVMBackend(BackendParts):
     """Snapshots of the LVM logical volume that holds the MySQL datadir."""
 
     name = "lvm"
-
-    def __init__(self, config: Any, runner: ICommandRunner, reactor: Any, host: Any,
-                 service: Any, read_mounts=mountinfo.read):
-        self.config = config
-        self.runner = runner
-        self.reactor = reactor
-        self.host = host
-        self.service = service
-        self.read_mounts = read_mounts
-        self.mount_point = SnapshotMountPoint(config.snapshot_mount_point, runner, host, read_mounts)
 
     # --- reading -------------------------------------------------------------------------
 

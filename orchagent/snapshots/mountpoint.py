@@ -115,3 +115,18 @@ def mysql_data_path(mount_point: str, datadir: str) -> str:
         if os.path.isfile(os.path.join(candidate, DATADIR_MARKER)):
             return candidate
     return ""
+
+
+class BackendParts:
+    """What every snapshot backend is built from: the configuration, the command runner,
+    MySQL's host facts and service, and the one SnapshotMountPoint it serves."""
+
+    def __init__(self, config: Any, runner: ICommandRunner, reactor: Any, host: Any,
+                 service: Any, read_mounts=mountinfo.read):
+        self.config = config
+        self.runner = runner
+        self.reactor = reactor
+        self.host = host
+        self.service = service
+        self.read_mounts = read_mounts
+        self.mount_point = SnapshotMountPoint(config.snapshot_mount_point, runner, host, read_mounts)
