@@ -100,11 +100,11 @@ class DroppedControlTests(unittest.TestCase):
 
         self.S = S
         self.patch(sender, "BACKOFF_FIRST", 0.05)
-        base = os.path.abspath(self.mktemp())
+        self.base = base = os.path.abspath(self.mktemp())
         self.src, self.dst = os.path.join(base, "src"), os.path.join(base, "dst")
         os.makedirs(self.dst)
         S.make_tree(self.src)
-        port = S.free_port()
+        self.port = port = S.free_port()
         self.target = f"127.0.0.1:{port}"
         self.r = S.make_manager(self, os.path.join(base, "r"), self.dst, port)
         self.s = S.make_manager(self, os.path.join(base, "s"), self.src, port, snapshot=self.src,
@@ -140,6 +140,39 @@ class DroppedControlTests(unittest.TestCase):
         self.assertEqual(len(dropped), 1)
         # Once the sender has read the RESULT, nothing is kept and the seed port closes.
         await self.S.wait_for(lambda: not self.r.completed_receives and self.r._port is None)
+
+    async def test_receiver_restarted_after_completion_still_tells_a_late_keyed_sender(self):
+        from orchagent.seed import receiver, sender
+
+        S = self.S
+        real = receiver.ReceiverStream.last_word
+
+        def drop_result(stream, data=None):
+            if data is not None and stream.role == "control":
+                stream.close(abort=True)
+                return
+            real(stream, data)
+
+        # The RESULT is lost and the receiving agent restarts before the sender is back.
+        self.patch(receiver.ReceiverStream, "last_word", drop_result)
+        self.patch(sender, "BACKOFF_FIRST", 1.5)
+        await self.r.receive("23", key="k")
+        await self.s.send(self.target, "23", key="k", source="snapshot")
+        await S.wait_for(lambda: self.r.records["23"].state == "completed")
+        await self.r.stopService()
+        self.patch(receiver.ReceiverStream, "last_word", real)
+        key_file = self.r.store.path("23", "key")
+        self.assertTrue(os.path.exists(key_file), "the key went before the sender learned the result")
+        restarted = S.make_manager(self, os.path.join(self.base, "r"), self.dst, self.port)
+        ours = await S.finished(self.s, "23")
+        self.assertEqual(ours["State"], "completed", ours["Error"])
+        self.assertGreaterEqual(ours["Resumes"], 1)
+        self.assertEqual((await restarted.status("23"))["State"], "completed")
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+        # Told: the key is gone from disk and the seed port closes.
+        await S.wait_for(lambda: not restarted.completed_receives and restarted._port is None)
+        self.assertFalse(os.path.exists(key_file))
+        self.assertFalse(os.path.exists(self.s.store.path("23", "key")))
 
     async def test_sender_reconnecting_while_the_receiver_verifies_waits_for_the_result(self):
         from orchagent.seed import receiver

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 
 from twisted.trial import unittest
 
-from orchagent.seed import sender
+from orchagent.seed import sender, staging
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
 
@@ -95,7 +96,10 @@ class FullDiskTests(LoopFileSystemCase):
         with open(os.path.join(datadir, "keep"), "w") as fh:
             fh.write("old")
         before = S.snapshot_tree(datadir)
-        self.write("big.ibd", 30 << 20)
+        # The receiver reserves each large file's blocks when its first chunk arrives:
+        # the space is taken while a.ibd is being received, so big.ibd finds none.
+        self.write("a.ibd", 20 << 20)
+        self.write("big.ibd", 20 << 20)
         r, s = self.managers(datadir, seed_rate_limit_bytes_per_sec=8 << 20)
         await r.receive("2")
         await s.send(f"127.0.0.1:{self.port}", "2", source="datadir")
@@ -159,3 +163,57 @@ class MovedIntoPlaceTests(LoopFileSystemCase):
         _run("btrfs", "subvolume", "create", datadir)
         self.assertNotEqual(os.stat(mnt).st_dev, os.stat(datadir).st_dev)
         await self._seed_into(datadir)
+
+
+def _resident_bytes(path: str) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    return int(_run("fincore", "--bytes", "--noheadings", "--output", "RES", path))
+
+
+class DirectWriteTests(LoopFileSystemCase):
+    """Large chunks are written with O_DIRECT where the file system takes it, buffered
+    where it doesn't; the unaligned tail of a file is written buffered either way."""
+
+    SIZE = (4 << 20) + 1000
+
+    async def _seed(self, datadir: str, seed_id: str) -> int:
+        """Seed one file; the bytes of it left in the page cache (before it is read back)."""
+        data = self.write("ibdata1", self.SIZE)
+        r = S.make_manager(self, os.path.join(self.base, "r"), datadir, self.port)
+        s = S.make_manager(self, os.path.join(self.base, "s"), self.src, self.port,
+                           snapshot=self.src, chunk_size=1 << 20)
+        await r.receive(seed_id)
+        await s.send(f"127.0.0.1:{self.port}", seed_id, source="datadir")
+        status = await S.finished(r, seed_id)
+        self.assertEqual(status["State"], "completed", status["Error"])
+        path = os.path.join(datadir, "ibdata1")
+        resident = _resident_bytes(path)
+        with open(path, "rb") as fh:
+            self.assertEqual(fh.read(), data)
+        return resident
+
+    def setUp(self):
+        super().setUp()
+        if shutil.which("fincore") is None:
+            raise unittest.SkipTest("fincore (util-linux) is not installed")
+        mnt = self.loop_fs()
+        self.datadir = os.path.join(mnt, "mysql")
+        os.makedirs(self.datadir)
+
+    async def test_large_chunks_bypass_the_page_cache(self):
+        resident = await self._seed(self.datadir, "5")
+        # Only the 1000-byte tail went through the page cache; the 4 MiB before it did not.
+        self.assertLessEqual(resident, 64 << 10)
+
+    async def test_a_file_system_refusing_o_direct_gets_buffered_writes(self):
+        # Every file system here takes O_DIRECT (tmpfs too, since Linux 6.6); some FUSE
+        # and network file systems answer EINVAL, as this stand-in does.
+        def refuse(path, flags, *mode):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument", path)
+            return real_open(path, flags, *mode)
+
+        real_open = os.open
+        self.patch(staging.os, "open", refuse)
+        resident = await self._seed(self.datadir, "6")
+        self.assertGreaterEqual(resident, 4 << 20)

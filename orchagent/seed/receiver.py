@@ -588,7 +588,9 @@ class ReceiveJob(state.JobIdentity):
             self.manager.save(record)
         await self.manager.thread(self.staging.promote)
         self._close_journal()
-        self.manager.store.remove(self.seed_id, "journal", "manifest", "key")
+        # The key stays while a sender may still reconnect to learn the result
+        # (SeedManager.forget_completed removes it).
+        self.manager.store.remove(self.seed_id, "journal", "manifest")
         record.state = state.COMPLETED
         record.promoting = False
         self.manager.touch(record, force=True)
@@ -646,7 +648,7 @@ class ReceiveJob(state.JobIdentity):
         except OSError as e:
             self.fail(f"the agent restarted while moving the seed into place and cannot finish: {e}")
             return
-        self.manager.store.remove(self.seed_id, "journal", "manifest", "key")
+        self.manager.store.remove(self.seed_id, "journal", "manifest")
         self.record.state = state.COMPLETED
         self.record.promoting = False
         self.manager.touch(self.record, force=True)
