@@ -18,6 +18,7 @@ setup(
         "attrs>=23.1",
         "zstandard>=0.21",
         "blake3>=0.3",
+        "xxhash>=3.0",
         "prometheus_client>=0.17",
     ],
     extras_require={"test": ["hypothesis>=6.80", "openapi-spec-validator>=0.7", "packaging>=23"]},

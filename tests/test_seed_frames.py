@@ -16,19 +16,20 @@ from orchagent.seed.state import RateMeter, TokenBucket
 KEY = bytes(range(32))
 
 
-def _stream(chunks: list[tuple[int, int, bytes]], compress: bool) -> tuple[bytes, list]:
+def _stream(chunks: list[tuple[int, int, bytes]], compress: bool,
+            kind=frames.Digest.BLAKE3) -> tuple[bytes, list]:
     """A valid stream: a control frame, DATA frames, a BUNDLE of them, a packed control
     frame."""
     out = [frames.seal_json(FrameType.FINISH, {"tree": "ab"}, KEY)]
     expected = [("FINISH", b'{"tree":"ab"}')]
     for file, offset, data in chunks:
-        pieces, digest, _ = frames.seal_chunk(file, offset, data, KEY, compress)
+        pieces, digest, _ = frames.seal_chunk(file, offset, data, KEY, compress, kind=kind)
         out.append(b"".join(bytes(p) for p in pieces))
         expected.append(("DATA", file, offset, data))
     if chunks:
         files = [(file, data) for file, _, data in chunks]
         pieces, _, _ = frames.seal_bundle([(f, len(d)) for f, d in files],
-                                          b"".join(d for _, d in files), KEY, compress)
+                                          b"".join(d for _, d in files), KEY, compress, kind)
         out.append(b"".join(bytes(p) for p in pieces))
         expected.append(("BUNDLE", files))
     out.append(frames.seal_packed(FrameType.READY, {"have": [[1, 2, 3, "00"]]}, KEY))
@@ -36,15 +37,15 @@ def _stream(chunks: list[tuple[int, int, bytes]], compress: bool) -> tuple[bytes
     return b"".join(out), expected
 
 
-def _decode(pieces) -> list:
+def _decode(pieces, kind=frames.Digest.BLAKE3) -> list:
     """Cut and fully verify a stream (what the receiver does, minus the disk)."""
     decoded = []
     for frame in frames.iter_frames(pieces):
         if frame.type == FrameType.DATA:
-            chunk = frames.open_data(frame, KEY)
+            chunk = frames.open_data(frame, KEY, kind)
             decoded.append(("DATA", chunk.file, chunk.offset, b"".join(frames.unpack_chunk(chunk))))
         elif frame.type == FrameType.BUNDLE:
-            files = frames.unpack_bundle(frames.open_bundle(frame, KEY))
+            files = frames.unpack_bundle(frames.open_bundle(frame, KEY, kind))
             for _, outcome in files:
                 if isinstance(outcome, Exception):
                     raise outcome
@@ -61,6 +62,7 @@ _chunk_data = st.one_of(
     st.integers(0, 5000).map(lambda n: bytes(n)),
     st.integers(1, 5000).map(lambda n: (b"innodb page " * (n // 12 + 1))[:n]),
 )
+_kinds = st.sampled_from(list(frames.Digest))
 _chunks = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**63 - 1), _chunk_data),
                    min_size=0, max_size=6)
 
@@ -72,23 +74,23 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 class CodecTests(unittest.TestCase):
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(_chunks, st.booleans(), st.lists(st.integers(0, 10**6), max_size=40))
-    def test_any_split_decodes_identically(self, chunks, compress, cuts):
-        data, expected = _stream(chunks, compress)
-        self.assertEqual(_decode([data]), expected)
-        self.assertEqual(_decode(_split(data, cuts)), expected)
-        self.assertEqual(_decode([bytes([b]) for b in data[:300]] + [data[300:]]), expected)
+    @given(_chunks, st.booleans(), st.lists(st.integers(0, 10**6), max_size=40), _kinds)
+    def test_any_split_decodes_identically(self, chunks, compress, cuts, kind):
+        data, expected = _stream(chunks, compress, kind)
+        self.assertEqual(_decode([data], kind), expected)
+        self.assertEqual(_decode(_split(data, cuts), kind), expected)
+        self.assertEqual(_decode([bytes([b]) for b in data[:300]] + [data[300:]], kind), expected)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(_chunks, st.booleans(), st.integers(0, 10**9), st.integers(1, 255))
-    def test_any_corruption_is_detected(self, chunks, compress, where, flip):
-        data, expected = _stream(chunks, compress)
+    @given(_chunks, st.booleans(), st.integers(0, 10**9), st.integers(1, 255), _kinds)
+    def test_any_corruption_is_detected(self, chunks, compress, where, flip, kind):
+        data, expected = _stream(chunks, compress, kind)
         position = where % len(data)
         corrupt = bytearray(data)
         corrupt[position] ^= flip
         with self.assertRaises(frames.ProtocolError, msg=f"flip {flip:#x} at {position} of {len(data)}: "
                                f"{data[max(0, position - 70):position + 8].hex()}"):
-            _decode([bytes(corrupt)])
+            _decode([bytes(corrupt)], kind)
 
     def test_truncated_stream_is_an_error(self):
         data, _ = _stream([(1, 0, b"x" * 100)], False)

@@ -402,6 +402,39 @@ class FailureTests(SeedCase):
         with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
             self.assertEqual(fh.read(), data)
 
+    async def test_flipped_byte_on_an_unkeyed_stream_is_caught_by_xxh3(self):
+        # No key, no TLS: chunk contents carry XXH3-128, which still catches corruption.
+        data = self.big_file(size=600_000)
+        proxy_port = self.proxy(times=1)
+        r = self.receiver()
+        s = self.sender(seed_streams=1)
+        await r.receive("8")
+        await s.send(f"127.0.0.1:{proxy_port}", "8", source="datadir")
+        self.assertEqual(s.jobs["8"].digest_kind, frames.Digest.XXH3)
+        status = await S.finished(r, "8")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(self.proxy_factory.flipped, 1)
+        self.assertGreaterEqual(status["Resumes"], 1)
+        with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
+            self.assertEqual(fh.read(), data)
+
+    async def test_keyed_receiver_refuses_a_weaker_content_digest(self):
+        # A key without TLS is the only authentication: the receiver insists on BLAKE3.
+        self.big_file(size=300_000)
+        before = S.snapshot_tree(self.dst)
+        r = self.receiver()
+        s = self.sender()
+        await r.receive("9", key="k")
+        await s.send(f"127.0.0.1:{self.port}", "9", key="k", source="datadir")
+        self.assertEqual(s.jobs["9"].digest_kind, frames.Digest.BLAKE3)
+        s.jobs["9"].digest_kind = frames.Digest.XXH3
+        status = await S.finished(r, "9")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("refused xxh3-128 content digests", status["Error"])
+        self.assertEqual(status["BytesDone"], 0)
+        self.assertEqual((await S.finished(s, "9"))["State"], "failed")
+        self.assert_untouched(before)
+
     async def test_chunk_that_keeps_failing_fails_the_seed_naming_it(self):
         self.big_file(size=600_000)
         before = S.snapshot_tree(self.dst)

@@ -21,6 +21,7 @@ from array import array
 
 import blake3
 
+from orchagent.seed import frames
 from orchagent.seed.tree import FILE, Manifest
 
 _PART = struct.Struct(">QI32s")
@@ -158,8 +159,10 @@ def unpack_records(data: bytes) -> list[tuple[int, int, int, bytes]]:
     return [RECORD.unpack_from(data, p) for p in range(0, len(data), RECORD.size)]
 
 
-def range_matches(path: str, offset: int, length: int, digest: bytes) -> bool:
-    """Whether ``length`` bytes of ``path`` at ``offset`` hash to ``digest`` (BLAKE3).
+def range_matches(path: str, offset: int, length: int, digest: bytes,
+                  kind: int = frames.Digest.BLAKE3) -> bool:
+    """Whether ``length`` bytes of ``path`` at ``offset`` hash to ``digest`` (a content
+    digest of ``kind``).
 
     Worker threads only (it reads the disk).  Used on resume by both sides: a chunk the
     receiver's journal names is trusted only when its bytes still match.  A missing
@@ -172,4 +175,4 @@ def range_matches(path: str, offset: int, length: int, digest: bytes) -> bool:
         data = os.pread(fd, length, offset)
     finally:
         os.close(fd)
-    return len(data) == length and blake3.blake3(data).digest() == digest
+    return len(data) == length and frames.content_digest(data, kind) == digest

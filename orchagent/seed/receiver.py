@@ -201,6 +201,8 @@ class ReceiveJob(state.JobIdentity):
         self.staging = Staging(record.datadir, record.seed_id)
         self.manifest: tree.Manifest | None = None
         self.table: plan.ChunkTable | None = None
+        #: How the staged chunks' contents were digested (announced by the sender).
+        self.digest_kind = frames.Digest.BLAKE3
         self.session = ""
         self.control: ReceiverStream | None = None
         self.streams: set[ReceiverStream] = set()
@@ -238,7 +240,8 @@ class ReceiveJob(state.JobIdentity):
         self.restoring = self.manager.thread(_load_manifest, saved)
         self.restoring.addCallbacks(self._restored, self._restore_failed)
 
-    def _restored(self, manifest: tree.Manifest) -> None:
+    def _restored(self, restored: tuple) -> None:
+        manifest, self.digest_kind = restored
         self.manifest = manifest
         self.table = plan.ChunkTable(manifest)
         self.recheck_journal = True
@@ -347,8 +350,12 @@ class ReceiveJob(state.JobIdentity):
         """MANIFEST_END: check the manifest, make room, answer READY with what is here."""
         try:
             chunk_size, count, digest = end["chunk_size"], end["count"], end["digest"]
-        except (KeyError, TypeError):
+            kind = frames.Digest.from_label(end.get("content_digest", "blake3"))
+        except (KeyError, TypeError, ValueError):
             raise BadRequest("malformed MANIFEST_END") from None
+        if kind != frames.Digest.BLAKE3 and self.record.keyed and not self.manager.tls:
+            raise BadRequest(f"refused {kind.label} content digests: a seed authenticated by its "
+                             "key alone (no TLS) needs BLAKE3")
         try:
             manifest = await self.manager.thread(tree.manifest_from_batches, batches, chunk_size,
                                                  count, digest)
@@ -358,17 +365,21 @@ class ReceiveJob(state.JobIdentity):
         if self.restoring is not None:
             await self.restoring
             self.restoring = None
-        if self.manifest is not None and self.manifest.digest() != manifest.digest():
+        if self.manifest is not None and (self.manifest.digest() != manifest.digest()
+                                          or self.digest_kind != kind):
             log.info("seed {seed}: the source changed since the last attempt; starting over",
                      seed=self.seed_id)
             await self._reset_staging()
         if self.manifest is None:
             self.manifest = manifest
             self.table = plan.ChunkTable(manifest)
-            await self.manager.thread(_save_manifest, self.manager.store, self.seed_id, batches, end)
+            self.digest_kind = kind
+            await self.manager.thread(_save_manifest, self.manager.store, self.seed_id, batches,
+                                      dict(end, content_digest=kind.label))
         if self.recheck_journal:
             records = state.read_journal(self.manager.store.read(self.seed_id, "journal") or b"")
-            good = await self.manager.thread(self.staging.recheck, self.manifest, self.table, records)
+            good = await self.manager.thread(self.staging.recheck, self.manifest, self.table, records,
+                                             self.digest_kind)
             for cid, digest in good:
                 self.table.mark_done(cid, digest)
             log.info("seed {seed}: {n} of {m} journaled chunks re-checked good after restart",
@@ -433,7 +444,7 @@ class ReceiveJob(state.JobIdentity):
         if not self.ready:
             raise ProtocolError("DATA before READY")
         try:
-            chunk = frames.open_data(frame, stream.key)
+            chunk = frames.open_data(frame, stream.key, self.digest_kind)
         except frames.IntegrityError as e:
             if e.where is None or self.table.expected_length(*e.where) is None:
                 raise
@@ -451,7 +462,7 @@ class ReceiveJob(state.JobIdentity):
         if not self.ready:
             raise ProtocolError("BUNDLE before READY")
         try:
-            bundle = frames.open_bundle(frame, stream.key)
+            bundle = frames.open_bundle(frame, stream.key, self.digest_kind)
         except frames.IntegrityError as e:
             if self.table.expected_length(*e.where) is None:
                 raise
@@ -693,14 +704,14 @@ class ReceiveJob(state.JobIdentity):
 
 def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:
     """Keep the manifest as it came (its MANIFEST_END, then its packed batches)."""
-    head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest")}).encode()
+    head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest", "content_digest")}).encode()
     parts = [struct.pack(">I", len(head)), head]
     for body in batches:
         parts += [struct.pack(">I", len(body)), body]
     store.write(seed_id, "manifest", b"".join(parts))
 
 
-def _load_manifest(saved: bytes) -> tree.Manifest:
+def _load_manifest(saved: bytes) -> tuple[tree.Manifest, frames.Digest]:
     pieces = []
     position = 0
     while position < len(saved):
@@ -708,4 +719,5 @@ def _load_manifest(saved: bytes) -> tree.Manifest:
         pieces.append(saved[position + 4:position + 4 + size])
         position += 4 + size
     end = json.loads(pieces[0])
-    return tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"])
+    manifest = tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"])
+    return manifest, frames.Digest.from_label(end.get("content_digest", "blake3"))

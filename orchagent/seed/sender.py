@@ -231,6 +231,10 @@ class SendJob(state.JobIdentity):
         self.retry_call = None
         self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
         self.compression = CompressionPolicy(False)
+        #: Chunk contents need a digest a forger can't match only when the frames are the
+        #: stream's sole authentication (see frames.Digest).
+        self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not manager.tls
+                            else frames.Digest.XXH3)
         self.meter = state.RateMeter(manager.clock)
         self.done = defer.Deferred()
         self.ready = False
@@ -305,7 +309,8 @@ class SendJob(state.JobIdentity):
             stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
         stream.transport.write(frames.seal_json(FrameType.MANIFEST_END, {
             "count": len(self.manifest), "chunk_size": self.manifest.chunk_size,
-            "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total}, stream.key))
+            "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total,
+            "content_digest": self.digest_kind.label}, stream.key))
 
     def _connect_failed(self, failure, session) -> None:
         if session != self.session or not self.active:
@@ -350,7 +355,7 @@ class SendJob(state.JobIdentity):
                 table.mark_done(cid, digest)
         if recheck:
             good = await self.manager.thread(_recheck_source, self.record.source_path,
-                                             self.manifest, recheck)
+                                             self.manifest, recheck, self.digest_kind)
             if session != self.session or not self.active:
                 return
             for cid, digest in good:
@@ -402,7 +407,8 @@ class SendJob(state.JobIdentity):
             stream.reads += 1
             compress = self.compression.should_try()
             d = self.manager.thread(_read_chunks, self.record.source_path, self.manifest,
-                                    [self.table.chunk(cid) for cid in items], stream.key, compress)
+                                    [self.table.chunk(cid) for cid in items], stream.key, compress,
+                                    self.digest_kind)
             d.addBoth(self._read_done, stream, items, compress, self.session)
             d.addErrback(self._crashed)
         self._maybe_finish()
@@ -580,7 +586,8 @@ def _survey(root: str, chunk_size: int):
     return manifest, plan.ChunkTable(manifest), tree.pack_batches(manifest, MANIFEST_BATCH)
 
 
-def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool) -> list:
+def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool,
+                 kind: int) -> list:
     """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``.
 
     A batch of several whole small files becomes one BUNDLE frame, else one DATA frame
@@ -598,21 +605,21 @@ def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress
             finally:
                 os.close(fd)
             position += length
-        return [frames.seal_bundle([(i, n) for i, _, n in items], raw, key, compress)]
+        return [frames.seal_bundle([(i, n) for i, _, n in items], raw, key, compress, kind)]
     (index, offset, length), = items
     fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         data = _read_exact(fd, length, offset, manifest.paths[index])
     finally:
         os.close(fd)
-    pieces, digest, compressed = frames.seal_chunk(index, offset, data, key, compress)
+    pieces, digest, compressed = frames.seal_chunk(index, offset, data, key, compress, kind=kind)
     return [(pieces, [digest], compressed)]
 
 
-def _recheck_source(root: str, manifest: tree.Manifest, items) -> list:
+def _recheck_source(root: str, manifest: tree.Manifest, items, kind: int) -> list:
     """Worker thread: which chunks the receiver says it has match the source's bytes."""
     good = []
     for cid, index, offset, length, digest in items:
-        if plan.range_matches(os.path.join(root, manifest.paths[index]), offset, length, digest):
+        if plan.range_matches(os.path.join(root, manifest.paths[index]), offset, length, digest, kind):
             good.append((cid, digest))
     return good

@@ -358,15 +358,17 @@ class Staging:
 
     # --- checking, finishing, promoting ----------------------------------------------------
 
-    def recheck(self, manifest: Manifest, table, records: list) -> list[tuple[int, bytes]]:
+    def recheck(self, manifest: Manifest, table, records: list,
+                kind: int = frames.Digest.BLAKE3) -> list[tuple[int, bytes]]:
         """(chunk id, digest) of the journal records whose staged bytes still hash to
-        their digest."""
+        their digest (of ``kind``)."""
         good = []
         for index, offset, length, digest in records:
             cid = table.chunk_id(index, offset)
             if cid is None or table.length[cid] != length:
                 continue
-            if plan.range_matches(os.path.join(self.root, manifest.paths[index]), offset, length, digest):
+            if plan.range_matches(os.path.join(self.root, manifest.paths[index]), offset, length,
+                                  digest, kind):
                 good.append((cid, digest))
         return good
 
