@@ -104,10 +104,11 @@ FIELDS: tuple[Field, ...] = (
     _f("SeedTLSCertFile", "seed_tls_cert_file", str, "", "Certificate for mutual TLS between agents on the seed port.", ours=True),
     _f("SeedTLSKeyFile", "seed_tls_key_file", str, "", "Private key for seed TLS.", ours=True),
     _f("SeedTLSCAFile", "seed_tls_ca_file", str, "", "CA that signs the peer agents' seed certificates.", ours=True),
+    _f("SeedEngineProcess", "seed_engine_process", bool, True, "Run seeds in a child process of their own, so API load cannot starve them; false = in the agent's process.", ours=True),
     _f("MetricsOpen", "metrics_open", bool, False, "Serve /metrics without token.", ours=True),
     _f("LogFormat", "log_format", str, "text", "text or json (JSON lines).", ours=True),
     _f("BackupDirectories", "backup_directories", list, [], "Directories whose subdirectories holding a mariabackup/xtrabackup backup serve as snapshots.", ours=True, item=str),
-    _f("HotBackupCommand", "hot_backup_command", str, "", "Shell command writing a hot backup into the directory given as its argument; empty = mariabackup or xtrabackup --backup --target-dir.", ours=True),
+    _f("HotBackupCommand", "hot_backup_command", str, "", "Shell command writing a hot backup into the directory given as its argument (prepared on the source, then sent like a snapshot); empty = mariabackup or xtrabackup --backup --stream=xbstream, streamed to the target while it is made.", ours=True),
 )
 
 _BY_KEY = {f.key: f for f in FIELDS}

@@ -240,7 +240,8 @@ class World:
             return len(os.listdir(f"/proc/{daemon._transport.pid}/fd"))
 
         def children(daemon):
-            return sh("ps", "-o", "pid=,comm=", "--ppid", str(daemon._transport.pid), check=False).split("\n")
+            # By name: an agent's seed engine process is a child whose pid changes on restart.
+            return sorted(sh("ps", "-o", "comm=", "--ppid", str(daemon._transport.pid), check=False).split("\n"))
 
         def listening(ns):
             return sorted(line.split()[3] for line in sh("ip", "netns", "exec", ns.name, "ss", "-ltnH").splitlines())

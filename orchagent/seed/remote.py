@@ -1,0 +1,396 @@
+"""The agent's side of the seed engine process: the seed manager as the API sees it.
+
+With ``SeedEngineProcess`` (the default) ``agent.seeds`` is a :class:`SeedEngineProcess`:
+a service that spawns one long-lived child (:mod:`orchagent.seed.engine_process`) at
+startup and offers the manager's public surface (``receive, send, abort, completed,
+succeeded, status, all_status, set_rate_limit``), so the API does not know where seeds
+run.  Seeds' socket I/O, hashing and disk work then have a reactor and a GIL of their
+own, and a flood of API requests no longer starves them.
+
+What crosses the channel (:mod:`orchagent.seed.channel`), and why:
+
+* Commands (receive, send, abort, rate limit) are calls to the child; its errors come
+  back as the same :mod:`orchagent.errors` types with the same messages, so the API
+  answers the same v1 error body.  Keyword arguments are forwarded as they are, so a new
+  option of the manager needs no change here.
+* Status reads (seed-status, seeds, seed-command-completed/succeeded, /metrics) are
+  answered from a copy the child keeps current: it pushes what changed every
+  :data:`~orchagent.seed.engine_process.PUSH_INTERVAL` and at once on a change of state,
+  and before answering any call.  A controller polling seed-status under load then costs
+  the engine nothing, and a completed seed is seen as soon as it completes.  Before the
+  first push (agent start) the copy is what StateDir holds; a seed the copy does not know
+  is asked of the child, so "no seed" is always the manager's own answer.
+* The child's log events are published to the agent's observers (text or JSON, masked
+  the same way), and its OS commands are counted in ``/metrics``.
+
+When the child dies, the agent logs how, and starts a new one (after a short, growing
+delay if it keeps dying); the manager resumes the seeds from StateDir as after an agent
+restart.  Calls made meanwhile wait for it (up to :data:`READY_TIMEOUT`).  When the agent
+stops, it stops the child: SIGTERM, :data:`STOP_GRACE` seconds, then SIGKILL.  If the
+agent itself is killed, the kernel kills the child (see the engine's module docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any, Callable
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, globalLogPublisher
+
+import orchagent
+from orchagent.errors import NotAvailable
+from orchagent.seed import auth, channel, state
+
+log = Logger()
+
+#: Seconds a call waits for the engine to be (back) up before answering NotAvailable.
+READY_TIMEOUT = 30.0
+#: Seconds the engine has to stop after SIGTERM before it is killed.
+STOP_GRACE = 8.0
+#: Delay before restarting an engine that died; doubled while it keeps dying soon after
+#: starting, up to MAX_RESTART_DELAY; back to the first after STABLE_SECONDS of running.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+STABLE_SECONDS = 60.0
+#: Longest line of the child's stray output kept in one log event.
+MAX_OUTPUT_LINE = 16 * 1024
+
+
+def config_to_json(config) -> bytes:
+    """The whole configuration for the child (see engine_process.config_from_json)."""
+    return json.dumps(attrs.asdict(config)).encode()
+
+
+def engine_argv(parent_pid: int) -> list[str]:
+    """The child's command line: this interpreter, in safe-path mode (``-P``: the working
+    directory is not searched for modules)."""
+    return [sys.executable, "-P", "-m", "orchagent.seed.engine_process",
+            "--parent-pid", str(parent_pid)]
+
+
+def engine_env() -> dict[str, str]:
+    """The agent's environment, with the directory orchagent is imported from first on
+    PYTHONPATH so that the child imports the same code."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(orchagent.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+@attrs.frozen
+class ForwardedCommand:
+    """An OS command the engine ran, as the agent's command observers (metrics) see it."""
+
+    name: str
+    duration: float
+    ok: bool
+
+
+class _EngineProcessProtocol(protocol.ProcessProtocol):
+    """Hands the child its configuration, turns its stray output into lines, reports the exit."""
+
+    def __init__(self, config_json: bytes, on_line: Callable[[str], None],
+                 on_ended: Callable[[Any], None]):
+        self.config_json = config_json
+        self.on_line = on_line
+        self.on_ended = on_ended
+        self._partial = b""
+
+    def connectionMade(self):
+        self.transport.write(self.config_json)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes):
+        self._partial += data
+        *lines, self._partial = self._partial.split(b"\n")
+        if len(self._partial) > MAX_OUTPUT_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            if line.strip():
+                self.on_line(line[:MAX_OUTPUT_LINE].decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if self._partial.strip():
+            self.on_line(self._partial.decode("utf-8", "replace"))
+        self._partial = b""
+        self.on_ended(reason)
+
+
+class _AgentChannel(channel.QuietAMP):
+    """The agent's end of the channel: every box goes to the SeedEngineProcess."""
+
+    def __init__(self, owner: "SeedEngineProcess"):
+        super().__init__()
+        self.owner = owner
+
+    @channel.Ready.responder
+    def ready(self, pid: int):
+        self.owner._engine_ready(self, pid)
+        return {}
+
+    @channel.Statuses.responder
+    def statuses(self, changed: list, removed: list, replace: bool):
+        if self.owner.channel is self:
+            self.owner._take_statuses(changed, removed, replace)
+        return {}
+
+    @channel.Log.responder
+    def log_event(self, event: dict):
+        self.owner.publish(channel.event_from_wire(event))
+        return {}
+
+    @channel.CommandRan.responder
+    def command_ran(self, name: str, duration: float, ok: bool):
+        self.owner._command_ran(ForwardedCommand(name, duration, ok))
+        return {}
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.owner._channel_lost(self)
+
+
+class SeedEngineProcess(service.Service):
+    """``agent.seeds`` when seeds run in their own process; see the module docstring.
+
+    ``command_observers`` is the agent's runner's observer list (metrics count the
+    engine's commands there); ``publish`` receives the engine's log events (default: the
+    global log publisher, i.e. the agent's observers).
+    """
+
+    name = "seeds"
+
+    def __init__(self, config: Any, reactor: Any, command_observers: list | None = None,
+                 publish: Callable[[dict], None] | None = None):
+        self.config = config
+        self.reactor = reactor
+        self.command_observers = command_observers if command_observers is not None else []
+        self.publish = publish or globalLogPublisher
+        # What the manager checks when it is built: refuse to start here, not in the child.
+        auth.parse_networks(config.seed_allowed_networks)
+        if auth.tls_configured(config):
+            auth.tls_server_options(config)
+        #: The status of each seed, in the manager's order, as the engine last pushed it.
+        self.statuses: dict[str, dict] = {}
+        self.channel: _AgentChannel | None = None
+        self.process = None
+        self.pid: int | None = None
+        self.ready = False
+        self.restarts = 0
+        self._waiters: list[defer.Deferred] = []
+        self._exits: list[defer.Deferred] = []
+        self._restart_call = None
+        self._delay = RESTART_DELAY
+        self._started_at = 0.0
+
+    # --- service -------------------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        for record in state.StateStore(self.config.state_dir).load_all():
+            eta = 0.0 if record.state == state.COMPLETED else None
+            self.statuses[record.seed_id] = record.status(0.0, eta)
+        self._spawn()
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(NotAvailable("the agent is stopping"))
+        if self.process is None:
+            return
+        for sig, grace in (("TERM", STOP_GRACE), ("KILL", STOP_GRACE)):
+            exited = defer.Deferred()
+            self._exits.append(exited)
+            try:
+                self.process.signalProcess(sig)
+            except (OSError, error.ProcessExitedAlready):
+                pass
+            try:
+                await exited.addTimeout(grace, self.reactor)
+                return
+            except defer.TimeoutError:
+                if sig == "TERM":
+                    log.warn("seed engine process {pid} did not stop within {grace} s of "
+                             "SIGTERM; killing it", pid=self.pid, grace=grace)
+        log.error("seed engine process {pid} did not die", pid=self.pid)
+
+    # --- the child -----------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._restart_call = None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = None
+        try:
+            agent_channel = _AgentChannel(self)
+            factory = protocol.Factory()
+            factory.buildProtocol = lambda addr: agent_channel
+            process_protocol = _EngineProcessProtocol(
+                config_to_json(self.config), self._child_output, self._ended)
+            process = self.reactor.spawnProcess(
+                process_protocol, sys.executable, engine_argv(os.getpid()), env=engine_env(),
+                childFDs={0: "w", 1: "r", 2: "r", channel.CHANNEL_FD: child_end.fileno()})
+            self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, factory)
+        except Exception:
+            log.failure("cannot start the seed engine process")
+            if process is None:
+                self._schedule_restart()
+            else:  # spawned without its channel: its end restarts it
+                self.process, self.pid, self._started_at = process, process.pid, self.reactor.seconds()
+                process.signalProcess("KILL")
+            return
+        finally:
+            parent_end.close()
+            child_end.close()
+        self.process, self.pid, self.channel, self.ready = process, process.pid, agent_channel, False
+        self._started_at = self.reactor.seconds()
+        log.info("seed engine process started (pid {pid})", pid=self.pid)
+
+    def _engine_ready(self, agent_channel: _AgentChannel, pid: int) -> None:
+        if agent_channel is not self.channel:
+            return
+        self.ready = True
+        log.info("seed engine process {pid} is ready", pid=pid)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(agent_channel)
+
+    def _take_statuses(self, changed: list, removed: list, replace: bool) -> None:
+        if replace:
+            self.statuses = {}
+        for status in changed:
+            self.statuses[status["SeedId"]] = status
+        for seed_id in removed:
+            self.statuses.pop(seed_id, None)
+
+    def _command_ran(self, result: ForwardedCommand) -> None:
+        for observer in list(self.command_observers):
+            observer(result)
+
+    def _child_output(self, line: str) -> None:
+        log.warn("seed engine process {pid}: {line}", pid=self.pid, line=line)
+
+    def _channel_lost(self, agent_channel: _AgentChannel) -> None:
+        """Without its channel the engine is useless: make sure it ends (and restarts)."""
+        if agent_channel is not self.channel:
+            return
+        self.channel, self.ready = None, False
+        if self.running and self.process is not None:
+            log.warn("seed engine process {pid} closed its channel; killing it", pid=self.pid)
+            try:
+                self.process.signalProcess("KILL")
+            except (OSError, error.ProcessExitedAlready):
+                pass
+
+    def _ended(self, reason) -> None:
+        status = reason.value
+        code, sig = getattr(status, "exitCode", None), getattr(status, "signal", None)
+        how = f"was killed by signal {sig}" if sig else f"exited with status {code}"
+        pid, ran = self.pid, self.reactor.seconds() - self._started_at
+        self.process, self.pid, self.ready = None, None, False
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        self.channel = None
+        if not self.running:
+            log.info("seed engine process {pid} {how}", pid=pid, how=how)
+        exits, self._exits = self._exits, []
+        for exited in exits:
+            if not exited.called:
+                exited.callback(None)
+        if not self.running:
+            return
+        self._delay = RESTART_DELAY if ran >= STABLE_SECONDS else self._delay
+        log.error("seed engine process {pid} {how}; starting a new one in {delay} s "
+                  "(its seeds resume from StateDir)", pid=pid, how=how, delay=self._delay)
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        if not self.running:
+            return
+        self.restarts += 1
+        self._restart_call = self.reactor.callLater(self._delay, self._spawn)
+        self._delay = min(self._delay * 2, MAX_RESTART_DELAY)
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def _ready_channel(self) -> _AgentChannel:
+        if self.ready and self.channel is not None:
+            return self.channel
+        if not self.running:
+            raise NotAvailable("the seed engine is not running (the agent is stopping)")
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        try:
+            return await waiter.addTimeout(READY_TIMEOUT, self.reactor)
+        except defer.TimeoutError:
+            raise NotAvailable(f"the seed engine process has not been ready for "
+                               f"{READY_TIMEOUT:.0f} s; see the agent's log") from None
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` of the engine's seed manager; its result, or its error raised here."""
+        agent_channel = await self._ready_channel()
+        try:
+            answer = await agent_channel.callRemote(
+                channel.Call, method=method, args={"args": list(args), "kwargs": kwargs})
+        except error.ConnectionClosed:
+            raise NotAvailable(f"the seed engine process ended while running {method}; "
+                               "it is being restarted: check the seed's status, then retry") from None
+        result = answer["result"]
+        if "error" in result:
+            raise channel.error_from_wire(result["error"])
+        return result["ok"]
+
+    def _known(self, seed_id: str) -> dict | None:
+        return self.statuses.get(seed_id)
+
+    # --- the seed manager's public surface -----------------------------------------------------
+
+    async def receive(self, seed_id: str, key: str | None = None, **options: Any) -> bool:
+        return await self.call("receive", seed_id, key=key, **options)
+
+    async def send(self, target: str, seed_id: str, key: str | None = None,
+                   source: str = "snapshot", **options: Any) -> bool:
+        return await self.call("send", target, seed_id, key=key, source=source, **options)
+
+    async def abort(self, seed_id: str, **options: Any) -> bool:
+        return await self.call("abort", seed_id, **options)
+
+    async def set_rate_limit(self, seed_id: str, bytes_per_sec: int, **options: Any) -> bool:
+        return await self.call("set_rate_limit", seed_id, bytes_per_sec, **options)
+
+    async def completed(self, seed_id: str) -> bool:
+        known = self._known(seed_id)
+        if known is None:
+            return await self.call("completed", seed_id)
+        return known["State"] in state.TERMINAL
+
+    async def succeeded(self, seed_id: str) -> bool:
+        known = self._known(seed_id)
+        if known is None:
+            return await self.call("succeeded", seed_id)
+        return known["State"] == state.COMPLETED
+
+    async def status(self, seed_id: str) -> dict:
+        known = self._known(seed_id)
+        if known is None:
+            return await self.call("status", seed_id)
+        return dict(known)
+
+    def all_status(self) -> list[dict]:
+        """Every seed's status as last pushed (treat them as read-only)."""
+        return list(self.statuses.values())
