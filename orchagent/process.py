@@ -136,7 +136,14 @@ class ProcessRunner:
 
     def run(self, argv: Sequence[str], timeout=None, stdin: bytes | None = None, env=None,
             privileged: bool = False, check: bool = True, max_output: int | None = None,
-            cwd: str | None = None) -> defer.Deferred:
+            cwd: str | None = None, stdin_fd: int | None = None,
+            stdout_fd: int | None = None, exited: defer.Deferred | None = None) -> defer.Deferred:
+        """``stdin_fd``/``stdout_fd``: a descriptor of ours the child reads its standard
+        input from / writes its standard output to (the read or write end of a pipe whose
+        other end a worker thread serves with large blocking reads or writes) instead of
+        the pipes the reactor serves; the caller closes its copy after the call.
+        ``exited`` is fired (with None) when the child has really exited: cancelling the
+        returned Deferred fires it at once, while the process group is still dying."""
         argv = [str(a) for a in argv]
         if not argv:
             raise ValueError("empty argv")
@@ -147,8 +154,10 @@ class ProcessRunner:
         child_env = dict(self.env)
         child_env.update(env or {})
         started = time.monotonic()
+        child_fds = {0: "w" if stdin_fd is None else stdin_fd,
+                     1: "r" if stdout_fd is None else stdout_fd, 2: "r"}
         transport = self.reactor.spawnProcess(
-            proto, "/usr/bin/env", ["env", *full], env=child_env, path=cwd
+            proto, "/usr/bin/env", ["env", *full], env=child_env, path=cwd, childFDs=child_fds
         )
         # /usr/bin/env resolves the program through PATH without a shell.
         state = {"timed_out": False}
@@ -168,6 +177,8 @@ class ProcessRunner:
                 timer.cancel()
             killer.ended()
             self._running.discard(killer)
+            if exited is not None and not exited.called:
+                exited.callback(None)
             result = CommandResult(
                 argv=tuple(full), exit_code=exit_code, signal=sig,
                 stdout=b"".join(proto.out), stderr=bytes(proto.err),

@@ -1,34 +1,47 @@
 """Hot seeds: send the running server's data, with no snapshot, through the seed engine.
 
 ``send-mysql-seed-data/{target}/{seedId}?source=hot`` answers at once; in the
-background the source agent
+background the source agent does one of two things.
 
-1. *backup*: runs ``HotBackupCommand`` (shell text; the directory to write the backup
-   into is appended as its last argument, e.g. ``xtrabackup --backup --target-dir``) or,
-   by default, ``mariabackup`` (else ``xtrabackup``) ``--backup --parallel=2
-   --target-dir=StateDir/hot/<seedId>/data``.  The tool connects to the server with its
-   own option groups (``[mariabackup]``, ``[xtrabackup]``, ``[client]``) of
-   ``MySQLOptionsFile`` or of its default files: the agent holds no MySQL credentials.
-   The tool checks every page's checksum as it copies it.
+**Streamed** (the default): it runs ``mariabackup`` (else ``xtrabackup``) ``--backup
+--stream=xbstream`` and sends the tool's output while the tool produces it
+(:mod:`orchagent.seed.streamed`); the target extracts it (``mbstream -x``) into the
+seed's staging directory as it arrives, then ``--prepare`` s it there, gives it the
+datadir's owner, syncs it and moves it into the datadir like every seed.  Backup,
+transfer and extraction overlap, so the seed takes about as long as the backup alone
+plus the prepare.  The source needs no space for a copy.
+
+Why the target prepares (the directory mode below prepares at the source): a stream's
+data leaves the source as it is read, so there is nothing left there to prepare; the
+target checks before any byte flows that it has the extractor and the same tool
+version (``--prepare`` needs the version that made the backup) and enough space, and a
+failed prepare fails the seed with the datadir untouched (staging is removed).
+
+**Directory** (``HotBackupCommand`` set: shell text writing a backup into the directory
+given as its last argument, e.g. ``xtrabackup --backup --target-dir``):
+
+1. *backup* into ``StateDir/hot/<seedId>/data``;
 2. *prepare*: ``--prepare`` on that directory (it is ours, no copy needed), then gives it
    the datadir's owner;
 3. *send*: hands the directory to the seed engine, exactly like a mounted snapshot:
    manifest, verified chunks, resume, progress, the receiver's staging and atomic swap;
 4. removes the work directory when the send ends, either way.
 
-Why the source prepares, not the target: ``--prepare`` must be run by the same tool
-version that made the backup, which only the source is sure to have (a new replica may
-have none, or another version); a prepare that fails (a corrupt page, a bad redo log)
-then fails the seed before a byte is sent and before the target is touched; and the
-target stays an ordinary receiver, with nothing to run on data that came off the
-network.  The cost is the prepare's I/O on the source, where the backup's is anyway.
+Either way the tool connects to the server with its own option groups
+(``[mariabackup]``, ``[xtrabackup]``, ``[client]``) of ``MySQLOptionsFile`` or of its
+default files: the agent holds no MySQL credentials.  The tool checks every page's
+checksum as it copies it.
 
-What resumes: the send (step 3) resumes like every seed — after a lost connection, a
-restart of the target agent, or a restart of the source agent (the work directory is
-kept across it and the engine resumes from it; :meth:`HotSeeds.adopt` then removes it
-when that send ends).  The backup and prepare (steps 1-2) do not: if they fail, are
-aborted, or the source agent stops during them, the seed fails, the partial backup is
-removed, and a new seed takes a new backup.
+What resumes: nothing of a streamed seed — a lost connection, a failing tool, an abort
+or an agent stop on either side fails the seed (the target removes staging, its datadir
+untouched) and a new seed takes a new backup.  (Spooling the stream to the source's disk
+to resend it would cost a full write of the backup on the source, and the target would
+need its own spool to restart the extractor mid-stream: not worth it for a seed that
+lasts as long as its backup.)  In directory mode the send (step 3) resumes like every
+seed — after a lost connection, a restart of the target agent, or a restart of the
+source agent (the work directory is kept across it and the engine resumes from it;
+:meth:`HotSeeds.adopt` then removes it when that send ends); the backup and prepare
+(steps 1-2) do not.
 """
 
 from __future__ import annotations
@@ -110,20 +123,26 @@ class HotSeeds:
         if self.config.send_seed_data_command:
             raise NotAvailable(f"hot seed {seed_id}: hot seeds run on the seed engine, and "
                                "SendSeedDataCommand (the original command mode) is configured")
-        if not await self.service.is_running():
-            raise Refused(f"hot seed {seed_id}: MySQL is not running here; a hot seed copies "
-                          "the running server (send a snapshot or the datadir instead)")
         if not self.config.hot_backup_command and self.tools.hot_tool() is None:
             raise NotAvailable(f"hot seed {seed_id}: neither mariabackup nor xtrabackup is "
                                "installed (or set HotBackupCommand)")
+        # The checks run together: the seed's clock is running.
+        usage = defer.ensureDeferred(self.host.mysql_disk_usage())
+        if not await self.service.is_running():
+            usage.addErrback(lambda _: None)
+            raise Refused(f"hot seed {seed_id}: MySQL is not running here; a hot seed copies "
+                          "the running server (send a snapshot or the datadir instead)")
         await self.sweep(manager)
-        need = await self.host.mysql_disk_usage() + SPACE_MARGIN
+        size = await usage
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        auth_key = auth.derive_auth_key(key, seed_id) if key else None
+        if not self.config.hot_backup_command:
+            return await self._send_streamed(manager, seed_id, target, host, port, auth_key, size)
+        need = size + SPACE_MARGIN
         free = _free_bytes(self.root)
         if free < need:
             raise Refused(f"hot seed {seed_id}: not enough space for the backup in {self.root}: "
                           f"it needs about {need} bytes (the datadir's size) and {free} are free")
-        auth_key = auth.derive_auth_key(key, seed_id) if key else None
         record = manager._new_record(seed_id, "sender", target=target, source="hot",
                                      keyed=auth_key is not None,
                                      rate_limit=self.config.seed_rate_limit_bytes_per_sec)
@@ -135,16 +154,44 @@ class HotSeeds:
         job.start()
         return True
 
+    async def _send_streamed(self, manager: Any, seed_id: str, target: str, host: str, port: int,
+                             auth_key: bytes | None, size: int) -> bool:
+        """The default: the tool's xbstream output straight to the target (see the module
+        docstring).  BytesTotal starts as the datadir's size (an estimate: the backup
+        leaves out the redo log files and binary logs, and adds a little framing) and
+        becomes the stream's exact length at its end."""
+        from orchagent.seed.streamed import StreamSendJob
+
+        tool = self.tools.hot_tool()
+        version = await self.tools.version(tool)
+        command = [tool, *self.tools.defaults_args(), "--backup", "--stream=xbstream"]
+        record = manager._new_record(seed_id, "sender", target=target, source="hot",
+                                     keyed=auth_key is not None, bytes_total=size,
+                                     rate_limit=self.config.seed_rate_limit_bytes_per_sec)
+        manager.save(record)
+        job = StreamSendJob(manager, record, auth_key, host, port, command,
+                            f"{tool} --backup --stream", {"tool": tool, "version": version,
+                                                          "estimate": size}, cwd=self.root)
+        manager.jobs[seed_id] = job
+        job.start()
+        return True
+
     def adopt(self, manager: Any) -> None:
         """After the manager resumed its seeds (agent start): a resumed hot send removes
-        its work directory when it ends; one whose backup had not finished cannot go on."""
+        its work directory when it ends; one whose backup had not finished, or that was
+        streaming (either side), cannot go on."""
         for job in list(manager.jobs.values()):
             record = job.record
-            if record.source != "hot" or record.role != "sender" or not job.active:
+            if record.source != "hot" or not job.active:
+                continue
+            if record.role == "receiver":
+                if not record.promoting:
+                    job.fail("the agent restarted while receiving a streamed hot seed; a "
+                             "stream cannot resume: start the seed again")
                 continue
             if not record.source_path or not os.path.isdir(record.source_path):
-                job.fail("the agent restarted before the hot backup was ready; a hot backup "
-                         "cannot resume: start the seed again")
+                job.fail("the agent restarted while the hot backup was being made or streamed; "
+                         "it cannot resume: start the seed again")
                 continue
             job.done.addBoth(self._discard_after, record.seed_id)
         defer.ensureDeferred(self.sweep(manager)).addErrback(

@@ -165,7 +165,8 @@ class ServerHandshake:
         if hello.get("proto") != PROTOCOL:
             raise Rejected(f"unsupported seed protocol {str(hello.get('proto'))[:40]!r}")
         ok = (isinstance(hello.get("seed"), str) and isinstance(hello.get("session"), str)
-              and hello.get("role") in ("control", "data") and isinstance(hello.get("index"), int)
+              and hello.get("role") in ("control", "data", "stream")
+              and isinstance(hello.get("index"), int)
               and isinstance(hello.get("nonce"), str) and isinstance(hello.get("keyed"), bool))
         if not ok:
             raise ProtocolError("malformed HELLO")

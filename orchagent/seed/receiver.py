@@ -106,6 +106,10 @@ class ReceiverStream(protocol.Protocol):
         job = self.manager.receive_job(hello["seed"])
         if job is None:
             raise Rejected(f"this host is not receiving seed {hello['seed']}")
+        if hello["role"] == "stream":
+            from orchagent.seed.streamed import StreamReceiveJob  # a hot seed's backup stream
+
+            job = StreamReceiveJob.take_over(job)
         job.attach(self, hello)
         self.job, self.role, self.session = job, hello["role"], hello["session"]
         self.key = self.handshake.key
