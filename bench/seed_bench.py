@@ -5,7 +5,9 @@ On the same data, in the same run, alternating, several rounds, medians:
 * **orchagent** — two real agents (``twistd -n orchestrator-agent``), driven over their
   HTTP API: ``receive-mysql-seed-data`` then ``send-mysql-seed-data?source=datadir``;
   timed from the send call until the receiver reports ``completed`` (verified, synced with
-  syncfs, moved into place).  Checksums are always on.
+  syncfs, moved into place).  Checksums are always on: XXH3-128 per chunk on the plain
+  runs (no key, as orchestrator starts seeds), BLAKE3 on the keyed runs of (a).  Peak
+  RSS is the agent's daemon and seed engine processes together.
 * **tar|nc** — ``nc -l | tar -xf -`` on the target, ``tar -cf - | nc -N`` on the source;
   timed until the receiving tar exits (reported with and without a ``sync`` after it: the
   agent's time includes making the data durable, tar's does not).
@@ -191,6 +193,18 @@ class Agent:
                 time.sleep(0.05)
         with open(config["TokenHintFile"]) as fh:
             self.token = fh.read().strip()
+        self._wait_for_engine(deadline)
+
+    def _wait_for_engine(self, deadline: float) -> None:
+        """The seed engine runs in a child process that starts beside the HTTP port: a
+        running agent has it ready long before a seed, so the timing starts after it."""
+        while True:
+            with open(self.log.name) as fh:
+                if any("seed engine process" in line and "is ready" in line for line in fh):
+                    return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the agent's seed engine did not start")
+            time.sleep(0.05)
 
     def get(self, path: str):
         sep = "&" if "?" in path else "?"
@@ -198,17 +212,26 @@ class Agent:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.load(response)
 
+    def _pids(self) -> list[int]:
+        """The agent's processes: the daemon and its seed engine (inside a namespace the
+        daemon is nsenter's child)."""
+        pids, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo += [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                     text=True).stdout.split()]
+        return [p for p in pids if _is_python(p)]
+
     def peak_rss_mb(self) -> float:
-        pid = self.process.pid
-        # Inside a namespace the agent is nsenter's child.
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        if children:
-            pid = int(children[0])
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """Peak resident memory of the agent, daemon and seed engine together."""
+        total = 0.0
+        for pid in self._pids():
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -221,7 +244,14 @@ class Agent:
         self.log.close()
 
 
-def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None) -> dict:
+def _is_python(pid: int) -> bool:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("python")
+    except OSError:
+        return False
+
+
+def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: str = "") -> dict:
     seed_port = free_port()
     a_prefix = ns.a.prefix if ns else ()
     b_prefix = ns.b.prefix if ns else ()
@@ -230,9 +260,10 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None) -> dic
     sender = Agent(os.path.join(work, "agent-s"), src, seed_port, a_prefix,
                    ns.a.address if ns else "127.0.0.1")
     try:
-        assert receiver.get("/api/receive-mysql-seed-data/1") is True
+        assert receiver.get("/api/receive-mysql-seed-data/1" + (f"?key={key}" if key else "")) is True
         started = time.monotonic()
-        assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir") is True
+        assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
+                          + (f"&key={key}" if key else "")) is True
         while True:
             status = receiver.get("/api/seed-status/1")
             if status["State"] in ("completed", "failed", "aborted"):
@@ -322,18 +353,20 @@ def median(values):
 
 
 def scenario(name: str, src: str, base: str, work: str, rounds: int, *, ns=None,
-             with_cat: bool = True) -> dict:
-    results = {"orchagent": [], "tar_nc": [], "cat": []}
+             with_cat: bool = True, keyed: bool = False) -> dict:
+    """``keyed`` adds runs with a per-seed key and no TLS, the mode whose chunk digests are
+    BLAKE3 (the plain runs, like orchestrator's, use XXH3-128)."""
+    results = {"orchagent": [], "orchagent_keyed": [], "tar_nc": [], "cat": []}
     total = tree_bytes(src)
+    kinds = ["orchagent"] + (["orchagent_keyed"] if keyed else []) + ["tar_nc"] + (["cat"] if with_cat else [])
     for round_ in range(rounds):
-        order = ["orchagent", "tar_nc", "cat"] if round_ % 2 == 0 else ["cat", "tar_nc", "orchagent"]
+        order = kinds if round_ % 2 == 0 else kinds[::-1]
         for kind in order:
-            if kind == "cat" and not with_cat:
-                continue
             with fresh_target(base, total) as dst:
-                if kind == "orchagent":
+                if kind.startswith("orchagent"):
                     target = ns.b.address if ns else "127.0.0.1"
-                    result = run_orchagent(work, src, dst, target=target, ns=ns)
+                    result = run_orchagent(work, src, dst, target=target, ns=ns,
+                                           key="bench-key" if kind == "orchagent_keyed" else "")
                 elif kind == "tar_nc":
                     result = run_tar_nc(src, dst, address=ns.b.address if ns else "127.0.0.1", ns=ns)
                 else:
@@ -371,7 +404,7 @@ def main() -> int:
             if not os.path.isdir(src):
                 print("generating 1 GiB of mixed pages ...", flush=True)
                 make_mixed(src, 1 << 30)
-            report["a"] = scenario("a", src, base, work, args.rounds)
+            report["a"] = scenario("a", src, base, work, args.rounds, keyed=True)
         if "b" in only:
             src = os.path.join(base, "small-50k")
             if not os.path.isdir(src):
@@ -426,13 +459,17 @@ def markdown(report: dict, rounds: int) -> str:
         def rate(seconds):
             return f"{seconds:.2f}s ({n / seconds / 1e6:.0f} MB/s)"
 
-        cells = [titles[key], rate(ours["seconds"]), rate(tar["seconds"]), rate(tar["seconds_synced"]),
-                 rate(cat["seconds"]) if cat else "–", rate(cat["seconds_synced"]) if cat else "–",
-                 f"{tar['seconds'] / ours['seconds']:.2f}",
-                 f"{tar['seconds_synced'] / ours['seconds']:.2f}",
-                 f"{cat['seconds_synced'] / ours['seconds']:.2f}" if cat else "–",
-                 f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        variants = [(titles[key], ours)]
+        if "orchagent_keyed" in r:
+            variants.append((titles[key] + ", keyed (BLAKE3)", r["orchagent_keyed"]))
+        for title, ours in variants:
+            cells = [title, rate(ours["seconds"]), rate(tar["seconds"]), rate(tar["seconds_synced"]),
+                     rate(cat["seconds"]) if cat else "–", rate(cat["seconds_synced"]) if cat else "–",
+                     f"{tar['seconds'] / ours['seconds']:.2f}",
+                     f"{tar['seconds_synced'] / ours['seconds']:.2f}",
+                     f"{cat['seconds_synced'] / ours['seconds']:.2f}" if cat else "–",
+                     f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
     if "d" in report:
         lines.append("")
         for label, result in report["d"].items():
