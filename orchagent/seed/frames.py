@@ -88,8 +88,8 @@ class Digest(enum.IntEnum):
     TLS): the digest is what binds a raw payload to its keyed tag, so it must resist a
     forger.  XXH3-128 (16 bytes, zero-padded) where it only has to catch corruption: under
     TLS, which authenticates every byte itself, and on an unauthenticated stream, where
-    nothing could.  It costs a tenth of BLAKE3, which on loopback was a third of the
-    CPU time of both sides.  Tags (keyed) are always BLAKE3."""
+    nothing could.  It costs a tenth of BLAKE3, which on loopback was a fifth of each
+    side's CPU time.  Tags (keyed) are always BLAKE3."""
 
     BLAKE3 = 0
     XXH3 = 1
