@@ -593,15 +593,7 @@ class ReceiveJob(state.JobIdentity):
         await self.manager.thread(self.staging.finalize, self.manifest, table)
         if not self.active:
             return
-        if not record.promoting:
-            moved = await self.manager.thread(self.staging.move_aside, self.manifest)
-            if moved:
-                log.warn("seed {seed}: {datadir} was not empty; kept {names} in {aside}",
-                         seed=self.seed_id, datadir=record.datadir, names=moved[:20],
-                         aside=self.staging.aside)
-            record.promoting = True
-            self.manager.save(record)
-        await self.manager.thread(self.staging.promote)
+        await self.move_into_place(self.manifest)
         self._close_journal()
         # The key stays while a sender may still reconnect to learn the result
         # (SeedManager.forget_completed removes it).
@@ -623,6 +615,20 @@ class ReceiveJob(state.JobIdentity):
         self.sender_digests = b""
         self._settle()
 
+    async def move_into_place(self, manifest: tree.Manifest) -> None:
+        """Move what the datadir holds aside, then the verified tree in.  ``promoting`` is
+        saved in between: an agent restarted there finishes the move."""
+        record = self.record
+        if not record.promoting:
+            moved = await self.manager.thread(self.staging.move_aside, manifest)
+            if moved:
+                log.warn("seed {seed}: {datadir} was not empty; kept {names} in {aside}",
+                         seed=self.seed_id, datadir=record.datadir, names=moved[:20],
+                         aside=self.staging.aside)
+            record.promoting = True
+            self.manager.save(record)
+        await self.manager.thread(self.staging.promote)
+
     def _finalize_failed(self, failure) -> None:
         self.finalizing = False
         if not self.active:
@@ -638,12 +644,7 @@ class ReceiveJob(state.JobIdentity):
         if not self.active:
             return defer.succeed(None)
         record = self.record
-        record.state = final_state
-        record.error = message
-        if final_state == state.FAILED:
-            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
-        else:
-            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+        self.end_record(message, final_state, log)
         for control in [self.control, *self.waiting]:
             if control is not None:
                 control.last_word(frames.seal_json(

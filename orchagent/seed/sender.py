@@ -522,12 +522,7 @@ class SendJob(state.JobIdentity):
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
         if not self.active:
             return defer.succeed(None)
-        self.record.state = final_state
-        self.record.error = message
-        if final_state == state.FAILED:
-            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
-        else:
-            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+        self.end_record(message, final_state, log)
         if tell and self.control is not None and self.control.key is not None and not self.control.closed:
             self.control.transport.write(frames.seal_json(
                 FrameType.ABORT, {"message": message}, self.control.key))

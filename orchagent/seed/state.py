@@ -101,6 +101,15 @@ class JobIdentity:
     def active(self) -> bool:
         return not self.record.terminal
 
+    def end_record(self, message: str, final_state: str, log) -> None:
+        """Mark the record failed or aborted with ``message``, and say so in ``log``."""
+        self.record.state = final_state
+        self.record.error = message
+        if final_state == FAILED:
+            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
+        else:
+            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+
 
 class StateStore:
     """Files of seed state under ``state_dir/seeds``; every write is atomic (rename)."""

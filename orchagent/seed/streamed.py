@@ -412,12 +412,7 @@ class StreamSendJob(state.JobIdentity):
         """Stop the tool (its process group), tell the target unless it told us, end."""
         if not self.active:
             return defer.succeed(None)
-        self.record.state = final_state
-        self.record.error = message
-        if final_state == state.FAILED:
-            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
-        else:
-            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+        self.end_record(message, final_state, log)
         stream = self.stream
         if tell and stream is not None and stream.key is not None and not stream.closed:
             stream.transport.write(frames.seal_json(
@@ -796,14 +791,7 @@ class StreamReceiveJob(ReceiveJob):
         took("sync")
         if not self.active:
             return
-        moved = await self.manager.thread(self.staging.move_aside, manifest)
-        if moved:
-            log.warn("seed {seed}: {datadir} was not empty; kept {names} in {aside}",
-                     seed=self.seed_id, datadir=record.datadir, names=moved[:20],
-                     aside=self.staging.aside)
-        record.promoting = True
-        self.manager.save(record)
-        await self.manager.thread(self.staging.promote)
+        await self.move_into_place(manifest)
         took("move")
         self.manager.store.remove(self.seed_id, "journal", "manifest")
         record.state = state.COMPLETED
