@@ -37,6 +37,7 @@ from orchagent.seed import channel, engine_process, remote
 from orchagent.service import StatusFastPath
 from orchagent.token import Token
 from tests import seed_support as S
+from tests.support.certs import TestCA, seed_tls
 from tests.support.daemon import start_daemon, wait_until
 
 KEY = "engine-seed-key-6161"
@@ -67,6 +68,12 @@ def running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def loaded_cryptography(pid: int) -> bool:
+    """Whether the process has cryptography's compiled bindings (pyOpenSSL's OpenSSL) mapped."""
+    with open(f"/proc/{pid}/maps") as fh:
+        return "/cryptography/" in fh.read()
 
 
 async def engine_of(daemon, timeout: float = 15.0, other_than: int | None = None) -> int:
@@ -332,6 +339,27 @@ class ProxyTests(unittest.TestCase):
         self.assertFalse(again.ready)
         self.assertEqual([(s["SeedId"], s["State"]) for s in again.all_status()], [("s1", "aborted")])
         self.assertIs(await again.completed("s1"), True)
+
+    async def test_without_seed_tls_the_engine_never_loads_openssl(self):
+        seeds = await self.start()
+        self.assertFalse(loaded_cryptography(seeds.pid))
+
+    async def test_seed_over_mutual_tls_between_two_engines(self):
+        """With seed TLS configured the engine loads pyOpenSSL (see orchagent.seed.__main__)
+        and a seed runs over mutual TLS between two engine processes."""
+        ca = TestCA(self.mktemp())
+        source = os.path.abspath(self.mktemp())
+        S.make_tree(source, files=4)
+        receiver = await self.start(**seed_tls(ca, "r"))
+        sender = await self.start(**seed_tls(ca, "s"), state_dir=os.path.abspath(self.mktemp()),
+                                  mysql_datadir_command=f"echo {source}")
+        self.assertTrue(loaded_cryptography(receiver.pid) and loaded_cryptography(sender.pid))
+        self.assertIs(await receiver.receive("t1"), True)
+        self.assertIs(await sender.send(f"127.0.0.1:{self.values['seed_transfer_port']}", "t1",
+                                        source="datadir"), True)
+        await wait_until(lambda: receiver.all_status()[0]["State"] in ("completed", "failed"), timeout=30)
+        self.assertEqual(receiver.all_status()[0]["State"], "completed", receiver.all_status())
+        self.assertEqual(S.snapshot_tree(self.datadir), S.snapshot_tree(source))
 
     def test_a_bad_seed_setting_stops_the_agent_not_the_engine(self):
         config = Config(**self.values, seed_allowed_networks=["10.0.0.0/33"])

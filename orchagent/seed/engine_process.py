@@ -5,7 +5,7 @@ thousands of small requests.  In one process they share one reactor thread and o
 so a flood of API requests starves the seed.  With ``SeedEngineProcess`` (the default)
 the agent spawns this module once at startup (:mod:`orchagent.seed.remote`)::
 
-    python -P -m orchagent.seed.engine_process --parent-pid PID
+    python -P -m orchagent.seed --parent-pid PID [--without-tls]
 
 The child reads the agent's whole configuration as JSON on standard input (the exact
 :class:`~orchagent.config.Config` the agent runs with, command-line overrides included,
@@ -25,7 +25,6 @@ terminal reaches the whole process group, and the agent decides when its engine 
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -226,12 +225,9 @@ class LogForwarder:
             pass
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="orchagent.seed.engine_process",
-                                     description="The agent's seed engine; started by the agent.")
-    parser.add_argument("--parent-pid", type=int, required=True)
-    args = parser.parse_args(argv)
-    die_with_parent(args.parent_pid)
+def main(parent_pid: int) -> None:
+    """Run the engine until the agent stops it (started by :mod:`orchagent.seed.__main__`)."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = config_from_json(sys.stdin.buffer.read())
 

@@ -67,11 +67,12 @@ def config_to_json(config) -> bytes:
     return json.dumps(attrs.asdict(config)).encode()
 
 
-def engine_argv(parent_pid: int) -> list[str]:
+def engine_argv(parent_pid: int, tls: bool) -> list[str]:
     """The child's command line: this interpreter, in safe-path mode (``-P``: the working
-    directory is not searched for modules)."""
-    return [sys.executable, "-P", "-m", "orchagent.seed.engine_process",
-            "--parent-pid", str(parent_pid)]
+    directory is not searched for modules); without seed TLS the child does not even load
+    pyOpenSSL (:mod:`orchagent.seed.__main__`)."""
+    return [sys.executable, "-P", "-m", "orchagent.seed", "--parent-pid", str(parent_pid),
+            *(() if tls else ("--without-tls",))]
 
 
 def engine_env() -> dict[str, str]:
@@ -241,8 +242,9 @@ class SeedEngineProcess(service.Service):
             factory.buildProtocol = lambda addr: agent_channel
             process_protocol = _EngineProcessProtocol(
                 config_to_json(self.config), self._child_output, self._ended)
+            argv = engine_argv(os.getpid(), auth.tls_configured(self.config))
             process = self.reactor.spawnProcess(
-                process_protocol, sys.executable, engine_argv(os.getpid()), env=engine_env(),
+                process_protocol, sys.executable, argv, env=engine_env(),
                 childFDs={0: "w", 1: "r", 2: "r", channel.CHANNEL_FD: child_end.fileno()})
             self.reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX, factory)
         except Exception:

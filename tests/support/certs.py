@@ -80,10 +80,11 @@ class TestCA:
                                 self.certificate.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, name: str, *, dns: Iterable[str] = (), ips: Iterable[str] = (),
-              ou: str | None = None, client: bool = False) -> Issued:
+              ou: str | None = None, client: bool | None = False) -> Issued:
         """A leaf certificate ``name`` (CN) for the given DNS names/IPs, optionally with an OU.
 
-        ``client=True`` makes a client-authentication certificate, else a server one.
+        ``client=True`` makes a client-authentication certificate, ``False`` a server one,
+        ``None`` one without extended key usage (both, as seed peers need).
         Files are ``{name}.pem`` and ``{name}.key`` in the CA's directory.
         """
         key = ec.generate_private_key(ec.SECP256R1())
@@ -100,12 +101,13 @@ class TestCA:
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-                critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                            critical=False)
         )
+        if client is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                critical=False)
         names = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -114,6 +116,14 @@ class TestCA:
                            certificate.public_bytes(serialization.Encoding.PEM))
         key_path = _write(os.path.join(self.directory, f"{name}.key"), _key_pem(key))
         return Issued(name, cert_path, key_path, certificate, key)
+
+
+def seed_tls(ca: TestCA, name: str) -> dict:
+    """Config values for a seed peer ``name`` on loopback: its certificate (server and
+    client at once), key and the authority."""
+    peer = ca.issue(name, dns=["localhost"], ips=["127.0.0.1"], client=None)
+    return {"seed_tls_cert_file": peer.cert_path, "seed_tls_key_file": peer.key_path,
+            "seed_tls_ca_file": ca.cert_path}
 
 
 def https_client(ca: TestCA | None, client: Issued | None = None, *, verify: bool = True):
