@@ -7,7 +7,8 @@ On the same data, in the same run, alternating, several rounds, medians:
   timed from the send call until the receiver reports ``completed`` (verified, synced with
   syncfs, moved into place).  Checksums are always on: XXH3-128 per chunk on the plain
   runs (no key, as orchestrator starts seeds), BLAKE3 on the keyed runs of (a).  Peak
-  RSS is the agent's daemon and seed engine processes together.
+  RSS and peak PSS are the agent's daemon and seed engine processes together (RSS counts
+  the libraries the two interpreters share twice, PSS once: see :class:`PssSampler`).
 * **tar|nc** — ``nc -l | tar -xf -`` on the target, ``tar -cf - | nc -N`` on the source;
   timed until the receiving tar exits (reported with and without a ``sync`` after it: the
   agent's time includes making the data durable, tar's does not).
@@ -16,7 +17,7 @@ On the same data, in the same run, alternating, several rounds, medians:
 Scenarios: (a) 1 GiB of InnoDB-like 16 KiB pages, half of them compressible, loopback;
 (b) 50,000 files of 16 KiB, loopback; (c) two network namespaces joined by a veth pair
 throttled with tc (tbf) to 200 Mbit/s, 256 MiB of pages with InnoDB-like compressibility;
-(d) peak RSS of both agents for 1 GiB and 4 GiB (one run each).
+(d) peak RSS and PSS of both agents for 1 GiB and 4 GiB (one run each).
 
 Every run writes to a fresh ext4 file system on a loop device (direct I/O) over a file on
 the root disk (see :class:`FreshTarget` for why).  Source data lives under ``--dir``
@@ -37,6 +38,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -223,6 +225,9 @@ class Agent:
                                                      text=True).stdout.split()]
         return [p for p in pids if _is_python(p)]
 
+    def pids(self) -> list[int]:
+        return self._pids()
+
     def peak_rss_mb(self) -> float:
         """Peak resident memory of the agent, daemon and seed engine together."""
         total = 0.0
@@ -244,6 +249,47 @@ class Agent:
         self.log.close()
 
 
+class PssSampler:
+    """Peak PSS of a set of processes together, sampled every 50 ms in a thread.
+
+    RSS counts a shared page in full in every process that maps it, so the RSS of an
+    agent's two interpreters counts their common libraries twice; PSS shares each page
+    among the processes that map it, and summed over the agent it is the memory the
+    agent takes.  The kernel keeps no peak of it, hence the sampling."""
+
+    def __init__(self, groups: dict[str, list[int]]):
+        self.groups = groups
+        self.peak = {name: 0.0 for name in groups}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            for name, pids in self.groups.items():
+                self.peak[name] = max(self.peak[name], sum(map(_pss_mb, pids)))
+            if self._stop.wait(0.05):
+                return
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _is_python(pid: int) -> bool:
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("python")
@@ -260,20 +306,22 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
     sender = Agent(os.path.join(work, "agent-s"), src, seed_port, a_prefix,
                    ns.a.address if ns else "127.0.0.1")
     try:
-        assert receiver.get("/api/receive-mysql-seed-data/1" + (f"?key={key}" if key else "")) is True
-        started = time.monotonic()
-        assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
-                          + (f"&key={key}" if key else "")) is True
-        while True:
-            status = receiver.get("/api/seed-status/1")
-            if status["State"] in ("completed", "failed", "aborted"):
-                break
-            time.sleep(0.02)
-        elapsed = time.monotonic() - started
+        with PssSampler({"receiver": receiver.pids(), "sender": sender.pids()}) as pss:
+            assert receiver.get("/api/receive-mysql-seed-data/1" + (f"?key={key}" if key else "")) is True
+            started = time.monotonic()
+            assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
+                              + (f"&key={key}" if key else "")) is True
+            while True:
+                status = receiver.get("/api/seed-status/1")
+                if status["State"] in ("completed", "failed", "aborted"):
+                    break
+                time.sleep(0.02)
+            elapsed = time.monotonic() - started
         if status["State"] != "completed":
             raise RuntimeError(f"seed failed: {status['Error']}")
         return {"seconds": elapsed, "rss_receiver": receiver.peak_rss_mb(),
-                "rss_sender": sender.peak_rss_mb(), "bytes": status["BytesTotal"]}
+                "rss_sender": sender.peak_rss_mb(), "pss_receiver": pss.peak["receiver"],
+                "pss_sender": pss.peak["sender"], "bytes": status["BytesTotal"]}
     finally:
         receiver.stop()
         sender.stop()
@@ -429,7 +477,8 @@ def main() -> int:
                     result = run_orchagent(work, src, dst, target="127.0.0.1")
                 report["d"][label] = result
                 print(f"  d {label}: {result['seconds']:.1f}s, peak RSS receiver "
-                      f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB", flush=True)
+                      f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB; PSS "
+                      f"{result['pss_receiver']:.0f} / {result['pss_sender']:.0f} MB", flush=True)
     finally:
         cleanups.run()
         shutil.rmtree(work, ignore_errors=True)
@@ -446,8 +495,8 @@ def main() -> int:
 def markdown(report: dict, rounds: int) -> str:
     lines = [f"Medians of {rounds} alternating rounds; MB/s = data bytes / seconds.", "",
              "| scenario | orchagent | tar\\|nc | tar\\|nc + sync | cat | cat + sync "
-             "| × tar\\|nc | × tar\\|nc+sync | × cat+sync | peak RSS r / s (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| × tar\\|nc | × tar\\|nc+sync | × cat+sync | peak RSS r / s (MB) | peak PSS r / s (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     titles = {"a": "(a) 1 GiB mixed, loopback", "b": "(b) 50,000 × 16 KiB, loopback",
               "c": "(c) 256 MiB InnoDB-like, 200 Mbit/s veth"}
     for key in ("a", "b", "c"):
@@ -468,13 +517,16 @@ def markdown(report: dict, rounds: int) -> str:
                      f"{tar['seconds'] / ours['seconds']:.2f}",
                      f"{tar['seconds_synced'] / ours['seconds']:.2f}",
                      f"{cat['seconds_synced'] / ours['seconds']:.2f}" if cat else "–",
-                     f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}"]
+                     f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}",
+                     f"{ours['pss_receiver']:.0f} / {ours['pss_sender']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
     if "d" in report:
         lines.append("")
         for label, result in report["d"].items():
             lines.append(f"- {label}: {result['seconds']:.1f}s, peak RSS receiver "
-                         f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB")
+                         f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB; "
+                         f"peak PSS receiver {result['pss_receiver']:.0f} MB, "
+                         f"sender {result['pss_sender']:.0f} MB")
     return "\n".join(lines)
 
 

@@ -238,6 +238,18 @@ class ManifestTests(unittest.TestCase):
             tree.walk(root)
         self.assertIn("points outside", caught.exception.message)
 
+    def test_walk_follows_a_symlinked_root_and_nothing_below_it(self):
+        """A datadir is often a symlink to its volume; links inside stay links."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(base, "volume", "db"))
+        with open(os.path.join(base, "volume", "db", "t.ibd"), "wb") as fh:
+            fh.write(b"x" * 5000)
+        os.symlink("t.ibd", os.path.join(base, "volume", "db", "alias"))
+        os.symlink("volume", os.path.join(base, "datadir"))
+        manifest = tree.walk(os.path.join(base, "datadir"))
+        self.assertEqual([(e.path, e.kind, e.size, e.target) for e in manifest.entries],
+                         [("db", "d", 0, ""), ("db/alias", "l", 0, "t.ibd"), ("db/t.ibd", "f", 5000, "")])
+
     def test_walk_finds_sparse_extents_and_plans_chunks(self):
         root = self.mktemp()
         os.makedirs(root)

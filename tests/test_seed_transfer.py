@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import stat
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
-from orchagent.seed import frames, sender
+from orchagent.seed import frames, receiver, sender
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from tests import seed_support as S
-from tests.support.certs import TestCA
+from tests.support.certs import TestCA, seed_tls
 
 STATUS_KEYS = {"SeedId", "Role", "State", "BytesTotal", "BytesDone", "FilesTotal", "FilesDone",
                "RateBytesPerSec", "EtaSeconds", "Resumes", "Error", "StartedAt", "UpdatedAt"}
@@ -60,6 +54,34 @@ class SeedCase(unittest.TestCase):
 
 
 class HappyPathTests(SeedCase):
+    async def test_staging_is_written_back_while_the_seed_goes_on(self):
+        """Every WRITEBACK_BYTES received, one background syncfs of staging (not two at
+        once); the tree is the same."""
+        S.make_tree(self.src, files=30)
+        passes, running = [], []
+
+        def counting_syncfs(path):
+            self.assertEqual(running, [], "two write-backs at once")
+            running.append(path)
+            try:
+                passes.append(path)
+            finally:
+                running.pop()
+
+        self.patch(receiver, "WRITEBACK_BYTES", 256 << 10)
+        self.patch(receiver, "syncfs", counting_syncfs)
+        r = self.receiver()
+        s = self.sender()
+        await r.receive("wb")
+        staging = r.jobs["wb"].staging.root
+        await s.send(f"127.0.0.1:{self.port}", "wb", source="datadir")
+        status = await S.finished(r, "wb")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertGreaterEqual(len(passes), 3)
+        self.assertLessEqual(len(passes), status["BytesTotal"] // (256 << 10) + 1)
+        self.assertEqual(set(passes), {staging})
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
     async def test_seed_reproduces_the_tree(self):
         S.make_tree(self.src)
         r = self.receiver()
@@ -263,35 +285,11 @@ class AuthTests(SeedCase):
         await r.receive("5")
         await self._refused(r, self.sender(), expect="127.0.0.1 is not in SeedAllowedNetworks")
 
-    def _issue(self, ca: TestCA, name: str):
-        """A certificate usable as TLS server and client (no EKU restriction)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(ca.certificate.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                    critical=False)
-                .sign(ca.key, hashes.SHA256()))
-        cert_path = os.path.join(ca.directory, f"{name}.pem")
-        key_path = os.path.join(ca.directory, f"{name}.key")
-        with open(cert_path, "wb") as fh:
-            fh.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(key_path, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-        return {"seed_tls_cert_file": cert_path, "seed_tls_key_file": key_path,
-                "seed_tls_ca_file": ca.cert_path}
-
     async def test_mutual_tls(self):
         ca = TestCA(os.path.join(self.base, "ca"))
         data = self.big_file(size=500_000)
-        r = self.receiver(**self._issue(ca, "r"))
-        s = self.sender(**self._issue(ca, "s"))
+        r = self.receiver(**seed_tls(ca, "r"))
+        s = self.sender(**seed_tls(ca, "s"))
         await r.receive("6")
         await s.send(f"127.0.0.1:{self.port}", "6", source="datadir")
         self.assertEqual((await S.finished(r, "6"))["State"], "completed")
@@ -301,9 +299,9 @@ class AuthTests(SeedCase):
     async def test_certificate_from_another_ca_writes_nothing(self):
         ca = TestCA(os.path.join(self.base, "ca"))
         other = TestCA(os.path.join(self.base, "other"), name="someone else")
-        r = self.receiver(**self._issue(ca, "r"))
+        r = self.receiver(**seed_tls(ca, "r"))
         await r.receive("5")
-        await self._refused(r, self.sender(**self._issue(other, "s")), expect="")
+        await self._refused(r, self.sender(**seed_tls(other, "s")), expect="")
 
     async def test_garbage_and_unknown_seeds_are_refused(self):
         r = self.receiver()

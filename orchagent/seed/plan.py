@@ -1,9 +1,10 @@
 """Which chunks of a seed are done, and the digests built from them.
 
 Both sides keep a :class:`ChunkTable` over the same plan (see
-:meth:`~orchagent.seed.tree.Manifest.chunks`).  A file's digest is BLAKE3 over its
-chunks' (offset, length, content digest) in offset order; the tree digest is BLAKE3 over
-the manifest digest and every file's (index, digest) in manifest order.  The receiver
+:meth:`~orchagent.seed.tree.Manifest.chunks`).  A file's digest is its chunk's content
+digest when it has one chunk, else BLAKE3 over its chunks' (offset, length, content
+digest) in offset order; the tree digest is BLAKE3 over the manifest digest and every
+file's (index, digest) in manifest order.  The receiver
 builds them from chunks it verified and wrote; the sender from chunks it read.  Equal
 tree digests mean the same metadata and the same bytes at the same places, whichever
 stream or session carried each chunk.
@@ -15,14 +16,18 @@ objects: a seed of 50,000 small files costs a few MB here.
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 import struct
 from array import array
+from itertools import accumulate, compress
 
 import blake3
 
 from orchagent.seed import frames
 from orchagent.seed.tree import FILE, Manifest
+
+_FILE = ord(FILE)
 
 _PART = struct.Struct(">QI32s")
 _INDEX = struct.Struct(">I")
@@ -37,20 +42,32 @@ class ChunkTable:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         count = len(manifest)
-        self.first = array("Q", bytes(8 * (count + 1)))
-        self.file = array("I")
-        self.offset = array("Q")
-        self.length = array("I")
-        for index, offset, length in manifest.chunks():
-            self.file.append(index)
-            self.offset.append(offset)
-            self.length.append(length)
-        cursor = 0
-        for index in range(count + 1):
-            while cursor < len(self.file) and self.file[cursor] < index:
-                cursor += 1
-            self.first[index] = cursor
-        self.files = array("I", (i for i in range(count) if manifest.kind(i) == FILE))
+        self.files = array("I", compress(range(count), map(_FILE.__eq__, manifest.kinds)))
+        if not manifest.extents and max(manifest.sizes, default=0) <= manifest.chunk_size:
+            # Every file is one chunk or none (the common case of many small files):
+            # the columns straight from the manifest's, without a loop per chunk.
+            sizes = manifest.sizes
+            self.file = array("I", compress(self.files, map(sizes.__getitem__, self.files)))
+            self.offset = array("Q", bytes(8 * len(self.file)))
+            self.length = array("I", map(sizes.__getitem__, self.file))
+            chunks = bytearray(count)
+            for index in self.file:
+                chunks[index] = 1
+            self.first = array("Q", accumulate(chunks, initial=0))
+        else:
+            self.file = array("I")
+            self.offset = array("Q")
+            self.length = array("I")
+            for index, offset, length in manifest.chunks():
+                self.file.append(index)
+                self.offset.append(offset)
+                self.length.append(length)
+            self.first = array("Q", bytes(8 * (count + 1)))
+            cursor = 0
+            for index in range(count + 1):
+                while cursor < len(self.file) and self.file[cursor] < index:
+                    cursor += 1
+                self.first[index] = cursor
         self.bytes_total = sum(self.length)
         self.digests = bytearray(DIGEST * len(self.file))
         self.reset()
@@ -58,9 +75,9 @@ class ChunkTable:
     def reset(self) -> None:
         """Nothing done (digests are kept: :meth:`known` still answers)."""
         self.done = bytearray(len(self.file))
-        self.remaining = array("I", (self.first[i + 1] - self.first[i] for i in range(len(self.manifest))))
+        self.remaining = array("I", map(operator.sub, self.first[1:], self.first[:-1]))
         self.bytes_done = 0
-        self.files_done = sum(1 for i in self.files if not self.remaining[i])
+        self.files_done = list(map(self.remaining.__getitem__, self.files)).count(0)
 
     def __len__(self) -> int:
         return len(self.file)
@@ -113,8 +130,7 @@ class ChunkTable:
 
     def todo(self) -> array:
         """The chunks not done yet, in plan order (an array: no object per chunk)."""
-        done = self.done
-        return array("I", (cid for cid in range(len(done)) if not done[cid]))
+        return array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
 
     def done_records(self) -> bytes:
         """Every done chunk as packed RECORDs (for READY)."""
@@ -126,6 +142,12 @@ class ChunkTable:
         return bytes(out)
 
     def file_digest(self, index: int) -> bytes:
+        """A file's digest: its only chunk's digest when it has one (the plan, from the
+        verified manifest, fixes that chunk's offset and length), else BLAKE3 over its
+        chunks' (offset, length, digest)."""
+        first, end = self.first[index], self.first[index + 1]
+        if end - first == 1:
+            return bytes(self.digests[first * DIGEST:end * DIGEST])
         h = blake3.blake3()
         for cid in range(self.first[index], self.first[index + 1]):
             h.update(_PART.pack(self.offset[cid], self.length[cid],

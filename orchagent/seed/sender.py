@@ -1,7 +1,9 @@
 """The sending side: the send job, its sessions, and the push-producer streams.
 
-A *session* is one attempt: a control stream carries the manifest, learns from READY
-which chunks the receiver already holds, then it and SeedStreams-1 data streams pull
+A *session* is one attempt: a control stream carries the manifest (batch by batch as
+the walk of the source makes them: the first session connects while the walk goes on,
+and the receiver parses each batch as it comes), learns from READY which chunks the
+receiver already holds, then it and SeedStreams-1 data streams pull
 chunks from one shared queue (so a large file is split between streams).  Any stream
 failing ends the session; the job reconnects with backoff and the receiver's READY makes
 the next session continue from the last verified chunk.  When the queue is empty the
@@ -22,7 +24,7 @@ from array import array
 from collections import deque
 
 import zstandard
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -40,8 +42,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: Batches a stream may have being read or read and waiting for the socket.
-AHEAD = 2
+#: Batches a stream may have being read or read and waiting for the socket, besides the
+#: one its transport holds: one is as fast as two for large chunks and small files alike
+#: (BENCHMARKS.md), and each batch more is up to 2 MiB more memory per stream.
+AHEAD = 1
 #: A read task gathers whole small files up to this many bytes (one task per file would
 #: cost more in thread hand-offs than reading them); larger files go a chunk per task.
 BATCH_BYTES = 1 << 20
@@ -238,8 +242,12 @@ class SendJob(state.JobIdentity):
         self.meter = state.RateMeter(manager.clock)
         self.done = defer.Deferred()
         self.ready = False
-        #: The manifest as packed MANIFEST bodies (made once, off the reactor).
+        #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
+        #: goes), and whether the walk is over.
         self.batches: list[bytes] = []
+        self.walked = False
+        #: The control stream that got every batch so far and is sent new ones.
+        self.manifest_stream: SenderStream | None = None
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -248,20 +256,40 @@ class SendJob(state.JobIdentity):
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Walk the source and connect at once: the manifest's batches travel while the
+        walk goes on, and the receiver reads them as they come (a 50,000-file seed saves
+        a third of a second before the first byte of data)."""
         defer.ensureDeferred(self._walk()).addErrback(self._crashed)
+        self._connect()
 
     async def _walk(self) -> None:
-        manifest, table, batches = await self.manager.thread(
-            _survey, self.record.source_path, self.manager.chunk_size)
+        reactor = self.manager.reactor
+
+        def packed(bodies: list[bytes]) -> None:  # worker thread
+            reactor.callFromThread(self._more_batches, bodies)
+
+        manifest, table = await self.manager.thread(
+            _survey, self.record.source_path, self.manager.chunk_size, packed)
         if not self.active:
             return
-        self.manifest, self.table, self.batches = manifest, table, batches
+        self.manifest, self.table, self.walked = manifest, table, True
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
         self.manager.touch(self.record)
         log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
                  seed=self.seed_id, bytes=self.table.bytes_total, files=len(self.table.files),
                  source=self.record.source_path, target=self.record.target)
-        self._connect()
+        if self.manifest_stream is not None:
+            self._end_manifest(self.manifest_stream)
+
+    def _more_batches(self, bodies: list[bytes]) -> None:
+        """Batches packed by the walk (called in order, before the walk's result)."""
+        if not self.active:
+            return
+        self.batches += bodies
+        stream = self.manifest_stream
+        if stream is not None:
+            for body in bodies:
+                stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
 
     def _crashed(self, failure) -> None:
         if not self.active:
@@ -286,6 +314,7 @@ class SendJob(state.JobIdentity):
         if not self.active:
             return
         self.session = os.urandom(8).hex()
+        self.manifest_stream = None
         self.finishing = False
         self.ready = False
         self.queue = ChunkQueue()
@@ -307,6 +336,12 @@ class SendJob(state.JobIdentity):
             setting == "zstd" or (setting == "auto" and not is_loopback(peer)))
         for body in self.batches:
             stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
+        self.manifest_stream = stream
+        if self.walked:
+            self._end_manifest(stream)
+
+    def _end_manifest(self, stream: SenderStream) -> None:
+        self.manifest_stream = None
         stream.transport.write(frames.seal_json(FrameType.MANIFEST_END, {
             "count": len(self.manifest), "chunk_size": self.manifest.chunk_size,
             "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total,
@@ -494,6 +529,7 @@ class SendJob(state.JobIdentity):
         if not self.active or not self.session:
             return
         self.session = ""
+        self.manifest_stream = None
         for stream in list(self.streams):
             stream.close()
         self.streams = []
@@ -575,10 +611,21 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
     return data
 
 
-def _survey(root: str, chunk_size: int):
-    """Worker thread: walk the source; the chunk plan and the packed manifest with it."""
-    manifest = tree.walk(root, chunk_size)
-    return manifest, plan.ChunkTable(manifest), tree.pack_batches(manifest, MANIFEST_BATCH)
+def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None]):
+    """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
+    grows; the manifest (with its digest) and the chunk plan."""
+    packer = None
+
+    def grown(manifest: tree.Manifest) -> None:
+        nonlocal packer
+        packer = packer or tree.ManifestPacker(manifest)
+        bodies = packer.pack_new(MANIFEST_BATCH)
+        if bodies:
+            packed(bodies)
+
+    manifest = tree.walk(root, chunk_size, grown)
+    (packer or tree.ManifestPacker(manifest)).finish()
+    return manifest, plan.ChunkTable(manifest)
 
 
 def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool,

@@ -24,6 +24,8 @@ import os
 import shutil
 import stat
 import threading
+from itertools import compress
+from operator import eq
 
 from orchagent.seed import frames, plan
 from orchagent.seed.state import JOURNAL_RECORD
@@ -32,6 +34,7 @@ from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
 _IS_ROOT = os.geteuid() == 0
+_FILE, _LINK, _DIR = ord(FILE), ord(LINK), ord(DIR)
 _SELF = (os.geteuid(), os.getegid())
 
 
@@ -143,7 +146,6 @@ class Staging:
         self.direct = hasattr(os, "O_DIRECT")
         self._direct_worked = False
         self._lock = threading.Lock()
-        self._create_lock = threading.Lock()
         self._owners: dict[tuple, tuple[int, int]] = {}
         self._column_owners: dict[tuple, tuple[int, int]] = {}
 
@@ -218,15 +220,15 @@ class Staging:
                 except frames.IntegrityError as e:
                     results += [((index, 0), e) for index, _, _ in item.items]
                     continue
-                # One bundle's files are created by one thread at a time: threads creating
-                # files in the same directory spin on its lock in the kernel.
-                with self._create_lock:
-                    for (index, outcome), (_, length, digest) in zip(files, item.items):
-                        if not isinstance(outcome, frames.IntegrityError):
-                            self._write_small(manifest, index, outcome)
-                            records.append(JOURNAL_RECORD.pack(index, 0, length, digest))
-                            outcome = digest
-                        results.append(((index, 0), outcome))
+                # Threads write bundles side by side, mostly into the same directory: the
+                # kernel serialises the creations, but the writes, times and closes
+                # overlap (one lock per bundle was 0.3 s slower on 50,000 files).
+                for (index, outcome), (_, length, digest) in zip(files, item.items):
+                    if not isinstance(outcome, frames.IntegrityError):
+                        self._write_small(manifest, index, outcome)
+                        records.append(JOURNAL_RECORD.pack(index, 0, length, digest))
+                        outcome = digest
+                    results.append(((index, 0), outcome))
                 continue
             try:
                 data = frames.unpack_chunk(item)
@@ -376,16 +378,19 @@ class Staging:
         """Create what had no data (empty and hole-only files), symlinks, directory
         metadata; then sync the whole file system."""
         self.close_files()
-        for index in range(len(manifest)):
-            kind = manifest.kind(index)
-            if kind == FILE and not table.chunk_count(index):
+        kinds, first = manifest.kinds, table.first
+        # Entries by kind with C loops: a tree of 50,000 files has few of these.
+        chunkless = map(eq, first[:-1], first[1:])
+        special = map(lambda kind, none: (kind == _FILE and none) or kind == _LINK, kinds, chunkless)
+        for index in compress(range(len(manifest)), special):
+            if kinds[index] == _FILE:
                 entry = manifest.entry(index)
                 fd = self._open(index, entry)
                 try:
                     self._apply_meta(fd, entry)
                 finally:
                     os.close(fd)
-            elif kind == LINK:
+            else:
                 entry = manifest.entry(index)
                 path = self._path(entry)
                 try:
@@ -396,14 +401,13 @@ class Staging:
                 if _IS_ROOT:
                     os.chown(path, *self._owner(entry), follow_symlinks=False)
                 os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-        for index in reversed(range(len(manifest))):
-            if manifest.kind(index) == DIR:
-                entry = manifest.entry(index)
-                path = self._path(entry)
-                if _IS_ROOT:
-                    os.chown(path, *self._owner(entry))
-                os.chmod(path, entry.mode)
-                os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
+        for index in reversed(list(compress(range(len(manifest)), map(_DIR.__eq__, kinds)))):
+            entry = manifest.entry(index)
+            path = self._path(entry)
+            if _IS_ROOT:
+                os.chown(path, *self._owner(entry))
+            os.chmod(path, entry.mode)
+            os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
         syncfs(self.root)
 
     def _ours(self, name: str) -> bool:
