@@ -297,6 +297,65 @@ class ManifestTests(unittest.TestCase):
         self.assertIn("incomplete or altered", caught.exception.message)
 
 
+def _columns(manifest: tree.Manifest) -> tuple:
+    return (manifest.paths, bytes(manifest.kinds), list(manifest.sizes), list(manifest.modes),
+            list(manifest.mtimes), list(manifest.uids), list(manifest.gids),
+            [manifest.names[i] for i in manifest.users], [manifest.names[i] for i in manifest.groups],
+            manifest.targets, manifest.extents)
+
+
+_good_entry = st.tuples(
+    st.text("ab/.", min_size=1, max_size=6), st.sampled_from("fdl"), st.integers(0, 2**63 - 1),
+    st.integers(0, 0o7777), st.integers(-2**63, 2**63 - 1), st.sampled_from(["root", "mysql", ""]),
+    st.sampled_from(["root", "mysql"]), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+    st.sampled_from(["", "x"]), st.one_of(st.none(), st.lists(st.tuples(st.integers(0, 99), st.integers(0, 99)),
+                                                            max_size=2)))
+#: Anything a JSON batch may hold where a field is expected, out of range or of a wrong type.
+_bad_value = st.one_of(st.none(), st.booleans(), st.integers(-2**65, 2**65), st.floats(allow_nan=False),
+                       st.text(max_size=3), st.lists(st.integers(), max_size=2))
+
+
+class BulkManifestTests(unittest.TestCase):
+    """Manifest.add_wire_many (columns checked by C loops) against add_wire, entry by
+    entry: the same columns for good batches, the same refusal for bad ones."""
+
+    @staticmethod
+    def _one_by_one(items):
+        manifest = tree.Manifest()
+        try:
+            for item in items:
+                manifest.add_wire(item)
+        except BadRequest as e:
+            return e.message
+        return _columns(manifest)
+
+    @staticmethod
+    def _bulk(items):
+        manifest = tree.Manifest()
+        try:
+            manifest.add_wire_many(items)
+        except BadRequest as e:
+            return e.message
+        return _columns(manifest)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(_good_entry.map(list), max_size=12), st.data())
+    def test_same_as_entry_by_entry(self, items, data):
+        if items and data.draw(st.booleans()):
+            where = data.draw(st.integers(0, len(items) - 1))
+            field = data.draw(st.integers(0, 11))
+            if field == 11:
+                items[where] = items[where][:data.draw(st.integers(0, 10))]
+            else:
+                items[where][field] = data.draw(_bad_value)
+        self.assertEqual(self._bulk(items), self._one_by_one(items))
+
+    def test_a_batch_of_the_wrong_shape_is_refused_as_entry_by_entry(self):
+        for items in ([{"a": 1}], ["abcdefghijk"], [[1] * 11]):
+            self.assertEqual(self._bulk(items), self._one_by_one(items))
+            self.assertIsInstance(self._bulk(items), str)
+
+
 class MeterTests(unittest.TestCase):
     def test_token_bucket_holds_the_average_rate(self):
         clock = task.Clock()

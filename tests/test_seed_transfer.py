@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
-from orchagent.seed import frames, receiver, sender
+from orchagent.seed import frames, receiver, sender, tree
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from tests import seed_support as S
@@ -399,6 +399,33 @@ class FailureTests(SeedCase):
         self.assertGreaterEqual(status["Resumes"], 1)
         with open(os.path.join(self.dst, "big.ibd"), "rb") as fh:
             self.assertEqual(fh.read(), data)
+
+    async def test_manifest_broken_mid_way_is_sent_again_whole(self):
+        """The manifest travels in many batches while the source is walked; a flipped
+        byte in one of them ends the session before MANIFEST_END, and the next session
+        sends every batch again (the receiver drops what it had read)."""
+        S.make_tree(self.src, files=40, max_size=20_000)
+        self.patch(tree, "WALK_BATCH", 4)
+        self.patch(sender, "MANIFEST_BATCH", 3)
+        batches = []
+        read_batch = receiver.ReceiveJob._read_batch
+        self.patch(receiver.ReceiveJob, "_read_batch",
+                   lambda job, body: (batches.append(body), read_batch(job, body)))
+        proxy_port = self.proxy(times=1, flip_at=1500)
+        r = self.receiver()
+        s = self.sender(seed_streams=1)
+        await r.receive("9", key="k")
+        await s.send(f"127.0.0.1:{proxy_port}", "9", key="k", source="datadir")
+        job = s.jobs["9"]
+        status = await S.finished(r, "9")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(self.proxy_factory.flipped, 1)
+        self.assertGreaterEqual(status["Resumes"], 1)
+        whole = len(job.batches)
+        self.assertGreater(whole, 10)
+        # The first session broke part-way through the manifest, the second sent it whole.
+        self.assertTrue(whole < len(batches) < 2 * whole, (len(batches), whole))
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
 
     async def test_flipped_byte_on_an_unkeyed_stream_is_caught_by_xxh3(self):
         # No key, no TLS: chunk contents carry XXH3-128, which still catches corruption.

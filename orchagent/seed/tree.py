@@ -38,6 +38,8 @@ from orchagent.seed.frames import MAX_CHUNK
 
 DIR, FILE, LINK = "d", "f", "l"
 DEFAULT_CHUNK = 2 << 20
+#: Entries the walk gathers before it adds them to the manifest and reports it grown.
+WALK_BATCH = 4096
 
 
 @attrs.frozen
@@ -407,7 +409,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
 
     def visit_items(rel: str, path: str, fd: int, items: list) -> None:
         for item in items:
-            if len(rows) >= 4096:
+            if len(rows) >= WALK_BATCH:
                 flush()
             child_rel = f"{rel}/{item.name}" if rel else item.name
             st = item.stat(follow_symlinks=False)
