@@ -176,13 +176,15 @@ class DirectWriteTests(LoopFileSystemCase):
 
     SIZE = (4 << 20) + 1000
 
-    async def _seed(self, datadir: str, seed_id: str) -> int:
-        """Seed one file; the bytes of it left in the page cache (before it is read back)."""
+    async def _seed(self, datadir: str, seed_id: str) -> tuple[int, int]:
+        """Seed one file; the bytes of it left in the page cache (before it is read back),
+        and the bytes the receiver counted as written through it (for its write-backs)."""
         data = self.write("ibdata1", self.SIZE)
         r = S.make_manager(self, os.path.join(self.base, "r"), datadir, self.port)
         s = S.make_manager(self, os.path.join(self.base, "s"), self.src, self.port,
                            snapshot=self.src, chunk_size=1 << 20)
         await r.receive(seed_id)
+        staged = r.jobs[seed_id].staging
         await s.send(f"127.0.0.1:{self.port}", seed_id, source="datadir")
         status = await S.finished(r, seed_id)
         self.assertEqual(status["State"], "completed", status["Error"])
@@ -190,7 +192,7 @@ class DirectWriteTests(LoopFileSystemCase):
         resident = _resident_bytes(path)
         with open(path, "rb") as fh:
             self.assertEqual(fh.read(), data)
-        return resident
+        return resident, staged.buffered_bytes
 
     def setUp(self):
         super().setUp()
@@ -201,9 +203,10 @@ class DirectWriteTests(LoopFileSystemCase):
         os.makedirs(self.datadir)
 
     async def test_large_chunks_bypass_the_page_cache(self):
-        resident = await self._seed(self.datadir, "5")
+        resident, buffered = await self._seed(self.datadir, "5")
         # Only the 1000-byte tail went through the page cache; the 4 MiB before it did not.
         self.assertLessEqual(resident, 64 << 10)
+        self.assertEqual(buffered, 1000)
 
     async def test_a_file_system_refusing_o_direct_gets_buffered_writes(self):
         # Every file system here takes O_DIRECT (tmpfs too, since Linux 6.6); some FUSE
@@ -215,5 +218,6 @@ class DirectWriteTests(LoopFileSystemCase):
 
         real_open = os.open
         self.patch(staging.os, "open", refuse)
-        resident = await self._seed(self.datadir, "6")
+        resident, buffered = await self._seed(self.datadir, "6")
         self.assertGreaterEqual(resident, 4 << 20)
+        self.assertEqual(buffered, self.SIZE)

@@ -38,7 +38,8 @@ log = Logger()
 #: again at half).  Two bundles of small files or a chunk of a large one: 4 MiB was no
 #: faster and cost the engine 10 MB more at its peak (BENCHMARKS.md).
 STREAM_WINDOW = 2 << 20
-#: Bytes written between two background write-backs of staging (see _write_back).
+#: Bytes written through the page cache between two background write-backs of staging
+#: (see _write_back).
 WRITEBACK_BYTES = 64 << 20
 #: A chunk that fails verification this often fails the seed.
 MAX_CHUNK_FAILURES = 3
@@ -237,7 +238,8 @@ class ReceiveJob(state.JobIdentity):
         self.done = defer.Deferred()
         self.meter = state.RateMeter(manager.clock)
         self.free_at_start = 0
-        self.unsynced = 0
+        #: Staging's buffered bytes at the last write-back, and whether one is running.
+        self.written_back = 0
         self.writing_back = False
 
     # --- restart -------------------------------------------------------------------------
@@ -573,8 +575,8 @@ class ReceiveJob(state.JobIdentity):
                 self.manager.thread(self.staging.finish_file, index, entry).addErrback(
                     self._finish_file_failed, entry)
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
-        self.unsynced += size
-        if self.unsynced >= WRITEBACK_BYTES and not self.writing_back:
+        if (self.staging.buffered_bytes - self.written_back >= WRITEBACK_BYTES
+                and not self.writing_back):
             self._write_back()
         self._maybe_finish()
         return None
@@ -583,15 +585,15 @@ class ReceiveJob(state.JobIdentity):
         """Write what the seed left dirty back to disk while it goes on (a worker thread,
         one pass at a time).
 
-        Large chunks bypass the page cache (O_DIRECT), but small files and tails go
-        through it.  Left alone, a seed of 50,000 small files keeps 800 MB dirty until
+        Large chunks bypass the page cache (O_DIRECT) and do not count; small files and
+        tails go through it.  Left alone, a seed of 50,000 small files keeps 800 MB dirty until
         the final syncfs; written back as it goes, the disk works while the threads wait
         on file creation, and ext4 never nears a full file system counting dirty data
         (measured: 3.1 s instead of 2.7 s for the whole seed on a file system sized for
         the data, 3.0 s instead of 2.8 s on one eight times larger; BENCHMARKS.md).
         Durability is still the final syncfs's (Staging.finalize), which also reports a
         write error a pass here met."""
-        self.unsynced = 0
+        self.written_back = self.staging.buffered_bytes
         self.writing_back = True
 
         def done(_):

@@ -146,6 +146,9 @@ class Staging:
         self.direct = hasattr(os, "O_DIRECT")
         self._direct_worked = False
         self._lock = threading.Lock()
+        #: Bytes written through the page cache so far (small files, tails, file systems
+        #: without O_DIRECT): what a background write-back has to flush.
+        self.buffered_bytes = 0
         self._owners: dict[tuple, tuple[int, int]] = {}
         self._column_owners: dict[tuple, tuple[int, int]] = {}
 
@@ -213,6 +216,7 @@ class Staging:
         """
         results = []
         records = []
+        buffered = 0
         for item, whole in items:
             if isinstance(item, frames.Bundle):
                 try:
@@ -226,6 +230,7 @@ class Staging:
                 for (index, outcome), (_, length, digest) in zip(files, item.items):
                     if not isinstance(outcome, frames.IntegrityError):
                         self._write_small(manifest, index, outcome)
+                        buffered += length
                         records.append(JOURNAL_RECORD.pack(index, 0, length, digest))
                         outcome = digest
                     results.append(((index, 0), outcome))
@@ -235,11 +240,15 @@ class Staging:
             except frames.IntegrityError as e:
                 results.append((item.where, e))
                 continue
-            self._write(manifest, item.file, item.offset, item.length, data, whole)
+            if self._write(manifest, item.file, item.offset, item.length, data, whole):
+                buffered += item.length
             results.append((item.where, item.digest))
             records.append(JOURNAL_RECORD.pack(item.file, item.offset, item.length, item.digest))
         if records and journal_fd is not None:
             os.write(journal_fd, b"".join(records))
+        if buffered:
+            with self._lock:
+                self.buffered_bytes += buffered
         return results
 
     def _write_small(self, manifest: Manifest, index: int, data) -> None:
@@ -268,13 +277,16 @@ class Staging:
             raise OSError(e.errno, f"{e.strerror} while writing {path} at offset 0") from None
 
     def _write(self, manifest: Manifest, index: int, offset: int, length: int, data: list,
-               whole: bool) -> None:
+               whole: bool) -> bool:
+        """Write a chunk; True when it went through the page cache (not O_DIRECT)."""
         entry = manifest.entry(index)
         try:
             if whole:
                 self._write_whole(entry, data, length)
-            elif not (length >= DIRECT_MIN and offset % DIRECT_ALIGN == 0 and self.direct
-                      and self._write_direct(index, entry, data, offset, length)):
+            elif length >= DIRECT_MIN and offset % DIRECT_ALIGN == 0 and self.direct \
+                    and self._write_direct(index, entry, data, offset, length):
+                return False
+            else:
                 fd = self._fd(index, entry)
                 _pwrite_all(fd, data, offset, length)
                 if length >= (1 << 20):
@@ -282,6 +294,7 @@ class Staging:
                                           _SYNC_FILE_RANGE_WRITE)
         except OSError as e:
             raise OSError(e.errno, f"{e.strerror} while writing {entry.path} at offset {offset}") from None
+        return True
 
     def _write_direct(self, index: int, entry: Entry, data: list, offset: int, length: int) -> bool:
         """Write a chunk with O_DIRECT (its unaligned tail, if any, buffered).  False when

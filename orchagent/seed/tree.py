@@ -579,7 +579,10 @@ class ManifestPacker:
                               separators=(",", ":")).encode()
             self._hash.update(text)
             self._hash.update(b"\n")
-            bodies.append(self._compressor.compress(text))
+            # compress() returns its output in a buffer sized for the worst case (the
+            # text's size, ten times the output here), which the sender would keep for the
+            # whole seed: a copy of the exact size instead.
+            bodies.append(bytes(memoryview(self._compressor.compress(text))))
         self.packed = end
         return bodies
 
