@@ -9,7 +9,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from orchagent.seed import sender, staging
+from orchagent.seed import receiver, sender, staging, tree
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
 
@@ -89,6 +89,24 @@ class FullDiskTests(LoopFileSystemCase):
         self.assertEqual(S.snapshot_tree(datadir), before)
         self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
 
+    async def test_seed_of_more_files_than_free_inodes_fails_fast(self):
+        mnt = self.loop_fs("ext4", 64, "-N", "128")
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        free = os.statvfs(mnt).f_favail
+        for i in range(free + 10):
+            self.write(f"t{i}.frm", 100)
+        r, s = self.managers(datadir)
+        await r.receive("1")
+        await s.send(f"127.0.0.1:{self.port}", "1", source="datadir")
+        status = await S.finished(r, "1")
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], rf"not enough inodes for seed 1 in .*/mysql: it needs "
+                                          rf"{free + 10} files and directories, {free} inodes are free")
+        self.assertEqual(status["BytesDone"], 0)
+        self.assertEqual(os.listdir(datadir), [])
+        self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
+
     async def test_disk_filling_up_during_the_seed_fails_cleanly(self):
         mnt = self.loop_fs()
         datadir = os.path.join(mnt, "mysql")
@@ -116,6 +134,9 @@ class FullDiskTests(LoopFileSystemCase):
         self.assertEqual((await S.finished(s, "2"))["State"], "failed")
 
     async def test_running_out_of_inodes_fails_cleanly(self):
+        # As if the inodes went to another writer after the check (which fails fast:
+        # test_seed_of_more_files_than_free_inodes_fails_fast): the seed runs out part-way.
+        self.patch(receiver, "free_inodes", lambda path: None)
         mnt = self.loop_fs("ext4", 64, "-N", "64")
         datadir = os.path.join(mnt, "mysql")
         os.makedirs(datadir)
@@ -163,6 +184,39 @@ class MovedIntoPlaceTests(LoopFileSystemCase):
         _run("btrfs", "subvolume", "create", datadir)
         self.assertNotEqual(os.stat(mnt).st_dev, os.stat(datadir).st_dev)
         await self._seed_into(datadir)
+
+
+class NeededSpaceTests(LoopFileSystemCase):
+    """The free-space check's estimate against what a tree really takes on ext4 and
+    btrfs: never less, and at most half again as much, for the tree where per-file
+    metadata weighs most (small files)."""
+
+    def _check(self, mnt: str) -> None:
+        for i in range(2000):
+            directory = os.path.join(self.src, f"db{i // 500}")
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, f"table_number_{i:05d}.ibd"), "wb") as fh:
+                fh.write(os.urandom(4096))
+
+        def used() -> int:
+            staging.syncfs(mnt)
+            st = os.statvfs(mnt)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+        before = used()
+        shutil.copytree(self.src, os.path.join(mnt, "mysql"))
+        taken = used() - before
+        needed = tree.walk(self.src).needed_space(os.statvfs(mnt).f_bsize)
+        self.assertGreaterEqual(needed, taken)
+        self.assertLessEqual(needed, taken * 1.5)
+
+    def test_ext4(self):
+        self._check(self.loop_fs("ext4", 64))
+
+    def test_btrfs(self):
+        if shutil.which("mkfs.btrfs") is None:
+            raise unittest.SkipTest("btrfs-progs is not installed")
+        self._check(self.loop_fs("btrfs", 256))
 
 
 def _resident_bytes(path: str) -> int:

@@ -27,7 +27,7 @@ from orchagent.errors import AgentError, BadRequest
 from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
-from orchagent.seed.staging import Staging, block_size, free_bytes, syncfs
+from orchagent.seed.staging import Staging, block_size, free_bytes, free_inodes, syncfs
 
 if TYPE_CHECKING:
     from orchagent.seed.manager import SeedManager
@@ -477,6 +477,16 @@ class ReceiveJob(state.JobIdentity):
             raise BadRequest(
                 f"not enough space for seed {self.seed_id} in {self.record.datadir}: it needs "
                 f"{needed} bytes, {free} bytes are free")
+        # A tree of many small files can run out of inodes with bytes to spare (ext4
+        # fixes their number at mkfs).  Directories exist already when staging does.
+        inodes = free_inodes(where)
+        entries = len(self.manifest) - self.table.files_done
+        if self.staging.exists():
+            entries -= self.manifest.kinds.count(ord(tree.DIR))
+        if inodes is not None and entries > inodes:
+            raise BadRequest(
+                f"not enough inodes for seed {self.seed_id} in {self.record.datadir}: it needs "
+                f"{entries} files and directories, {inodes} inodes are free")
 
     def _data(self, stream: ReceiverStream, frame: frames.Frame) -> None:
         if not self.ready:

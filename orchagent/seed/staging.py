@@ -121,6 +121,13 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def free_inodes(path: str) -> int | None:
+    """Inodes a new file can still take, or None where the file system has no fixed
+    number of them (btrfs reports none)."""
+    st = os.statvfs(path)
+    return st.f_favail if st.f_files else None
+
+
 def block_size(path: str) -> int:
     return os.statvfs(path).f_bsize or 4096
 

@@ -40,6 +40,12 @@ DIR, FILE, LINK = "d", "f", "l"
 DEFAULT_CHUNK = 2 << 20
 #: Entries the walk gathers before it adds them to the manifest and reports it grown.
 WALK_BATCH = 4096
+#: Space an entry takes besides its data blocks, for the target's free-space check: its
+#: inode and directory entry.  ext4 takes inodes from tables made at mkfs (a directory
+#: entry is tens of bytes) and xfs allocates 512-byte inodes, but btrfs writes its items
+#: twice (metadata is DUP by default): 1.1 KiB per 4 KiB file measured, more with long
+#: names (tests/test_seed_disk.py, NeededSpaceTests).
+ENTRY_OVERHEAD = 1536
 
 
 @attrs.frozen
@@ -303,10 +309,13 @@ class Manifest:
                     yield index, offset, min(size, end - offset)
 
     def needed_space(self, block: int = 4096) -> int:
-        """Bytes the tree takes on a file system with ``block``-sized blocks (an estimate
-        that counts each entry's rounding and one block of metadata per entry)."""
+        """Bytes the tree takes on a file system with ``block``-sized blocks, an estimate
+        on the high side: every file's data rounded up to whole blocks, a block per
+        directory and :data:`ENTRY_OVERHEAD` per entry (a whole block per entry would
+        ask twice the space of a tree of 4 KiB files, and refuse seeds that fit)."""
         rounded = sum(-(-data // block) for data in self.data_sizes())
-        return (rounded + len(self)) * block
+        directories = self.kinds.count(_KINDS[DIR])
+        return (rounded + directories) * block + len(self) * ENTRY_OVERHEAD
 
 
 class _Entries(Sequence):
