@@ -77,7 +77,9 @@ class ChunkTable:
         self.done = bytearray(len(self.file))
         self.remaining = array("I", map(operator.sub, self.first[1:], self.first[:-1]))
         self.bytes_done = 0
-        self.files_done = list(map(self.remaining.__getitem__, self.files)).count(0)
+        #: Files without chunks (empty or all holes) count as done from the start.
+        self.chunkless_files = list(map(self.remaining.__getitem__, self.files)).count(0)
+        self.files_done = self.chunkless_files
 
     def __len__(self) -> int:
         return len(self.file)

@@ -478,11 +478,13 @@ class ReceiveJob(state.JobIdentity):
                 f"not enough space for seed {self.seed_id} in {self.record.datadir}: it needs "
                 f"{needed} bytes, {free} bytes are free")
         # A tree of many small files can run out of inodes with bytes to spare (ext4
-        # fixes their number at mkfs).  Directories exist already when staging does.
+        # fixes their number at mkfs).  Resuming, the directories and the files with
+        # data done are staged already (files without chunks are made at the end).
         inodes = free_inodes(where)
-        entries = len(self.manifest) - self.table.files_done
+        entries = len(self.manifest)
         if self.staging.exists():
-            entries -= self.manifest.kinds.count(ord(tree.DIR))
+            entries -= (self.manifest.kinds.count(ord(tree.DIR))
+                        + self.table.files_done - self.table.chunkless_files)
         if inodes is not None and entries > inodes:
             raise BadRequest(
                 f"not enough inodes for seed {self.seed_id} in {self.record.datadir}: it needs "
