@@ -487,7 +487,9 @@ class SendJob(state.JobIdentity):
                     length = self.table.length[cid]
                     self.bytes_sent += length
                     self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
-        self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+        if self.table is not None:  # none while the walk goes on (the control stream may
+            # already be paused and resumed, sending the manifest)
+            self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
 
     def _maybe_finish(self) -> None:
         if (self.finishing or not self.ready or self.queue or self.control is None
