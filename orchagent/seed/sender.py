@@ -577,7 +577,7 @@ class SendJob(state.JobIdentity):
         for stream in self.streams:
             stream.close()
         self.streams = []
-        self.control = None
+        self.control = self.manifest_stream = None
 
     def _settle(self) -> None:
         self.manager.job_ended(self)
