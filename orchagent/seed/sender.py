@@ -561,9 +561,8 @@ class SendJob(state.JobIdentity):
         if not self.active:
             return defer.succeed(None)
         self.end_record(message, final_state, log)
-        if tell and self.control is not None and self.control.key is not None and not self.control.closed:
-            self.control.transport.write(frames.seal_json(
-                FrameType.ABORT, {"message": message}, self.control.key))
+        if tell:
+            tell_abort(self.control, {"message": message})
         self._close_all()
         self.manager.touch(self.record, force=True)
         self._settle()
@@ -611,6 +610,13 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
         raise BadRequest(f"seed source file {path} changed while it was being sent "
                          f"(short read at offset {offset})")
     return data
+
+
+def tell_abort(stream: SenderStream | None, body: dict) -> None:
+    """Tell the receiver, over ``stream``, that the seed is over (ABORT), if the stream
+    finished its handshake and is still open; else there is nobody to tell."""
+    if stream is not None and stream.key is not None and not stream.closed:
+        stream.transport.write(frames.seal_json(FrameType.ABORT, body, stream.key))
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None]):

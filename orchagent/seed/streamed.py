@@ -64,7 +64,7 @@ from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import Rejected, tls_client_options
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.receiver import ReceiveJob
-from orchagent.seed.sender import CONNECT_TIMEOUT, SenderStream
+from orchagent.seed.sender import CONNECT_TIMEOUT, SenderStream, tell_abort
 from orchagent.seed.staging import free_bytes
 
 if TYPE_CHECKING:
@@ -413,10 +413,8 @@ class StreamSendJob(state.JobIdentity):
         if not self.active:
             return defer.succeed(None)
         self.end_record(message, final_state, log)
-        stream = self.stream
-        if tell and stream is not None and stream.key is not None and not stream.closed:
-            stream.transport.write(frames.seal_json(
-                FrameType.ABORT, {"message": message, "state": final_state}, stream.key))
+        if tell:
+            tell_abort(self.stream, {"message": message, "state": final_state})
         self.children.cancel()
         if self.reader is not None:
             self.reader.stopping = True
