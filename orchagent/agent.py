@@ -73,6 +73,16 @@ def _seed_manager(config: Config, reactor, runner: ICommandRunner, parts: dict[s
                        hot=getattr(parts["backups"], "hot", None))
 
 
+def _tls_guard(config: Config) -> Callable[[Any], None]:
+    """The API's per-request client-certificate check, which only UseMutualTLS has; the
+    TLS module (pyOpenSSL) is imported only then (:mod:`orchagent.pyopenssl`)."""
+    if not config.use_mutual_tls:
+        return lambda request: None
+    from orchagent.api.tls import make_ou_guard
+
+    return make_ou_guard(config)
+
+
 def build_seed_manager(config: Config, reactor):
     """The seed manager with a runner and host parts of its own, as :func:`build_agent`
     would build it in process: what the seed engine process runs."""
@@ -88,7 +98,6 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
     Seeds run in a child process (:class:`~orchagent.seed.remote.SeedEngineProcess`,
     started with the service) when ``SeedEngineProcess`` is set, else in this process.
     """
-    from orchagent.api.tls import make_ou_guard
     from orchagent.host.binlogs import MySQLLogs
     from orchagent.registration.client import Registration
     from orchagent.seed.remote import SeedEngineProcess
@@ -117,6 +126,6 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
         config=config, reactor=reactor, runner=runner, hostname=hostname, token=token,
         service=parts["service"], host=parts["host"], binlogs=binlogs,
         snapshots=parts["snapshots"], snapshot_hosts=snapshot_hosts, seeds=seeds,
-        registration=registration, tls_guard=part("tls_guard", lambda: make_ou_guard(config)),
+        registration=registration, tls_guard=part("tls_guard", lambda: _tls_guard(config)),
         backups=parts["backups"],
     )

@@ -249,3 +249,13 @@ def validate(config: Config) -> None:
 def agents_server_url(config: Config) -> str:
     """orchestrator's agents-server base URL: ``AgentsServer`` + ``AgentsServerPort``."""
     return (config.agents_server + config.agents_server_port).rstrip("/")
+
+
+def agents_server_over_https(config: Config) -> bool:
+    """Whether orchestrator's agents server is reached over HTTPS."""
+    return agents_server_url(config).lower().startswith("https:")
+
+
+def seed_tls_configured(config: Config) -> bool:
+    """Whether seeds between agents run over mutual TLS (any seed TLS key is set)."""
+    return bool(config.seed_tls_cert_file or config.seed_tls_key_file or config.seed_tls_ca_file)

@@ -1,8 +1,9 @@
-"""The twistd side of the daemon: command-line options and the service tree.
+"""The daemon's service tree.
 
-``twistd -n orchestrator-agent [--config FILE] [--port N]`` ends up in :func:`makeService`,
-which builds the :class:`~orchagent.agent.Agent` and returns a MultiService holding the HTTP
-server, the registration service and the seed manager.
+``twistd -n orchestrator-agent`` comes in through :mod:`orchagent.tap`, which reads the
+configuration and calls :func:`build_service`: it builds the
+:class:`~orchagent.agent.Agent` and returns a MultiService holding the HTTP server, the
+registration service and the seed manager.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -23,6 +23,7 @@ from orchagent.agent import build_agent
 from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body
 from orchagent.errors import AgentError, ConfigError
 from orchagent.logging import RootService, configured_observer, redact
+from orchagent.tap import load_config
 
 log = Logger()
 
@@ -135,33 +136,6 @@ def bounded_site(resource, reactor=None) -> server.Site:
     return site
 
 
-class Options(usage.Options):
-    synopsis = "[--config FILE] [--port PORT]"
-    longdesc = (
-        "orchagent: the orchestrator-agent daemon. Serves the orchestrator-agent v1 HTTP "
-        "API (host facts, MySQL service control, snapshots, seeds), registers with "
-        "orchestrator when AgentsServer is set, and moves seed data between agents as "
-        "verified TCP streams. Without --config it reads, like the original agent, "
-        "/etc/orchestrator-agent.conf.json, then conf/orchestrator-agent.conf.json and "
-        "orchestrator-agent.conf.json in the current directory; later files override "
-        "earlier ones."
-    )
-    optParameters = [
-        ["config", "c", None, "Configuration file (JSON, the original agent's format)."],
-        ["port", "p", None, "HTTP port; overrides HTTPPort.", int],
-    ]
-
-
-def load_config(options) -> config_module.Config:
-    overrides = {}
-    if options["port"] is not None:
-        overrides["http_port"] = options["port"]
-    return config_module.load(
-        options["config"], overrides=overrides,
-        warn=lambda message: log.warn("{message}", message=message),
-    )
-
-
 def http_endpoint(config, reactor):
     """The server endpoint of the API: TCP, or TLS when UseSSL (mutual with UseMutualTLS)."""
     interface = config.http_bind_address
@@ -180,10 +154,15 @@ def redacted_access_log(timestamp, request) -> str:
 
 
 def makeService(options, reactor=None) -> service.MultiService:
+    """The daemon's service tree from parsed :class:`~orchagent.tap.Options` (tests build
+    it in their process; twistd comes through :func:`orchagent.tap.makeService`)."""
+    return build_service(load_config(options), options, reactor)
+
+
+def build_service(config: config_module.Config, options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     try:
-        config = load_config(options)
         agent = build_agent(config, reactor)
         endpoint = http_endpoint(config, reactor)
     except ConfigError as e:

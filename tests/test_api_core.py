@@ -115,7 +115,7 @@ class AccessTests(ApiTestCase):
         await response.content()
         ok = await self.get(f"/api/mysql-port?token={TOKEN}", http=http, auth=("orc", "pw"))
         self.assertEqual(ok, (200, 3306))
-        response = await http.get(f"http://agent/api/hostname", auth=("orc", "bad"))
+        response = await http.get("http://agent/api/hostname", auth=("orc", "bad"))
         self.assertEqual(response.code, 401)
         await response.content()
 

@@ -7,7 +7,7 @@ import os
 
 from twisted.trial import unittest
 
-from orchagent import config
+from orchagent import config, pyopenssl
 from orchagent.errors import ConfigError
 
 
@@ -106,3 +106,13 @@ class LoadTests(unittest.TestCase):
         self.assertEqual(config.agents_server_url(c), "http://orch:3001")
         c = config.Config(agents_server="http://orch:3001/", agents_server_port="")
         self.assertEqual(config.agents_server_url(c), "http://orch:3001")
+
+    def test_which_configurations_need_pyopenssl(self):
+        """Only a daemon with some TLS to do loads pyOpenSSL (orchagent.pyopenssl)."""
+        self.assertFalse(pyopenssl.needed_by_daemon(config.Config()))
+        self.assertFalse(pyopenssl.needed_by_daemon(
+            config.Config(agents_server="http://orch", agents_server_port=":3001")))
+        for values in ({"use_ssl": True}, {"use_mutual_tls": True},
+                       {"agents_server": "HTTPS://orch", "agents_server_port": ":3001"},
+                       {"seed_tls_ca_file": "/etc/orchagent/seed-ca.pem"}):
+            self.assertTrue(pyopenssl.needed_by_daemon(config.Config(**values)), values)

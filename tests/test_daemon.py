@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from orchagent.config import DEFAULT_SEARCH_PATH
 from tests.support.certs import TestCA, https_client
-from tests.support.daemon import REPO_ROOT, TWISTD, free_port, start_daemon, wait_until
+from tests.support.daemon import (REPO_ROOT, TWISTD, free_port, loaded_cryptography, start_daemon,
+                                  wait_until)
 from tests.support.orchestrator import StandInOrchestrator
 
 
@@ -23,6 +24,8 @@ class StartupTests(unittest.TestCase):
         self.assertEqual(await agent.get("/api/hostname", token=False), (200, socket.getfqdn()))
         self.assertEqual(await agent.get("/api/status", token=False), (200, "OK"))
         self.assertIn("standalone", agent.output())
+        # No TLS configured: the daemon runs without pyOpenSSL (orchagent.pyopenssl).
+        self.assertFalse(loaded_cryptography(agent.pid))
 
     async def test_twistd_help_lists_the_plugin(self):
         env = dict(os.environ, PYTHONPATH=REPO_ROOT)
@@ -149,6 +152,7 @@ class AccessTests(unittest.TestCase):
             "SSLCAFile": ca.cert_path}, address="127.0.0.1",
             http_client=https_client(ca, ca.issue("orc", ou="dba", client=True)))
         self.assertTrue(agent.base_url.startswith("https://"))
+        self.assertTrue(loaded_cryptography(agent.pid))
         self.assertEqual(await agent.get("/api/datacenter"), (200, "dc1"))
         anonymous = https_client(ca)
         response = await anonymous.get(agent.base_url + "/api/datacenter", params={"token": agent.token})

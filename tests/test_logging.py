@@ -19,6 +19,7 @@ from twisted.trial import unittest
 
 from orchagent import logging as agent_logging
 from orchagent import service as agent_service
+from orchagent import tap
 from orchagent.config import Config
 from tests.support.daemon import start_daemon
 
@@ -102,7 +103,7 @@ class LogFormatConfigTestCase(unittest.TestCase):
         config = dict({"HTTPPort": 1, "StateDir": os.path.join(path, "state")}, **config)
         with open(os.path.join(path, "agent.json"), "w") as fh:
             json.dump(config, fh)
-        options = agent_service.Options()
+        options = tap.Options()
         options.parseOptions(["--config", os.path.join(path, "agent.json")])
         options.parent = twistd
         return agent_service.makeService(options, reactor=None), path

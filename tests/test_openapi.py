@@ -8,7 +8,6 @@ it in orchagent/api/openapi.json (path, method, parameters, responses, and
 from __future__ import annotations
 
 import copy
-import json
 import re
 
 from treq.testing import StubTreq

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from orchagent import config as config_module
 from orchagent.config import FIELDS
-from orchagent.service import Options
+from orchagent.tap import Options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ import socket
 import time
 from urllib.parse import quote
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import reactor, task, threads
 from twisted.trial import unittest
 
 from orchagent.api import resource

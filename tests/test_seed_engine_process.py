@@ -38,7 +38,7 @@ from orchagent.service import StatusFastPath
 from orchagent.token import Token
 from tests import seed_support as S
 from tests.support.certs import TestCA, seed_tls
-from tests.support.daemon import start_daemon, wait_until
+from tests.support.daemon import loaded_cryptography, start_daemon, wait_until
 
 KEY = "engine-seed-key-6161"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -68,12 +68,6 @@ def running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def loaded_cryptography(pid: int) -> bool:
-    """Whether the process has cryptography's compiled bindings (pyOpenSSL's OpenSSL) mapped."""
-    with open(f"/proc/{pid}/maps") as fh:
-        return "/cryptography/" in fh.read()
 
 
 async def engine_of(daemon, timeout: float = 15.0, other_than: int | None = None) -> int:

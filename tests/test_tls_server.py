@@ -16,7 +16,8 @@ from twisted.web.client import ResponseNeverReceived
 from orchagent.api.tls import server_tls_options
 from orchagent.config import Config
 from orchagent.errors import ConfigError
-from orchagent.service import Options, makeService
+from orchagent.service import makeService
+from orchagent.tap import Options
 from tests.support.certs import TestCA, https_client
 from tests.support.daemon import free_port
 

@@ -107,7 +107,7 @@ def certificate_ous(certificate: x509.Certificate) -> list[str]:
 
 
 def make_ou_guard(config: Config) -> Callable[[Any], None]:
-    """The per-request client-certificate check; does nothing unless UseMutualTLS.
+    """The per-request client-certificate check of UseMutualTLS.
 
     The returned callable raises :class:`~orchagent.api.resource.AccessDenied` when the
     request came without a verified client certificate, or with one whose OUs are all
@@ -115,8 +115,6 @@ def make_ou_guard(config: Config) -> Callable[[Any], None]:
     """
     from orchagent.api.resource import AccessDenied
 
-    if not config.use_mutual_tls:
-        return lambda request: None
     if not config.use_ssl:
         log.warn("UseMutualTLS is set but UseSSL is not: every guarded endpoint will refuse "
                  "requests, since plain HTTP carries no client certificate")

@@ -86,7 +86,7 @@ class Registration(service.Service):
         self.server = agents_server_url(config)
         self.standalone = not config.agents_server
         if http_client is None and not self.standalone:
-            from orchagent.registration.tls import orchestrator_http_client
+            from orchagent.registration.http import orchestrator_http_client
 
             http_client = orchestrator_http_client(config, reactor)
         self._client = http_client

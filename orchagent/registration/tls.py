@@ -1,4 +1,4 @@
-"""HTTPS towards orchestrator: who we trust, what we present, and the HTTP client built on it.
+"""HTTPS towards orchestrator: who we trust and what we present.
 
 orchestrator's certificate is checked against ``SSLCAFile`` (or the platform's trust store
 when that is empty) and its host name (or IP address) through service_identity, for the
@@ -10,10 +10,7 @@ Files are read once, when the client is built, so a bad file stops the daemon at
 from __future__ import annotations
 
 from twisted.internet import ssl
-from twisted.web import client
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
-from treq.client import HTTPClient
 from zope.interface import implementer
 
 from orchagent.api.tls import load_certificates, load_key_pair
@@ -55,27 +52,3 @@ class OrchestratorTLSPolicy:
             clientCertificate=self._client_certificate,
             extraCertificateOptions=dict(self._extra) or None,
         )
-
-
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    """Twisted's HTTP client factory without its two log lines per connection."""
-
-    noisy = False
-
-
-def orchestrator_http_client(config: Config, reactor) -> HTTPClient:
-    """A treq client for orchestrator's agents server, with our TLS policy.
-
-    Connections are not kept: we talk to orchestrator about once a minute, and a pool of
-    idle connections would only be something left behind at shutdown.  The pool's
-    factory is made quiet so that the log keeps one line per change of state.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = _QuietClientFactory
-    agent = Agent(
-        reactor,
-        contextFactory=OrchestratorTLSPolicy.from_config(config),
-        connectTimeout=max(1, config.http_timeout_seconds),
-        pool=pool,
-    )
-    return HTTPClient(agent)

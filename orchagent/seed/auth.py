@@ -215,10 +215,6 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def tls_configured(config) -> bool:
-    return bool(config.seed_tls_cert_file or config.seed_tls_key_file or config.seed_tls_ca_file)
-
-
 def _read(path: str, key: str) -> bytes:
     try:
         with open(path, "rb") as fh:

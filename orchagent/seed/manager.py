@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from orchagent.config import seed_tls_configured
 from orchagent.errors import BadRequest, NotAvailable, NotFound, Refused
 from orchagent.seed import auth, state, tree
 from orchagent.seed.auth import Admission, Rejected
@@ -87,7 +88,7 @@ class SeedManager(service.Service):
         self.chunk_size = chunk_size
         self.store = state.StateStore(config.state_dir)
         self.networks = auth.parse_networks(config.seed_allowed_networks)
-        self.tls = auth.tls_configured(config)
+        self.tls = seed_tls_configured(config)
         if self.tls:
             auth.tls_server_options(config)  # a ConfigError naming the key stops the daemon
         self.records: dict[str, state.SeedRecord] = {}

@@ -44,6 +44,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, globalLogPublisher
 
 import orchagent
+from orchagent.config import seed_tls_configured
 from orchagent.errors import NotAvailable
 from orchagent.seed import auth, channel, state
 
@@ -177,7 +178,7 @@ class SeedEngineProcess(service.Service):
         self.publish = publish or globalLogPublisher
         # What the manager checks when it is built: refuse to start here, not in the child.
         auth.parse_networks(config.seed_allowed_networks)
-        if auth.tls_configured(config):
+        if seed_tls_configured(config):
             auth.tls_server_options(config)
         #: The status of each seed, in the manager's order, as the engine last pushed it.
         self.statuses: dict[str, dict] = {}
@@ -242,7 +243,7 @@ class SeedEngineProcess(service.Service):
             factory.buildProtocol = lambda addr: agent_channel
             process_protocol = _EngineProcessProtocol(
                 config_to_json(self.config), self._child_output, self._ended)
-            argv = engine_argv(os.getpid(), auth.tls_configured(self.config))
+            argv = engine_argv(os.getpid(), seed_tls_configured(self.config))
             process = self.reactor.spawnProcess(
                 process_protocol, sys.executable, argv, env=engine_env(),
                 childFDs={0: "w", 1: "r", 2: "r", channel.CHANNEL_FD: child_end.fileno()})

@@ -153,6 +153,10 @@ class Daemon:
             self.token = self._read_token()
         return self
 
+    @property
+    def pid(self) -> int:
+        return self._transport.pid
+
     def running(self) -> bool:
         return self._watcher is not None and not self._watcher.ended.called
 
@@ -245,6 +249,12 @@ class Daemon:
             return response.code, json.loads(body)
         except ValueError:
             return response.code, body.decode("utf-8", "replace")
+
+
+def loaded_cryptography(pid: int) -> bool:
+    """Whether the process has cryptography's compiled bindings (pyOpenSSL's OpenSSL) mapped."""
+    with open(f"/proc/{pid}/maps") as fh:
+        return "/cryptography/" in fh.read()
 
 
 async def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05, reactor=None) -> None:

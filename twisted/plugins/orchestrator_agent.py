@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 orchestrator_agent = ServiceMaker(
     "orchestrator-agent",
-    "orchagent.service",
+    "orchagent.tap",
     "orchestrator-agent: MySQL host agent for orchestrator (snapshots, verified seeds)",
     "orchestrator-agent",
 )
