@@ -417,6 +417,36 @@ class FailureTests(SeedCase):
         self.proxy_factory = factory
         return port.getHost().port
 
+    async def test_a_source_that_cannot_be_walked_aborts_the_receiver_too(self):
+        """The walk fails (a symlink out of the source) before or after the control
+        stream's handshake; either way the sender tells the receiver, which ends aborted
+        with the reason instead of waiting for a resume, and writes nothing."""
+        walk = tree.walk
+        for name, delay in (("early", 0.0), ("late", 0.3)):
+            with self.subTest(name):
+                os.symlink("/etc/passwd", os.path.join(self.src, f"escape-{name}"))
+
+                def slow_walk(*args, delay=delay, **kwargs):
+                    time.sleep(delay)  # worker thread: the handshake is done by then
+                    return walk(*args, **kwargs)
+
+                self.patch(tree, "walk", slow_walk)
+                before = S.snapshot_tree(self.dst)
+                r = self.receiver(f"r-{name}")
+                s = self.sender(f"s-{name}", seed_streams=1)
+                await r.receive(name, key="k")
+                await s.send(f"127.0.0.1:{self.port}", name, key="k", source="datadir")
+                sent = await S.finished(s, name)
+                self.assertEqual(sent["State"], "failed")
+                self.assertIn("symlink", sent["Error"])
+                got = await S.finished(r, name, timeout=10)
+                self.assertEqual(got["State"], "aborted", got["Error"])
+                self.assertIn("symlink", got["Error"])
+                self.assert_untouched(before)
+                await r.stopService()
+                await s.stopService()
+                os.unlink(os.path.join(self.src, f"escape-{name}"))
+
     async def test_flipped_byte_is_sent_again(self):
         data = self.big_file(size=600_000)
         proxy_port = self.proxy(times=1)

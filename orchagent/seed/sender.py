@@ -80,6 +80,9 @@ class SenderStream(protocol.Protocol):
         self.lost = defer.Deferred()
         self.accepted = defer.Deferred()
         self.connecting: defer.Deferred | None = None
+        #: The ABORT body of a seed that failed while this control stream was still in its
+        #: handshake: sent as its only frame once the handshake is done.
+        self.last_word: dict | None = None
 
     def connectionMade(self):
         if self.closed:
@@ -106,6 +109,10 @@ class SenderStream(protocol.Protocol):
                             self.timer.cancel()
                         self.timer = None
                         self.key = self.handshake.key
+                        if self.last_word is not None:
+                            tell_abort(self, self.last_word)
+                            self.close()
+                            return
                         self.transport.registerProducer(self, True)
                         self.accepted.callback(self)
                 else:
@@ -562,11 +569,25 @@ class SendJob(state.JobIdentity):
             return defer.succeed(None)
         self.end_record(message, final_state, log)
         if tell:
-            tell_abort(self.control, {"message": message})
+            self._tell_abort({"message": message})
         self._close_all()
         self.manager.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
+
+    def _tell_abort(self, body: dict) -> None:
+        """Tell the receiver the seed is over.  A control stream still in its handshake
+        (the walk failed at once) is left open to say it when the handshake is done:
+        else the receiver would take the closed connection for a break and wait for
+        the sender to resume."""
+        control = self.control
+        if control is None or control.closed:
+            return
+        if control.key is not None:
+            tell_abort(control, body)
+        elif control in self.streams:
+            control.last_word = body
+            self.streams.remove(control)
 
     def _close_all(self) -> None:
         self.session = ""
