@@ -318,13 +318,15 @@ def seal_bundle(files: list, raw, key: bytes, compress: bool,
     for _, length in files:
         digests.append(content_digest(view[position:position + length], kind))
         position += length
-    raw = bytes(raw)  # transports take bytes only
-    payload, encoding = raw, Encoding.RAW
-    if compress and raw:
+    length = len(raw)
+    payload, encoding = None, Encoding.RAW
+    if compress and length:
         packed = _compressor().compress(raw)
-        if len(packed) <= len(raw) - len(raw) // MIN_SAVING:
+        if len(packed) <= length - length // MIN_SAVING:
             payload, encoding = packed, Encoding.ZSTD
-    head_body = BUNDLE_HEAD.pack(len(files), encoding, len(raw)) + b"".join(
+    if payload is None:
+        payload = bytes(raw)  # transports take bytes only (a copy made only when sent raw)
+    head_body = BUNDLE_HEAD.pack(len(files), encoding, length) + b"".join(
         BUNDLE_ITEM.pack(index, length, digest) for (index, length), digest in zip(files, digests))
     head = HEADER.pack(FrameType.BUNDLE, 0, len(head_body) + len(payload))
     if encoding == Encoding.ZSTD:
