@@ -8,7 +8,8 @@ On the same data, in the same run, alternating, several rounds, medians:
   syncfs, moved into place).  Checksums are always on: XXH3-128 per chunk on the plain
   runs (no key, as orchestrator starts seeds), BLAKE3 on the keyed runs of (a).  Peak
   RSS and peak PSS are the agent's daemon and seed engine processes together (RSS counts
-  the libraries the two interpreters share twice, PSS once: see :class:`PssSampler`).
+  the libraries the two interpreters share twice, PSS once: see :class:`PssSampler`); the
+  largest process's peak RSS is shown too.
 * **tar|nc** — ``nc -l | tar -xf -`` on the target, ``tar -cf - | nc -N`` on the source;
   timed until the receiving tar exits (reported with and without a ``sync`` after it: the
   agent's time includes making the data durable, tar's does not).
@@ -228,15 +229,15 @@ class Agent:
     def pids(self) -> list[int]:
         return self._pids()
 
-    def peak_rss_mb(self) -> float:
-        """Peak resident memory of the agent, daemon and seed engine together."""
-        total = 0.0
+    def peak_rss_mb(self) -> list[float]:
+        """Peak resident memory of each of the agent's processes (daemon, seed engine)."""
+        peaks = []
         for pid in self._pids():
             with open(f"/proc/{pid}/status") as fh:
                 for line in fh:
                     if line.startswith("VmHWM:"):
-                        total += int(line.split()[1]) / 1024
-        return total
+                        peaks.append(int(line.split()[1]) / 1024)
+        return peaks
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -319,9 +320,11 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
             elapsed = time.monotonic() - started
         if status["State"] != "completed":
             raise RuntimeError(f"seed failed: {status['Error']}")
-        return {"seconds": elapsed, "rss_receiver": receiver.peak_rss_mb(),
-                "rss_sender": sender.peak_rss_mb(), "pss_receiver": pss.peak["receiver"],
-                "pss_sender": pss.peak["sender"], "bytes": status["BytesTotal"]}
+        rss_receiver, rss_sender = receiver.peak_rss_mb(), sender.peak_rss_mb()
+        return {"seconds": elapsed, "rss_receiver": sum(rss_receiver), "rss_sender": sum(rss_sender),
+                "rss_receiver_process": max(rss_receiver), "rss_sender_process": max(rss_sender),
+                "pss_receiver": pss.peak["receiver"], "pss_sender": pss.peak["sender"],
+                "bytes": status["BytesTotal"]}
     finally:
         receiver.stop()
         sender.stop()
@@ -476,9 +479,7 @@ def main() -> int:
                 with fresh_target(base, tree_bytes(src)) as dst:
                     result = run_orchagent(work, src, dst, target="127.0.0.1")
                 report["d"][label] = result
-                print(f"  d {label}: {result['seconds']:.1f}s, peak RSS receiver "
-                      f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB; PSS "
-                      f"{result['pss_receiver']:.0f} / {result['pss_sender']:.0f} MB", flush=True)
+                print(f"  d {label}: {result['seconds']:.1f}s, {memory(result)}", flush=True)
     finally:
         cleanups.run()
         shutil.rmtree(work, ignore_errors=True)
@@ -495,7 +496,8 @@ def main() -> int:
 def markdown(report: dict, rounds: int) -> str:
     lines = [f"Medians of {rounds} alternating rounds; MB/s = data bytes / seconds.", "",
              "| scenario | orchagent | tar\\|nc | tar\\|nc + sync | cat | cat + sync "
-             "| × tar\\|nc | × tar\\|nc+sync | × cat+sync | peak RSS r / s (MB) | peak PSS r / s (MB) |",
+             "| × tar\\|nc | × tar\\|nc+sync | × cat+sync | peak PSS r / s (MB) "
+             "| peak RSS r / s: sum (largest process) (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     titles = {"a": "(a) 1 GiB mixed, loopback", "b": "(b) 50,000 × 16 KiB, loopback",
               "c": "(c) 256 MiB InnoDB-like, 200 Mbit/s veth"}
@@ -517,17 +519,23 @@ def markdown(report: dict, rounds: int) -> str:
                      f"{tar['seconds'] / ours['seconds']:.2f}",
                      f"{tar['seconds_synced'] / ours['seconds']:.2f}",
                      f"{cat['seconds_synced'] / ours['seconds']:.2f}" if cat else "–",
-                     f"{ours['rss_receiver']:.0f} / {ours['rss_sender']:.0f}",
-                     f"{ours['pss_receiver']:.0f} / {ours['pss_sender']:.0f}"]
+                     f"{ours['pss_receiver']:.0f} / {ours['pss_sender']:.0f}",
+                     f"{ours['rss_receiver']:.0f} ({ours['rss_receiver_process']:.0f}) / "
+                     f"{ours['rss_sender']:.0f} ({ours['rss_sender_process']:.0f})"]
             lines.append("| " + " | ".join(cells) + " |")
     if "d" in report:
         lines.append("")
         for label, result in report["d"].items():
-            lines.append(f"- {label}: {result['seconds']:.1f}s, peak RSS receiver "
-                         f"{result['rss_receiver']:.0f} MB, sender {result['rss_sender']:.0f} MB; "
-                         f"peak PSS receiver {result['pss_receiver']:.0f} MB, "
-                         f"sender {result['pss_sender']:.0f} MB")
+            lines.append(f"- {label}: {result['seconds']:.1f}s, {memory(result)}")
     return "\n".join(lines)
+
+
+def memory(result: dict) -> str:
+    """An agent run's memory, receiver / sender: PSS summed over the agent's processes
+    (what it takes), RSS summed (shared pages counted in each), and its largest process."""
+    return (f"peak PSS {result['pss_receiver']:.0f} / {result['pss_sender']:.0f} MB; peak RSS "
+            f"summed {result['rss_receiver']:.0f} / {result['rss_sender']:.0f} MB, of the largest "
+            f"process {result['rss_receiver_process']:.0f} / {result['rss_sender_process']:.0f} MB")
 
 
 if __name__ == "__main__":
