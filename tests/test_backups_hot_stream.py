@@ -224,6 +224,21 @@ class StreamedHotSeedTests(unittest.TestCase):
         self.assertEqual((received["State"], received["Error"]),
                          ("aborted", "the sender stopped the seed: aborted through the API"))
 
+    async def test_abort_on_the_source_before_the_stream_is_open(self):
+        """Aborted at once, while the stream to the target is still in its handshake: the
+        sender says so when the handshake is done, and the target ends aborted too
+        instead of waiting for a stream."""
+        self.servers()
+        self.managers()
+        await self.start_seed("s9")
+        self.assertIsNone(self.source.jobs["s9"].stream.key)
+        self.assertTrue(await self.source.abort("s9"))
+        sent, received = await self.ended("s9")
+        self.assertEqual((sent["State"], sent["Error"]), ("aborted", "aborted through the API"))
+        self.assertEqual((received["State"], received["Error"]),
+                         ("aborted", "the sender stopped the seed: aborted through the API"))
+        await self.assert_target_untouched("s9")
+
     async def test_abort_on_the_target_mid_stream(self):
         sent, received = await self.abort_mid_stream("s5", "target")
         self.assertEqual((received["State"], received["Error"]), ("aborted", "aborted through the API"))

@@ -111,6 +111,7 @@ class SenderStream(protocol.Protocol):
                         self.key = self.handshake.key
                         if self.last_word is not None:
                             tell_abort(self, self.last_word)
+                            self.last_word = None
                             self.close()
                             return
                         self.transport.registerProducer(self, True)
@@ -118,6 +119,7 @@ class SenderStream(protocol.Protocol):
                 else:
                     self.job.frame(self, frame)
         except Rejected as e:
+            self.last_word = None
             self.close()
             self.job.rejected(self, str(e))
         except ProtocolError as e:
@@ -135,7 +137,9 @@ class SenderStream(protocol.Protocol):
             self.lost.callback(None)
 
     def close(self, abort: bool = False) -> None:
-        if self.closed:
+        """Close the connection; a stream that has an ABORT to say after its handshake
+        (:func:`tell_abort`) stays open for it unless ``abort``."""
+        if self.closed or (self.last_word is not None and not abort):
             return
         self.closed = True
         if self.timer is not None and self.timer.active():
@@ -569,25 +573,11 @@ class SendJob(state.JobIdentity):
             return defer.succeed(None)
         self.end_record(message, final_state, log)
         if tell:
-            self._tell_abort({"message": message})
+            tell_abort(self.control, {"message": message})
         self._close_all()
         self.manager.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
-
-    def _tell_abort(self, body: dict) -> None:
-        """Tell the receiver the seed is over.  A control stream still in its handshake
-        (the walk failed at once) is left open to say it when the handshake is done:
-        else the receiver would take the closed connection for a break and wait for
-        the sender to resume."""
-        control = self.control
-        if control is None or control.closed:
-            return
-        if control.key is not None:
-            tell_abort(control, body)
-        elif control in self.streams:
-            control.last_word = body
-            self.streams.remove(control)
 
     def _close_all(self) -> None:
         self.session = ""
@@ -634,10 +624,18 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
 
 
 def tell_abort(stream: SenderStream | None, body: dict) -> None:
-    """Tell the receiver, over ``stream``, that the seed is over (ABORT), if the stream
-    finished its handshake and is still open; else there is nobody to tell."""
-    if stream is not None and stream.key is not None and not stream.closed:
+    """Tell the receiver, over ``stream``, that the seed is over (ABORT).
+
+    A stream still in its handshake (the seed failed at once: a source that cannot be
+    walked, an abort right after the call) says it as its only frame once the handshake
+    is done, and stays open until then: closed now, it would look to the receiver like a
+    broken connection, and the receiver would wait for the sender to resume."""
+    if stream is None or stream.closed:
+        return
+    if stream.key is not None:
         stream.transport.write(frames.seal_json(FrameType.ABORT, body, stream.key))
+    else:
+        stream.last_word = body
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None]):
