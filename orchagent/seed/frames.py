@@ -318,15 +318,15 @@ def seal_bundle(files: list, raw, key: bytes, compress: bool,
     for _, length in files:
         digests.append(content_digest(view[position:position + length], kind))
         position += length
-    length = len(raw)
+    raw_length = len(raw)
     payload, encoding = None, Encoding.RAW
-    if compress and length:
+    if compress and raw_length:
         packed = _compressor().compress(raw)
-        if len(packed) <= length - length // MIN_SAVING:
+        if len(packed) <= raw_length - raw_length // MIN_SAVING:
             payload, encoding = packed, Encoding.ZSTD
     if payload is None:
         payload = bytes(raw)  # transports take bytes only (a copy made only when sent raw)
-    head_body = BUNDLE_HEAD.pack(len(files), encoding, length) + b"".join(
+    head_body = BUNDLE_HEAD.pack(len(files), encoding, raw_length) + b"".join(
         BUNDLE_ITEM.pack(index, length, digest) for (index, length), digest in zip(files, digests))
     head = HEADER.pack(FrameType.BUNDLE, 0, len(head_body) + len(payload))
     if encoding == Encoding.ZSTD:
