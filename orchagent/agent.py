@@ -39,8 +39,10 @@ class Agent:
 
 
 def local_hostname(config: Config) -> str:
-    """AgentHostname when set, else the host's fully qualified name."""
-    return config.agent_hostname or socket.getfqdn()
+    """AgentHostname when set, else the kernel's host name (``uname -n``), as the Go
+    agent's ``os.Hostname()``: never a reverse-DNS name, which on a host whose name maps
+    to 127.0.1.1 is ``localhost`` and would make orchestrator call itself."""
+    return config.agent_hostname or socket.gethostname()
 
 
 def _runner(config: Config, reactor) -> ICommandRunner:

@@ -84,7 +84,7 @@ FIELDS: tuple[Field, ...] = (
     _f("TokenHintFile", "token_hint_file", str, "", "File the token is written to (mode 0600)."),
     _f("TokenHttpHeader", "token_http_header", str, "", "HTTP header also accepted as the token."),
     # --- orchagent's keys ----------------------------------------------------------------
-    _f("AgentHostname", "agent_hostname", str, "", "Name submitted to orchestrator and returned by /api/hostname; empty = this host's FQDN.", ours=True),
+    _f("AgentHostname", "agent_hostname", str, "", "Name submitted to orchestrator and returned by /api/hostname; empty = the kernel's host name (uname -n), as the Go agent.", ours=True),
     _f("HTTPBindAddress", "http_bind_address", str, "", "Address the API listens on; empty = all.", ours=True),
     _f("TokenFile", "token_file", str, "", "Read the token from this file instead of making a random one.", ours=True),
     _f("CommandTimeoutSeconds", "command_timeout_seconds", int, 300, "Time limit of one OS command; the process group is killed after it.", ours=True),

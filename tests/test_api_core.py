@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.trial import unittest
 
-from orchagent.agent import Agent
+from orchagent.agent import Agent, build_agent
 from orchagent.api.resource import AgentAPI
 from orchagent.config import Config
 from orchagent.errors import NotFound, Refused
@@ -90,6 +91,20 @@ class ApiTestCase(unittest.TestCase):
 class AccessTests(ApiTestCase):
     async def test_hostname_needs_no_token(self):
         self.assertEqual(await self.get("/api/hostname"), (200, "db1.example"))
+
+    async def test_default_hostname_is_the_kernels(self):
+        # The Go agent's os.Hostname(): the kernel's name, not a reverse-DNS one, which on a
+        # host whose name maps to 127.0.1.1 is "localhost".
+        self.patch(socket, "getfqdn", lambda name="": "localhost")
+        self.patch(socket, "gethostname", lambda: "db7")
+        agent = build_agent(Config(), task.Clock(), runner=Recorder(), token=Token(TOKEN))
+        self.assertEqual(agent.hostname, "db7")
+        self.assertEqual(agent.registration.hostname, "db7")
+        http = StubTreq(AgentAPI(agent).resource())
+        self.assertEqual(await self.get("/api/hostname", http=http), (200, "db7"))
+        agent = build_agent(Config(agent_hostname="db7.dc1"), task.Clock(), runner=Recorder(),
+                            token=Token(TOKEN))
+        self.assertEqual(agent.hostname, "db7.dc1")
 
     async def test_token_required_everywhere_else(self):
         for path in ["/api/mysql-port", "/api/lvs", "/api/mount", "/api/mysql-status",

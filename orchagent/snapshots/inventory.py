@@ -19,7 +19,7 @@ twice counts once, with its newest time.
 
 Which hosts count, for the host asking:
 
-* the cluster: when the inventory lists this host (by AgentHostname / FQDN) with a
+* the cluster: when the inventory lists this host (by AgentHostname / host name) with a
   cluster, only hosts of that cluster count (a snapshot of another cluster's data is no
   seed for this one); otherwise every cluster counts.
 * the datacenter (``available-snapshots-local``): ``Datacenter`` of the configuration, else
