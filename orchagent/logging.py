@@ -20,6 +20,7 @@ import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
+from urllib.parse import unquote_plus
 
 from twisted.application import service
 from twisted.logger import FileLogObserver, ILogObserver, formatEvent
@@ -27,7 +28,9 @@ from twisted.python import logfile
 from twisted.python.components import Componentized
 
 #: Query parameters whose values are secrets: the API token and a seed's key.
-_SECRET_QUERY = re.compile(r"([?&](?:token|key))=[^&\s\"']*")
+_SECRET_PARAMS = frozenset({"token", "key"})
+#: A query parameter as it was sent: its name (perhaps percent-encoded) and its value.
+_QUERY_PARAM = re.compile(r"([?&])([^=&?\s\"']*)=[^&\s\"']*")
 #: A field is secret when one of the ``_``-separated words of its name is one of these.
 _SECRET_WORDS = frozenset({"token", "key", "password", "passwd", "secret", "passphrase", "auth"})
 #: Keys of events that come from the legacy twisted.python.log API; the record has them.
@@ -38,8 +41,20 @@ MASK = "***"
 
 
 def redact(text: str) -> str:
-    """``text`` with the value of every ``token=`` and ``key=`` query parameter masked."""
-    return _SECRET_QUERY.sub(r"\1=" + MASK, text)
+    """``text`` with the value of every ``token=`` and ``key=`` query parameter masked.
+
+    Names are compared as the API reads them, percent- and ``+``-decoded (``t%6Fken=``
+    authenticates like ``token=``), and without regard to case."""
+    return _QUERY_PARAM.sub(_masked_param, text)
+
+
+def _masked_param(match: re.Match) -> str:
+    name = match.group(2)
+    if "%" in name or "+" in name:
+        name = unquote_plus(name, errors="replace")
+    if name.lower() not in _SECRET_PARAMS:
+        return match.group(0)
+    return f"{match.group(1)}{match.group(2)}={MASK}"
 
 
 def _is_secret(name: str) -> bool:

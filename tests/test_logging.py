@@ -12,10 +12,12 @@ import json
 import os
 
 from twisted.application import service
+from twisted.internet import reactor
 from twisted.logger import ILogObserver, LogLevel, Logger, LogPublisher
 from twisted.python.failure import Failure
 from twisted.scripts._twistd_unix import ServerOptions
 from twisted.trial import unittest
+from twisted.web.http_headers import Headers
 
 from orchagent import logging as agent_logging
 from orchagent import service as agent_service
@@ -79,6 +81,16 @@ class RecordTestCase(unittest.TestCase):
         self.assertEqual(agent_logging.redact('"GET /a?token=abc&x=1&key=k%20y HTTP/1.1"'),
                          '"GET /a?token=***&x=1&key=*** HTTP/1.1"')
         self.assertEqual(agent_logging.redact("/a?tokens=1&monkey=2"), "/a?tokens=1&monkey=2")
+
+    def test_redact_names_as_the_api_decodes_them(self):
+        """#16 item 11: a name percent-encoded (or with ``+``) still names the token or the
+        key for Twisted's query parser, so it is masked too; other names are left alone."""
+        for name in ("t%6Fken", "%74oken", "%74%6F%6B%65%6E", "k%65y", "%6B%65%79", "Token", "KEY"):
+            line = f'"GET /api/x?a=1&{name}=s3cret&b=2 HTTP/1.1"'
+            self.assertEqual(agent_logging.redact(line), f'"GET /api/x?a=1&{name}=***&b=2 HTTP/1.1"', name)
+        for name in ("t%6Fkens", "to+ken", "%2574oken", "x%26token"):
+            line = f"/api/x?{name}=v"
+            self.assertEqual(agent_logging.redact(line), line, name)
 
 
 class TwistdLoggerOptionTestCase(unittest.TestCase):
@@ -165,6 +177,38 @@ class DaemonLogsTestCase(unittest.TestCase):
         self.assertIn("/api/seed-command-completed/999?", output)
         self.assertIn("key=***", output)
         return output
+
+    async def test_encoded_parameter_names_are_masked(self):
+        """#16 item 11: ``t%6Fken=`` and ``%74oken=`` authenticate and ``k%65y=`` gives a
+        seed its key, as ``token=``/``key=`` do; none of their values reaches the log, nor
+        the token sent in the header."""
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+        agent = await start_daemon(self, {"TokenHttpHeader": "X-Agent-Token"})
+        client = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        base = agent.base_url.encode()
+        key = self.secrets["key"].encode()
+        token = agent.token.encode()
+        for query in (b"t%6Fken=" + token, b"%74oken=" + token, b"x=1&%74%6F%6B%65%6E=" + token):
+            response = await client.request(b"GET", base + b"/api/datacenter?" + query)
+            body = await readBody(response)
+            self.assertEqual(response.code, 200, (query, body))
+        response = await client.request(b"GET", base + b"/api/datacenter",
+                                        Headers({b"X-Agent-Token": [token]}))
+        self.assertEqual(response.code, 200, await readBody(response))
+        response = await client.request(
+            b"GET", base + b"/api/receive-mysql-seed-data/41?t%6Fken=" + token + b"&k%65y=" + key)
+        await readBody(response)
+        response = await client.request(b"GET", base + b"/api/abort-seed/41?token=" + token)
+        await readBody(response)
+        await agent.stop()
+        output = agent.output()
+        for secret in (agent.token, self.secrets["key"]):
+            self.assertNotIn(secret, output)
+        self.assertIn("GET /api/datacenter?t%6Fken=*** HTTP/1.1", output)
+        self.assertIn("GET /api/datacenter?%74oken=*** HTTP/1.1", output)
+        self.assertIn("GET /api/datacenter?x=1&%74%6F%6B%65%6E=*** HTTP/1.1", output)
+        self.assertIn("/api/receive-mysql-seed-data/41?t%6Fken=***&k%65y=*** HTTP/1.1", output)
 
     async def test_text(self):
         output = await self.exercise({})
