@@ -45,7 +45,8 @@ class ISnapshotBackend(Interface):
         """All volumes (snapshots and origins) whose name contains ``pattern``."""
 
     def list_snapshots():
-        """Valid and invalid snapshots matching SnapshotVolumesFilter, newest first."""
+        """Snapshots matching SnapshotVolumesFilter: valid ones newest first, then invalid
+        (overflowed) ones newest first; orchestrator seeds from the first."""
 
     def get_volume(name):
         """The one volume named (by name or path); NotFound otherwise."""

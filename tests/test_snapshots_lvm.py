@@ -146,6 +146,19 @@ class ReadTests(LVMCase):
             ("mysql-snap-20240430T020000Z", 100.0),
         ])
 
+    async def test_overflowed_newest_snapshot_comes_after_the_valid_ones(self):
+        # orchestrator seeds from lvs-snapshots[0] without looking at SnapshotPercent.
+        text = report("lvs-snapshots.json").replace(
+            b'"swi-a-s---", "origin":"mysql", "snap_percent":"0.01"',
+            b'"swi-I-s---", "origin":"mysql", "snap_percent":"100.00"')
+        self.runner.expect(LVS_ARGV, stdout=text, privileged=True)
+        snapshots = await self.backend.list_snapshots()
+        self.assertEqual([(v.name, v.snapshot_percent) for v in snapshots], [
+            ("mysql-snap-20240501T020000Z", 12.5),
+            ("mysql-snap-20240502T020000Z", 100.0),
+            ("mysql-snap-20240430T020000Z", 100.0),
+        ])
+
     async def test_get_volume_by_name_vg_name_and_path(self):
         for name in ("mysql-snap-20240501T020000Z", "vgmysql/mysql-snap-20240501T020000Z",
                      "/dev/vgmysql/mysql-snap-20240501T020000Z"):

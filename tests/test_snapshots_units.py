@@ -13,6 +13,7 @@ from orchagent.config import Config
 from orchagent.errors import BadRequest, CommandFailed, NotAvailable
 from orchagent.snapshots import Snapshots, mountinfo, naming
 from orchagent.snapshots.detect import detect_backend
+from orchagent.snapshots.model import LogicalVolume
 from orchagent.snapshots.mountpoint import mysql_data_path
 from orchagent.snapshots.restore import RestoreFailed, Step, run_steps
 from tests.support.fakes import FakeHost, FakeMounts
@@ -196,6 +197,32 @@ class FrontTests(unittest.TestCase):
         gates["b"].callback(None)
         await second
         self.assertEqual(events[-1], "end b")
+
+
+    async def test_lvs_snapshots_valid_newest_first_then_invalid(self):
+        # orchestrator seeds from lvs-snapshots[0]: whatever a backend and the backups
+        # answer, no invalid snapshot comes before a valid one.
+        def volume(name, at, percent=0.0, group="vg"):
+            return LogicalVolume(name=name, group_name=group, path="/s/" + name,
+                                 is_snapshot=True, snapshot_percent=percent, created_at=at)
+
+        class Backend:
+            async def list_snapshots(self):
+                return [volume("snap-4", 400.0, 100.0), volume("snap-3", 300.0, 12.5),
+                        volume("snap-1", 100.0, 100.0)]
+
+        class Backups:
+            async def snapshot_volumes(self):
+                return [volume("backup-2", 200.0, group="backup")]
+
+        for name in ("lvm", "btrfs", "copy"):
+            alone = Snapshots(Config(snapshot_backend=name), None, {name: Backend()}, detect=None)
+            self.assertEqual([v.name for v in await alone.list_snapshots()],
+                             ["snap-3", "snap-4", "snap-1"], name)
+            front = Snapshots(Config(snapshot_backend=name), None, {name: Backend()}, detect=None,
+                              backups=Backups())
+            self.assertEqual([v.name for v in await front.list_snapshots()],
+                             ["snap-3", "backup-2", "snap-4", "snap-1"], name)
 
 
 class InterfaceTests(unittest.TestCase):

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from orchagent.interfaces import ICommandRunner, ISnapshotBackend
-from orchagent.snapshots.model import LogicalVolume, Mount
+from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
 
 log = Logger()
 
@@ -60,11 +60,12 @@ class Snapshots:
         return volumes
 
     async def list_snapshots(self) -> list[LogicalVolume]:
+        """Valid snapshots and usable backups newest first, then invalid ones
+        (:func:`~orchagent.snapshots.model.seed_order`): orchestrator seeds from the first."""
         snapshots = await (await self.backend()).list_snapshots()
-        if self.backups is None:
-            return snapshots
-        merged = snapshots + await self.backups.snapshot_volumes()
-        return sorted(merged, key=lambda v: (v.created_at or 0.0, v.name), reverse=True)
+        if self.backups is not None:
+            snapshots = snapshots + await self.backups.snapshot_volumes()
+        return seed_order(snapshots)
 
     async def get_volume(self, name: str) -> LogicalVolume:
         backup = await self._backup(name)

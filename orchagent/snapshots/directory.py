@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.snapshots import mountinfo, naming
-from orchagent.snapshots.model import LogicalVolume, Mount
+from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
 from orchagent.snapshots.mountpoint import DATADIR_MARKER, BackendParts
 
 log = Logger()
@@ -122,8 +122,8 @@ class DirectorySnapshots(BackendParts):
 
     async def list_snapshots(self) -> list[LogicalVolume]:
         volumes_filter = self.config.snapshot_volumes_filter
-        return [v for v in await self.snapshots()
-                if naming.matches_filter(v.name, volumes_filter)]
+        return seed_order([v for v in await self.snapshots()
+                           if naming.matches_filter(v.name, volumes_filter)])
 
     async def get_volume(self, name: str) -> LogicalVolume:
         wanted = name.rstrip("/") or name

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from orchagent.errors import BadRequest, CommandFailed, NotAvailable, NotFound, Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
-from orchagent.snapshots.model import LogicalVolume, Mount
+from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
 from orchagent.snapshots.mountpoint import BackendParts
 from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
 
@@ -165,7 +165,7 @@ class LVMBackend(BackendParts):
         volumes_filter = self.config.snapshot_volumes_filter
         snapshots = [v.logical_volume() for v in await self.volumes()
                      if v.is_snapshot and naming.matches_filter(v.name, volumes_filter)]
-        return sorted(snapshots, key=lambda v: (v.created_at or 0.0, v.name), reverse=True)
+        return seed_order(snapshots)
 
     async def find(self, name: str, volumes: list[LVMVolume] | None = None) -> LVMVolume:
         """The volume called ``name``, ``vg/name`` or by its path."""

@@ -31,6 +31,15 @@ class LogicalVolume:
         }
 
 
+def seed_order(volumes: list[LogicalVolume]) -> list[LogicalVolume]:
+    """Snapshots in the order ``/api/lvs-snapshots`` lists them: valid ones newest first,
+    then invalid (overflowed) ones newest first.  orchestrator seeds from the first entry
+    without looking at SnapshotPercent, so an invalid snapshot is first only when no valid
+    one exists."""
+    return sorted(volumes, key=lambda v: (v.is_valid_snapshot, v.created_at or 0.0, v.name),
+                  reverse=True)
+
+
 @attrs.frozen
 class Mount:
     """The state of SnapshotMountPoint."""
