@@ -165,12 +165,12 @@ def build_service(config: config_module.Config, options, reactor=None) -> servic
     try:
         agent = build_agent(config, reactor)
         endpoint = http_endpoint(config, reactor)
+        if config.token_hint_file:
+            agent.token.write_hint(config.token_hint_file)
     except ConfigError as e:
         raise SystemExit(f"orchestrator-agent: {e.message}") from None
     except OSError as e:
         raise SystemExit(f"orchestrator-agent: {e}") from None
-    if config.token_hint_file:
-        agent.token.write_hint(config.token_hint_file)
     root = RootService(configured_observer(config, options))
     root.agent = agent
     api = AgentAPI(agent)
