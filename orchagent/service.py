@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 
 from orchagent import config as config_module
 from orchagent.agent import build_agent
-from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body
+from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body, gzip_when_asked
 from orchagent.errors import AgentError, ConfigError
 from orchagent.logging import RootService, configured_observer, redact
 from orchagent.tap import load_config
@@ -174,7 +174,7 @@ def build_service(config: config_module.Config, options, reactor=None) -> servic
     root = RootService(configured_observer(config, options))
     root.agent = agent
     api = AgentAPI(agent)
-    site = bounded_site(StatusFastPath(api, api.resource()), reactor)
+    site = bounded_site(gzip_when_asked(StatusFastPath(api, api.counted_resource())), reactor)
     http_service = StreamServerEndpointService(endpoint, site)
     # A port that can't be bound is fatal: an agent that runs without its API is worse
     # than one that visibly fails to start.

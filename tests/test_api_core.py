@@ -7,12 +7,15 @@ component has its own tests against real MariaDB, btrfs and TCP.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import task
 from twisted.trial import unittest
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
 
 from orchagent.agent import Agent, build_agent
 from orchagent.api.resource import AgentAPI
@@ -172,6 +175,41 @@ class RoutingTests(ApiTestCase):
         self.assertEqual(await self.get(f"/api/mysql-status?token={TOKEN}"), (200, True))
         self.assertEqual(await self.get(f"/api/abort-seed/12?token={TOKEN}"), (200, True))
         self.assertEqual(self.agent.seeds.calls[-1], ("abort", ("12",), {}))
+
+
+class GzipTests(ApiTestCase):
+    """Answers are gzip-encoded when the client asks, as the Go agent's (orchestrator
+    always sends Accept-Encoding: gzip); read here raw, without treq's decoding."""
+
+    async def raw_get(self, path, accept_encoding=None):
+        headers = Headers({b"Accept-Encoding": [accept_encoding]} if accept_encoding else {})
+        agent = RequestTraversalAgent(self.api.resource())
+        response = await agent.request(b"GET", b"http://agent" + path, headers)
+        return response, await readBody(response)
+
+    def setUp(self):
+        super().setUp()
+        self.api = AgentAPI(self.agent)
+
+    async def test_gzip_only_when_asked(self):
+        for path, code in [(f"/api/mysql-port?token={TOKEN}".encode(), 200),
+                           (b"/api/mysql-port", 500), (b"/api/no-such-thing", 404),
+                           (b"/api/status", 200)]:
+            plain_response, plain = await self.raw_get(path)
+            self.assertEqual(plain_response.code, code, path)
+            self.assertIsNone(plain_response.headers.getRawHeaders(b"Content-Encoding"), path)
+            for accept in (b"gzip", b"deflate, gzip", b"gzip, deflate, br"):
+                response, body = await self.raw_get(path, accept)
+                self.assertEqual(response.code, code, path)
+                self.assertEqual(response.headers.getRawHeaders(b"Content-Encoding"), [b"gzip"])
+                self.assertEqual(body[:2], b"\x1f\x8b")
+                self.assertEqual(json.loads(gzip.decompress(body)), json.loads(plain), path)
+        # Each counted once for /metrics, under the route it matched.
+        body, _ = self.api.metrics.exposition(b"text/plain")
+        for counted in [b'{code="200",endpoint="/api/mysql-port",method="GET"} 4.0',
+                        b'{code="500",endpoint="/api/mysql-port",method="GET"} 4.0',
+                        b'{code="404",endpoint="other",method="GET"} 4.0']:
+            self.assertIn(counted, body)
 
 
 class BadInputTests(ApiTestCase):

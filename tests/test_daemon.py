@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -106,6 +107,26 @@ class StartupTests(unittest.TestCase):
     async def test_agent_hostname(self):
         agent = await start_daemon(self, {"AgentHostname": "db7.dc1.example"})
         self.assertEqual(await agent.get("/api/hostname", token=False), (200, "db7.dc1.example"))
+
+    async def test_gzip_when_asked(self):
+        # orchestrator sends Accept-Encoding: gzip and the Go agent answered gzip-encoded;
+        # read raw here (treq would decode), on the status fast path and through the app.
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+        from twisted.web.http_headers import Headers
+
+        agent = await start_daemon(self)
+        raw = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        for path in ["/api/status", "/api/hostname", f"/api/mysql-port?token={agent.token}",
+                     "/api/mysql-port?token=wrong"]:
+            url = (agent.base_url + path).encode()
+            plain_response = await raw.request(b"GET", url)
+            plain = await readBody(plain_response)
+            self.assertIsNone(plain_response.headers.getRawHeaders(b"Content-Encoding"), path)
+            response = await raw.request(b"GET", url, Headers({b"Accept-Encoding": [b"gzip"]}))
+            body = await readBody(response)
+            self.assertEqual(response.code, plain_response.code, path)
+            self.assertEqual(response.headers.getRawHeaders(b"Content-Encoding"), [b"gzip"], path)
+            self.assertEqual(json.loads(gzip.decompress(body)), json.loads(plain), path)
 
 
 class AccessTests(unittest.TestCase):

@@ -17,6 +17,8 @@ import json
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import EncodingResourceWrapper
+from twisted.web.server import GzipEncoderFactory
 from werkzeug.exceptions import HTTPException
 
 from orchagent.api import openapi, params
@@ -31,6 +33,17 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 
 def error_body(message: str) -> bytes:
     return json.dumps({"Code": "ERROR", "Message": message, "Details": None}).encode()
+
+
+def gzip_when_asked(resource):
+    """``resource`` answering gzip-encoded when the request's Accept-Encoding names gzip,
+    as the Go agent did (orchestrator always asks), plain otherwise.
+
+    twisted.web applies the encoding only when this wrapper is the resource the Site's
+    traversal ends at, so it must be the outermost (leaf) resource of the site."""
+    factory = GzipEncoderFactory()
+    factory.compressLevel = 6  # zlib's default, as Go's gzip.DefaultCompression
+    return EncodingResourceWrapper(resource, [factory])
 
 
 class AccessDenied(AgentError):
@@ -50,6 +63,11 @@ class AgentAPI:
     # --- plumbing ------------------------------------------------------------------------
 
     def resource(self):
+        """The Klein app as a resource, counting every request for /metrics and answering
+        gzip-encoded when the client accepts it (:func:`gzip_when_asked`)."""
+        return gzip_when_asked(self.counted_resource())
+
+    def counted_resource(self):
         """The Klein app as a resource, counting every request for /metrics."""
         return self.metrics.counting(self.app.resource(), self.app.url_map, self.config.status_endpoint)
 
