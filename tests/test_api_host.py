@@ -168,6 +168,18 @@ class DatadirApiTests(HostApiCase):
         await self.assert_error("/api/delete-mysql-datadir", "system directory", http=http)
         self.assert_unchanged()
 
+    async def test_delete_refuses_a_directory_holding_only_mysql(self):
+        """#16 item 13: the v1 error body names the directory and why; nothing goes."""
+        self.db.stop()
+        parent = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(parent, "mysql", "bin"))
+        open(os.path.join(parent, "mysql", "bin", "mysqld"), "w").close()
+        http = StubTreq(AgentAPI(self.make_agent(mysql_datadir_command=f"echo {parent}")).resource())
+        await self.assert_error("/api/delete-mysql-datadir",
+                                f"{parent} does not look like a MySQL datadir", http=http)
+        self.assertEqual(os.listdir(os.path.join(parent, "mysql", "bin")), ["mysqld"])
+        self.assert_unchanged()
+
     async def test_post_copy(self):
         self.db.stop()
         open(os.path.join(self.db.datadir, "auto.cnf"), "w").close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import subprocess
 
@@ -21,6 +22,7 @@ from orchagent.host.facts import MySQLHost
 from orchagent.host.mysql_options import ServerOptions
 from orchagent.host.service import MySQLService
 from orchagent.process import ProcessRunner
+from tests import seed_support as S
 from tests.support.fakes import FakeRunner
 from tests.support.mariadb import MariaDB
 
@@ -205,6 +207,51 @@ class DeleteDatadirTests(unittest.TestCase):
         await self.refused(make_host(self.db, mysql_datadir_command="echo data"),
                            "not an absolute path", kind=NotAvailable)
         self.assertEqual(sorted(os.listdir(foreign)), ["docs", "notes.txt"])
+        self.assertIn("ibdata1", os.listdir(self.db.datadir))
+
+    async def test_a_mysql_subdirectory_alone_is_not_a_datadir(self):
+        """#16 item 13: a directory whose only marker is ``mysql/`` is refused, its tree
+        untouched: ``/usr/local``-like (an install in ``mysql/`` and random files), and
+        ``/data``-like (``mysql/`` is the whole datadir, a copy of the real one).  Names
+        any program may use (``auto.cnf``, ``performance_schema/``) do not count either.
+        The real datadir and an empty directory stay deletable."""
+        self.db.stop()
+        rnd = random.Random(13)
+        local = os.path.abspath(self.mktemp())
+        for sub in ("mysql/bin", "mysql/share/english", "mysql/lib", "bin", "share/man"):
+            os.makedirs(os.path.join(local, sub))
+            for _ in range(rnd.randint(1, 4)):
+                name = "".join(rnd.choice("abcdefghij_.") for _ in range(8)) + rnd.choice(("", ".so", ".sys"))
+                with open(os.path.join(local, sub, name), "wb") as fh:
+                    fh.write(rnd.randbytes(rnd.randint(0, 5000)))
+        data = os.path.abspath(self.mktemp())
+        os.makedirs(data)
+        shutil.copytree(self.db.datadir, os.path.join(data, "mysql"), symlinks=True)
+        weak = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(weak, "performance_schema"))
+        for name in ("auto.cnf", "master.info", "notes.txt"):
+            open(os.path.join(weak, name), "w").close()
+        for directory in (local, data, weak):
+            before = S.snapshot_tree(directory)
+            host = make_host(self.db, mysql_datadir_command=f"echo {directory}")
+            await self.refused(host, f"{directory} does not look like a MySQL datadir",
+                               "ibdata1", "system tables in mysql/")
+            await self.assertFailure(defer.ensureDeferred(host.post_copy()), Refused)
+            self.assertEqual(S.snapshot_tree(directory), before, directory)
+        empty = os.path.abspath(self.mktemp())
+        os.makedirs(empty)
+        self.assertIs(await make_host(self.db, mysql_datadir_command=f"echo {empty}").delete_datadir(), True)
+        self.assertIs(await self.host.delete_datadir(), True)
+        self.assertEqual(os.listdir(self.db.datadir), [])
+
+    async def test_system_trees_are_refused_whatever_they_hold(self):
+        """The deleting is a harmless command here, should the refusal ever fail (MariaDB
+        installed puts a ``mysql/`` in /usr/share)."""
+        self.db.stop()
+        for directory in ("/usr/local", "/usr/local/", "/opt", "/srv", "/home", "/usr/share", "/var/cache"):
+            await self.refused(make_host(self.db, mysql_datadir_command=f"echo {directory}",
+                                         mysql_delete_datadir_content_command="true"),
+                               "a system directory")
         self.assertIn("ibdata1", os.listdir(self.db.datadir))
 
     async def test_empties_the_datadir_but_keeps_it(self):

@@ -39,19 +39,34 @@ DEFAULT_DATADIR = "/var/lib/mysql"
 DEFAULT_PORT = 3306
 ERROR_LOG_LINES = 20
 
-#: Entries that only a MySQL/MariaDB datadir has at its top; one is enough to recognise it.
+#: Files that only a MySQL/MariaDB datadir (or a physical backup of one) has at its top;
+#: one of them, a regular file, is enough to recognise it.  Names any program might use
+#: (``auto.cnf``, ``master.info``, a ``mysql/`` or ``performance_schema/`` directory
+#: alone) are not: ``/data`` holding the datadir ``/data/mysql``, or ``/usr/local``
+#: holding an install in ``mysql/``, has them too.
 DATADIR_MARKERS = frozenset({
-    "ibdata1", "ib_logfile0", "ib_logfile1", "aria_log_control", "mysql", "mysql.ibd",
-    "performance_schema", "undo001", "undo_001", "ibtmp1", "auto.cnf", "mysql_upgrade_info",
-    "multi-master.info", "master.info", "xtrabackup_checkpoints", "xtrabackup_info",
-    "backup-my.cnf", "ddl_recovery.log",
+    "ibdata1", "ib_logfile0", "ib_logfile1", "aria_log_control", "mysql.ibd", "ibtmp1",
+    "undo001", "undo002", "undo_001", "undo_002", "ddl_recovery.log", "xtrabackup_checkpoints",
+})
+#: Also recognised: any ``*.ibd`` file at the top, ``#innodb_redo/#ib_redo*`` (MySQL
+#: 8.0.30+), or a ``mysql/`` directory holding one of these system tables' files.
+SYSTEM_TABLE_FILES = frozenset({
+    "db.opt", "user.frm", "user.MYD", "user.MAD", "db.frm", "db.MYD", "db.MAD",
+    "global_priv.frm", "global_priv.MYD", "global_priv.MAD", "proc.frm", "proc.MYD",
+    "proc.MAD", "general_log.CSM", "general_log.CSV", "slow_log.CSM", "slow_log.CSV",
+    "innodb_table_stats.ibd", "innodb_index_stats.ibd",
 })
 
-#: Directories whose contents the agent never deletes, whatever the configuration says.
+#: Directories whose contents the agent never deletes, whatever they hold and whatever
+#: the configuration says: the system's own trees.
 PROTECTED_DIRECTORIES = frozenset({
-    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt",
-    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
-    "/var/lib", "/var/log", "/var/tmp",
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys",
+    "/tmp", "/usr", "/usr/bin", "/usr/include", "/usr/lib", "/usr/lib64", "/usr/libexec",
+    "/usr/local", "/usr/local/bin", "/usr/local/etc", "/usr/local/lib", "/usr/local/sbin",
+    "/usr/local/share", "/usr/local/src", "/usr/sbin", "/usr/share", "/usr/src", "/var",
+    "/var/backups", "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail",
+    "/var/opt", "/var/spool", "/var/tmp", "/var/www", "/etc/mysql", "/lost+found",
 })
 
 #: Replication state that belongs to the source of a copy (see :meth:`MySQLHost.post_copy`).
@@ -235,8 +250,10 @@ class MySQLHost:
 
         The directory may be a mount point or a btrfs subvolume, so it is never removed.
         Refused while MySQL runs, and unless the datadir is an absolute, existing,
-        non-system directory that is empty or looks like a MySQL datadir (one of
-        :data:`DATADIR_MARKERS` at its top).  ``MySQLDeleteDatadirContentCommand``, when
+        non-system directory (not one of :data:`PROTECTED_DIRECTORIES`, whatever it
+        holds) that is empty or looks like a MySQL datadir: ibdata1, a redo log, aria's
+        control file, an ``*.ibd``... at its top, or system tables in its ``mysql/``
+        (:func:`_holds_datadir_markers`).  ``MySQLDeleteDatadirContentCommand``, when
         configured, does the deleting instead, after the same checks (without arguments,
         as the original ran it).  Symbolic links inside are removed, never followed.
         """
@@ -288,7 +305,7 @@ def _check_datadir(datadir: str, action: str) -> str:
     if not datadir or not os.path.isabs(datadir):
         raise Refused(f"the datadir {datadir!r} is not an absolute path: refusing to {action}")
     real = os.path.realpath(datadir)
-    if real in PROTECTED_DIRECTORIES or datadir in PROTECTED_DIRECTORIES:
+    if real in PROTECTED_DIRECTORIES or os.path.normpath(datadir) in PROTECTED_DIRECTORIES:
         raise Refused(f"the datadir {datadir} is {real}, a system directory: refusing to {action}")
     try:
         if not stat.S_ISDIR(os.lstat(real).st_mode):
@@ -298,11 +315,39 @@ def _check_datadir(datadir: str, action: str) -> str:
         raise Refused(f"the datadir {datadir} does not exist: refusing to {action}") from None
     except OSError as e:
         raise AgentError(f"cannot read the datadir {datadir}: {e.strerror}") from e
-    if names and not names & DATADIR_MARKERS:
+    if names and not _holds_datadir_markers(real, names):
         raise Refused(
-            f"{datadir} does not look like a MySQL datadir (none of ibdata1, mysql/, "
-            f"aria_log_control, ... at its top): refusing to {action}")
+            f"{datadir} does not look like a MySQL datadir: it holds none of ibdata1, "
+            f"ib_logfile0, aria_log_control, mysql.ibd, *.ibd, #innodb_redo/ at its top, nor "
+            f"system tables in mysql/ (mysql/user.frm, mysql/db.opt, ...): refusing to {action}")
     return real
+
+
+def _holds_datadir_markers(directory: str, names: set[str]) -> bool:
+    """Whether ``directory`` (listed as ``names``) has a marker of a datadir at its top:
+    one of :data:`DATADIR_MARKERS` or a ``*.ibd`` as a regular file, ``#innodb_redo/``
+    with a redo log, or ``mysql/`` with one of :data:`SYSTEM_TABLE_FILES`."""
+
+    def regular(*parts: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(directory, *parts)).st_mode)
+        except OSError:
+            return False
+
+    def listing(name: str) -> list[str]:
+        path = os.path.join(directory, name)
+        try:
+            return os.listdir(path) if not os.path.islink(path) else []
+        except OSError:
+            return []
+
+    if any(regular(n) for n in names if n in DATADIR_MARKERS or n.endswith(".ibd")):
+        return True
+    if "#innodb_redo" in names and any(n.startswith("#ib_redo") and regular("#innodb_redo", n)
+                                       for n in listing("#innodb_redo")):
+        return True
+    return "mysql" in names and any(regular("mysql", n) for n in
+                                    SYSTEM_TABLE_FILES.intersection(listing("mysql")))
 
 
 def _empty_directory(directory: str) -> None:
