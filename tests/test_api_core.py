@@ -170,6 +170,13 @@ class RoutingTests(ApiTestCase):
         self.assertError(await self.get(f"/api/custom-commands/nope?token={TOKEN}"),
                          "unknown custom command 'nope'")
 
+    async def test_bad_custom_command_names_are_v1_errors(self):
+        # Never a 404: orchestrator calls custom-commands/{name} with the configured name.
+        for raw, name in [("a;b", "a;b"), ("a%3Bb", "a;b"), ("a%2Fb", "a/b"), ("a/b", "a/b"),
+                          ("a;b/", "a;b/"), ("a%20b", "a b")]:
+            self.assertError(await self.get(f"/api/custom-commands/{raw}?token={TOKEN}"),
+                             f"invalid command name {name!r}")
+
     async def test_lists_and_values(self):
         self.assertEqual(await self.get(f"/api/available-snapshots?token={TOKEN}"), (200, ["a", "b"]))
         self.assertEqual(await self.get(f"/api/mysql-status?token={TOKEN}"), (200, True))

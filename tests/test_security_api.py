@@ -67,7 +67,7 @@ class RouteEnumerationTests(unittest.TestCase):
     def test_enumeration_finds_the_v1_surface(self):
         rules = {r["rule"] for r in routes()}
         for expected in ("/api/mountlv", "/api/send-mysql-seed-data/<target>/<seed_id>",
-                         "/api/apply-relaylog-contents", "/api/custom-commands/<cmd>"):
+                         "/api/apply-relaylog-contents", "/api/custom-commands/<path:cmd>"):
             self.assertIn(expected, rules)
         by_rule = {r["rule"]: r for r in routes()}
         self.assertEqual(by_rule["/api/mysql-binlog-contents"]["query"], ["binlog", "start", "stop"])

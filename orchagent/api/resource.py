@@ -435,8 +435,10 @@ class AgentAPI:
 
     # --- custom commands -----------------------------------------------------------------
 
-    @app.route("/api/custom-commands/<cmd>", methods=["GET"])
+    @app.route("/api/custom-commands/<path:cmd>", methods=["GET"])
     async def custom_command(self, request, cmd):
+        """Any name reaches the name check (a ``/`` in it too, which a plain segment rule
+        would turn into a 404), so a bad one is the v1 error naming it."""
         self._guard(request)
         name = params.command_name(cmd)
         command = self.config.custom_commands.get(name)
