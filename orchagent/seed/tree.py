@@ -8,7 +8,8 @@ with SEEK_DATA/SEEK_HOLE.  Sockets, FIFOs and devices cannot be copied and are l
 
 The receiver trusts none of it: :func:`validate_entries` rejects absolute paths, ``..``,
 duplicate names, entries under anything but a directory of the manifest, and symlinks
-whose target leaves the tree — before anything is written.
+that lead out of the tree, followed through the tree's other links as the kernel would
+(:func:`check_links`; the sender's walk refuses them too) — before anything is written.
 
 The chunk plan is a pure function of the manifest and the chunk size, so both sides
 agree on chunk identities ``(file index, offset)`` without sending the plan.
@@ -397,9 +398,11 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
     rows: list[list] = []
     add = rows.append
 
-    def flush() -> None:
+    def flush(last: bool = False) -> None:
         manifest.add_wire_many(rows)
         rows.clear()
+        if last:
+            check_links(manifest)
         if grown is not None:
             grown(manifest)
 
@@ -450,7 +453,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
                      target, None])
 
     visit("", root)
-    flush()
+    flush(last=True)
     return manifest
 
 
@@ -482,6 +485,89 @@ def check_link(path: str, target: str) -> None:
         raise BadRequest(f"symlink {path!r:.200} points outside the seeded tree ({target!r:.200})")
 
 
+#: Symlinks followed one inside another in resolving a link, at most (Linux's MAXSYMLINKS).
+MAX_LINK_DEPTH = 40
+
+
+class _LinkOutside(Exception):
+    """The link whose own target leaves the tree or nests too deep, and which it is."""
+
+
+class _LinkNowhere(Exception):
+    """A link whose resolution comes back to itself: the kernel would stop (ELOOP)."""
+
+
+def check_links(manifest: Manifest) -> None:
+    """Refuse (BadRequest naming it) a symlink that leads outside the tree when the
+    kernel follows it.  Each link is resolved part by part against the manifest's own
+    entries, following the links it passes through (with ``s -> .``, ``s/..`` climbs a
+    level, which the lexical test of :func:`check_link` takes for no move at all); a
+    part the manifest lacks is taken lexically, the stricter way.  A link whose
+    resolution comes back to itself leads nowhere, and is let be (the kernel refuses to
+    follow it); links nested more than :data:`MAX_LINK_DEPTH` deep are refused.
+
+    Only a target with a ``..`` part can climb: when no link has one, every link leads
+    down from its own directory, and the whole check is one string test (a 50,000-entry
+    manifest pays nothing)."""
+    link_kind = _KINDS[LINK]
+    kinds = manifest.kinds
+    links = {manifest.paths[i]: t for i, t in manifest.targets.items() if kinds[i] == link_kind}
+    if not links or "/../" not in "/" + "/\x00/".join(links.values()) + "/":
+        return
+    resolved: dict[str, list[str] | None] = {}  # None: nowhere
+    following: set[str] = set()
+
+    def follow(link: str, depth: int) -> list[str]:
+        """Where ``link`` leads, as path parts from the root of the tree."""
+        if link in resolved:
+            where = resolved[link]
+            if where is None:
+                raise _LinkNowhere
+            return where
+        if link in following:
+            raise _LinkNowhere
+        if depth > MAX_LINK_DEPTH:
+            raise _LinkOutside(link, f"through more than {MAX_LINK_DEPTH} nested symlinks")
+        target = links[link]
+        if not target or target.startswith("/"):
+            raise _LinkOutside(link, "outside the seeded tree")
+        here = link.split("/")[:-1]
+        following.add(link)
+        try:
+            for part in target.split("/"):
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if not here:
+                        raise _LinkOutside(link, "outside the seeded tree")
+                    here.pop()
+                    continue
+                here.append(part)
+                path = "/".join(here)
+                if path in links:
+                    here = list(follow(path, depth + 1))
+                # Past a directory, a file or a path the tree lacks, go on lexically (past
+                # the last two the kernel would stop: lexically is the stricter).
+        except _LinkNowhere:
+            resolved[link] = None
+            raise
+        finally:
+            following.discard(link)
+        resolved[link] = here
+        return here
+
+    for link in links:
+        try:
+            follow(link, 0)
+        except _LinkNowhere:
+            continue
+        except _LinkOutside as e:
+            inner, where = e.args
+            through = "" if inner == link else f", through symlink {inner!r:.200} ({links[inner]!r:.200})"
+            raise BadRequest(f"symlink {link!r:.200} points {where} when followed "
+                             f"({links[link]!r:.200}){through}") from None
+
+
 def validate(manifest: Manifest) -> None:
     """Reject a manifest that could write outside the target or is inconsistent."""
     if not 4096 <= manifest.chunk_size <= MAX_CHUNK:
@@ -506,6 +592,7 @@ def validate(manifest: Manifest) -> None:
             dirs.add(path)
     for index in compress(count(), map(link.__eq__, manifest.kinds)):
         check_link(paths[index], manifest.targets.get(index, ""))
+    check_links(manifest)
     for index in sorted(manifest.extents):
         last, size = 0, manifest.sizes[index]
         for start, end in manifest.extents[index]:
