@@ -8,16 +8,20 @@ import json
 import os
 import tempfile
 
+import attrs
+
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.trial import unittest
 
-from orchagent.agent import Agent
+from orchagent import config as config_module
+from orchagent.agent import Agent, build_agent
 from orchagent.api.resource import AgentAPI
 from orchagent.config import Config
 from orchagent.snapshots import build_backend
 from orchagent.snapshots.lvm import LVS_ARGV
 from orchagent.token import Token
+from tests.support.daemon import REPO_ROOT
 from tests.support.fakes import FakeHost, FakeMounts, FakeRunner, FakeService
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -103,3 +107,34 @@ class LVMApiTests(unittest.TestCase):
         self.assertEqual(body["Message"], f"cannot mount: /dev/sdz1 is already mounted on "
                                           f"{self.mount_point}; unmount it first")
         self.assertEqual(self.runner.calls, [])
+
+
+class StandaloneTests(unittest.TestCase):
+    """tap-config/standalone.conf.json on a fresh machine: no snapshot made yet, so no
+    SnapshotDirectory either (it is made with the first snapshot)."""
+
+    def setUp(self):
+        standalone = config_module.load(os.path.join(REPO_ROOT, "tap-config", "standalone.conf.json"))
+        self.assertEqual(standalone.snapshot_backend, "copy")
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.snapshot_dir = os.path.join(base, "snapshots")
+        config = attrs.evolve(standalone, snapshot_directory=self.snapshot_dir,
+                              snapshot_mount_point=os.path.join(base, "mnt"),
+                              state_dir=os.path.join(base, "state"), token_hint_file="")
+        agent = build_agent(config, task.Clock(), runner=FakeRunner(self), token=Token(TOKEN))
+        self.http = StubTreq(AgentAPI(agent).resource())
+
+    async def get(self, path):
+        response = await self.http.get("http://agent" + path, params={"token": TOKEN})
+        return response.code, json.loads(await response.content())
+
+    async def test_no_snapshot_directory_means_no_snapshots(self):
+        self.assertEqual(await self.get("/api/lvs-snapshots"), (200, []))
+
+    async def test_something_else_there_is_still_an_error(self):
+        with open(self.snapshot_dir, "w"):
+            pass
+        code, body = await self.get("/api/lvs-snapshots")
+        self.assertEqual(code, 500)
+        self.assertEqual(body["Message"], f"SnapshotDirectory {self.snapshot_dir} is not a directory")

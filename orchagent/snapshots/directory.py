@@ -75,9 +75,11 @@ class DirectorySnapshots(BackendParts):
     # --- reading -------------------------------------------------------------------------
 
     def _snapshot_paths(self) -> list[str]:
-        """Every snapshot's path; none when SnapshotDirectory is not configured (there can
-        be none, and orchestrator asks on every agent page)."""
-        if not self.config.snapshot_directory:
+        """Every snapshot's path; none when SnapshotDirectory is not configured or does not
+        exist yet (there can be none, and orchestrator asks on every agent page); something
+        there that is not a directory is still an error."""
+        configured = self.config.snapshot_directory
+        if not configured or not os.path.lexists(configured):
             return []
         base = self.snapshot_dir
         paths = []
