@@ -215,5 +215,8 @@ class HotSeedTests(unittest.TestCase):
                                              source="hot")
         self.assertEqual((status, body["Message"]), (500, "hot seed 44: MySQL is not running here; "
                          "a hot seed copies the running server (send a snapshot or the datadir instead)"))
+        # Remembered as failed, so that orchestrator (which never reads an HTTP error
+        # status) stops at its next poll.
         status, body = await self.source.get("/api/seed-status/44")
-        self.assertEqual(status, 500)
+        self.assertEqual((status, body["State"]), (200, "failed"))
+        self.assertTrue(body["Error"].startswith("refused: hot seed 44: MySQL is not running here"))

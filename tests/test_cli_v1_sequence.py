@@ -10,8 +10,8 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from tests.support.fake_agents import FakeNetwork
-from tests.support.orchestrator import (GET_AGENT_CALLS, StandInOrchestrator, Submission,
-                                        V1Seed)
+from tests.support.orchestrator import (BAILING_OUT, GET_AGENT_CALLS, StandInOrchestrator,
+                                        Submission, V1Seed)
 
 SNAPSHOT = {"ibdata1": 600, "db/t.ibd": 400}
 
@@ -32,9 +32,9 @@ class V1SequenceTests(unittest.TestCase):
     def seed(self, **options):
         options.setdefault("wait_before_send", 2.0)
         options.setdefault("poll_interval", 1.0)
-        seeder = V1Seed(self.orchestrator, Submission("db2.example", 3002, "tok"),
-                        Submission("db1.example", 3002, "tok"), 77, http_client=self.net.client(),
-                        reactor=self.clock, **options)
+        seeder = self.seeder = V1Seed(
+            self.orchestrator, Submission("db2.example", 3002, "tok"), Submission("db1.example", 3002, "tok"),
+            77, http_client=self.net.client(), reactor=self.clock, **options)
         d = defer.ensureDeferred(seeder.run())
         while not d.called and self.clock.seconds() < 600:
             self.clock.advance(0.25)
@@ -94,8 +94,36 @@ class V1SequenceTests(unittest.TestCase):
     def test_stalled_seed_is_aborted(self):
         self.db1.on_change = lambda change: change[0] == "send" and self.db1.kill()
         outcome = self.seed(max_stalled_polls=3)
-        self.assertIn("no progress in 3 polls", outcome.reason)
+        self.assertEqual(outcome.reason, BAILING_OUT)
+        self.assertEqual(self.seeder.stale_polls, 4, "aborted past the limit, as orchestrator")
         self.assertEqual(self.db2.seeds["77"].state, "aborted")
-        self.assertEqual(outcome.calls[-3:], ("db2.example abort-seed/77", "db1.example abort-seed/77",
+        self.assertEqual(outcome.calls[-3:], ("db1.example abort-seed/77", "db2.example abort-seed/77",
                                              "db1.example umount"))
         self.assertEqual(len(outcome.problems), 2, "the dead source answered neither")
+
+    def test_stale_polls_are_counted_and_never_reset(self):
+        # mysql-du stalls for a poll or two, then grows, over and over: never ten polls in
+        # a row, but orchestrator's count is never reset, so the eleventh equal poll ends it.
+        script = iter([100, 100, 100, 200, 200, 300, 300, 300, 400, 400, 500, 500, 500,
+                       600, 600, 700, 700, 700, 800, 800, 900, 900] + [950] * 50)
+
+        async def usage():
+            return next(script) if "77" in self.db2.seeds else None
+
+        self.patch(self.db2.agent.seeds, "datadir_usage", usage)
+        self.net.bytes_per_second = 10
+        outcome = self.seed()
+        self.assertEqual(outcome.reason, BAILING_OUT)
+        self.assertEqual(self.seeder.polled_usage, [100, 100, 100, 200, 200, 300, 300, 300, 400, 400,
+                                                    500, 500, 500, 600, 600, 700, 700, 700])
+        self.assertEqual(self.seeder.stale_polls, 11)
+
+    def test_completed_but_failed_aborts_at_once(self):
+        def fail_receive(change):
+            if change[0] == "send":
+                side = self.db2.seeds["77"]
+                side.state, side.error = "failed", "refused"
+        self.db1.on_change = fail_receive
+        outcome = self.seed()
+        self.assertEqual(outcome.reason, BAILING_OUT)
+        self.assertEqual(len(self.seeder.polled_usage), 1)

@@ -46,6 +46,10 @@ DATABASE = "seedtest"
 FS_SIZE = 640 << 20
 #: Bytes per second the source sends at in the tests that interrupt a copy mid-way.
 SLOW_RATE = 12 << 20
+#: The stand-in orchestrator's poll interval (orchestrator's is 30 s), and the source's
+#: rate for its seed: a few 2 MiB chunks between two polls, as at 30 s and full speed.
+V1_POLL = 1.0
+V1_RATE = 6 << 20
 _ATTR_TO_KEY = {f.attr: f.key for f in FIELDS}
 
 POPULATE = f"""
@@ -360,18 +364,26 @@ class SeedEndToEndTests(unittest.TestCase):
         orchestrator = StandInOrchestrator()
         url = await orchestrator.serve(self, interface=self.pair.callback_address)
         registering = {"AgentsServer": url, "ContinuousPollSeconds": 1}
-        source, target = await self.hosts(registering, registering)
+        source, target = await self.hosts({**registering, "SeedRateLimitBytesPerSec": V1_RATE},
+                                          registering)
         await orchestrator.wait_for("submit-agent", 2, timeout=30)
         submitted = {s.hostname: s for s in orchestrator.submissions}
         snapshot = await self.snapshot_under_writes(source)
         reference = await self.reference_checksums(source, snapshot)
         await target.db.stop_async()
 
+        # Rate-limited so that the seed takes more polls than orchestrator's stall limit
+        # (ten: five minutes at its 30 s), with orchestrator's exact stall counter.  The
+        # datadir is a btrfs subvolume: staging is inside it, files preallocated.
         seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], 4711,
-                      wait_before_send=0.5, poll_interval=0.5)
+                      wait_before_send=0.5, poll_interval=V1_POLL)
         outcome = await seed.run()
-        self.assertTrue(outcome.ok, outcome.reason)
+        self.assertTrue(outcome.ok, f"{outcome.reason}; mysql-du at each poll: {seed.polled_usage}")
         self.assertEqual(outcome.problems, (), "every answer has the v1 type")
+        self.assertGreaterEqual(len(seed.polled_usage), 15, seed.polled_usage)
+        self.assertLessEqual(seed.stale_polls, 1, seed.polled_usage)
+        final = seed.polled_usage[-1]
+        self.assertTrue(all(u < final for u in seed.polled_usage[:-1]), seed.polled_usage)
         calls = [c.split(" ", 1)[1] for c in outcome.calls]
         self.assertIn(f"mountlv?lv={snapshot['Path'].replace('/', '%2F')}", calls)
         self.assertEqual(calls[-5:], ["seed-command-completed/4711", "seed-command-succeeded/4711",

@@ -170,7 +170,7 @@ class EngineTests(unittest.TestCase):
         (push,) = self.pushed()
         self.assertEqual([(s["SeedId"], s["State"]) for s in push["changed"]], [("s1", "pending")])
         self.sent.clear()
-        answer = await self.engine.call("abort", {"args": ["nope"], "kwargs": {}})
+        answer = await self.engine.call("status", {"args": ["nope"], "kwargs": {}})
         self.assertEqual(answer, {"error": {"type": "NotFound", "message": "no seed nope on this host"}})
         self.assertEqual(self.pushed(), [])
 
@@ -466,11 +466,15 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(await receiver.get("/api/receive-mysql-seed-data/r1"), (500, {
             "Code": "ERROR", "Message": "MySQL is running on this host: stop it before receiving seed r1",
             "Details": None}))
-        self.assertEqual(await receiver.get("/api/abort-seed/r2"), (500, {
+        self.assertEqual(await receiver.get("/api/seed-status/r2"), (500, {
             "Code": "ERROR", "Message": "no seed r2 on this host", "Details": None}))
         self.assertEqual(await receiver.get("/api/seed-rate-limit/r2", bytesPerSec="10"), (500, {
             "Code": "ERROR", "Message": "no seed r2 on this host", "Details": None}))
-        self.assertEqual(await receiver.get("/api/seeds"), (200, []))
+        # The refused receive is remembered as failed (orchestrator reads completed, not
+        # the error); an unknown seed is aborted as the original did it: true.
+        self.assertEqual(await receiver.get("/api/abort-seed/r2"), (200, True))
+        code, seeds = await receiver.get("/api/seeds")
+        self.assertEqual([(s["SeedId"], s["State"]) for s in seeds], [("r1", "failed")])
         self.assertEqual(os.listdir(self.dst), [])
 
     async def test_in_process_mode_has_no_engine(self):

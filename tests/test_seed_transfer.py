@@ -260,8 +260,21 @@ class RefusalTests(SeedCase):
         with self.assertRaises(Refused) as caught:
             await r.receive("1")
         self.assertIn("MySQL is running", caught.exception.message)
-        with self.assertRaises(NotFound):
-            await r.status("1")
+        # Nothing started; the refusal is remembered so that orchestrator, which never reads
+        # the error status, sees the seed completed and failed at its next poll.
+        status = await r.status("1")
+        self.assertEqual((status["State"], status["Role"], status["BytesTotal"]), ("failed", "receiver", 0))
+        self.assertIn("refused: MySQL is running", status["Error"])
+        self.assertEqual((await r.completed("1"), await r.succeeded("1")), (True, False))
+        self.assertFalse(r.jobs)
+
+    async def test_a_refusal_leaves_a_running_seed_alone(self):
+        r = self.receiver()
+        self.assertTrue(await r.receive("1"))
+        with self.assertRaises(Refused):
+            await r.send("127.0.0.1", "1", source="datadir")
+        self.assertEqual((await r.status("1"))["State"], "pending")
+        await r.abort("1")
 
     async def test_send_sources(self):
         s = self.sender()
@@ -279,12 +292,14 @@ class RefusalTests(SeedCase):
 
     async def test_unknown_seed_is_not_found(self):
         s = self.sender()
-        for call in (s.status, s.abort, s.completed, s.succeeded):
-            with self.assertRaises(NotFound) as caught:
-                await call("nope")
-            self.assertIn("no seed nope", caught.exception.message)
+        with self.assertRaises(NotFound) as caught:
+            await s.status("nope")
+        self.assertIn("no seed nope", caught.exception.message)
         with self.assertRaises(NotFound):
             await s.set_rate_limit("nope", 5)
+        # The v1 calls answer as the original did for a seed it never heard of.
+        self.assertEqual((await s.completed("nope"), await s.succeeded("nope"), await s.abort("nope")),
+                         (False, False, True))
         self.assertEqual(s.all_status(), [])
 
 

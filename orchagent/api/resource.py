@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 from orchagent.api import openapi, params
 from orchagent.errors import AgentError, BadRequest, NotFound
 from orchagent.metrics import AgentMetrics
+from orchagent.seed import usage
 
 log = Logger()
 
@@ -273,7 +274,7 @@ class AgentAPI:
     @app.route("/api/mysql-du", methods=["GET"])
     async def mysql_du(self, request):
         self._guard(request)
-        return self._json(request, await self.agent.host.mysql_disk_usage())
+        return self._json(request, await usage.mysql_disk_usage(self.agent.host, self.agent.seeds))
 
     @app.route("/api/mysql-datadir-available-space", methods=["GET"])
     async def mysql_datadir_available_space(self, request):

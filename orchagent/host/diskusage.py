@@ -27,8 +27,10 @@ MAX_TAIL_BYTES = 1024 * 1024
 _BLOCK = 64 * 1024
 
 
-def disk_usage(path: str) -> int:
-    """Apparent bytes used by ``path`` and everything below it on the same file system."""
+def disk_usage(path: str, leave_out: frozenset[str] = frozenset()) -> int:
+    """Apparent bytes used by ``path`` and everything below it on the same file system,
+    without the subtrees at the paths in ``leave_out`` (as ``os.path.join`` spells them
+    from ``path``)."""
     try:
         top = os.lstat(path)
     except FileNotFoundError:
@@ -57,7 +59,7 @@ def disk_usage(path: str) -> int:
                     continue
                 except OSError as e:
                     raise AgentError(f"cannot examine {entry.path}: {e.strerror}") from e
-                if info.st_dev != device:
+                if info.st_dev != device or entry.path in leave_out:
                     continue
                 is_dir = stat.S_ISDIR(info.st_mode)
                 if info.st_nlink > 1 and not is_dir:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from orchagent.config import seed_tls_configured
-from orchagent.errors import BadRequest, NotAvailable, NotFound, Refused
+from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
 from orchagent.seed import auth, state, tree
 from orchagent.seed.auth import Admission, Rejected
 from orchagent.seed.command import CommandJob
@@ -321,6 +321,27 @@ class SeedManager(service.Service):
 
     async def receive(self, seed_id: str, key: str | None = None) -> bool:
         """Start receiving ``seed_id`` into the datadir; answers once listening."""
+        return await self._or_remember_refusal(seed_id, "receiver", self._receive(seed_id, key))
+
+    async def _or_remember_refusal(self, seed_id: str, role: str, starting) -> bool:
+        """Run ``starting`` (a receive or send); if it refuses, remember the seed as failed
+        with the refusal, so that seed-command-completed answers true and
+        seed-command-succeeded false: orchestrator never reads an HTTP error status, and
+        would otherwise poll a seed that never started until its stall count gives up.
+        A seed that runs on this host, or a record the refused call made itself, stays
+        as it is."""
+        before = self.records.get(seed_id)
+        try:
+            return await starting
+        except AgentError as e:
+            now = self.records.get(seed_id)
+            if now is before and (now is None or now.terminal):
+                record = self._new_record(seed_id, role, state=state.FAILED,
+                                          error=f"refused: {e.message}")
+                self.save(record)
+            raise
+
+    async def _receive(self, seed_id: str, key: str | None) -> bool:
         job = self._active(seed_id)
         if job is not None:
             if isinstance(job, ReceiveJob) or isinstance(job, CommandJob) and job.record.role == "receiver":
@@ -391,6 +412,10 @@ class SeedManager(service.Service):
     async def send(self, target: str, seed_id: str, key: str | None = None,
                    source: str = "snapshot") -> bool:
         """Start sending ``source`` to ``target`` ("host" or "host:port") in the background."""
+        return await self._or_remember_refusal(
+            seed_id, "sender", self._send(target, seed_id, key, source))
+
+    async def _send(self, target: str, seed_id: str, key: str | None, source: str) -> bool:
         job = self._active(seed_id)
         if job is not None:
             if job.record.role == "sender" and job.record.target == target:
@@ -449,17 +474,30 @@ class SeedManager(service.Service):
         return record
 
     async def abort(self, seed_id: str) -> bool:
-        self._record(seed_id)
+        """Stop this host's side of the seed; true also for a seed this host never heard
+        of, as the original answered."""
         job = self._active(seed_id)
         if job is not None:
             await job.fail("aborted through the API", state.ABORTED)
         return True
 
     async def completed(self, seed_id: str) -> bool:
-        return self._record(seed_id).terminal
+        """Whether this host's side ended, either way; false for a seed it never heard of
+        (the original's answer)."""
+        record = self.records.get(seed_id)
+        return record is not None and record.terminal
 
     async def succeeded(self, seed_id: str) -> bool:
-        return self._record(seed_id).state == state.COMPLETED
+        record = self.records.get(seed_id)
+        return record is not None and record.state == state.COMPLETED
+
+    async def datadir_usage(self) -> int | None:
+        """/api/mysql-du while this host receives a seed into its datadir, or None when it
+        receives none (see orchagent.seed.usage; one datadir takes one seed at a time)."""
+        for job in list(self.jobs.values()):
+            if isinstance(job, ReceiveJob) and job.active:
+                return await job.datadir_usage()
+        return None
 
     async def status(self, seed_id: str) -> dict:
         return self._status(self._record(seed_id))

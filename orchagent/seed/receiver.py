@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
-from orchagent.seed import frames, plan, state, tree
+from orchagent.seed import frames, plan, state, tree, usage
 from orchagent.seed.auth import Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.staging import Staging, block_size, free_bytes, free_inodes, syncfs
@@ -241,6 +241,10 @@ class ReceiveJob(state.JobIdentity):
         #: Staging's buffered bytes at the last write-back, and whether one is running.
         self.written_back = 0
         self.writing_back = False
+        #: Final phases done after the transfer (each shows in /api/mysql-du, see
+        #: datadir_usage), and the datadir's kept usage last read before promotion.
+        self.steps = 0
+        self.kept = 0
 
     # --- restart -------------------------------------------------------------------------
 
@@ -659,7 +663,9 @@ class ReceiveJob(state.JobIdentity):
             raise BadRequest(f"{path} does not match the sender's file digest")
         if bytes.fromhex(str(self.finish.get("tree", ""))) != table.tree_digest(mine):
             raise BadRequest("the tree digest does not match the sender's")
+        self.steps += 1
         await self.manager.thread(self.staging.finalize, self.manifest, table)
+        self.steps += 1
         if not self.active:
             return
         await self.move_into_place(self.manifest)
@@ -694,6 +700,7 @@ class ReceiveJob(state.JobIdentity):
                 log.warn("seed {seed}: {datadir} was not empty; kept {names} in {aside}",
                          seed=self.seed_id, datadir=record.datadir, names=moved[:20],
                          aside=self.staging.aside)
+            self.steps += 1
             record.promoting = True
             self.manager.save(record)
         await self.manager.thread(self.staging.promote)
@@ -774,6 +781,15 @@ class ReceiveJob(state.JobIdentity):
     def progress(self) -> tuple[float, float | None]:
         self.meter.sample(self.record.bytes_done)
         return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+
+    async def datadir_usage(self) -> int:
+        """/api/mysql-du while this seed is received (orchagent.seed.usage): what the
+        datadir keeps, plus the data that arrived and the final phases done."""
+        if not self.record.promoting:
+            self.kept = await self.manager.thread(self.staging.kept_usage)
+        arriving = sum(s.queued + s.splitter.buffered for s in self.streams)
+        return self.kept + usage.visible_progress(
+            self.record.bytes_total, self.record.bytes_done + arriving, self.steps)
 
 
 def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:

@@ -364,17 +364,40 @@ class SeedEngineProcess(service.Service):
     # --- the seed manager's public surface -----------------------------------------------------
 
     async def receive(self, seed_id: str, key: str | None = None, **options: Any) -> bool:
-        return await self.call("receive", seed_id, key=key, **options)
+        return await self._starting(seed_id, "receiver",
+                                    self.call("receive", seed_id, key=key, **options))
 
     async def send(self, target: str, seed_id: str, key: str | None = None,
                    source: str = "snapshot", **options: Any) -> bool:
-        return await self.call("send", target, seed_id, key=key, source=source, **options)
+        return await self._starting(seed_id, "sender", self.call(
+            "send", target, seed_id, key=key, source=source, **options))
+
+    async def _starting(self, seed_id: str, role: str, call) -> bool:
+        """A seed the engine could not be asked to start (it is restarting) is failed here,
+        as the engine fails one it refuses: orchestrator reads completed, not failed."""
+        try:
+            return await call
+        except NotAvailable as e:
+            if seed_id not in self.statuses:
+                now = self.reactor.seconds()
+                self.statuses[seed_id] = state.SeedRecord(
+                    seed_id=seed_id, role=role, state=state.FAILED, error=f"refused: {e.message}",
+                    started_at=now, updated_at=now).status(0.0, None)
+            raise
 
     async def abort(self, seed_id: str, **options: Any) -> bool:
         return await self.call("abort", seed_id, **options)
 
     async def set_rate_limit(self, seed_id: str, bytes_per_sec: int, **options: Any) -> bool:
         return await self.call("set_rate_limit", seed_id, bytes_per_sec, **options)
+
+    async def datadir_usage(self) -> int | None:
+        """Asked of the engine at every read: a pushed status may be seconds old, and
+        orchestrator takes a figure equal to the last one for a stalled seed."""
+        if not any(s["Role"] == "receiver" and s["State"] not in state.TERMINAL
+                   for s in self.statuses.values()):
+            return None
+        return await self.call("datadir_usage")
 
     async def completed(self, seed_id: str) -> bool:
         known = self._known(seed_id)

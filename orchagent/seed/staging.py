@@ -27,6 +27,7 @@ import threading
 from itertools import compress
 from operator import eq
 
+from orchagent.host.diskusage import disk_usage
 from orchagent.seed import frames, plan
 from orchagent.seed.state import JOURNAL_RECORD
 from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
@@ -429,6 +430,18 @@ class Staging:
             os.chmod(path, entry.mode)
             os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
         syncfs(self.root)
+
+    def kept_usage(self) -> int:
+        """Apparent bytes of what the datadir keeps through promotion, staging left out
+        (orchagent.seed.usage): everything in it when staging is inside (move_aside keeps
+        the previous contents inside too), else its own entry and lost+found."""
+        if self.inside:
+            return disk_usage(self.datadir, frozenset((self.root,)))
+        kept = os.lstat(self.datadir).st_size
+        lost = os.path.join(self.datadir, "lost+found")
+        if os.path.isdir(lost) and not os.path.islink(lost):
+            kept += disk_usage(lost)
+        return kept
 
     def _ours(self, name: str) -> bool:
         return name in (os.path.basename(self.root), os.path.basename(self.aside))

@@ -772,20 +772,25 @@ class StreamReceiveJob(ReceiveJob):
                              f"({self.written} bytes) does not match the sender's digest of "
                              f"{self.finish.get('bytes')} bytes")
         self._close_pipe()
+        self.steps += 1
         took = _Stopwatch()
         await self._step("extract", self.extractor, f"{EXTRACTORS[self.tool]} -x")
         took("extract")
+        self.steps += 1
         await self._step("prepare", self.children.run(
             [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"]),
             f"{self.tool} --prepare")
         took("prepare")
+        self.steps += 1
         await self._own(root)
         took("own")
+        self.steps += 1
         manifest = await self.manager.thread(tree.walk, root)
         table = plan.ChunkTable(manifest)
         record.bytes_total, record.files_total = self.written, manifest.file_count
         record.files_done = record.files_total
         await self.manager.thread(self.staging.finalize, manifest, table)
+        self.steps += 1
         took("sync")
         if not self.active:
             return

@@ -30,6 +30,7 @@ from orchagent.agent import Agent
 from orchagent.api.resource import AgentAPI
 from orchagent.config import Config
 from orchagent.errors import CommandFailed, NotAvailable, NotFound, Refused
+from orchagent.seed.usage import visible_progress
 from orchagent.snapshots.model import LogicalVolume, Mount
 from orchagent.token import Token
 
@@ -101,7 +102,7 @@ class FakeHost:
         self.post_copy_sources: list[str | None] = []
         #: Raised (once) by the next post-copy, to fail a seed after its copy.
         self.post_copy_error: Exception | None = None
-        agent = Agent(
+        self.agent = agent = Agent(
             config=Config(snapshot_mount_point=MOUNT_POINT, datacenter=datacenter),
             reactor=network.clock, runner=None, hostname=self.hostname,
             token=Token(network.token), service=_Service(self), host=_Facts(self),
@@ -297,6 +298,16 @@ class _Seeds:
 
     async def completed(self, seed_id: str) -> bool:
         return self._side(seed_id).state in ("completed", "failed", "aborted")
+
+    async def datadir_usage(self) -> int | None:
+        """As the engine shows a receive in mysql-du: what the datadir holds plus the
+        seed's visible progress (orchagent.seed.usage)."""
+        side = next((s for s in self.h.seeds.values()
+                     if s.role == "receiver" and s.state in ("pending", "running")), None)
+        if side is None:
+            return None
+        return await _Facts(self.h).mysql_disk_usage() + visible_progress(
+            side.bytes_total, side.bytes_done, 0)
 
     async def succeeded(self, seed_id: str) -> bool:
         return self._side(seed_id).state == "completed"

@@ -301,6 +301,10 @@ class SeedOutcome:
     problems: tuple[str, ...]
 
 
+#: What orchestrator logs for a seed it gives up on, stalled or failed alike.
+BAILING_OUT = "10 iterations have passed without progress. Bailing out."
+
+
 class V1Seed:
     """orchestrator's seed of ``target`` from ``source``, exactly its v1 sequence.
 
@@ -309,14 +313,23 @@ class V1Seed:
     point is taken; mountlv of the first snapshot's Path and GetAgent(source) for its
     MySQLDiskUsage; delete-mysql-datadir and GetAgent(target), failing (and unmounting)
     when the target has less free space than that; receive, wait ``wait_before_send``
-    (orchestrator's SeedWaitSecondsBeforeSend, 2 s), send; then every ``poll_interval``
-    (30 s in orchestrator) GetAgent(target) for progress and seed-command-completed,
-    once completed seed-command-succeeded; ``max_stalled_polls`` polls without growth of
-    the target's mysql-du, or completed but not succeeded, abort both sides and unmount;
-    finally post-copy/?sourceHost=, umount on the source, mysql-start on the target.
+    (orchestrator's SeedWaitSecondsBeforeSend, 2 s), send; then the poll loop, finally
+    post-copy/?sourceHost=, umount on the source, mysql-start on the target.
 
-    Agents are reached as orchestrator does: by the hostname and port they submitted,
-    with the token they submitted.  No call of orchagent's own extensions is made.
+    The poll loop is orchestrator's, flaws included: poll at once, then every
+    ``poll_interval`` (30 s in orchestrator): GetAgent(target); a poll whose mysql-du
+    **equals** the previous poll's (the first compares with 0) adds one to the stale
+    count, which is never reset; seed-command-completed, and once completed
+    seed-command-succeeded; completed-but-not-succeeded, or a stale count above
+    ``max_stalled_polls`` (10), aborts both sides and unmounts, with the same message
+    either way (:data:`BAILING_OUT`).  A stale count past the limit fails even the poll
+    that saw the seed complete.
+
+    Like orchestrator, it never reads an HTTP error status: an error answer is recorded
+    in ``problems`` and read as the zero value (false, 0, nothing), and the sequence goes
+    on.  Agents are reached as orchestrator does: by the hostname and port they
+    submitted, with the token they submitted.  No call of orchagent's own extensions is
+    made.
     """
 
     def __init__(self, orchestrator: StandInOrchestrator, target: Submission, source: Submission,
@@ -335,6 +348,9 @@ class V1Seed:
         self.reactor = reactor
         self.calls: list[str] = []
         self.problems: list[str] = []
+        #: The target's mysql-du at each poll, and the stale count at the end.
+        self.polled_usage: list[int] = []
+        self.stale_polls = 0
 
     async def _calls(self, agent: Submission, calls) -> CallResult:
         result = await self.orchestrator.call_agent(agent, calls, http_client=self.http_client)
@@ -344,11 +360,9 @@ class V1Seed:
         return result
 
     async def _call(self, agent: Submission, endpoint: str, shape: Any = bool) -> Any:
+        """One call; its body, or None for an error answer (orchestrator never sees one)."""
         answer = (await self._calls(agent, [(endpoint, shape)])).answers[0]
-        if answer.status != 200:
-            message = answer.body.get("Message") if answer.is_v1_error else answer.body
-            raise SeedAborted(f"{agent.hostname}: {endpoint}: {message}")
-        return answer.body
+        return answer.body if answer.status == 200 else None
 
     async def get_agent(self, agent: Submission) -> dict[str, Any]:
         """GetAgent: the nine calls; the answers by endpoint (a failed call is None)."""
@@ -369,8 +383,8 @@ class V1Seed:
 
     async def _abort(self, reason: str) -> None:
         """Abort both sides and unmount; like orchestrator, go on when an agent is down."""
-        for agent, endpoint, shape in ((self.target, f"abort-seed/{self.seed_id}", bool),
-                                       (self.source, f"abort-seed/{self.seed_id}", bool),
+        for agent, endpoint, shape in ((self.source, f"abort-seed/{self.seed_id}", bool),
+                                       (self.target, f"abort-seed/{self.seed_id}", bool),
                                        (self.source, "umount", MOUNT)):
             try:
                 await self._calls(agent, [(endpoint, shape)])
@@ -393,32 +407,40 @@ class V1Seed:
         await self._call(source, f"mountlv?lv={quote(source_agent['lvs-snapshots'][0]['Path'], safe='')}",
                          MOUNT)
         source_agent = await self.get_agent(source)
-        needed = source_agent["mount"]["MySQLDiskUsage"]
+        needed = (source_agent["mount"] or {}).get("MySQLDiskUsage", 0)
 
         await self._call(target, "delete-mysql-datadir")
         target_agent = await self.get_agent(target)
-        if needed > target_agent["mysql-datadir-available-space"]:
+        available = target_agent["mysql-datadir-available-space"] or 0
+        if needed > available:
             await self._calls(source, [("umount", MOUNT)])
             raise SeedAborted(f"not enough space on {target.hostname}: {needed} needed, "
-                              f"{target_agent['mysql-datadir-available-space']} available")
+                              f"{available} available")
 
         await self._call(target, f"receive-mysql-seed-data/{self.seed_id}")
         await self._sleep(self.wait_before_send)
         await self._call(source, f"send-mysql-seed-data/{quote(target.hostname, safe='')}/{self.seed_id}")
 
-        last_usage, stalled = -1, 0
+        bytes_copied = 0
         while True:
-            await self._sleep(self.poll_interval)
             target_agent = await self.get_agent(target)
             usage = target_agent["mysql-du"] or 0
-            stalled = 0 if usage > last_usage else stalled + 1
-            last_usage = max(usage, last_usage)
+            self.polled_usage.append(usage)
+            if usage == bytes_copied:
+                self.stale_polls += 1
+            bytes_copied = usage
+            complete = failed = False
             if await self._call(target, f"seed-command-completed/{self.seed_id}"):
+                complete = True
                 if not await self._call(target, f"seed-command-succeeded/{self.seed_id}"):
-                    await self._abort(f"seed {self.seed_id} completed on {target.hostname} but failed")
+                    failed = True
+            if self.stale_polls > self.max_stalled_polls:
+                failed = True
+            if failed:
+                await self._abort(BAILING_OUT)
+            if complete:
                 break
-            if stalled >= self.max_stalled_polls:
-                await self._abort(f"seed {self.seed_id}: no progress in {stalled} polls")
+            await self._sleep(self.poll_interval)
 
         await self._call(target, f"post-copy/?sourceHost={quote(source.hostname, safe='')}")
         await self._call(source, "umount", MOUNT)
