@@ -164,7 +164,7 @@ class HotSeeds:
 
         tool = self.tools.hot_tool()
         version = await self.tools.version(tool)
-        command = [tool, *self.tools.defaults_args(), "--backup", "--stream=xbstream"]
+        command = [*self.tools.backup_argv(tool), "--stream=xbstream"]
         record = manager._new_record(seed_id, "sender", target=target, source="hot",
                                      keyed=auth_key is not None, bytes_total=size,
                                      rate_limit=self.config.seed_rate_limit_bytes_per_sec)
@@ -237,7 +237,7 @@ class HotSeeds:
                     raise NotAvailable("neither mariabackup nor xtrabackup is installed")
                 # The backup is on the seed's critical path; two copy threads shorten it.
                 result = await runner.run(
-                    [tool, *self.tools.defaults_args(), "--backup", f"--parallel={BACKUP_THREADS}",
+                    [*self.tools.backup_argv(tool), f"--parallel={BACKUP_THREADS}",
                      f"--target-dir={data}"],
                     timeout=0, check=False, privileged=True)
                 what = f"{tool} --backup"

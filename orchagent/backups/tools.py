@@ -2,7 +2,8 @@
 
 The agent never holds MySQL credentials: a tool that must connect to the server (a hot
 backup) reads them from its own option-file groups (``[mariabackup]``,
-``[xtrabackup]``, ``[client]``).  When ``MySQLOptionsFile`` is set, the agent reads that
+``[xtrabackup]``, ``[client]``); only the server's socket and port are passed on its
+command line, when those groups name none (:meth:`Tools.connection_args`).  When ``MySQLOptionsFile`` is set, the agent reads that
 file instead of ``/etc/mysql/my.cnf``, and so does the tool: it gets
 ``--defaults-file=MySQLOptionsFile``.  Preparing needs no server and no credentials: it
 reads only the backup's own ``backup-my.cnf`` (``--defaults-file``), so nothing in the
@@ -18,10 +19,17 @@ import shutil
 from typing import Callable
 
 from orchagent.backups.discovery import MARIABACKUP, XTRABACKUP
-from orchagent.host.mysql_options import DEFAULT_OPTION_FILES, OptionFileError, ServerOptions, read_options
+from orchagent.host.mysql_options import (DEFAULT_OPTION_FILES, OptionFileError, ServerOptions,
+                                          load_server_options, read_options)
 
 #: The tools in the order a hot backup prefers them.
 TOOLS = (MARIABACKUP, XTRABACKUP)
+#: The option groups each tool takes its connection options (socket, port, user) from.
+CLIENT_GROUPS = {
+    MARIABACKUP: ("client", "client-server", "client-mariadb", "xtrabackup", "mariabackup",
+                  "mariadb-backup"),
+    XTRABACKUP: ("client", "xtrabackup"),
+}
 INNOCHECKSUM = "innochecksum"
 _VERSION = re.compile(r"\b(\d+\.\d+)\.\d+")
 
@@ -73,14 +81,42 @@ class Tools:
             return [f"--defaults-file={self.config.mysql_options_file}"]
         return []
 
+    def backup_argv(self, tool: str) -> list[str]:
+        """``tool --backup`` with its option files and, where they leave it out, the
+        server's socket and port (:meth:`connection_args`); the caller adds the rest."""
+        return [tool, *self.defaults_args(), *self.connection_args(tool), "--backup"]
+
+    def connection_args(self, tool: str) -> list[str]:
+        """``--socket``/``--port`` of the server for a tool whose own groups name none.
+
+        The tools connect with the client options of their own groups (CLIENT_GROUPS) and
+        fall back to the compiled-in socket, not to the server's ``[mysqld]`` one: a host
+        whose ``[client]`` names no socket but whose server listens elsewhere fails a hot
+        backup with "Can't connect to local server through socket".  Each of the two is
+        passed only when the tool's groups name none and the server's groups
+        (``[mysqld]``, ``[mariadb]``, ``[server]``...) do."""
+        files = self._files()
+        try:
+            own = ServerOptions(read_options(files, CLIENT_GROUPS[tool]), files)
+            server = load_server_options(self.config.mysql_options_file)
+        except OptionFileError:
+            return []
+        return [f"--{name}={server.value(name)}" for name in ("socket", "port")
+                if own.get(name) is None and server.value(name)]
+
+    def _files(self) -> tuple[str, ...]:
+        """The option files the tool reads: MySQLOptionsFile (its --defaults-file), else
+        the default files and the user's ~/.my.cnf."""
+        if self.config.mysql_options_file:
+            return (self.config.mysql_options_file,)
+        candidates = (*DEFAULT_OPTION_FILES, os.path.expanduser("~/.my.cnf"))
+        return tuple(p for p in candidates if os.path.exists(p))
+
     def tool_options(self, tool: str) -> ServerOptions:
         """The ``[xtrabackup]`` (and for mariabackup ``[mariabackup]``) options the tool
         itself will read: used to tell whether decryption is configured."""
         groups = ["xtrabackup"] + (["mariabackup", "mariadb-backup"] if tool == MARIABACKUP else [])
-        if self.config.mysql_options_file:
-            files: tuple[str, ...] = (self.config.mysql_options_file,)
-        else:
-            files = tuple(p for p in DEFAULT_OPTION_FILES if os.path.exists(p))
+        files = self._files()
         try:
             return ServerOptions(read_options(files, groups), files)
         except OptionFileError:

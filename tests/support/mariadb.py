@@ -267,7 +267,8 @@ class MariaDB:
     """One throwaway server.  Build it with :meth:`create` (which registers the cleanup)."""
 
     def __init__(self, base_dir: str, datadir: str | None = None, port: int | None = None,
-                 server_id: int = 1, options: dict[str, str | None | bool] | None = None):
+                 server_id: int = 1, options: dict[str, str | None | bool] | None = None,
+                 client_socket: bool = True):
         #: Socket, pid file, error log and option file live here (short path: socket limit).
         self.base_dir = base_dir
         self.datadir = os.path.abspath(datadir or os.path.join(base_dir, "data"))
@@ -280,6 +281,9 @@ class MariaDB:
         #: Extra [mysqld] settings; they override the defaults.  None writes a bare option,
         #: False leaves a default setting out (e.g. ``{"pid-file": False}``).
         self.options = dict(options or {})
+        #: Whether [client] names the socket; without it only [mysqld] does, and clients
+        #: that read just [client] (mariabackup) need --socket (client_argv passes it).
+        self.client_socket = client_socket
         self._pids: set[int] = set()
         self._popens: list[subprocess.Popen] = []
         self.write_option_file()
@@ -335,7 +339,8 @@ class MariaDB:
             "skip-name-resolve": None,
         }
         settings.update(self.options)
-        lines = ["[client]", f"socket={self.socket}", "user=root", "", "[mysqld]"]
+        client = [f"socket={self.socket}"] if self.client_socket else []
+        lines = ["[client]", *client, "user=root", "", "[mysqld]"]
         lines += [k if v is None else f"{k}={v}" for k, v in settings.items() if v is not False]
         with open(self.option_file, "w") as fh:
             fh.write("\n".join(lines) + "\n")
@@ -445,6 +450,8 @@ class MariaDB:
     def client_argv(self, database: str | None = None) -> list[str]:
         """The ``mariadb`` client connected as root over the socket."""
         argv = [_tool("mariadb") or "mariadb", f"--defaults-file={self.option_file}"]
+        if not self.client_socket:
+            argv.append(f"--socket={self.socket}")
         return argv + ([database] if database else [])
 
     def sql(self, statement: str, database: str | None = None) -> list[tuple[str | None, ...]]:
