@@ -7,6 +7,11 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # The twistd plugin is found by scanning sys.path for twisted/plugins directories.  An
+    # explicit root package_dir makes an editable install (pip install -e .) put the
+    # project directory on sys.path (a static .pth), where twistd sees the plugin, instead
+    # of an import hook it cannot see (tests/test_package_editable.py).
+    package_dir={"": "."},
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/orchestrator_agent.py"], "orchagent.api": ["openapi.json"]},
     install_requires=[

@@ -9,7 +9,7 @@ if ! python3 -m venv --help >/dev/null 2>&1; then
 fi
 venv=${ORCHAGENT_VENV:-$repo/.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q -e . --config-settings editable_mode=compat
+"$venv/bin/pip" install -q -e .
 mkdir -p /run/orchestrator-agent /var/lib/orchestrator-agent
 cat <<TXT
 orchestrator-agent starting on http://127.0.0.1:3002 (Ctrl-C stops it).

@@ -26,7 +26,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
-"$venv/bin/pip" install -q -e ".[test]" --config-settings editable_mode=compat
+"$venv/bin/pip" install -q -e ".[test]"
 
 log=$(mktemp /tmp/orchagent-trial.XXXXXX)
 set +e
