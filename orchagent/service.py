@@ -23,6 +23,7 @@ from orchagent.agent import build_agent
 from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body, gzip_when_asked
 from orchagent.errors import AgentError, ConfigError
 from orchagent.logging import RootService, configured_observer, redact
+from orchagent.snapshots.restore import RecoveryService
 from orchagent.tap import load_config
 
 log = Logger()
@@ -175,6 +176,7 @@ def build_service(config: config_module.Config, options, reactor=None) -> servic
     root.agent = agent
     api = AgentAPI(agent)
     site = bounded_site(gzip_when_asked(StatusFastPath(api, api.counted_resource())), reactor)
+    RecoveryService(agent.snapshots.recover).setServiceParent(root)
     http_service = StreamServerEndpointService(endpoint, site)
     # A port that can't be bound is fatal: an agent that runs without its API is worse
     # than one that visibly fails to start.

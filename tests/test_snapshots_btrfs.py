@@ -56,7 +56,8 @@ class BtrfsCase(unittest.TestCase):
         self.config = Config(
             snapshot_backend="btrfs", snapshot_directory=self.snapshot_dir,
             snapshot_mount_point=self.mount_point, snapshot_volumes_filter=self.volumes_filter,
-            mysql_datadir_command=f"echo {shlex.quote(self.datadir)}")
+            mysql_datadir_command=f"echo {shlex.quote(self.datadir)}",
+            state_dir=self.fs.scratch("state"))
         self.service = FakeService(running=True)
         self.runner = ProcessRunner(reactor, default_timeout=60)
         self.host = MySQLHost(self.config, self.runner, reactor, self.service)
@@ -261,20 +262,20 @@ class RestoreTests(BtrfsCase):
         backend = self.make_backend(failing)
         with self.assertRaises(RestoreFailed) as caught:
             await backend.restore(name)
-        self.assertIn("failed at step 3/4 (snapshot ", caught.exception.message)
+        self.assertIn("failed at step 1/5 (snapshot ", caught.exception.message)
         self.assertIn("injected failure", caught.exception.message)
         self.assertIn("rolled back", caught.exception.message)
         self.assertEqual(os.stat(self.datadir).st_dev, old.st_dev)
         self.assertEqual(read(os.path.join(self.datadir, "db", "t.ibd")), "row 1\nrow 2\n")
         self.assertEqual(self.replaced_dirs(), [])
-        self.assertEqual(self.service.calls, ["stop", "start"])
+        self.assertEqual(self.service.calls, [])
         self.assertTrue(self.service.running)
 
     async def test_failed_start_puts_the_datadir_back(self):
         name = await self.prepare()
         old = os.stat(self.datadir)
         self.service.fail["start"] = CommandFailed("cannot start MySQL: it crashed")
-        with self.assertRaisesRegex(RestoreFailed, r"step 4/4 \(start MySQL\): cannot start MySQL: it crashed.*rolled back"):
+        with self.assertRaisesRegex(RestoreFailed, r"step 5/5 \(start MySQL\): cannot start MySQL: it crashed.*rolled back"):
             await self.backend.restore(name)
         self.assertEqual(os.stat(self.datadir).st_dev, old.st_dev)
         self.assertEqual(read(os.path.join(self.datadir, "db", "t.ibd")), "row 1\nrow 2\n")
@@ -282,19 +283,25 @@ class RestoreTests(BtrfsCase):
         self.assertEqual(sorted(os.listdir(self.snapshot_dir)), [name])
         self.assertTrue(self.service.running)
 
-    async def test_failed_undo_keeps_the_old_datadir_and_says_where(self):
+    async def test_failed_undo_keeps_the_record_and_recovery_finishes_it(self):
         name = await self.prepare()
         self.service.fail["start"] = CommandFailed("cannot start MySQL")
         failing = FailingRunner(self.runner, lambda argv: argv[:3] == ("btrfs", "subvolume", "delete"))
         backend = self.make_backend(failing)
         with self.assertRaises(RestoreFailed) as caught:
             await backend.restore(name)
-        (replaced,) = self.replaced_dirs()
         self.assertIn("ROLLBACK INCOMPLETE", caught.exception.message)
-        self.assertIn(f"kept at {os.path.join(os.path.dirname(self.datadir), replaced)}",
-                      caught.exception.message)
-        self.assertEqual(read(os.path.join(os.path.dirname(self.datadir), replaced, "db", "t.ibd")),
-                         "row 1\nrow 2\n")
+        self.assertEqual(read(os.path.join(self.datadir, "db", "t.ibd")), "row 1\nrow 2\n")
+        self.assertEqual(self.replaced_dirs(), [])
+        parent = os.path.dirname(self.datadir)
+        (work,) = [n for n in os.listdir(parent) if ".restoring-" in n]
+        (record,) = os.listdir(os.path.join(self.config.state_dir, "restores"))
+        front = build_backend(self.config, self.runner, reactor, self.host, self.service)
+        self.service.running = False
+        await front.recover()
+        self.assertFalse(os.path.lexists(os.path.join(parent, work)))
+        self.assertEqual(os.listdir(os.path.join(self.config.state_dir, "restores")), [])
+        self.assertEqual(read(os.path.join(self.datadir, "db", "t.ibd")), "row 1\nrow 2\n")
 
     async def test_stopped_mysql_is_started_after_the_restore(self):
         name = await self.prepare()

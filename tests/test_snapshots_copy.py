@@ -54,7 +54,8 @@ class CopyCase(unittest.TestCase):
         self.config = Config(
             snapshot_backend="copy", snapshot_directory=self.snapshot_dir,
             snapshot_mount_point=self.mount_point, snapshot_volumes_filter="mysql-snap",
-            mysql_datadir_command=f"echo {shlex.quote(self.datadir)}")
+            mysql_datadir_command=f"echo {shlex.quote(self.datadir)}",
+            state_dir=os.path.join(base, "state"))
         self.service = FakeService(running=False)
         self.runner = ProcessRunner(reactor, default_timeout=60)
         self.host = MySQLHost(self.config, self.runner, reactor, self.service)
@@ -192,7 +193,7 @@ class RestoreTests(CopyCase):
         return name
 
     def leftovers(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.base) if n not in ("mysql", "snapshots", "mnt"))
+        return sorted(n for n in os.listdir(self.base) if n not in ("mysql", "snapshots", "mnt", "state"))
 
     async def test_restore(self):
         name = await self.prepare()

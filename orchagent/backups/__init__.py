@@ -15,7 +15,9 @@ one, :mod:`.assess` for what makes one usable):
   still known after an agent restart;
 * ``restore-snapshot`` prepares a copy beside the datadir, then stops MySQL, renames the
   datadir aside (kept as ``<datadir>.replaced-<UTC time>``), renames the copy in and
-  starts MySQL, with the undo of :mod:`orchagent.snapshots.restore`;
+  starts MySQL, with the undo of :mod:`orchagent.snapshots.restore` and the renames
+  journaled (:mod:`orchagent.swap`), so that a restore killed half-way is rolled forward
+  or back at the next agent start;
 * ``removelv`` refuses: the agent uses backups, it never deletes them.
 
 Hot seeds (a fresh backup of the running server, sent by the seed engine) are in
@@ -42,7 +44,9 @@ from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.directory import identity
 from orchagent.snapshots.model import LogicalVolume, Mount
 from orchagent.snapshots.mountpoint import SnapshotMountPoint
-from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
+from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
+                                         restore_journal, run_steps)
+from orchagent.swap import Work
 
 log = Logger()
 
@@ -226,47 +230,28 @@ class Backups:
         for path in (replaced, root):
             if os.path.lexists(path):
                 raise Refused(f"{path} already exists; try again in a second")
+        journal = restore_journal(self.config, self.runner)
         place = await self.preparer.choose(chain, [(root, False)], "the restored copy")
-        old = identity(datadir)
         was_running = bool(await self.service.is_running())
-        made = {"data": "", "id": None}
+        swap = journal.swap(
+            f"restore-{naming.timestamp(now)}", f"restore of backup {backup.name} into {datadir}",
+            [(datadir, replaced), (os.path.join(place.root, "data"), datadir)], [Work(place.root)],
+            {"backup": backup.path, "mysql_was_running": was_running})
 
         async def prepare_copy():
-            made["data"] = await self.preparer.make(chain, place, datadir)
-            made["id"] = identity(made["data"])
-
-        async def drop_copy():
-            await self.preparer.remove(place.root)
-
-        async def set_aside():
-            await self._move(datadir, replaced)
-
-        async def put_back():
-            if identity(replaced) == old and not os.path.lexists(datadir):
-                await self._move(replaced, datadir)
-
-        async def swap_in():
-            await self._move(made["data"], datadir)
-
-        async def swap_out():
-            if made["id"] is not None and identity(datadir) == made["id"]:
-                await self._move(datadir, made["data"])
+            await swap.open()
+            await self.preparer.make(chain, place, datadir)
 
         steps = [
-            Step(f"prepare a copy of backup {backup.name} in {place.root}", prepare_copy, drop_copy),
+            Step(f"prepare a copy of backup {backup.name} in {place.root}", prepare_copy,
+                 swap.roll_back),
             mysql_stop_step(self.service, was_running),
-            Step(f"rename the datadir {datadir} to {replaced}", set_aside, put_back),
-            Step(f"rename the prepared copy to {datadir}", swap_in, swap_out),
+            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
+                                 f"rename the prepared copy to {datadir}"]),
             mysql_start_step(self.service),
         ]
         await run_steps(f"restore of backup {backup.name}", steps, kept=replaced)
-        await self.preparer.remove(place.root)
+        await swap.close()
         log.info("restored backup {name}; the replaced datadir is kept as {replaced}",
                  name=backup.name, replaced=replaced)
         return True
-
-    async def _move(self, source: str, target: str) -> None:
-        """rename(2) through ``mv -T``, never onto something that exists."""
-        if os.path.lexists(target):
-            raise Refused(f"cannot move {source} to {target}: {target} exists")
-        await self.runner.run(["mv", "-T", "--", source, target], privileged=True)

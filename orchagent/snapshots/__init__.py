@@ -6,7 +6,8 @@ datadir's file system on first use, see :mod:`orchagent.snapshots.detect`), lets
 ``CreateSnapshotCommand``, when set, win over the backend for creating snapshots (the
 original agent's do-it-yourself hook), and runs one changing operation at a time (create,
 mount, unmount, remove, restore), so that two requests never race on the mount point or
-the datadir.
+the datadir.  Restores a crash interrupted are settled before anything else
+(:meth:`Snapshots.recover`, at agent start and before each restore).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from zope.interface import implementer
 
 from orchagent.interfaces import ICommandRunner, ISnapshotBackend
 from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
+from orchagent.snapshots.restore import recover_restores, restore_journal
 
 log = Logger()
 
@@ -28,8 +30,11 @@ class Snapshots:
     """The snapshot backend as the rest of the agent sees it."""
 
     def __init__(self, config: Any, runner: ICommandRunner, backends: dict[str, Any],
-                 detect: Callable[[], Awaitable[str]], backups: Any = None):
+                 detect: Callable[[], Awaitable[str]], backups: Any = None,
+                 service: Any = None):
         self.config = config
+        #: The MySQL service: recovery renames nothing while MySQL runs.
+        self.service = service
         self.runner = runner
         self.backends = backends
         self.detect = detect
@@ -105,8 +110,15 @@ class Snapshots:
                 return await self.backups.remove(name)
             return await (await self.backend()).remove(name)
 
+    async def recover(self) -> list[str]:
+        """Settle the restores a crash interrupted (:func:`recover_restores`); what was
+        done.  SwapStuck names each one that could not be."""
+        async with self.lock:
+            return await recover_restores(restore_journal(self.config, self.runner), self.service)
+
     async def restore(self, name: str) -> bool:
         async with self.lock:
+            await recover_restores(restore_journal(self.config, self.runner), self.service)
             if await self._backup(name) is not None:
                 return await self.backups.restore(name)
             return await (await self.backend()).restore(name)
@@ -126,4 +138,4 @@ def build_backend(config: Any, runner: ICommandRunner, reactor: Any, host: Any,
         "copy": CopyBackend(config, runner, reactor, host, service),
     }
     return Snapshots(config, runner, backends, lambda: detect_backend(host, backends["lvm"]),
-                     backups=backups)
+                     backups=backups, service=service)

@@ -12,10 +12,12 @@ top level (which differs from the visible path whenever a subvolume, not the top
 is mounted), and it shows exactly the directory listed by ``/api/lvs``.  The snapshot is
 read-only twice over: the subvolume's own flag, and the mount's.
 
-Restore, with the datadir a subvolume at a fixed path: stop MySQL, rename the datadir
-subvolume aside (``<datadir>.replaced-<UTC time>``, same parent directory, so a plain
-rename), make a writable snapshot of the chosen snapshot at the datadir's path, start
-MySQL.  The old subvolume stays (listed by ``/api/lvs``) until the operator deletes it with
+Restore, with the datadir a subvolume at a fixed path: make a writable snapshot of the
+chosen snapshot beside the datadir (hidden name ``.<name>.restoring-<UTC time>``), stop
+MySQL, rename the datadir subvolume aside (``<datadir>.replaced-<UTC time>``, same parent
+directory, so a plain rename), rename the new subvolume to the datadir, start MySQL.  The
+renames are journaled (:mod:`orchagent.swap`): a restore killed half-way is rolled
+forward or back at the next agent start.  The old subvolume stays (listed by ``/api/lvs``) until the operator deletes it with
 ``btrfs subvolume delete``.  A datadir that is itself a mount point (mounted with
 ``subvol=``) cannot be renamed and is refused.
 """
@@ -27,11 +29,13 @@ import os
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from orchagent.errors import CommandFailed, NotAvailable, Refused
+from orchagent.errors import NotAvailable, Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
-from orchagent.snapshots.directory import DirectorySnapshots, identity
-from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
+from orchagent.snapshots.directory import DirectorySnapshots
+from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
+                                         restore_journal, run_steps)
+from orchagent.swap import SUBVOLUME, Work
 
 log = Logger()
 
@@ -129,39 +133,33 @@ class BtrfsBackend(DirectorySnapshots):
         self.require_mysql_data(snapshot)
         datadir = await self.require_subvolume_datadir()
         self.refuse_mount_point_datadir(datadir)
-        replaced = os.path.join(os.path.dirname(datadir),
-                                naming.replaced_name(os.path.basename(datadir), self.now()))
-        if os.path.lexists(replaced):
-            raise Refused(f"{replaced} already exists; try again in a second")
-        old = identity(datadir)
+        parent, base = os.path.split(datadir)
+        now = self.now()
+        replaced = os.path.join(parent, naming.replaced_name(base, now))
+        incoming = os.path.join(parent, f".{base}.restoring-{naming.timestamp(now)}")
+        for path in (replaced, incoming):
+            if os.path.lexists(path):
+                raise Refused(f"{path} already exists; try again in a second")
         was_running = bool(await self.service.is_running())
-
-        async def set_aside():
-            await self.move(datadir, replaced)
-
-        async def put_back():
-            if identity(replaced) == old and not os.path.lexists(datadir):
-                await self.move(replaced, datadir)
+        swap = restore_journal(self.config, self.runner).swap(
+            f"restore-{naming.timestamp(now)}", f"restore of {snapshot.name} into {datadir}",
+            [(datadir, replaced), (incoming, datadir)], [Work(incoming, SUBVOLUME)],
+            {"snapshot": snapshot.path, "mysql_was_running": was_running})
 
         async def clone():
-            await self.runner.run(["btrfs", "subvolume", "snapshot", snapshot.path, datadir],
+            await swap.open()
+            await self.runner.run(["btrfs", "subvolume", "snapshot", snapshot.path, incoming],
                                   privileged=True)
 
-        async def drop_clone():
-            current = identity(datadir)
-            if current is not None and current != old and identity(replaced) == old:
-                if not self.is_subvolume(datadir):
-                    raise CommandFailed(f"{datadir} is not the subvolume the restore made; "
-                                        "left in place")
-                await self.runner.run(["btrfs", "subvolume", "delete", datadir], privileged=True)
-
         steps = [
+            Step(f"snapshot {snapshot.path} as {incoming}", clone, swap.roll_back),
             mysql_stop_step(self.service, was_running),
-            Step(f"rename the datadir {datadir} to {replaced}", set_aside, put_back),
-            Step(f"snapshot {snapshot.path} as the new datadir {datadir}", clone, drop_clone),
+            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
+                                 f"rename {incoming} to {datadir}"]),
             mysql_start_step(self.service),
         ]
         await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
+        await swap.close()
         log.info("btrfs: restored {snap}; the replaced datadir is kept as {replaced}",
                  snap=snapshot.path, replaced=replaced)
         return True

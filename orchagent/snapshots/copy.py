@@ -11,7 +11,9 @@ the same reason.
 Restore copies the snapshot next to the datadir (hidden name, while MySQL still runs, so
 the downtime is two renames), stops MySQL, renames the datadir to
 ``<datadir>.replaced-<UTC time>`` (kept, listed by ``/api/lvs``, until the operator deletes
-it), renames the copy to the datadir and starts MySQL.  A datadir that is itself a mount
+it), renames the copy to the datadir and starts MySQL.  The renames are journaled
+(:mod:`orchagent.swap`): a restore killed half-way is rolled forward or back at the next
+agent start, and its copy removed.  A datadir that is itself a mount
 point cannot be renamed and is refused.
 """
 
@@ -25,8 +27,10 @@ from zope.interface import implementer
 from orchagent.errors import Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
-from orchagent.snapshots.directory import DirectorySnapshots, identity
-from orchagent.snapshots.restore import Step, mysql_start_step, mysql_stop_step, run_steps
+from orchagent.snapshots.directory import DirectorySnapshots
+from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
+                                         restore_journal, run_steps)
+from orchagent.swap import Work
 
 log = Logger()
 
@@ -113,40 +117,25 @@ class CopyBackend(DirectorySnapshots):
         for path in (replaced, incoming):
             if os.path.lexists(path):
                 raise Refused(f"{path} already exists; try again in a second")
-        old = identity(datadir)
         was_running = bool(await self.service.is_running())
-        state = {"new": None}
+        swap = restore_journal(self.config, self.runner).swap(
+            f"restore-{naming.timestamp(now)}", f"restore of {snapshot.name} into {datadir}",
+            [(datadir, replaced), (incoming, datadir)], [Work(incoming)],
+            {"snapshot": snapshot.path, "mysql_was_running": was_running})
 
         async def copy_in():
+            await swap.open()
             await self.copy_tree(snapshot.path, incoming)
-            state["new"] = identity(incoming)
-
-        async def drop_copy():
-            await self.remove_tree(incoming)
-
-        async def set_aside():
-            await self.move(datadir, replaced)
-
-        async def put_back():
-            if identity(replaced) == old and not os.path.lexists(datadir):
-                await self.move(replaced, datadir)
-
-        async def swap_in():
-            await self.move(incoming, datadir)
-
-        async def swap_out():
-            current = identity(datadir)
-            if current is not None and current == state["new"]:
-                await self.move(datadir, incoming)
 
         steps = [
-            Step(f"copy {snapshot.path} to {incoming}", copy_in, drop_copy),
+            Step(f"copy {snapshot.path} to {incoming}", copy_in, swap.roll_back),
             mysql_stop_step(self.service, was_running),
-            Step(f"rename the datadir {datadir} to {replaced}", set_aside, put_back),
-            Step(f"rename {incoming} to {datadir}", swap_in, swap_out),
+            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
+                                 f"rename {incoming} to {datadir}"]),
             mysql_start_step(self.service),
         ]
         await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
+        await swap.close()
         log.info("copy: restored {snap}; the replaced datadir is kept as {replaced}",
                  snap=snapshot.path, replaced=replaced)
         return True

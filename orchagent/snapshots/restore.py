@@ -7,6 +7,11 @@ and when one fails it undoes the steps already made, newest first, and reports w
 failed.  An undo must be idempotent: it is called for the failed step too, because a
 failed command may have done part of its work.
 
+The renames that swap the datadir are made through a :class:`~orchagent.swap.Swap`
+whose record is in ``StateDir/restores`` (:func:`restore_journal`): a restore killed
+half-way is rolled forward or back when the agent starts again (:class:`RecoveryService`)
+and before the next restore, so the datadir is never left missing.
+
 Undo stops at the first undo that fails: later undos assume the earlier ones worked (one
 must not start MySQL on a datadir that was not put back), and the message then says so
 and where the data is, so an operator can finish by hand.  No step ever deletes the data
@@ -15,12 +20,16 @@ that was set aside.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+import os
+from typing import Any, Awaitable, Callable, Sequence
 
 import attrs
+from twisted.application import service as application_service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from orchagent.errors import AgentError
+from orchagent.swap import Swap, SwapJournal
 
 log = Logger()
 
@@ -113,3 +122,58 @@ def mysql_start_step(service) -> Step:
             await service.stop()
 
     return Step("start MySQL", start, stop_again)
+
+
+def restore_journal(config: Any, runner: Any) -> SwapJournal:
+    """The journal of the datadir swaps restores make: ``StateDir/restores``."""
+    return SwapJournal(os.path.join(config.state_dir, "restores"), runner)
+
+
+def rename_steps(swap: Swap, names: Sequence[str]) -> list[Step]:
+    """One step per rename of ``swap``, each journaled before it is made and reversed
+    by its undo."""
+    return [Step(name, lambda n=number: swap.rename(n), lambda n=number: swap.unrename(n))
+            for number, name in enumerate(names, 1)]
+
+
+async def recover_restores(journal: SwapJournal, service: Any) -> list[str]:
+    """Settle the swaps of restores that a crash interrupted (see :mod:`orchagent.swap`);
+    never renames a datadir while MySQL runs, and never starts or stops MySQL."""
+
+    async def may_move() -> str | None:
+        if service is not None and await service.is_running():
+            return "MySQL is running; stop it and restart the agent (or retry the restore)"
+        return None
+
+    done = await journal.recover(may_move)
+    for line in done:
+        log.warn("{line}; MySQL was not started: start it when the datadir is as wanted",
+                 line=line)
+    return done
+
+
+class RecoveryService(application_service.Service):
+    """At agent start, settles restores a crash interrupted (``recover``, an async
+    callable); ``stopService`` waits for it."""
+
+    name = "restore-recovery"
+
+    def __init__(self, recover: Callable[[], Awaitable[object]]):
+        self.recover = recover
+        self.done: defer.Deferred | None = None
+
+    def startService(self):
+        super().startService()
+        self.done = defer.ensureDeferred(self.recover())
+        self.done.addErrback(self._failed)
+
+    @staticmethod
+    def _failed(failure) -> None:
+        if failure.check(AgentError):
+            return None  # each record kept is logged, critical, by the journal
+        log.failure("restores interrupted by a crash could not all be settled", failure)
+        return None
+
+    def stopService(self):
+        super().stopService()
+        return self.done
