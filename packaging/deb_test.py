@@ -1,27 +1,35 @@
 #!/usr/bin/env python3
 """The whole life of the Debian package on this machine: build, lint, install, run, purge.
 
-    python3 packaging/deb_test.py [--keep]
+    python3 packaging/deb_test.py [--keep] [--host]
 
 1. Copies the working tree (tracked and untracked, not ignored files) to a temporary
    directory and runs ``dpkg-buildpackage -us -uc -b`` there, so the repository gets no
    build artefacts; checks the .deb's name against debian/changelog and setup.py.
 2. Runs lintian; any error (E:) fails.
-3. Installs a stand-in for the Go agent's package (same name, version 1.2.3, files under
+3. In a private mount namespace (``unshare --mount``) where /etc, /usr, /var (and /lib,
+   /opt where they are directories) are copy-on-write overlays on a tmpfs, and where the
+   package and its paths do not exist (removed from that view only) and systemd is not
+   seen: everything steps 3 to 6 do to dpkg's database and the file system vanishes with
+   the namespace, and whatever this machine has of the package (the quick start's
+   /var/lib/orchestrator-agent, say) neither stops the test nor is touched by it.  With
+   ``--host`` they run on the machine itself, as a real install does (under systemd when
+   it is PID 1), and skip where the package or its files already exist.
+   Installs a stand-in for the Go agent's package (same name, version 1.2.3, files under
    /usr/local/orchestrator-agent) and writes an operator configuration to
    /etc/orchestrator-agent.conf.json, as a host running the Go agent has; then installs
    the new .deb with plain ``dpkg -i`` (no tty, no --force-conf*): it must upgrade
    without a question, keep the operator's file byte for byte and make it the conffile.
-4. Starts the installed daemon with its unit's ExecStart command line (under systemd
-   when systemd is PID 1, else directly), checks the API, /metrics, /api/openapi.json and
+4. Starts the installed daemon with its unit's ExecStart command line (with ``--host``
+   under systemd when systemd is PID 1, else directly), checks the API, /metrics, /api/openapi.json and
    that neither the token nor a new file inside the package's directory shows up.
 5. Reinstalls the same .deb (an upgrade): the configuration is kept.
 6. Purges the package: nothing of it may remain (files, state, unit, byte code).
 
-Needs root and the packages dpkg-dev, debhelper, dh-virtualenv, help2man, python3-venv,
-python3-dev, build-essential, lintian.  Refuses to run (exit 77) where the package, its
-configuration or its directories already exist: it would purge them.  Exit 0 when every
-check passed, 1 otherwise; timings are printed.
+Needs root, overlayfs, unshare and the packages dpkg-dev, debhelper, dh-virtualenv,
+help2man, python3-venv, python3-dev, build-essential, lintian (exit 77 without them; with
+``--host`` also where the package, its configuration or its directories already exist: it
+would purge them).  Exit 0 when every check passed, 1 otherwise; timings are printed.
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ CLI_MAN_PAGE = "/usr/share/man/man1/orchagent.1.gz"
 GO_AGENT_DIR = "/usr/local/orchestrator-agent"
 TOOLS = ("dpkg-buildpackage", "dh", "dh_virtualenv", "help2man", "lintian")
 SKIP = 77
+#: What the install, run, upgrade and purge write to (dpkg's database is under /var):
+#: copy-on-write in the private namespace.  Symbolic links (merged /usr) are left alone.
+PRIVATE_DIRS = ("/etc", "/usr", "/var", "/lib", "/opt")
 
 
 class Failed(Exception):
@@ -81,7 +92,7 @@ def package_status() -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def preconditions() -> str | None:
+def preconditions(host: bool) -> str | None:
     """Why this machine can't run the test, or None."""
     if os.geteuid() != 0:
         return "needs root (dpkg -i / --purge)"
@@ -91,6 +102,13 @@ def preconditions() -> str | None:
     if shutil.which("git") is None or run(["git", "rev-parse", "--is-inside-work-tree"], cwd=REPO,
                                            check=False).returncode != 0:
         return "not a git checkout: the build copies the files git lists"
+    if not host:
+        if shutil.which("unshare") is None:
+            return "no unshare (util-linux) for the private mount namespace"
+        with open("/proc/filesystems", encoding="ascii") as fh:
+            if not re.search(r"\boverlay$", fh.read(), re.M):
+                return "no overlayfs in this kernel for the private view (modprobe overlay)"
+        return None
     status = package_status()
     if status and "not-installed" not in status:
         return f"package {PACKAGE} is already on this machine ({status}); not touching it"
@@ -279,7 +297,7 @@ def check_api(port: int, token: str) -> None:
         ("/metrics", 500, lambda body: json.loads(body)["Message"] == "Invalid token"),
         (f"/metrics?token={token}", 200,
          lambda body: 'orchagent_commands_total{command="shell"} 1.0' in body
-         and 'endpoint="/api/custom-commands/<cmd>"' in body),
+         and 'endpoint="/api/custom-commands/<path:cmd>"' in body),
     ]
     for path, code, good in expectations:
         status, _, body = http_get(base + path)
@@ -344,6 +362,46 @@ def run_daemon(port: int, token: str, work: str) -> None:
         raise Failed(f"the daemon wrote into the package's directory: {written[:10]}")
 
 
+# --- the private view ------------------------------------------------------------------------
+
+
+def make_private(layers: str) -> None:
+    """Give this process's mount namespace (unshare'd by the caller) its own view of the
+    system: each of PRIVATE_DIRS an overlay whose writes go to a tmpfs on ``layers``; the
+    package and its paths removed from that view (the machine keeps them); systemd out
+    of sight (it could not see units installed here), so maintainer scripts do not call
+    it and the daemon runs as its unit's ExecStart.  Everything goes with the namespace."""
+    os.makedirs(layers, exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", "mode=0700", "orchagent-deb-test", layers])
+    for directory in PRIVATE_DIRS:
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            continue
+        upper = os.path.join(layers, directory.strip("/"), "upper")
+        scratch = os.path.join(layers, directory.strip("/"), "work")
+        os.makedirs(upper)
+        os.makedirs(scratch)
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={directory},upperdir={upper},workdir={scratch}", directory])
+    if os.path.isdir("/run/systemd"):
+        run(["mount", "-t", "tmpfs", "-o", "mode=0755", "orchagent-deb-test", "/run/systemd"])
+    if package_status() and "not-installed" not in package_status():
+        step(f"{PACKAGE} is installed on this machine: purging it from the private view")
+        run(["dpkg", "--purge", PACKAGE])
+    for path in (CONFFILE, VENV, STATE, GO_AGENT_DIR):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+def in_private_namespace(work: str, deb: str) -> int:
+    """Steps 3 to 6 in a child in a private mount namespace (see :func:`make_private`)."""
+    sys.stdout.flush()
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "--",
+                           sys.executable, os.path.abspath(__file__), "--private-phase", work, deb],
+                          stdin=subprocess.DEVNULL).returncode
+
+
 # --- remove ------------------------------------------------------------------------------------
 
 
@@ -373,28 +431,10 @@ def clean_up() -> None:
             os.unlink(CONFFILE + suffix)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", action="store_true", help="keep the build directory")
-    args = parser.parse_args()
-    reason = preconditions()
-    if reason:
-        print(f"SKIP: {reason}")
-        return SKIP
-    work = tempfile.mkdtemp(prefix="orchagent-deb-")
-    timings = {}
+def install_run_purge(work: str, deb: str, timings: dict[str, float]) -> None:
+    """Steps 3 to 6; raises Failed.  Puts back nothing on success (purge removed it all)."""
     touched = False
     try:
-        t0 = time.monotonic()
-        debian_version, upstream = versions()
-        step(f"building {PACKAGE} {debian_version} in {work}")
-        deb, changes = build(work, upstream)
-        timings["build"] = time.monotonic() - t0
-        step(f"built {os.path.basename(deb)} ({os.path.getsize(deb) // 1024} KiB); lintian")
-        t0 = time.monotonic()
-        print(f"    lintian: {lint(changes)}")
-        timings["lintian"] = time.monotonic() - t0
-
         t0 = time.monotonic()
         step("installing the Go agent stand-in 1.2.3 and an operator configuration")
         port, token = free_port(), hashlib.sha256(os.urandom(32)).hexdigest()
@@ -414,12 +454,61 @@ def main() -> int:
         purge()
         touched = False
         timings["install, run, purge"] = time.monotonic() - t0
+    finally:
+        if touched:
+            clean_up()
+
+
+def private_phase(work: str, deb: str) -> int:
+    """In the namespace :func:`in_private_namespace` made: the private view, then steps 3-6."""
+    timings: dict[str, float] = {}
+    try:
+        make_private(os.path.join(work, "layers"))
+        install_run_purge(work, deb, timings)
+    except Failed as e:
+        print(f"FAILED: {e}")
+        return 1
+    print("    private view: " + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in timings.items()))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true", help="keep the build directory")
+    parser.add_argument("--host", action="store_true",
+                        help="install, run and purge on this machine itself, not in a private view")
+    parser.add_argument("--private-phase", nargs=2, metavar=("WORK", "DEB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.private_phase:
+        return private_phase(*args.private_phase)
+    reason = preconditions(args.host)
+    if reason:
+        print(f"SKIP: {reason}")
+        return SKIP
+    work = tempfile.mkdtemp(prefix="orchagent-deb-")
+    timings = {}
+    try:
+        t0 = time.monotonic()
+        debian_version, upstream = versions()
+        step(f"building {PACKAGE} {debian_version} in {work}")
+        deb, changes = build(work, upstream)
+        timings["build"] = time.monotonic() - t0
+        step(f"built {os.path.basename(deb)} ({os.path.getsize(deb) // 1024} KiB); lintian")
+        t0 = time.monotonic()
+        print(f"    lintian: {lint(changes)}")
+        timings["lintian"] = time.monotonic() - t0
+        if args.host:
+            install_run_purge(work, deb, timings)
+        else:
+            t0 = time.monotonic()
+            step("install, run, upgrade, purge in a private mount namespace")
+            if in_private_namespace(work, deb) != 0:
+                return 1
+            timings["install, run, purge (private)"] = time.monotonic() - t0
     except Failed as e:
         print(f"FAILED: {e}")
         return 1
     finally:
-        if touched:
-            clean_up()
         if args.keep:
             print(f"kept {work}")
         else:

@@ -1,10 +1,12 @@
 """The Debian package, built and installed for real: runs packaging/deb_test.py.
 
-About a minute on 2 cores (build ~30 s, lintian ~10 s, install/run/purge ~10 s).  Skipped,
-with the script's reason, when not root, when the build tools are missing (apt-get install
-dpkg-dev debhelper dh-virtualenv help2man python3-venv python3-dev
-build-essential lintian), or when
-this machine already has the package or its files (the test would purge them).
+About a minute on 2 cores (build ~30 s, lintian ~10 s, install/run/purge ~10 s).  The
+install, run, upgrade and purge happen in a private mount namespace with copy-on-write
+/etc, /usr and /var, where the package's paths do not exist: what this machine has (the
+quick start's /var/lib/orchestrator-agent, an installed package) neither skips the test
+nor is touched by it.  Skipped, with the script's reason, only when not root or when the
+build tools, unshare or overlayfs are missing (apt-get install dpkg-dev debhelper
+dh-virtualenv help2man python3-venv python3-dev build-essential lintian).
 """
 
 from __future__ import annotations
