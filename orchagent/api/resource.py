@@ -25,6 +25,7 @@ from orchagent.api import openapi, params
 from orchagent.errors import AgentError, BadRequest, NotFound
 from orchagent.metrics import AgentMetrics
 from orchagent.seed import usage
+from orchagent.seed.state import refuse_while_receiving
 
 log = Logger()
 
@@ -239,6 +240,7 @@ class AgentAPI:
     @app.route("/api/restore-snapshot", methods=["GET"])
     async def restore_snapshot(self, request):
         self._guard(request)
+        self._refuse_while_receiving("restore a snapshot over the datadir")
         name = params.volume_name(params.query(request, "lv"))
         return self._json(request, bool(await self.agent.snapshots.restore(name)))
 
@@ -304,17 +306,23 @@ class AgentAPI:
     @app.route("/api/mysql-start", methods=["GET"])
     async def mysql_start(self, request):
         self._guard(request)
+        self._refuse_while_receiving("start MySQL")
         return self._json(request, bool(await self.agent.service.start()))
+
+    def _refuse_while_receiving(self, action: str) -> None:
+        refuse_while_receiving(self.agent.seeds.all_status(), action)
 
     @app.route("/api/delete-mysql-datadir", methods=["GET"])
     async def delete_mysql_datadir(self, request):
         self._guard(request)
+        self._refuse_while_receiving("empty the datadir")
         return self._json(request, bool(await self.agent.host.delete_datadir()))
 
     @app.route("/api/post-copy", methods=["GET"])
     @app.route("/api/post-copy/", methods=["GET"])
     async def post_copy(self, request):
         self._guard(request)
+        self._refuse_while_receiving("run post-copy")
         source = params.query(request, "sourceHost", required=False)
         if source is not None:
             source = params.host(source, "sourceHost")

@@ -392,7 +392,7 @@ class Seeder:
                                               "seed-status says completed but seed-command-succeeded is false")
                     return t_status
             for side, client, status in (("target", target, t_status), ("source", source, s_status)):
-                if status is not None and status.get("State") in ("failed", "aborted"):
+                if status is not None and status.get("State") in ("failed", "aborted", "unknown"):
                     self.report.finish_progress()
                     raise AgentCallFailed(client.name, "seed-status",
                                           f"the {side} side of seed {record.seed_id} {status.get('State')}: "

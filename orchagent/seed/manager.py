@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
-from orchagent.seed import auth, state, tree
+from orchagent.seed import auth, promotion, state, tree
 from orchagent.seed.auth import Admission, Rejected
 from orchagent.seed.command import CommandJob
 from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
@@ -121,7 +121,9 @@ class SeedManager(service.Service):
             self.records[record.seed_id] = record
         self._prune()
         for record in list(self.records.values()):
-            if not record.terminal:
+            if os.path.exists(self.store.path(record.seed_id, promotion.SUFFIX)):
+                self._settle_promotion(record)
+            elif not record.terminal:
                 self._resume_after_restart(record)
             elif record.role == "receiver" and record.state == state.COMPLETED:
                 self._remember_completed(record)
@@ -161,12 +163,15 @@ class SeedManager(service.Service):
             return
         log.info("seed {seed}: resuming as {role} after a restart", seed=record.seed_id, role=record.role)
         if record.role == "receiver":
+            if record.promoting:
+                # Moving into place without a promotion record: an earlier version's.
+                record.state = state.FAILED
+                record.error = (f"the agent restarted while moving seed {record.seed_id} into "
+                                f"{record.datadir} and has no record of what moved: check it")
+                self.store.save(record)
+                return
             job = ReceiveJob(self, record, key)
             self.jobs[record.seed_id] = job
-            if record.promoting:
-                # Verified and partly moved into place when the agent stopped: finish that.
-                defer.ensureDeferred(job.finish_promotion())
-                return
             job.restore()
             defer.ensureDeferred(self._listen()).addErrback(self._listen_failed, job)
         else:
@@ -176,6 +181,24 @@ class SeedManager(service.Service):
             self.jobs[record.seed_id] = job
             defer.ensureDeferred(self._restart_send(job)).addErrback(
                 lambda f: job.fail(f"cannot resume after a restart: {f.getErrorMessage()}"))
+
+    def _settle_promotion(self, record: state.SeedRecord) -> None:
+        """The agent stopped while a verified seed moved into the datadir (its promotion
+        record is there): finish it, or undo it, before anything else touches the
+        datadir; a seed that completed so listens again for its sender to learn it."""
+        key = self.store.read(record.seed_id, "key") if record.keyed else None
+        job = ReceiveJob(self, record, key)
+        self.jobs[record.seed_id] = job
+        log.warn("seed {seed}: the agent stopped while it moved the seed into {datadir}; settling "
+                 "that first", seed=record.seed_id, datadir=record.datadir)
+
+        async def settle() -> None:
+            await job.settle_promotion()
+            if record.state == state.COMPLETED and record.seed_id in self.completed_receives:
+                await self._listen()
+
+        defer.ensureDeferred(settle()).addErrback(
+            lambda f: log.failure("seed {seed}: settling its promotion failed", f, seed=record.seed_id))
 
     def _remember_completed(self, record: state.SeedRecord) -> None:
         """A seed this host completed just before a restart: its sender may not have read

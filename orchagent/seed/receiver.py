@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
-from orchagent.seed import frames, plan, state, tree, usage
+from orchagent.seed import frames, plan, promotion, state, tree, usage
 from orchagent.seed.auth import Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.staging import Staging, block_size, free_bytes, free_inodes, syncfs
@@ -245,6 +245,8 @@ class ReceiveJob(state.JobIdentity):
         #: datadir_usage), and the datadir's kept usage last read before promotion.
         self.steps = 0
         self.kept = 0
+        #: The promotion is recorded: the seed completes, whatever arrives (promote()).
+        self.committed = False
 
     # --- restart -------------------------------------------------------------------------
 
@@ -666,44 +668,90 @@ class ReceiveJob(state.JobIdentity):
         self.steps += 1
         await self.manager.thread(self.staging.finalize, self.manifest, table)
         self.steps += 1
-        if not self.active:
+        if not await self.promote():
             return
-        await self.move_into_place(self.manifest)
+        log.info("seed {seed}: received and verified {bytes} bytes in {files} files into {datadir}",
+                 seed=self.seed_id, bytes=table.bytes_total, files=len(table.files),
+                 datadir=record.datadir)
+        # The manager keeps this job a while for a sender that reconnects: not its tree.
+        self.manifest = self.table = None
+        self.sender_digests = b""
+        await self.completed()
+
+    async def promote(self) -> bool:
+        """Move the verified, synced tree into the datadir as one journaled step
+        (:mod:`orchagent.seed.promotion`); True once it is there.
+
+        MySQL must be stopped right before (it may have been started while the seed ran).
+        The record written is the commit point: from then on an abort (or any ``fail``)
+        waits for the seed to complete instead of racing it.  A rename that fails undoes
+        the promotion and fails the seed; the datadir is then as it was."""
+        record = self.record
+        if not self.active:
+            return False
+        if await self.manager.mysql.is_running():
+            self.fail(f"MySQL is running on this host: the verified seed {self.seed_id} was not "
+                      f"moved into {record.datadir}; stop MySQL and receive the seed again")
+            return False
+        if not self.active:
+            return False
+        self.committed = True
+        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
+
+        def commit() -> promotion.Promotion:
+            planned = promotion.plan(self.staging)
+            promotion.write_record(path, planned)
+            return planned
+
+        try:
+            planned = await self.manager.thread(commit)
+        except OSError as e:
+            self.committed = False
+            self.fail(f"cannot record the promotion of seed {self.seed_id} in {path}: {e}")
+            return False
+        record.promoting = True
+        self.steps += 1
+        self.manager.save(record)
+        if planned.old:
+            log.warn("seed {seed}: {datadir} was not empty; keeping {names} in {aside}",
+                     seed=self.seed_id, datadir=record.datadir, names=planned.old[:20],
+                     aside=planned.aside)
+        try:
+            await self.manager.thread(promotion.settle, path, planned)
+        except promotion.Undone as e:
+            self.committed = record.promoting = False
+            await self.fail(f"seed {self.seed_id} could not be moved into {record.datadir} ({e}); "
+                            "everything moved was put back: the datadir is as it was")
+            await self.manager.thread(promotion.remove_record, path)
+            return False
+        except (promotion.PromotionError, OSError) as e:
+            self.committed = False  # staging stays (promoting): the next start settles it
+            await self.fail(f"seed {self.seed_id} could not be moved into {record.datadir} nor put "
+                            f"back ({e}); the agent settles it from {path} at its next start")
+            return False
+        return True
+
+    async def completed(self) -> None:
+        """The tree is in place: the seed completed; the sender is told; the promotion
+        record goes once that is saved (a crash before settles the promotion again)."""
+        record = self.record
         self._close_journal()
         # The key stays while a sender may still reconnect to learn the result
         # (SeedManager.forget_completed removes it).
         self.manager.store.remove(self.seed_id, "journal", "manifest")
         record.state = state.COMPLETED
         record.promoting = False
+        self.committed = False
         self.manager.touch(record, force=True)
-        log.info("seed {seed}: received and verified {bytes} bytes in {files} files into {datadir}",
-                 seed=self.seed_id, bytes=table.bytes_total, files=len(table.files),
-                 datadir=record.datadir)
+        await self.manager.thread(promotion.remove_record,
+                                  self.manager.store.path(self.seed_id, promotion.SUFFIX))
         for control in [self.control, *self.waiting]:
             if control is not None:
                 control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, control.key))
         self.waiting.clear()
         for stream in list(self.streams):
             stream.last_word()
-        # The manager keeps this job a while for a sender that reconnects: not its tree.
-        self.manifest = self.table = None
-        self.sender_digests = b""
         self._settle()
-
-    async def move_into_place(self, manifest: tree.Manifest) -> None:
-        """Move what the datadir holds aside, then the verified tree in.  ``promoting`` is
-        saved in between: an agent restarted there finishes the move."""
-        record = self.record
-        if not record.promoting:
-            moved = await self.manager.thread(self.staging.move_aside, manifest)
-            if moved:
-                log.warn("seed {seed}: {datadir} was not empty; kept {names} in {aside}",
-                         seed=self.seed_id, datadir=record.datadir, names=moved[:20],
-                         aside=self.staging.aside)
-            self.steps += 1
-            record.promoting = True
-            self.manager.save(record)
-        await self.manager.thread(self.staging.promote)
 
     def _finalize_failed(self, failure) -> None:
         self.finalizing = False
@@ -716,9 +764,17 @@ class ReceiveJob(state.JobIdentity):
             self.fail(f"finishing the seed failed: {failure.value}")
 
     def fail(self, message: str, final_state: str = state.FAILED) -> defer.Deferred:
-        """Stop: tell the sender, close streams, remove staging; the datadir is untouched."""
+        """Stop: tell the sender, close streams, remove staging; the datadir is untouched.
+        Once the promotion is recorded it is too late: the seed completes, and the
+        Deferred fires when it has."""
         if not self.active:
             return defer.succeed(None)
+        if self.committed:
+            log.warn("seed {seed}: {message}: too late, the verified seed is being moved into "
+                     "place; it completes", seed=self.seed_id, message=message)
+            ended = defer.Deferred()
+            self.done.addBoth(lambda result: (ended.callback(None), result)[1])
+            return ended
         record = self.record
         self.end_record(message, final_state, log)
         for control in [self.control, *self.waiting]:
@@ -733,20 +789,41 @@ class ReceiveJob(state.JobIdentity):
         self.manager.touch(record, force=True)
         return defer.ensureDeferred(self._cleanup())
 
-    async def finish_promotion(self) -> None:
-        """After a restart in the middle of moving the verified tree into place."""
+    async def settle_promotion(self) -> None:
+        """After a restart with a promotion record (the agent died while the verified tree
+        moved in): finish it in the record's direction; the seed then completed, or
+        failed with the datadir as it was."""
+        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
+        record = self.record
+        self.committed = record.promoting = True  # an abort now waits for the end
+        planned = await self.manager.thread(promotion.read_record, path)
         try:
-            await self.manager.thread(self.staging.promote)
-        except OSError as e:
-            self.fail(f"the agent restarted while moving the seed into place and cannot finish: {e}")
+            direction = await self.manager.thread(promotion.settle, path, planned)
+        except promotion.Undone as e:
+            direction, why = promotion.BACK, str(e)
+        except (promotion.PromotionError, OSError) as e:
+            self.committed = False
+            record.state, record.error = state.FAILED, (
+                f"the agent restarted while moving seed {self.seed_id} into {record.datadir} and "
+                f"can neither finish nor undo it ({e}); settle {path} by hand")
+            log.error("seed {seed}: {error}", seed=self.seed_id, error=record.error)
+            self.manager.touch(record, force=True)
+            self._settle()
             return
-        self.manager.store.remove(self.seed_id, "journal", "manifest")
-        self.record.state = state.COMPLETED
-        self.record.promoting = False
-        self.manager.touch(self.record, force=True)
-        log.info("seed {seed}: finished moving the verified seed into {datadir} after a restart",
-                 seed=self.seed_id, datadir=self.record.datadir)
-        self._settle()
+        else:
+            why = "it was being undone"
+        if direction == promotion.FORWARD:
+            log.info("seed {seed}: finished moving the verified seed into {datadir} after a restart",
+                     seed=self.seed_id, datadir=record.datadir)
+            await self.completed()
+            return
+        self.committed = record.promoting = False
+        self.end_record(f"the agent restarted while moving seed {self.seed_id} into "
+                        f"{record.datadir} ({why}); everything moved was put back: the datadir "
+                        "is as it was", state.FAILED, log)
+        self.manager.touch(record, force=True)
+        await self._cleanup()
+        await self.manager.thread(promotion.remove_record, path)
 
     async def _cleanup(self) -> None:
         await self.drain()

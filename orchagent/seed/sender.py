@@ -56,6 +56,9 @@ CONNECT_TIMEOUT = 10
 HANDSHAKE_TIMEOUT = 30
 #: Sessions in a row that fail without progress before the seed fails.
 MAX_ATTEMPTS = 6
+#: Seconds an abort after the whole tree was sent waits for the receiver to say how the
+#: seed ended (it may be moving it into place, which an abort no longer stops).
+RESULT_WAIT = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
 
@@ -244,6 +247,8 @@ class SendJob(state.JobIdentity):
         self.finishing = False
         self.attempts = 0
         self.retry_call = None
+        #: An abort after the whole tree was sent, waiting for the receiver's RESULT.
+        self.result_wait = None
         self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
         self.compression = CompressionPolicy(False)
         #: Chunk contents need a digest a forger can't match only when the frames are the
@@ -378,6 +383,7 @@ class SendJob(state.JobIdentity):
             defer.ensureDeferred(self._ready(have, self.session)).addErrback(self._crashed)
         elif frame.type == FrameType.RESULT:
             result = frames.open_json(frame, stream.key)
+            self._stop_waiting_for_result()
             if result.get("ok") is True:
                 self._succeeded()
             else:
@@ -539,6 +545,9 @@ class SendJob(state.JobIdentity):
         self._session_failed(f"connection to {self.host}:{self.port} lost: {reason.getErrorMessage()}")
 
     def _session_failed(self, message: str) -> None:
+        if self.result_wait is not None:
+            self._no_result(message)
+            return
         if not self.active or not self.session:
             return
         self.session = ""
@@ -571,6 +580,18 @@ class SendJob(state.JobIdentity):
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
         if not self.active:
             return defer.succeed(None)
+        if (tell and self.record.state == state.VERIFYING and self.result_wait is None
+                and self.control is not None and not self.control.closed):
+            # The receiver has the whole tree and may be moving it into place, which an
+            # abort no longer stops: tell it, and end as it says the seed ended.
+            log.warn("seed {seed}: {message}; the receiver has the whole tree: waiting for it to "
+                     "say how the seed ends", seed=self.seed_id, message=message)
+            tell_abort(self.control, {"message": message})
+            self.result_wait = self.manager.clock.callLater(RESULT_WAIT, self._no_result, message)
+            ended = defer.Deferred()
+            self.done.addBoth(lambda result: (ended.callback(None), result)[1])
+            return ended
+        self._stop_waiting_for_result()
         self.end_record(message, final_state, log)
         if tell:
             tell_abort(self.control, {"message": message})
@@ -578,6 +599,23 @@ class SendJob(state.JobIdentity):
         self.manager.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
+
+    def _stop_waiting_for_result(self) -> None:
+        if self.result_wait is not None and self.result_wait.active():
+            self.result_wait.cancel()
+        self.result_wait = None
+
+    def _no_result(self, message: str) -> None:
+        """An abort after the whole tree was sent, and the receiver never said how the seed
+        ended: say so instead of guessing."""
+        self.result_wait = None
+        if not self.active:
+            return
+        self.end_record(f"{message}; the receiver had the whole tree and did not say how the seed "
+                        "ended: it may have completed it; its seed-status tells", state.UNKNOWN, log)
+        self._close_all()
+        self.manager.touch(self.record, force=True)
+        self._settle()
 
     def _close_all(self) -> None:
         self.session = ""

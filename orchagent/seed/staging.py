@@ -8,11 +8,11 @@ owner, mode and labels stay).
 
 Nothing leaves staging before the whole tree is verified and synced (syncfs: every file
 and directory of that file system in one call, instead of one fsync per file).  Then
-:meth:`Staging.promote` renames the top-level entries into the datadir one by one and
-fsyncs both directories.  If the datadir is not empty (orchestrator normally empties it
-with delete-mysql-datadir first), what is there is not lost: it is moved to
-``.<name>.orchagent-previous-<id>`` beside the datadir (or inside it, as above), except an
-unrelated ``lost+found``.  A failed or aborted seed only removes staging.
+:mod:`orchagent.seed.promotion` moves it in as one journaled step.  If the datadir is not
+empty (orchestrator normally empties it with delete-mysql-datadir first), what is there
+is not lost: it is moved to ``.<name>.orchagent-previous-<id>`` beside the datadir (or
+inside it, as above), except an unrelated ``lost+found``.  A failed or aborted seed only
+removes staging.
 """
 
 from __future__ import annotations
@@ -443,34 +443,8 @@ class Staging:
             kept += disk_usage(lost)
         return kept
 
-    def _ours(self, name: str) -> bool:
+    def ours(self, name: str) -> bool:
         return name in (os.path.basename(self.root), os.path.basename(self.aside))
-
-    def move_aside(self, manifest: Manifest) -> list[str]:
-        """Move what is already in the datadir out of the way; returns the names moved."""
-        incoming = {p for p in manifest.paths if "/" not in p}
-        moved = []
-        for name in sorted(os.listdir(self.datadir)):
-            if self._ours(name) or (name == "lost+found" and name not in incoming):
-                continue
-            os.makedirs(self.aside, mode=0o700, exist_ok=True)
-            os.rename(os.path.join(self.datadir, name), os.path.join(self.aside, name))
-            moved.append(name)
-        if moved:
-            fsync_dir(self.aside)
-            fsync_dir(self.datadir)
-        return moved
-
-    def promote(self) -> None:
-        """Rename every staged top-level entry into the datadir; remove staging.  Safe to
-        run again after an interruption (what was moved is not in staging any more)."""
-        if not os.path.isdir(self.root):
-            return
-        for name in sorted(os.listdir(self.root)):
-            os.rename(os.path.join(self.root, name), os.path.join(self.datadir, name))
-        fsync_dir(self.datadir)
-        os.rmdir(self.root)
-        fsync_dir(os.path.dirname(self.root))
 
     def discard(self) -> None:
         self.close_files()

@@ -19,11 +19,16 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from orchagent.errors import Refused
+
 log = Logger()
 
 PENDING, RUNNING, VERIFYING, COMPLETED, FAILED, ABORTED = (
     "pending", "running", "verifying", "completed", "failed", "aborted")
-TERMINAL = frozenset((COMPLETED, FAILED, ABORTED))
+#: A sender aborted after the whole tree was sent, whose receiver never said how the seed
+#: ended (it may have completed it): the receiver's status is the truth.
+UNKNOWN = "unknown"
+TERMINAL = frozenset((COMPLETED, FAILED, ABORTED, UNKNOWN))
 JOURNAL_RECORD = struct.Struct(">IQI32s")
 
 
@@ -88,6 +93,16 @@ class SeedRecord:
         }
 
 
+def refuse_while_receiving(statuses, action: str) -> None:
+    """Refused naming the seed while one is being received into the datadir (``statuses``:
+    seed-status bodies): starting MySQL, emptying or restoring the datadir under it would
+    have the seed swap its tree in under a running server, or delete its staging."""
+    for status in statuses:
+        if status["Role"] == "receiver" and status["State"] not in TERMINAL:
+            raise Refused(f"seed {status['SeedId']} is being received into the datadir: refusing to "
+                          f"{action} until it ends (abort it, or wait)")
+
+
 class JobIdentity:
     """What every seed job shows the manager: its seed id, and whether it still runs."""
 
@@ -107,6 +122,9 @@ class JobIdentity:
         self.record.error = message
         if final_state == FAILED:
             log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
+        elif final_state == UNKNOWN:
+            log.warn("seed {seed} ended, how is unknown here: {message}", seed=self.seed_id,
+                     message=message)
         else:
             log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
 

@@ -792,20 +792,14 @@ class StreamReceiveJob(ReceiveJob):
         await self.manager.thread(self.staging.finalize, manifest, table)
         self.steps += 1
         took("sync")
-        if not self.active:
+        if not await self.promote():
             return
-        await self.move_into_place(manifest)
         took("move")
-        self.manager.store.remove(self.seed_id, "journal", "manifest")
-        record.state = state.COMPLETED
-        record.promoting = False
-        self.manager.touch(record, force=True)
         log.info("seed {seed}: received {bytes} bytes of a {tool} stream, prepared and moved "
                  "{files} files into {datadir} (after the stream: {steps})", seed=self.seed_id,
                  bytes=self.written, tool=self.tool, files=record.files_total,
                  datadir=record.datadir, steps=took)
-        self.stream.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.stream.key))
-        self._settle()
+        await self.completed()
 
     async def _step(self, step: str, running: defer.Deferred, what: str) -> None:
         result = await running
