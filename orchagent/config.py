@@ -100,7 +100,9 @@ FIELDS: tuple[Field, ...] = (
     _f("SeedCompression", "seed_compression", str, "auto", "auto, zstd or none.", ours=True),
     _f("SeedStreams", "seed_streams", int, 2, "Parallel TCP connections per seed.", ours=True),
     _f("SeedRateLimitBytesPerSec", "seed_rate_limit_bytes_per_sec", int, 0, "Seed bandwidth limit; 0 = none.", ours=True),
+    _f("SeedBindAddress", "seed_bind_address", str, "", "Address the seed port listens on (only while this host receives a seed); empty = all, as a seed comes from another host.", ours=True),
     _f("SeedAllowedNetworks", "seed_allowed_networks", list, [], "Source networks accepted for unauthenticated (plain v1) seeds.", ours=True, item=str),
+    _f("OrchestratorURL", "orchestrator_url", str, "", "orchestrator's own API (where it listens, e.g. http://orch:3000; user:password@ for basic auth), asked for the source host of a plain v1 seed: only that host may send it; empty = SeedAllowedNetworks decides.", ours=True),
     _f("SeedTLSCertFile", "seed_tls_cert_file", str, "", "Certificate for mutual TLS between agents on the seed port.", ours=True),
     _f("SeedTLSKeyFile", "seed_tls_key_file", str, "", "Private key for seed TLS.", ours=True),
     _f("SeedTLSCAFile", "seed_tls_ca_file", str, "", "CA that signs the peer agents' seed certificates.", ours=True),
@@ -242,6 +244,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{where}: key SeedStreams must be at least 1")
     if not config.status_endpoint.startswith("/"):
         raise ConfigError(f"{where}: key StatusEndpoint must start with '/'")
+    if config.orchestrator_url and not config.orchestrator_url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: key OrchestratorURL must start with http:// or https://")
     if config.command_timeout_seconds < 1:
         raise ConfigError(f"{where}: key CommandTimeoutSeconds must be at least 1")
 
@@ -254,6 +258,11 @@ def agents_server_url(config: Config) -> str:
 def agents_server_over_https(config: Config) -> bool:
     """Whether orchestrator's agents server is reached over HTTPS."""
     return agents_server_url(config).lower().startswith("https:")
+
+
+def orchestrator_over_https(config: Config) -> bool:
+    """Whether orchestrator's own API (OrchestratorURL, asked by the seed engine) is HTTPS."""
+    return config.orchestrator_url.lower().startswith("https:")
 
 
 def seed_tls_configured(config: Config) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from orchagent.config import Config, agents_server_over_https, seed_tls_configured
+from orchagent.config import Config, agents_server_over_https, orchestrator_over_https, seed_tls_configured
 
 
 def needed_by_daemon(config: Config) -> bool:
@@ -25,7 +25,7 @@ def needed_by_daemon(config: Config) -> bool:
     reached over HTTPS, or seed TLS (its files are checked at start, and in process the
     seeds use it)."""
     return bool(config.use_ssl or config.use_mutual_tls
-                or agents_server_over_https(config)
+                or agents_server_over_https(config) or orchestrator_over_https(config)
                 or seed_tls_configured(config))
 
 

@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 
 from orchagent import config as config_module
 from orchagent.agent import build_agent
+from orchagent.api.connections import ReservedSite
 from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body, gzip_when_asked
 from orchagent.errors import AgentError, ConfigError
 from orchagent.logging import RootService, configured_observer, redact
@@ -62,6 +63,7 @@ class BoundedRequest(server.Request):
         super().handleContentChunk(data)
 
     def process(self):
+        self.orchagent_processing = True  # not closed to make room (api.connections)
         if getattr(self, "_too_large", False):
             self.setResponseCode(413)
             self.setHeader(b"Content-Type", b"application/json; charset=utf-8")
@@ -129,9 +131,10 @@ class HeapFreeze(service.Service):
 
 
 def bounded_site(resource, reactor=None) -> server.Site:
-    """The API's Site: bounded bodies, an idle timeout, no tracebacks, redacted access log."""
-    site = server.Site(resource, logFormatter=redacted_access_log, timeout=HTTP_IDLE_TIMEOUT,
-                       reactor=reactor)
+    """The API's Site: bounded bodies, an idle timeout, no tracebacks, redacted access log,
+    and descriptors kept for token-authenticated callers (:mod:`orchagent.api.connections`)."""
+    site = ReservedSite(resource, logFormatter=redacted_access_log, timeout=HTTP_IDLE_TIMEOUT,
+                        reactor=reactor)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site

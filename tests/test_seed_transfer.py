@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
-from orchagent.seed import frames, receiver, sender, tree
+from orchagent.seed import auth, frames, receiver, sender, tree
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from tests import seed_support as S
@@ -304,7 +304,8 @@ class RefusalTests(SeedCase):
 
 
 class AuthTests(SeedCase):
-    async def _refused(self, r, s, send_key=None, expect="refused"):
+    async def _refused(self, r, s, send_key=None, expect=auth.REFUSED):
+        """Every refusal gives the sender the same answer (the receiver logs the reason)."""
         self.big_file(size=300_000)
         before = S.snapshot_tree(self.dst)
         await s.send(f"127.0.0.1:{self.port}", "5", key=send_key, source="datadir")
@@ -319,17 +320,17 @@ class AuthTests(SeedCase):
     async def test_wrong_key_writes_nothing(self):
         r = self.receiver()
         await r.receive("5", key="right")
-        await self._refused(r, self.sender(), send_key="wrong", expect="wrong key for seed 5")
+        await self._refused(r, self.sender(), send_key="wrong")
 
     async def test_missing_key_writes_nothing(self):
         r = self.receiver()
         await r.receive("5", key="right")
-        await self._refused(r, self.sender(), expect="needs a key")
+        await self._refused(r, self.sender())
 
     async def test_peer_outside_allowed_networks_writes_nothing(self):
         r = self.receiver(seed_allowed_networks=["192.0.2.0/24"])
         await r.receive("5")
-        await self._refused(r, self.sender(), expect="127.0.0.1 is not in SeedAllowedNetworks")
+        await self._refused(r, self.sender())
 
     async def test_mutual_tls(self):
         ca = TestCA(os.path.join(self.base, "ca"))
@@ -356,25 +357,27 @@ class AuthTests(SeedCase):
 
         class Client(protocol.Protocol):
             def connectionMade(self):
+                self.splitter = frames.FrameSplitter()
                 self.transport.write(self.factory.payload)
 
             def dataReceived(self, data):
-                replies.append(data)
+                for frame in self.splitter.feed(data):
+                    replies.append(frame)
+                    if frame.type == FrameType.CHALLENGE:
+                        self.transport.write(self.factory.handshake.receive(frame))
 
             def connectionLost(self, reason):
                 self.factory.done.callback(None)
 
-        for payload in (b"GET / HTTP/1.0\r\n\r\n" * 3,
-                        frames.seal_json(FrameType.HELLO, {"proto": "orchagent-seed/1", "seed": "99",
-                                                           "session": "x", "role": "control",
-                                                           "index": 0, "nonce": "00" * 16,
-                                                           "keyed": True})):
+        # An unknown seed is answered CHALLENGE like any other, and refused after AUTH.
+        unknown = auth.ClientHandshake("99", "x", "control", 0, auth.derive_auth_key("k", "99"))
+        for payload in (b"GET / HTTP/1.0\r\n\r\n" * 3, unknown.hello()):
             factory = protocol.ClientFactory.forProtocol(Client)
-            factory.payload, factory.done = payload, defer.Deferred()
+            factory.payload, factory.done, factory.handshake = payload, defer.Deferred(), unknown
             reactor.connectTCP("127.0.0.1", self.port, factory)
             await factory.done
-        rejected = frames.open_json(next(frames.iter_frames([replies[-1]])))
-        self.assertIn("not receiving seed 99", rejected["message"])
+        self.assertEqual([f.type for f in replies], [FrameType.CHALLENGE, FrameType.REJECT])
+        self.assertEqual(frames.open_json(replies[-1])["message"], auth.REFUSED)
         self.assertEqual((await r.status("5"))["State"], "pending")
         self.assertEqual(os.listdir(self.dst), [])
 

@@ -21,7 +21,7 @@ from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory
 from werkzeug.exceptions import HTTPException
 
-from orchagent.api import openapi, params
+from orchagent.api import connections, openapi, params
 from orchagent.errors import AgentError, BadRequest, NotFound
 from orchagent.metrics import AgentMetrics
 from orchagent.seed import usage
@@ -102,6 +102,7 @@ class AgentAPI:
                 given = given.encode()
         if not given or not self.agent.token.matches(given):
             raise AccessDenied("Invalid token")
+        connections.trust(request)
 
     def _guard(self, request, token: bool = True) -> None:
         """Access checks every route makes first: basic auth, client OU, token."""

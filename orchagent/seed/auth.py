@@ -14,8 +14,13 @@ Every stream opens with HELLO → CHALLENGE → AUTH → ACCEPT, whatever protec
   when that list is empty, as the original tar|nc seed did) and warns that the stream is
   unauthenticated.
 
-A mismatch (wrong key, one side keyed and the other not, wrong seed) is a REJECT with a
-message and the connection is closed: nothing reaches the disk before ACCEPT.
+A mismatch (wrong key, one side keyed and the other not, wrong seed, a peer that may not
+send) is a REJECT and the connection is closed: nothing reaches the disk before ACCEPT.
+Every refusal looks the same to the peer: any HELLO is answered with a CHALLENGE, the
+decision comes after AUTH, and the REJECT carries :data:`REFUSED` whatever the reason (the
+receiver logs the reason).  A stranger probing seed ids learns nothing from the answer
+(the receiver also sends every REJECT at the same delay, see
+:data:`orchagent.seed.receiver.REFUSAL_DELAY`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 import blake3
@@ -35,6 +40,8 @@ from orchagent.seed.frames import FrameType, ProtocolError
 
 PROTOCOL = "orchagent-seed/1"
 NONCE_SIZE = 16
+#: The one answer to every refused stream.
+REFUSED = "the receiver refused this stream (its log says why)"
 
 
 class Rejected(Exception):
@@ -63,8 +70,9 @@ class Admission:
     """What the receiver requires of streams for one seed."""
 
     auth_key: bytes | None
-    #: Called with the peer's address; raises Rejected when it may not send (no key, no TLS).
-    check_peer: Callable[[str], None] = lambda host: None
+    #: Called with the peer's address when the stream has no key and no TLS; raises
+    #: Rejected when the peer may not send, or returns a Deferred that fails so.
+    check_peer: Callable[[str], Any] = lambda host: None
 
 
 class ClientHandshake:
@@ -114,7 +122,12 @@ class ClientHandshake:
 
 
 class ServerHandshake:
-    """The receiver's side: HELLO → CHALLENGE, AUTH → ACCEPT (or Rejected)."""
+    """The receiver's side: HELLO → CHALLENGE, AUTH → ACCEPT (or Rejected).
+
+    Any well-formed HELLO gets its CHALLENGE; whether the seed exists, whether it needs a
+    key and whether this peer may send are decided only after AUTH, so that a refusal
+    comes at the same step whatever its reason.  When the peer check answers later (a
+    Deferred), :attr:`peer_check` holds it: the caller waits for it before accepting."""
 
     def __init__(self, admit: Callable[[str], Admission], peer_host: str,
                  nonce: bytes | None = None):
@@ -124,6 +137,7 @@ class ServerHandshake:
         self.hello: dict | None = None
         self.admission: Admission | None = None
         self.key: bytes | None = None
+        self.peer_check = None
 
     def receive(self, frame: frames.Frame) -> bytes | None:
         """Returns the CHALLENGE after HELLO; None after a good AUTH (then call accept())."""
@@ -132,25 +146,27 @@ class ServerHandshake:
                 raise ProtocolError(f"expected HELLO, got frame type {frame.type}")
             hello = frames.open_json(frame)
             self._check_hello(hello)
-            admission = self._admit(hello["seed"])
-            if admission.auth_key is not None and not hello["keyed"]:
-                raise Rejected(f"seed {hello['seed']} needs a key and the sender has none")
-            if admission.auth_key is None and hello["keyed"]:
-                raise Rejected(f"the sender has a key for seed {hello['seed']} but this receiver "
-                               "was given none")
-            if admission.auth_key is None:
-                admission.check_peer(self.peer_host)
-            self.hello, self.admission = hello, admission
+            self.hello = hello
             return frames.seal_json(FrameType.CHALLENGE, {"nonce": self.nonce.hex()})
-        if self.key is not None or frame.type != FrameType.AUTH:
+        if self.admission is not None or frame.type != FrameType.AUTH:
             raise ProtocolError(f"expected AUTH, got frame type {frame.type}")
         body = frames.open_json(frame)
-        auth_key = self.admission.auth_key
+        hello = self.hello
+        admission = self._admit(hello["seed"])
+        if admission.auth_key is not None and not hello["keyed"]:
+            raise Rejected(f"seed {hello['seed']} needs a key and the sender has none")
+        if admission.auth_key is None and hello["keyed"]:
+            raise Rejected(f"the sender has a key for seed {hello['seed']} but this receiver "
+                           "was given none")
+        auth_key = admission.auth_key
         if auth_key is not None:
-            expected = _mac(auth_key, "sender", self.hello, self.nonce)
+            expected = _mac(auth_key, "sender", hello, self.nonce)
             if not hmac.compare_digest(str(body.get("mac", "")), expected):
-                raise Rejected(f"wrong key for seed {self.hello['seed']}")
-        self.key = stream_key(auth_key, bytes.fromhex(self.hello["nonce"]), self.nonce)
+                raise Rejected(f"wrong key for seed {hello['seed']}")
+        else:
+            self.peer_check = admission.check_peer(self.peer_host)
+        self.admission = admission
+        self.key = stream_key(auth_key, bytes.fromhex(hello["nonce"]), self.nonce)
         return None
 
     def accept(self, **fields) -> bytes:

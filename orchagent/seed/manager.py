@@ -32,6 +32,7 @@ from orchagent.seed.auth import Admission, Rejected
 from orchagent.seed.command import CommandJob
 from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
 from orchagent.seed.sender import SendJob
+from orchagent.seed.sources import SeedSources
 
 log = Logger()
 
@@ -88,6 +89,7 @@ class SeedManager(service.Service):
         self.chunk_size = chunk_size
         self.store = state.StateStore(config.state_dir)
         self.networks = auth.parse_networks(config.seed_allowed_networks)
+        self.sources = SeedSources(config, reactor, self.networks)
         self.tls = seed_tls_configured(config)
         if self.tls:
             auth.tls_server_options(config)  # a ConfigError naming the key stops the daemon
@@ -287,18 +289,15 @@ class SeedManager(service.Service):
         return self.completed_receives.get(seed_id, (None, None))[0]
 
     def admission(self, seed_id: str) -> Admission:
-        """What a stream for ``seed_id`` must prove (called by the handshake)."""
+        """What a stream for ``seed_id`` must prove (called by the handshake).  A plain v1
+        seed (no key, no TLS) is taken only from the source orchestrator names for it, else
+        from SeedAllowedNetworks (:mod:`orchagent.seed.sources`)."""
         job = self.receive_job(seed_id)
         if job is None or not (job.active or job.record.state == state.COMPLETED):
             raise Rejected(f"this host is not receiving seed {seed_id}")
         if job.auth_key is not None or self.tls:
             return Admission(job.auth_key)
-
-        def check_peer(host: str) -> None:
-            if not auth.peer_allowed(host, self.networks):
-                raise Rejected(f"{host} is not in SeedAllowedNetworks")
-
-        return Admission(None, check_peer)
+        return Admission(None, lambda host: self.sources.check(seed_id, host))
 
     # --- listening -------------------------------------------------------------------------
 
@@ -307,15 +306,21 @@ class SeedManager(service.Service):
         try:
             if self._port is None:
                 port = self.config.seed_transfer_port
+                interface = self.config.seed_bind_address
                 if self.tls:
                     endpoint = endpoints.SSL4ServerEndpoint(
-                        self.reactor, port, auth.tls_server_options(self.config))
+                        self.reactor, port, auth.tls_server_options(self.config), interface=interface)
                 else:
-                    endpoint = endpoints.TCP4ServerEndpoint(self.reactor, port)
+                    endpoint = endpoints.TCP4ServerEndpoint(self.reactor, port, interface=interface)
                 self._port = await endpoint.listen(ReceiverFactory(self))
-                log.info("listening for seed streams on port {port}", port=port)
+                log.info("listening for seed streams on {address}:{port}",
+                         address=interface or "*", port=port)
         finally:
             self._listen_lock.release()
+        if not self.tls:
+            for job in list(self.jobs.values()):
+                if isinstance(job, ReceiveJob) and job.active and job.auth_key is None:
+                    self.sources.prefetch(job.seed_id)
 
     def _listen_failed(self, failure, job) -> None:
         job.fail(f"cannot listen on seed port {self.config.seed_transfer_port}: {failure.getErrorMessage()}")

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
 from orchagent.seed import frames, plan, promotion, state, tree, usage
-from orchagent.seed.auth import Rejected, ServerHandshake, reject_frame
+from orchagent.seed.auth import REFUSED, Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.staging import Staging, block_size, free_bytes, free_inodes, syncfs
 
@@ -46,8 +46,16 @@ MAX_CHUNK_FAILURES = 3
 #: Socket read size: larger reads than Twisted's 64 KiB cost less per byte; larger
 #: still cost memory (each read is a fresh buffer) for little gain.
 READ_SIZE = 256 << 10
-#: Seconds a new connection has to complete the handshake.
-HANDSHAKE_TIMEOUT = 30
+#: Seconds a new connection has to complete the handshake (a sender answers in one round
+#: trip; an idle connection holds a descriptor, see ReceiverFactory).
+HANDSHAKE_TIMEOUT = 8
+#: Seconds from the frame that decided a refusal to the REJECT: every refusal, whatever
+#: its reason (unknown seed, wrong key, a peer that may not send), answers alike.
+REFUSAL_DELAY = 1.0
+#: Connections not past their handshake, from one address and in all: above them a new
+#: connection from that address is closed at once, and in all the oldest one is closed.
+MAX_PENDING_PER_PEER = 16
+MAX_PENDING = 64
 #: Seconds the sender has to close a stream after our last frame.
 LINGER = 10
 
@@ -73,6 +81,10 @@ class ReceiverStream(protocol.Protocol):
         self.lingering = False
         #: Our last word was a frame the peer was connected to read (RESULT, a refusal).
         self.told = False
+        #: When the frame being handled arrived (refusals are timed from it).
+        self.frame_at = 0.0
+        #: Waiting for the manager's verdict on this peer (plain v1 seeds, see admission).
+        self.checking = False
 
     def connectionMade(self):
         transport = getattr(self.transport, "transport", self.transport)
@@ -87,10 +99,13 @@ class ReceiverStream(protocol.Protocol):
     def dataReceived(self, data):
         if self.closed or self.lingering:
             return
+        self.frame_at = self.manager.clock.seconds()
         try:
             for frame in self.splitter.feed(data):
-                if self.closed:
+                if self.closed or self.lingering:
                     return
+                if self.checking:
+                    raise ProtocolError("a frame before the handshake's answer")
                 if self.key is None:
                     self._handshake(frame)
                 else:
@@ -107,6 +122,32 @@ class ReceiverStream(protocol.Protocol):
         if reply is not None:
             self.transport.write(reply)
             return
+        check = self.handshake.peer_check
+        if isinstance(check, defer.Deferred):
+            self.checking = True
+            check.addCallbacks(self._peer_checked, self._peer_refused)
+            return
+        self._admitted()
+
+    def _peer_checked(self, _=None) -> None:
+        self.checking = False
+        if self.closed or self.lingering:
+            return
+        try:
+            self._admitted()
+        except Rejected as e:
+            self.reject(str(e))
+        except (ProtocolError, BadRequest) as e:
+            self.fail(str(e))
+
+    def _peer_refused(self, failure) -> None:
+        self.checking = False
+        if failure.check(Rejected):
+            self.reject(failure.getErrorMessage())
+        else:
+            self.reject(f"checking the sender failed: {failure.getErrorMessage()}")
+
+    def _admitted(self) -> None:
         hello = self.handshake.hello
         job = self.manager.receive_job(hello["seed"])
         if job is None:
@@ -116,6 +157,8 @@ class ReceiverStream(protocol.Protocol):
 
             job = StreamReceiveJob.take_over(job)
         job.attach(self, hello)
+        if self.factory is not None:
+            self.factory.handshake_done(self)
         self.job, self.role, self.session = job, hello["role"], hello["session"]
         self.key = self.handshake.key
         self._stop_timer()
@@ -129,16 +172,30 @@ class ReceiverStream(protocol.Protocol):
             self.transport.write(data)
 
     def reject(self, message: str) -> None:
+        """Refuse the stream: the reason goes to the log, the peer gets :data:`REFUSED`,
+        REFUSAL_DELAY after the frame that decided it, whatever the reason was."""
         log.warn("seed connection from {peer} refused: {message}", peer=self.peer, message=message)
-        self.last_word(reject_frame(message))
+        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.manager.clock.seconds())
+        self.last_word(reject_frame(REFUSED), wait)
 
-    def last_word(self, data: bytes | None = None) -> None:
-        """Send a final frame and let the sender close: closing with its unread data in
-        our socket would reset the connection and could destroy that frame in flight.
-        Whatever still arrives is ignored; after LINGER seconds the connection is cut."""
+    def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None:
+        """Send a final frame (after ``wait`` seconds) and let the sender close: closing
+        with its unread data in our socket would reset the connection and could destroy
+        that frame in flight.  Whatever still arrives is ignored; LINGER seconds after the
+        frame the connection is cut."""
         if self.closed or self.lingering:
             return
         self.lingering = True
+        if wait > 0:
+            self._stop_timer()
+            self.timer = self.manager.clock.callLater(wait, self._say_last, data)
+            return
+        self._say_last(data)
+
+    def _say_last(self, data: bytes | None) -> None:
+        self.timer = None
+        if self.closed:
+            return
         if data:
             self.told = True
             self.transport.write(data)
@@ -182,6 +239,8 @@ class ReceiverStream(protocol.Protocol):
         if self.hold is not None:
             self.hold.cancel()
             self.hold = None
+        if self.factory is not None:
+            self.factory.handshake_done(self)
         self.manager.streams.discard(self)
         if self.job is not None:
             self.job.stream_lost(self)
@@ -191,13 +250,50 @@ class ReceiverStream(protocol.Protocol):
 
 
 class ReceiverFactory(protocol.Factory):
-    def __init__(self, manager: "SeedManager"):
+    """Builds streams, and bounds the connections still in their handshake.
+
+    Each holds a descriptor until its HANDSHAKE_TIMEOUT; a flood of idle connections would
+    otherwise take every descriptor the seed engine has and fail the seed it serves
+    ("Too many open files").  Above MAX_PENDING_PER_PEER from one address a new
+    connection from it is closed at once (a sender opens SeedStreams + 1); above
+    MAX_PENDING in all the oldest is closed, so a sender's fresh connection, which
+    completes its handshake within a round trip, still gets in."""
+
+    noisy = False
+
+    def __init__(self, manager: "SeedManager", max_pending: int = MAX_PENDING,
+                 max_per_peer: int = MAX_PENDING_PER_PEER):
         self.manager = manager
+        self.max_pending = max_pending
+        self.max_per_peer = max_per_peer
+        #: Streams in their handshake, oldest first (a dict keeps insertion order).
+        self.pending: dict[ReceiverStream, str] = {}
+        self.per_peer: dict[str, int] = {}
 
     def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if self.per_peer.get(host, 0) >= self.max_per_peer:
+            return None
+        while len(self.pending) >= self.max_pending:
+            oldest = next(iter(self.pending))
+            self.handshake_done(oldest)
+            oldest.close(abort=True)
         stream = ReceiverStream(self.manager)
         stream.factory = self
+        self.pending[stream] = host
+        self.per_peer[host] = self.per_peer.get(host, 0) + 1
         return stream
+
+    def handshake_done(self, stream: ReceiverStream) -> None:
+        """The stream passed its handshake, or is gone: it no longer counts as pending."""
+        host = self.pending.pop(stream, None)
+        if host is None:
+            return
+        left = self.per_peer[host] - 1
+        if left:
+            self.per_peer[host] = left
+        else:
+            del self.per_peer[host]
 
 
 class ReceiveJob(state.JobIdentity):

@@ -44,7 +44,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, globalLogPublisher
 
 import orchagent
-from orchagent.config import seed_tls_configured
+from orchagent.config import orchestrator_over_https, seed_tls_configured
 from orchagent.errors import NotAvailable
 from orchagent.seed import auth, channel, state
 
@@ -243,7 +243,8 @@ class SeedEngineProcess(service.Service):
             factory.buildProtocol = lambda addr: agent_channel
             process_protocol = _EngineProcessProtocol(
                 config_to_json(self.config), self._child_output, self._ended)
-            argv = engine_argv(os.getpid(), seed_tls_configured(self.config))
+            argv = engine_argv(os.getpid(), seed_tls_configured(self.config)
+                               or orchestrator_over_https(self.config))
             process = self.reactor.spawnProcess(
                 process_protocol, sys.executable, argv, env=engine_env(),
                 childFDs={0: "w", 1: "r", 2: "r", channel.CHANNEL_FD: child_end.fileno()})

@@ -16,7 +16,8 @@ In memory (no socket): ``StubTreq(orchestrator.resource())`` as the registration
 client's ``http_client``.
 
 What it answers: submit-agent with the host name (as orchestrator does), agent-ping with
-``"OK"``.  Set :attr:`StandInOrchestrator.failing` to an HTTP status to make both fail with an
+``"OK"``, and agent-seed-details (of orchestrator's own API) for the seeds given to
+:meth:`StandInOrchestrator.add_seed`.  Set :attr:`StandInOrchestrator.failing` to an HTTP status to make both fail with an
 ERROR body (200 is what orchestrator itself answers when a submit fails), or
 :attr:`StandInOrchestrator.hanging` to never answer.
 
@@ -153,6 +154,15 @@ class StandInOrchestrator:
         self.hanging = False
         self._waiters: list[tuple[str, int, defer.Deferred]] = []
         self._hung: list[defer.Deferred] = []
+        #: Seeds orchestrator runs, by id: what its API's agent-seed-details answers.
+        self.seeds: dict[str, dict] = {}
+
+    def add_seed(self, seed_id: str, target: str, source: str) -> None:
+        """Record a seed as orchestrator's SubmitSeedEntry does (before it drives the agents)."""
+        self.seeds[str(seed_id)] = {
+            "SeedId": int(seed_id), "TargetHostname": target, "SourceHostname": source,
+            "StartTimestamp": "2026-01-01 00:00:00", "EndTimestamp": "", "IsComplete": False,
+            "IsSuccessful": False}
 
     # --- agents server ---------------------------------------------------------------------
 
@@ -184,6 +194,13 @@ class StandInOrchestrator:
         if self.failing is None and not self.hanging:
             self.pings += 1
         return self._answer(request, "agent-ping", "OK")
+
+    @app.route("/api/agent-seed-details/<seed_id>", methods=["GET"])
+    def agent_seed_details(self, request, seed_id):
+        """orchestrator's main API (port 3000 there, the same port here): the seeds with that
+        id, as a list of SeedOperation (empty for an id it does not know)."""
+        seed = self.seeds.get(seed_id)
+        return self._answer(request, "agent-seed-details", [seed] if seed else [])
 
     def count(self, kind: str) -> int:
         """How many calls of ``kind`` ("submit-agent" or "agent-ping") arrived, failed ones too."""
