@@ -18,7 +18,8 @@ On the same data, in the same run, alternating, several rounds, medians:
 Scenarios: (a) 1 GiB of InnoDB-like 16 KiB pages, half of them compressible, loopback;
 (b) 50,000 files of 16 KiB, loopback; (c) two network namespaces joined by a veth pair
 throttled with tc (tbf) to 200 Mbit/s, 256 MiB of pages with InnoDB-like compressibility;
-(d) peak RSS and PSS of both agents for 1 GiB and 4 GiB (one run each).
+(d) peak RSS and PSS of both agents for 1 GiB and 4 GiB (one run each); (v), only when
+asked (``--only v``), the data of (a) and (b) seeded with ``SeedVerifyOnDisk`` on and off.
 
 Every run writes to a fresh ext4 file system on a loop device (direct I/O) over a file on
 the root disk (see :class:`FreshTarget` for why).  Source data lives under ``--dir``
@@ -298,12 +299,13 @@ def _is_python(pid: int) -> bool:
         return False
 
 
-def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: str = "") -> dict:
+def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: str = "",
+                  receiver_extra: dict | None = None) -> dict:
     seed_port = free_port()
     a_prefix = ns.a.prefix if ns else ()
     b_prefix = ns.b.prefix if ns else ()
     receiver = Agent(os.path.join(work, "agent-r"), dst, seed_port, b_prefix,
-                     ns.b.address if ns else "127.0.0.1")
+                     ns.b.address if ns else "127.0.0.1", extra=receiver_extra)
     sender = Agent(os.path.join(work, "agent-s"), src, seed_port, a_prefix,
                    ns.a.address if ns else "127.0.0.1")
     try:
@@ -432,11 +434,28 @@ def scenario(name: str, src: str, base: str, work: str, rounds: int, *, ns=None,
     return summary
 
 
+def verify_on_disk(name: str, src: str, base: str, work: str, rounds: int) -> dict:
+    """(v) What SeedVerifyOnDisk costs: the same seed with the staged data read back
+    before promotion (on) and without (off), alternating."""
+    runs = {"off": [], "on": []}
+    total = tree_bytes(src)
+    for round_ in range(rounds):
+        for setting in (("off", "on") if round_ % 2 == 0 else ("on", "off")):
+            with fresh_target(base, total) as dst:
+                result = run_orchagent(work, src, dst, target="127.0.0.1",
+                                       receiver_extra={"SeedVerifyOnDisk": setting})
+            runs[setting].append(result["seconds"])
+            print(f"  v {name} round {round_ + 1} SeedVerifyOnDisk={setting}: "
+                  f"{result['seconds']:.2f}s", flush=True)
+    return {"bytes": total, "off": median(runs["off"]), "on": median(runs["on"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default="/var/tmp/orchagent-seed-bench")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios")
+    parser.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios (and v: "
+                        "the cost of SeedVerifyOnDisk)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -469,6 +488,15 @@ def main() -> int:
                 make_realistic(src, 256 << 20)
             pair = throttled_pair(cleanups)
             report["c"] = scenario("c", src, base, work, args.rounds, ns=pair, with_cat=False)
+        if "v" in only:
+            report["v"] = {}
+            for label, name, make in (("1 GiB mixed", "mixed-1g", lambda p: make_mixed(p, 1 << 30)),
+                                      ("50,000 × 16 KiB", "small-50k", make_small)):
+                src = os.path.join(base, name)
+                if not os.path.isdir(src):
+                    print(f"generating {label} ...", flush=True)
+                    make(src)
+                report["v"][label] = verify_on_disk(label, src, base, work, args.rounds)
         if "d" in only:
             report["d"] = {}
             for label, size in (("1 GiB", 1 << 30), ("4 GiB", 4 << 30)):
@@ -523,6 +551,10 @@ def markdown(report: dict, rounds: int) -> str:
                      f"{ours['rss_receiver']:.0f} ({ours['rss_receiver_process']:.0f}) / "
                      f"{ours['rss_sender']:.0f} ({ours['rss_sender_process']:.0f})"]
             lines.append("| " + " | ".join(cells) + " |")
+    if "v" in report:
+        lines += ["", "| SeedVerifyOnDisk | off | on | on / off |", "|---|---|---|---|"]
+        for label, r in report["v"].items():
+            lines.append(f"| {label} | {r['off']:.2f}s | {r['on']:.2f}s | {r['on'] / r['off']:.2f} |")
     if "d" in report:
         lines.append("")
         for label, result in report["d"].items():

@@ -98,6 +98,7 @@ FIELDS: tuple[Field, ...] = (
     _f("SeedTransferPort", "seed_transfer_port", int, 21234, "TCP port a receiving agent listens on during a seed.", ours=True),
     _f("StateDir", "state_dir", str, "/var/lib/orchestrator-agent", "Where seed state persists across restarts.", ours=True),
     _f("SeedCompression", "seed_compression", str, "auto", "auto, zstd or none.", ours=True),
+    _f("SeedVerifyOnDisk", "seed_verify_on_disk", str, "auto", "Before a received seed replaces the datadir, read every staged byte back and check it against the digest it arrived with: on, off, or auto (when the seed was interrupted and resumed: its staged data outlived a connection or a restart). Missing or resized staged files always fail the seed.", ours=True),
     _f("SeedStreams", "seed_streams", int, 2, "Parallel TCP connections per seed.", ours=True),
     _f("SeedRateLimitBytesPerSec", "seed_rate_limit_bytes_per_sec", int, 0, "Seed bandwidth limit; 0 = none.", ours=True),
     _f("SeedBindAddress", "seed_bind_address", str, "", "Address the seed port listens on (only while this host receives a seed); empty = all, as a seed comes from another host.", ours=True),
@@ -238,6 +239,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{where}: key SnapshotBackend must be auto, lvm, btrfs or copy, not {config.snapshot_backend!r}")
     if config.seed_compression not in ("auto", "zstd", "none"):
         raise ConfigError(f"{where}: key SeedCompression must be auto, zstd or none, not {config.seed_compression!r}")
+    if config.seed_verify_on_disk not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: key SeedVerifyOnDisk must be auto, on or off, not {config.seed_verify_on_disk!r}")
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"{where}: key LogFormat must be text or json, not {config.log_format!r}")
     if config.seed_streams < 1:

@@ -17,7 +17,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from orchagent.seed import promotion
+from orchagent.seed import promotion, state
 from orchagent.seed.staging import Staging
 from tests.support.daemon import Daemon, free_port, start_daemon, wait_until
 
@@ -157,18 +157,22 @@ class PromotionStepsTests(unittest.TestCase):
             self.assertOld(staging, old)
 
 
-class PromotionWindowTests(unittest.TestCase):
-    """Real agents, the windows aimed at."""
+class TwoAgents:
+    """A source and a target agent on loopback; the target's datadir a plain directory
+    full of old entries, the source's a few files (``files``)."""
 
     timeout = 120
 
-    async def agents(self, target_status: str = "false"):
+    async def agents(self, target_status: str = "false", files: dict | None = None,
+                     source_extra: dict | None = None, target_extra: dict | None = None):
         base = self.base = os.path.abspath(self.mktemp())
         self.source_dir = os.path.join(base, "source-data")
         self.datadir = os.path.join(base, "target-data")
-        write(os.path.join(self.source_dir, "ibdata1"), os.urandom(3 << 20))
-        write(os.path.join(self.source_dir, "mysql", "user.MAD"), os.urandom(5000))
-        write(os.path.join(self.source_dir, "db", "t.ibd"), os.urandom(200_000))
+        if files is None:
+            files = {"ibdata1": os.urandom(3 << 20), "mysql/user.MAD": os.urandom(5000),
+                     "db/t.ibd": os.urandom(200_000)}
+        for name, data in files.items():
+            write(os.path.join(self.source_dir, name), data)
         for i in range(OLD_ENTRIES):
             write(os.path.join(self.datadir, f"old-{i:04}.ibd"), b"old %d" % i)
         write(os.path.join(self.datadir, "ibdata1"), b"the old system tablespace")
@@ -178,9 +182,10 @@ class PromotionWindowTests(unittest.TestCase):
         common = {"SeedTransferPort": self.seed_port}
         self.source = await start_daemon(self, {
             **common, "MySQLServiceStatusCommand": "false",
-            "MySQLDatadirCommand": f"echo {self.source_dir}"}, directory=os.path.join(base, "source"))
+            "MySQLDatadirCommand": f"echo {self.source_dir}", **(source_extra or {})},
+            directory=os.path.join(base, "source"))
         self.target_config = {**common, "MySQLServiceStatusCommand": target_status,
-                              "MySQLDatadirCommand": f"echo {self.datadir}"}
+                              "MySQLDatadirCommand": f"echo {self.datadir}", **(target_extra or {})}
         self.target = await start_daemon(self, self.target_config, directory=os.path.join(base, "target"))
         self.aside = os.path.join(base, ".target-data.orchagent-previous-9")
         self.staging = os.path.join(base, ".target-data.orchagent-seed-9")
@@ -208,6 +213,10 @@ class PromotionWindowTests(unittest.TestCase):
         self.assertEqual(snapshot(self.datadir), self.old)
         self.assertFalse(os.path.exists(self.aside))
         self.assertFalse(os.path.exists(self.staging))
+
+
+class PromotionWindowTests(TwoAgents, unittest.TestCase):
+    """Real agents, the windows aimed at."""
 
     async def test_an_abort_the_instant_promotion_begins_follows_it(self):
         await self.agents()
@@ -279,6 +288,83 @@ class PromotionWindowTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.staging))
         source = await self.ended(self.source)
         self.assertEqual(source["State"], "failed")
+
+
+class StagedDamageTests(TwoAgents, unittest.TestCase):
+    """Staging is checked on disk before it replaces anything (#16, item 6)."""
+
+    FILES = {"a.frm": b"f" * 1000, "ibdata1": os.urandom(24 << 20)}
+    SLOW = {"SeedRateLimitBytesPerSec": 6 << 20}
+
+    async def halfway(self) -> str:
+        """Wait until half of ibdata1 is staged; its staged path."""
+        async def half():
+            code, status = await self.target.get("/api/seed-status/9")
+            return code == 200 and status["BytesDone"] >= 12 << 20
+
+        await wait_until(half, timeout=60)
+        return os.path.join(self.staging, "ibdata1")
+
+    async def assertRefused(self, why: str) -> None:
+        target = await self.ended(self.target)
+        self.assertEqual(target["State"], "failed")
+        self.assertIn(f"seed 9 was not moved into {self.datadir}: {why}", target["Error"])
+        await wait_until(lambda: not os.path.exists(self.staging), timeout=15)
+        self.assertOldTree()
+        self.assertEqual((await self.ended(self.source))["State"], "failed")
+
+    async def test_a_staged_file_deleted_fails_the_seed(self):
+        await self.agents(files=self.FILES, source_extra=self.SLOW,
+                          target_extra={"SeedVerifyOnDisk": "off"})
+        await self.start_seed()
+        os.unlink(await self.halfway())  # the writer keeps its descriptor: the data goes on
+        await self.assertRefused("ibdata1 is missing from staging")
+
+    async def test_a_staged_file_resized_fails_the_seed(self):
+        await self.agents(files=self.FILES, source_extra=self.SLOW,
+                          target_extra={"SeedVerifyOnDisk": "off"})
+        await self.start_seed()
+        os.truncate(await self.halfway(), 30 << 20)
+        await self.assertRefused(f"ibdata1 in staging holds {30 << 20} bytes, not the {24 << 20} received")
+
+    async def test_staged_bytes_flipped_are_found_by_reading_back(self):
+        await self.agents(files=self.FILES, source_extra=self.SLOW, target_extra={"SeedVerifyOnDisk": "on"})
+        await self.start_seed()
+        offset = await self.flip(await self.halfway())
+        await self.assertRefused(f"ibdata1 at offset {offset} in staging differs from what was "
+                                 "received and verified")
+
+    async def test_auto_reads_back_a_seed_that_resumed(self):
+        await self.agents(files=self.FILES, source_extra=self.SLOW)
+        await self.start_seed()
+        offset = await self.flip(await self.halfway())
+        # The source's agent dies and comes back: the seed resumes, the flipped chunk is
+        # one the receiver already has.
+        os.kill(self.source.pid, signal.SIGKILL)
+        await self.source.wait_exit()
+        again = Daemon(os.path.join(self.base, "source"), {
+            "SeedTransferPort": self.seed_port, "MySQLServiceStatusCommand": "false",
+            "MySQLDatadirCommand": f"echo {self.source_dir}", "HTTPPort": self.source.port})
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(again.stop()))
+        await again.start()
+        self.source = again
+        target = await self.ended(self.target)
+        self.assertGreaterEqual(target["Resumes"], 1)
+        await self.assertRefused(f"ibdata1 at offset {offset} in staging differs from what was "
+                                 "received and verified")
+
+    async def flip(self, staged: str) -> int:
+        """Flip a byte of a chunk the receiver wrote and journaled; its offset."""
+        journal = os.path.join(self.base, "target", "state", "seeds", "9.journal")
+        with open(journal, "rb") as fh:
+            records = state.read_journal(fh.read())
+        offset = next(offset for _, offset, length, _ in records if length == 2 << 20)
+        with open(staged, "r+b") as fh:  # a chunk that was written and verified
+            fh.seek(offset + 100)
+            byte = fh.read(1)
+            fh.seek(offset + 100)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        return offset
 
 
 def _wait_for_path(path: str, timeout: float) -> None:

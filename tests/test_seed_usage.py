@@ -16,11 +16,11 @@ steps = st.integers(min_value=0, max_value=FINAL_STEPS + 3)
 
 
 class VisibleProgressTests(unittest.TestCase):
-    @given(sizes, sizes, steps)
-    def test_never_ahead_of_the_data_never_the_whole(self, total, moved, done):
-        shown = visible_progress(total, moved, done)
+    @given(sizes, sizes, steps, st.floats(0, 1))
+    def test_never_ahead_of_the_data_never_the_whole(self, total, moved, done, within):
+        shown = visible_progress(total, moved, done, within)
         self.assertGreaterEqual(shown, 0)
-        self.assertLessEqual(shown, moved + done * STEP)
+        self.assertLessEqual(shown, moved + (done + 1) * STEP)
         self.assertLessEqual(shown, total)
         if total > FINAL_STEPS:
             self.assertLess(shown, total, "the promoted datadir always shows more")
@@ -35,8 +35,18 @@ class VisibleProgressTests(unittest.TestCase):
 
     @given(st.integers(min_value=FINAL_STEPS + 1, max_value=1 << 44), steps)
     def test_each_final_phase_shows(self, total, done):
-        if done < FINAL_STEPS - 1:
+        if done < FINAL_STEPS - 2:
             self.assertLess(visible_progress(total, total, done), visible_progress(total, total, done + 1))
+
+    @given(st.integers(min_value=(FINAL_STEPS + 1) * STEP, max_value=1 << 44), steps,
+           st.floats(0, 1), st.floats(0, 1))
+    def test_a_long_phase_shows_its_share(self, total, done, a, b):
+        low, high = sorted((a, b))
+        before, after = visible_progress(total, total, done, low), visible_progress(total, total, done, high)
+        self.assertLessEqual(before, after)
+        self.assertLess(after, total)
+        if high - low >= 1 / STEP and done < FINAL_STEPS - 1:
+            self.assertLess(before, after)
 
 
 class KeptUsageTests(unittest.TestCase):

@@ -27,7 +27,8 @@ from orchagent.errors import AgentError, BadRequest
 from orchagent.seed import frames, plan, promotion, state, tree, usage
 from orchagent.seed.auth import REFUSED, Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
-from orchagent.seed.staging import Staging, block_size, free_bytes, free_inodes, syncfs
+from orchagent.seed.staging import (StagedDamage, Staging, block_size, free_bytes, free_inodes,
+                                    syncfs)
 
 if TYPE_CHECKING:
     from orchagent.seed.manager import SeedManager
@@ -343,6 +344,9 @@ class ReceiveJob(state.JobIdentity):
         self.kept = 0
         #: The promotion is recorded: the seed completes, whatever arrives (promote()).
         self.committed = False
+        #: Staged bytes read back so far (check_on_disk), while it reads them.
+        self.reread = 0
+        self.rereading = False
 
     # --- restart -------------------------------------------------------------------------
 
@@ -764,6 +768,8 @@ class ReceiveJob(state.JobIdentity):
         self.steps += 1
         await self.manager.thread(self.staging.finalize, self.manifest, table)
         self.steps += 1
+        await self.check_on_disk()
+        self.steps += 1
         if not await self.promote():
             return
         log.info("seed {seed}: received and verified {bytes} bytes in {files} files into {datadir}",
@@ -773,6 +779,32 @@ class ReceiveJob(state.JobIdentity):
         self.manifest = self.table = None
         self.sender_digests = b""
         await self.completed()
+
+    def _reread_wanted(self) -> bool:
+        setting = self.manager.config.seed_verify_on_disk
+        if setting == "auto":
+            return self.record.resumes > 0 or self.restored
+        return setting == "on"
+
+    async def check_on_disk(self) -> None:
+        """Staging, as it is on disk, is the tree received: every entry there, of its size
+        (always), every byte read back against its digest (SeedVerifyOnDisk)."""
+        reread = self._reread_wanted()
+        self.reread, self.rereading = 0, reread
+
+        def read(length: int) -> None:  # a worker thread; the reactor reads a plain int
+            self.reread += length
+
+        try:
+            await self.manager.thread(self.staging.check_on_disk, self.manifest, self.table,
+                                      self.digest_kind, reread, read)
+        except StagedDamage as e:
+            raise BadRequest(f"seed {self.seed_id} was not moved into {self.record.datadir}: {e}") from None
+        finally:
+            self.rereading = False
+        if reread:
+            log.info("seed {seed}: read {bytes} staged bytes back, all as received",
+                     seed=self.seed_id, bytes=self.reread)
 
     async def promote(self) -> bool:
         """Move the verified, synced tree into the datadir as one journaled step
@@ -961,8 +993,10 @@ class ReceiveJob(state.JobIdentity):
         if not self.record.promoting:
             self.kept = await self.manager.thread(self.staging.kept_usage)
         arriving = sum(s.queued + s.splitter.buffered for s in self.streams)
+        total = self.record.bytes_total
+        within = self.reread / total if self.rereading and total else 0.0
         return self.kept + usage.visible_progress(
-            self.record.bytes_total, self.record.bytes_done + arriving, self.steps)
+            total, self.record.bytes_done + arriving, self.steps, within)
 
 
 def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:

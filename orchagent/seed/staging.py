@@ -133,6 +133,10 @@ def block_size(path: str) -> int:
     return os.statvfs(path).f_bsize or 4096
 
 
+class StagedDamage(Exception):
+    """A staged entry is not what was received; the message names it."""
+
+
 class Staging:
     """One seed's staging directory for datadir ``datadir``."""
 
@@ -431,6 +435,53 @@ class Staging:
             os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
         syncfs(self.root)
 
+    def check_on_disk(self, manifest: Manifest, table, kind: int, reread: bool,
+                      progress=None) -> None:
+        """Before promotion: every staged entry is there as the manifest says (a file of
+        its size, a directory, a link to its target); with ``reread``, every data chunk is
+        read back and hashed against the digest it arrived with (``progress`` is given the
+        bytes read as it goes).  StagedDamage naming the first entry that differs: the
+        tree digest covered the wire, this covers the disk."""
+        root, kinds, sizes = self.root, manifest.kinds, manifest.sizes
+        for index, path in enumerate(manifest.paths):
+            where = os.path.join(root, path)
+            try:
+                st = os.lstat(where)
+            except FileNotFoundError:
+                raise StagedDamage(f"{path} is missing from staging ({self.root})") from None
+            entry_kind = kinds[index]
+            if entry_kind == _FILE:
+                if not stat.S_ISREG(st.st_mode):
+                    raise StagedDamage(f"{path} in staging is no longer a regular file")
+                if st.st_size != sizes[index]:
+                    raise StagedDamage(f"{path} in staging holds {st.st_size} bytes, not the "
+                                       f"{sizes[index]} received")
+            elif entry_kind == _DIR and not stat.S_ISDIR(st.st_mode):
+                raise StagedDamage(f"{path} in staging is no longer a directory")
+            elif entry_kind == _LINK and (not stat.S_ISLNK(st.st_mode)
+                                    or os.readlink(where) != manifest.targets[index]):
+                raise StagedDamage(f"{path} in staging is no longer the link received")
+        if not reread:
+            return
+        fd, open_index, direct = -1, -1, False
+        try:
+            for cid in range(len(table.file)):
+                index, offset, length = table.file[cid], table.offset[cid], table.length[cid]
+                if index != open_index:
+                    if fd >= 0:
+                        os.close(fd)
+                    fd, direct = _open_for_reading(os.path.join(root, manifest.paths[index]))
+                    open_index = index
+                data = _read_back(fd, direct, offset, length)
+                if len(data) != length or frames.content_digest(data, kind) != table.known(cid):
+                    raise StagedDamage(f"{manifest.paths[index]} at offset {offset} in staging "
+                                       "differs from what was received and verified")
+                if progress is not None:
+                    progress(length)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def kept_usage(self) -> int:
         """Apparent bytes of what the datadir keeps through promotion, staging left out
         (orchagent.seed.usage): everything in it when staging is inside (move_aside keeps
@@ -451,6 +502,35 @@ class Staging:
         shutil.rmtree(self.root, ignore_errors=True)
         if os.path.exists(self.root):
             shutil.rmtree(self.root)
+
+
+def _open_for_reading(path: str) -> tuple[int, bool]:
+    """A staged file opened to be read back, and whether with O_DIRECT: from the disk
+    itself, past the page cache (which it neither fills nor trusts); buffered where the
+    file system refuses O_DIRECT."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags), False
+
+
+def _read_back(fd: int, direct: bool, offset: int, length: int):
+    """``length`` bytes at ``offset``; fewer at the end of the file."""
+    if not direct or offset % DIRECT_ALIGN:
+        # A sparse file's extent may start off the alignment: read that one buffered.
+        buffered = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC) if direct else fd
+        try:
+            return os.pread(buffered, length, offset)
+        finally:
+            if buffered != fd:
+                os.close(buffered)
+    view = _direct_buffer.get(-(-length // DIRECT_ALIGN) * DIRECT_ALIGN)
+    got = os.preadv(fd, [view[:-(-length // DIRECT_ALIGN) * DIRECT_ALIGN]], offset)
+    return view[:min(got, length)]
 
 
 #: The most buffers one pwritev() takes (Linux refuses more with EINVAL): a chunk that

@@ -38,13 +38,15 @@ FINAL_STEPS = 8
 STEP = 4096
 
 
-def visible_progress(total: int, moved: int, steps: int) -> int:
-    """Bytes of a seed of ``total`` bytes to show, ``moved`` of them arrived and
-    ``steps`` final phases done: never more than ``moved`` plus the steps, always less
-    than ``total`` (unless it is 0), growing with either."""
+def visible_progress(total: int, moved: int, steps: int, within: float = 0.0) -> int:
+    """Bytes of a seed of ``total`` bytes to show, ``moved`` of them arrived, ``steps``
+    final phases done and the share ``within`` (0 to 1) of a long one under way (reading
+    the staged data back): never more than ``moved`` plus the steps, always less than
+    ``total`` (unless it is 0), growing with any of them."""
     step = min(STEP, total // (FINAL_STEPS + 1))
     transfer = max(0, min(moved, total - FINAL_STEPS * step))
-    return transfer + min(steps, FINAL_STEPS - 1) * step
+    done = min(steps, FINAL_STEPS - 2)
+    return transfer + done * step + int(max(0.0, min(within, 1.0)) * step)
 
 
 async def mysql_disk_usage(host, seeds) -> int:
