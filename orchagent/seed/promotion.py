@@ -40,6 +40,7 @@ import os
 import attrs
 
 from orchagent.seed.staging import Staging, fsync_dir
+from orchagent.swap import remove_durably, write_durably
 
 FORWARD = "forward"
 BACK = "back"
@@ -85,17 +86,7 @@ def plan(staging: Staging) -> Promotion:
 
 def write_record(path: str, promotion: Promotion) -> None:
     """The record, durably: on disk before this returns (the commit point)."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        data = memoryview(promotion.to_bytes())
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    write_durably(path, promotion.to_bytes())
 
 
 def read_record(path: str) -> Promotion | None:
@@ -107,11 +98,7 @@ def read_record(path: str) -> Promotion | None:
 
 
 def remove_record(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fsync_dir(os.path.dirname(path))
+    remove_durably(path)
 
 
 def _exists(path: str) -> bool:
