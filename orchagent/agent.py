@@ -122,6 +122,8 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
             config, reactor, command_observers=getattr(runner, "observers", None)))
     else:
         seeds = part("seeds", lambda: _seed_manager(config, reactor, runner, parts))
+    if hasattr(parts["snapshots"], "seed_readers"):
+        parts["snapshots"].seed_readers = getattr(seeds, "reading_sources", None)
     registration = part("registration", lambda: Registration(
         config, reactor, hostname, token, http_client=http_client))
     return Agent(

@@ -259,6 +259,7 @@ class SeedManager(service.Service):
         if not (isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED):
             # A finished seed is never resumed: its key has no use left on disk.
             self.store.remove(job.seed_id, "key")
+        self.store.remove(job.seed_id, "pins")
         if isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED and self.running:
             _, earlier = self.completed_receives.pop(job.seed_id, (None, None))
             if earlier is not None and earlier.active():
@@ -450,6 +451,7 @@ class SeedManager(service.Service):
                 return True
             raise Refused(f"seed {seed_id} is already active on this host as {job.record.role}")
         host, port = self._parse_target(target)
+        self.store.remove(seed_id, "pins")  # a new send starts over: its own walk counts
         if source == "hot":
             if self.hot is None:
                 raise NotAvailable("hot seeds are not available on this agent")
@@ -500,6 +502,16 @@ class SeedManager(service.Service):
         if record is None:
             raise NotFound(f"no seed {seed_id} on this host")
         return record
+
+    async def reading_sources(self) -> list[dict]:
+        """The sends that may still read their source (a mounted snapshot or the
+        datadir): ``{"SeedId", "Source", "SourcePath"}`` each.  The snapshot API refuses
+        to unmount, mount over, remove or restore what one of them reads."""
+        return [{"SeedId": job.seed_id, "Source": job.record.source,
+                 "SourcePath": job.record.source_path}
+                for job in list(self.jobs.values())
+                if job.record.role == "sender" and job.record.source in ("snapshot", "datadir")
+                and getattr(job, "reading", job.active)]
 
     async def abort(self, seed_id: str) -> bool:
         """Stop this host's side of the seed; true also for a seed this host never heard
@@ -567,4 +579,4 @@ class SeedManager(service.Service):
         finished = sorted((r for r in self.records.values() if r.terminal), key=lambda r: r.updated_at)
         for record in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self.records[record.seed_id]
-            self.store.remove(record.seed_id, "json", "key", "journal", "manifest")
+            self.store.remove(record.seed_id, "json", "key", "journal", "manifest", "pins")

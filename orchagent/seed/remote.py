@@ -400,6 +400,15 @@ class SeedEngineProcess(service.Service):
             return None
         return await self.call("datadir_usage")
 
+    async def reading_sources(self) -> list[dict]:
+        """Asked of the engine when the pushed statuses show a send running (the engine
+        pushes them before it answers the call that started one, and before it answers
+        an abort): none running, none read."""
+        if not any(s["Role"] == "sender" and s["State"] not in state.TERMINAL
+                   for s in self.statuses.values()):
+            return []
+        return await self.call("reading_sources")
+
     async def completed(self, seed_id: str) -> bool:
         known = self._known(seed_id)
         if known is None:

@@ -15,18 +15,24 @@ is paused and keeps at most :data:`AHEAD` batches read ahead (read, hashed, mayb
 compressed in the thread pool) so that it can refill the socket the moment it is resumed,
 without waiting for the disk.  Memory is bounded by streams × AHEAD × batch size,
 independent of the seed's size.
+
+The source must stay what the walk saw: every file is checked when opened, large ones
+again when closed (:class:`SourceFiles`), the walk's identities are compared again after
+an agent restart, and a datadir seed fails once MySQL runs; any change fails the seed,
+naming the file, rather than send a mix of two trees.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from array import array
 from collections import deque
 
 import zstandard
 from typing import TYPE_CHECKING, Callable
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,6 +67,13 @@ MAX_ATTEMPTS = 6
 RESULT_WAIT = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
+#: Seconds the data streams of a failed seed stay open at most after its control stream,
+#: closed with the ABORT (see SendJob._close_all).
+ABORT_LINGER = 5.0
+#: Seconds between checks that MySQL is still stopped while a datadir seed reads it.
+MYSQL_POLL = 2.0
+#: Files of several chunks kept open between their chunks' reads, at most (per send).
+KEEP_OPEN = 8
 
 
 @implementer(IPushProducer)
@@ -228,6 +241,108 @@ class CompressionPolicy:
             self._backoff = min(self._backoff * 2, 64)
 
 
+class SourceFiles:
+    """The files one send reads, each checked, when opened, against what the walk saw
+    (:class:`tree.Pins`: device, inode, size, mtime, ctime).
+
+    A file of several chunks is opened once and kept open (up to :data:`KEEP_OPEN` of
+    them, the least recently read closed first) while its chunks are read, and checked
+    again when it is closed, at the latest before the sender says it is done
+    (:meth:`check_held`):
+    a write to it meanwhile changes its ctime, a rename over it drops its last link.
+    Two ``fstat`` per file, none per chunk.  A whole small file is opened, checked, read
+    and closed in one go.  Worker threads share it: a lock guards the open descriptors,
+    and each acquire is paired with a release."""
+
+    def __init__(self, root: str, manifest: tree.Manifest, pins: tree.Pins):
+        self.root = root
+        self.manifest = manifest
+        self.pins = pins
+        self._lock = threading.Lock()
+        #: entry index -> [descriptor, readers]; in the order last read (oldest first).
+        self._open: dict[int, list[int]] = {}
+        self._closed = False
+
+    def open_checked(self, index: int) -> int:
+        """A new descriptor of entry ``index`` (the caller closes it); BadRequest naming
+        the file when it is not the file the walk saw."""
+        path = os.path.join(self.root, self.manifest.paths[index])
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.pins.check(self.manifest, index, os.fstat(fd), path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def acquire(self, index: int) -> int:
+        """A descriptor of entry ``index`` to read from, kept open; :meth:`release` it."""
+        with self._lock:
+            held = self._open.pop(index, None)
+            if held is not None:
+                held[1] += 1
+                self._open[index] = held
+                return held[0]
+        fd = self.open_checked(index)
+        with self._lock:
+            if not self._closed and index not in self._open:
+                self._open[index] = [fd, 1]
+        return fd
+
+    def release(self, index: int, fd: int) -> None:
+        """Done reading through ``fd``; a file closed now (more than KEEP_OPEN held) is
+        checked again, BadRequest naming it when it changed while it was open."""
+        victims = []
+        with self._lock:
+            held = self._open.get(index)
+            if held is None or held[0] != fd:
+                victims.append((None, fd))
+            else:
+                held[1] -= 1
+                if self._closed and not held[1]:
+                    del self._open[index]
+                    victims.append((None, fd))
+                for old in [i for i, (_, users) in self._open.items() if not users]:
+                    if len(self._open) <= KEEP_OPEN:
+                        break
+                    victims.append((old, self._open.pop(old)[0]))
+        try:
+            for old, victim in victims:
+                if old is not None:
+                    self._check_fd(old, victim)
+        finally:
+            for _, victim in victims:
+                os.close(victim)
+
+    def _check_fd(self, index: int, fd: int) -> None:
+        self.pins.check(self.manifest, index, os.fstat(fd),
+                        os.path.join(self.root, self.manifest.paths[index]))
+
+    def check_held(self) -> None:
+        """Check and close every file held open (worker thread, no read running: every
+        chunk was read), so that nothing of the source stays open while the sender only
+        waits for the receiver's verdict; BadRequest naming the first that changed since
+        it was opened."""
+        with self._lock:
+            idle = [i for i, (_, users) in self._open.items() if not users]
+            victims = [(i, self._open.pop(i)[0]) for i in idle]
+        try:
+            for index, fd in victims:
+                self._check_fd(index, fd)
+        finally:
+            for _, fd in victims:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Close what no read holds; what reads hold is closed when they release it."""
+        with self._lock:
+            self._closed = True
+            idle = [i for i, (_, users) in self._open.items() if not users]
+            victims = [self._open.pop(i)[0] for i in idle]
+        for victim in victims:
+            os.close(victim)
+
+
 class SendJob(state.JobIdentity):
     """The sending side of one seed (engine mode)."""
 
@@ -268,6 +383,9 @@ class SendJob(state.JobIdentity):
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
         self.have_at_ready = 0
+        #: The source's files, opened and checked against the walk (set by the walk).
+        self.files: SourceFiles | None = None
+        self.mysql_watch: task.LoopingCall | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -276,18 +394,35 @@ class SendJob(state.JobIdentity):
         walk goes on, and the receiver reads them as they come (a 50,000-file seed saves
         a third of a second before the first byte of data)."""
         defer.ensureDeferred(self._walk()).addErrback(self._crashed)
+        self._watch_mysql()
         self._connect()
+
+    @property
+    def reading(self) -> bool:
+        """Whether the send may still read its source: it runs, and not every chunk was
+        read and sent yet (once all were, the source may go: the sender only waits for
+        the receiver's verdict, and a resume that needs a chunk again finds the source
+        checked, see :class:`SourceFiles`)."""
+        return self.active and not (self.table is not None and self.table.complete)
 
     async def _walk(self) -> None:
         reactor = self.manager.reactor
+        store, seed_id = self.manager.store, self.seed_id
 
         def packed(bodies: list[bytes]) -> None:  # worker thread
             reactor.callFromThread(self._more_batches, bodies)
 
-        manifest, table = await self.manager.thread(
-            _survey, self.record.source_path, self.manager.chunk_size, packed)
+        previous = await self.manager.thread(store.read, seed_id, "pins")
+        manifest, table, pins = await self.manager.thread(
+            _survey, self.record.source_path, self.manager.chunk_size, packed, previous)
         if not self.active:
             return
+        if previous is None:
+            # Kept for a restart of the agent, whose new walk must find the same files.
+            self.manager.thread(_save_pins, store, seed_id, pins, manifest).addErrback(
+                lambda f: log.warn("seed {seed}: cannot save the source's identities: {error}",
+                                   seed=seed_id, error=f.getErrorMessage()))
+        self.files = SourceFiles(self.record.source_path, manifest, pins)
         self.manifest, self.table, self.walked = manifest, table, True
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
         self.manager.touch(self.record)
@@ -406,8 +541,7 @@ class SendJob(state.JobIdentity):
             elif known == digest:
                 table.mark_done(cid, digest)
         if recheck:
-            good = await self.manager.thread(_recheck_source, self.record.source_path,
-                                             self.manifest, recheck, self.digest_kind)
+            good = await self.manager.thread(_recheck_source, self.files, recheck, self.digest_kind)
             if session != self.session or not self.active:
                 return
             for cid, digest in good:
@@ -458,9 +592,8 @@ class SendJob(state.JobIdentity):
             self.bucket.take(size)
             stream.reads += 1
             compress = self.compression.should_try()
-            d = self.manager.thread(_read_chunks, self.record.source_path, self.manifest,
-                                    [self.table.chunk(cid) for cid in items], stream.key, compress,
-                                    self.digest_kind)
+            d = self.manager.thread(_read_chunks, self.files, [self.table.chunk(cid) for cid in items],
+                                    stream.key, compress, self.digest_kind)
             d.addBoth(self._read_done, stream, items, compress, self.session)
             d.addErrback(self._crashed)
         self._maybe_finish()
@@ -518,6 +651,9 @@ class SendJob(state.JobIdentity):
     async def _finish(self, session: str) -> None:
         """Everything is on its way: send the file digests and the tree digest."""
         table = self.table
+        await self.manager.thread(self.files.check_held)
+        if session != self.session:
+            return
         digests = await self.manager.thread(table.file_digests)
         control = self.control
         if session != self.session or control is None or control.closed:
@@ -595,7 +731,7 @@ class SendJob(state.JobIdentity):
         self.end_record(message, final_state, log)
         if tell:
             tell_abort(self.control, {"message": message})
-        self._close_all()
+        self._close_all(first=self.control if tell else None)
         self.manager.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
@@ -617,15 +753,38 @@ class SendJob(state.JobIdentity):
         self.manager.touch(self.record, force=True)
         self._settle()
 
-    def _close_all(self) -> None:
+    def _close_all(self, first: SenderStream | None = None) -> None:
+        """Close every stream.  ``first``, the control stream that carries an ABORT, goes
+        first, and the data streams once it is gone (or after :data:`ABORT_LINGER`): a
+        receiver that saw a data stream end first would take the session for broken and
+        wait for a resume, never reading the ABORT."""
         self.session = ""
+        if self.mysql_watch is not None and self.mysql_watch.running:
+            self.mysql_watch.stop()
+        self.mysql_watch = None
+        if self.files is not None:
+            self.files.close()
         if self.retry_call is not None and self.retry_call.active():
             self.retry_call.cancel()
         self.retry_call = None
-        for stream in self.streams:
-            stream.close()
-        self.streams = []
+        streams, self.streams = self.streams, []
         self.control = self.manifest_stream = None
+        if first is not None and first in streams and not first.closed:
+            rest = [stream for stream in streams if stream is not first]
+            for stream in rest:
+                stream.waiting.clear()
+            first.close()
+
+            def close_rest(result=None):
+                for stream in rest:
+                    stream.close()
+                return result
+
+            timer = self.manager.clock.callLater(ABORT_LINGER, close_rest)
+            first.lost.addBoth(lambda result: close_rest(timer.cancel() if timer.active() else result))
+            return
+        for stream in streams:
+            stream.close()
 
     def _settle(self) -> None:
         self.manager.job_ended(self)
@@ -640,6 +799,28 @@ class SendJob(state.JobIdentity):
             stream.close(abort=True)
         await defer.DeferredList([s.lost for s in streams if not s.lost.called], consumeErrors=True)
         self.manager.save(self.record)
+
+    def _watch_mysql(self) -> None:
+        """A datadir seed fails as soon as MySQL is seen running on its source (checked
+        every :data:`MYSQL_POLL` seconds through the MySQL service): the files sent
+        would no longer make one consistent datadir."""
+        if self.record.source != "datadir" or self.manager.mysql is None:
+            return
+        self.mysql_watch = task.LoopingCall(lambda: defer.ensureDeferred(self._check_mysql()))
+        self.mysql_watch.clock = self.manager.clock
+        self.mysql_watch.start(MYSQL_POLL, now=False)
+
+    async def _check_mysql(self) -> None:
+        if not self.reading:
+            return
+        try:
+            running = await self.manager.mysql.is_running()
+        except Exception as e:
+            log.warn("seed {seed}: cannot tell whether MySQL runs: {error}", seed=self.seed_id, error=e)
+            return
+        if running and self.reading:
+            self.fail(f"MySQL started on this host while its datadir {self.record.source_path} "
+                      f"was being sent: the seed cannot be a consistent copy any more")
 
     def set_rate_limit(self, rate: int) -> None:
         self.bucket.set_rate(rate)
@@ -676,10 +857,14 @@ def tell_abort(stream: SenderStream | None, body: dict) -> None:
         stream.last_word = body
 
 
-def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None]):
+def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None],
+            previous: bytes | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
-    grows; the manifest (with its digest) and the chunk plan."""
+    grows; the manifest (with its digest), the chunk plan and the entries' identities.
+    ``previous``: the identities saved by this seed's walk before the agent restarted,
+    which the files must still have (BadRequest naming the first that has not)."""
     packer = None
+    pins = tree.Pins()
 
     def grown(manifest: tree.Manifest) -> None:
         nonlocal packer
@@ -688,23 +873,29 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None]):
         if bodies:
             packed(bodies)
 
-    manifest = tree.walk(root, chunk_size, grown)
+    manifest = tree.walk(root, chunk_size, grown, pins)
+    if previous is not None:
+        pins.compare(manifest, previous, root)
     (packer or tree.ManifestPacker(manifest)).finish()
-    return manifest, plan.ChunkTable(manifest)
+    return manifest, plan.ChunkTable(manifest), pins
 
 
-def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress: bool,
-                 kind: int) -> list:
+def _save_pins(store: state.StateStore, seed_id: str, pins: tree.Pins, manifest: tree.Manifest) -> None:
+    store.write(seed_id, "pins", pins.pack(manifest))
+
+
+def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:
     """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``.
 
     A batch of several whole small files becomes one BUNDLE frame, else one DATA frame
     per chunk."""
+    manifest = files.manifest
     if len(items) > 1:
         raw = bytearray(sum(length for _, _, length in items))
         view = memoryview(raw)
         position = 0
         for index, _offset, length in items:
-            fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = files.open_checked(index)
             try:
                 if os.preadv(fd, [view[position:position + length]], 0) != length:
                     raise BadRequest(f"seed source file {manifest.paths[index]} changed while it "
@@ -714,19 +905,34 @@ def _read_chunks(root: str, manifest: tree.Manifest, items, key: bytes, compress
             position += length
         return [frames.seal_bundle([(i, n) for i, _, n in items], raw, key, compress, kind)]
     (index, offset, length), = items
-    fd = os.open(os.path.join(root, manifest.paths[index]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        data = _read_exact(fd, length, offset, manifest.paths[index])
-    finally:
-        os.close(fd)
+    data = _read_range(files, index, offset, length)
     pieces, digest, compressed = frames.seal_chunk(index, offset, data, key, compress, kind=kind)
     return [(pieces, [digest], compressed)]
 
 
-def _recheck_source(root: str, manifest: tree.Manifest, items, kind: int) -> list:
-    """Worker thread: which chunks the receiver says it has match the source's bytes."""
+def _read_range(files: SourceFiles, index: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of entry ``index`` at ``offset``, through a checked descriptor
+    (kept open when the file has more chunks)."""
+    manifest = files.manifest
+    if manifest.sizes[index] <= manifest.chunk_size:
+        fd = files.open_checked(index)
+        try:
+            return _read_exact(fd, length, offset, manifest.paths[index])
+        finally:
+            os.close(fd)
+    fd = files.acquire(index)
+    try:
+        return _read_exact(fd, length, offset, manifest.paths[index])
+    finally:
+        files.release(index, fd)
+
+
+def _recheck_source(files: SourceFiles, items, kind: int) -> list:
+    """Worker thread: which chunks the receiver says it has match the source's bytes
+    (read through checked descriptors: a changed file fails the seed)."""
     good = []
     for cid, index, offset, length, digest in items:
-        if plan.range_matches(os.path.join(root, manifest.paths[index]), offset, length, digest, kind):
+        data = _read_range(files, index, offset, length)
+        if frames.content_digest(data, kind) == digest:
             good.append((cid, digest))
     return good

@@ -4,7 +4,9 @@ The sender walks the source once (in a worker thread) into a :class:`Manifest`: 
 directory, regular file and symlink with its relative path, size, mode, mtime and owner
 (by name, with the numeric id as a fallback), and for sparse files the data extents found
 with SEEK_DATA/SEEK_HOLE.  Sockets, FIFOs and devices cannot be copied and are left out
-(a MySQL socket in the datadir is the usual case).
+(a MySQL socket in the datadir is the usual case).  The sender's walk also records each
+entry's device, inode and ctime (:class:`Pins`, never sent), against which every file it
+opens later is checked.
 
 The receiver trusts none of it: :func:`validate_entries` rejects absolute paths, ``..``,
 duplicate names, entries under anything but a directory of the manifest, and symlinks
@@ -382,16 +384,113 @@ def data_extents(fd: int, size: int) -> tuple[tuple[int, int], ...]:
     return tuple(extents)
 
 
+class Pins:
+    """What the sender's walk saw of each entry beyond the manifest's size and mtime: its
+    device, inode and ctime, in manifest order, and the source directory's (device,
+    inode).  Never sent: the sender checks every file it opens against them
+    (:meth:`check`), so a file replaced, rewritten or seen through another mount since
+    the walk fails the seed instead of sending a mix of two trees."""
+
+    def __init__(self):
+        self.root: tuple[int, int] = (0, 0)
+        self.devices = array("Q")
+        self.inodes = array("Q")
+        self.ctimes = array("q")
+
+    def add(self, st: os.stat_result) -> None:
+        self.devices.append(st.st_dev)
+        self.inodes.append(st.st_ino)
+        self.ctimes.append(st.st_ctime_ns)
+
+    def changed(self, manifest: Manifest, index: int, st: os.stat_result) -> str:
+        """What differs between ``st`` (entry ``index`` as it is now) and the walk: ""
+        when nothing does."""
+        what = ["removed or replaced"] if st.st_nlink == 0 else []
+        if st.st_dev != self.devices[index] or st.st_ino != self.inodes[index]:
+            what.append(f"device/inode {st.st_dev}/{st.st_ino}, was "
+                        f"{self.devices[index]}/{self.inodes[index]}")
+        if st.st_size != manifest.sizes[index]:
+            what.append(f"size {st.st_size}, was {manifest.sizes[index]}")
+        if st.st_mtime_ns != manifest.mtimes[index]:
+            what.append(f"mtime {st.st_mtime_ns}, was {manifest.mtimes[index]}")
+        if st.st_ctime_ns != self.ctimes[index]:
+            what.append(f"ctime {st.st_ctime_ns}, was {self.ctimes[index]}")
+        return "; ".join(what)
+
+    def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
+        """BadRequest naming ``path`` when entry ``index`` is no longer what the walk saw."""
+        what = self.changed(manifest, index, st)
+        if what:
+            raise BadRequest(f"seed source file {path} changed while it was being sent ({what})")
+
+    def pack(self, manifest: Manifest) -> bytes:
+        """The files' identities, to be compared after a restart (:meth:`compare`)."""
+        import zstandard
+
+        files = [i for i in range(len(manifest)) if manifest.kinds[i] == _FILE]
+        head = json.dumps({"root": list(self.root), "count": len(files)}).encode()
+        columns = [array("Q", map(self.devices.__getitem__, files)),
+                   array("Q", map(self.inodes.__getitem__, files)),
+                   array("Q", map(manifest.sizes.__getitem__, files)),
+                   array("q", map(manifest.mtimes.__getitem__, files)),
+                   array("q", map(self.ctimes.__getitem__, files))]
+        paths = "\x00".join(map(manifest.paths.__getitem__, files)).encode()
+        body = b"".join([len(head).to_bytes(4, "big"), head, *(c.tobytes() for c in columns), paths])
+        return zstandard.ZstdCompressor(level=1).compress(body)
+
+    def compare(self, manifest: Manifest, packed: bytes, source: str) -> None:
+        """BadRequest naming the first file of ``packed`` (an earlier walk of the same
+        seed's source, before the agent restarted) that is gone or not the same file now,
+        or the source directory itself when it is another one."""
+        import zstandard
+
+        body = zstandard.ZstdDecompressor().decompress(packed, max_output_size=1 << 31)
+        size = int.from_bytes(body[:4], "big")
+        head = json.loads(body[4:4 + size])
+        if tuple(head["root"]) != self.root:
+            raise BadRequest(f"seed source {source} is not the directory the seed began with "
+                             f"(device/inode {self.root[0]}/{self.root[1]}, was "
+                             f"{head['root'][0]}/{head['root'][1]}): it changed while the agent was down")
+        count, position = head["count"], 4 + size
+        columns = []
+        for code in "QQQqq":
+            column = array(code)
+            column.frombytes(body[position:position + 8 * count])
+            columns.append(column)
+            position += 8 * count
+        paths = body[position:].decode().split("\x00") if count else []
+        now = {path: index for index, path in enumerate(manifest.paths)}
+        for path, dev, ino, size_, mtime, ctime in zip(paths, *columns):
+            index = now.get(path)
+            full = os.path.join(source, path)
+            if index is None or manifest.kinds[index] != _FILE:
+                raise BadRequest(f"seed source file {full} changed while it was being sent "
+                                 "(it is gone since the agent restarted)")
+            was = (dev, ino, size_, mtime, ctime)
+            if was != (self.devices[index], self.inodes[index], manifest.sizes[index],
+                       manifest.mtimes[index], self.ctimes[index]):
+                fields = ("device", "inode", "size", "mtime", "ctime")
+                is_ = (self.devices[index], self.inodes[index], manifest.sizes[index],
+                       manifest.mtimes[index], self.ctimes[index])
+                what = "; ".join(f"{name} {b}, was {a}" for name, a, b in zip(fields, was, is_) if a != b)
+                raise BadRequest(f"seed source file {full} changed while it was being sent "
+                                 f"({what}; seen after the agent restarted)")
+
+
 def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
-         grown: Callable[[Manifest], None] | None = None) -> Manifest:
+         grown: Callable[[Manifest], None] | None = None, pins: Pins | None = None) -> Manifest:
     """Walk ``root`` (blocking: call in a worker thread) into a manifest; ``grown`` is
     called with it every few thousand entries and at the end (the sender packs and sends
-    them while the walk goes on).
+    them while the walk goes on).  ``pins``, when given, gets every entry's identity.
 
     Raises BadRequest when ``root`` is not a directory or holds a symlink leaving it.
     """
     if not os.path.isdir(root):
         raise BadRequest(f"seed source {root} is not a directory")
+    if pins is not None:
+        st = os.stat(root)
+        pins.root = (st.st_dev, st.st_ino)
+    pin = pins.add if pins is not None else (lambda st: None)
     users: dict[int, str] = {}
     groups: dict[int, str] = {}
     manifest = Manifest(chunk_size=chunk_size)
@@ -433,6 +532,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
             user, group = users[st.st_uid], groups[st.st_gid]
             if stat.S_ISDIR(st.st_mode):
                 add([child_rel, DIR, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid, "", None])
+                pin(st)
                 visit(child_rel, os.path.join(path, item.name))
             elif stat.S_ISREG(st.st_mode):
                 extents = None
@@ -446,11 +546,13 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
                         extents = found
                 add([child_rel, FILE, st.st_size, mode, st.st_mtime_ns, user, group, st.st_uid,
                      st.st_gid, "", extents])
+                pin(st)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(item.name, dir_fd=fd)
                 check_link(child_rel, target)
                 add([child_rel, LINK, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid,
                      target, None])
+                pin(st)
 
     visit("", root)
     flush(last=True)

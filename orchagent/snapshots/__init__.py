@@ -7,7 +7,9 @@ datadir's file system on first use, see :mod:`orchagent.snapshots.detect`), lets
 original agent's do-it-yourself hook), and runs one changing operation at a time (create,
 mount, unmount, remove, restore), so that two requests never race on the mount point or
 the datadir.  Restores a crash interrupted are settled before anything else
-(:meth:`Snapshots.recover`, at agent start and before each restore).
+(:meth:`Snapshots.recover`, at agent start and before each restore).  Nothing is
+unmounted, mounted over, removed or restored while a seed sends what it would change
+(:meth:`Snapshots.refuse_while_sent`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from orchagent.errors import Refused
 from orchagent.interfaces import ICommandRunner, ISnapshotBackend
+from orchagent.snapshots import mountinfo
 from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
 from orchagent.snapshots.restore import recover_restores, restore_journal
 
@@ -43,6 +47,31 @@ class Snapshots:
         self.backups = backups
         self.lock = DeferredLock()
         self.chosen = None if config.snapshot_backend == "auto" else backends[config.snapshot_backend]
+        #: The sends that may still read their source (the seed manager's
+        #: ``reading_sources``, wired by build_agent); None: seeds are not this object's care.
+        self.seed_readers: Callable[[], Awaitable[list[dict]]] | None = None
+
+    async def refuse_while_sent(self, doing: str, mount_point: bool = True,
+                                datadir: bool = False) -> None:
+        """Refused, naming the seed, while a send reads the snapshot mount point
+        (``mount_point``) or the datadir (``datadir``): unmounting or replacing either
+        under it would send a mix of two trees.  A send that has read everything (it
+        waits for the receiver's verdict), or was aborted, no longer counts."""
+        if self.seed_readers is None:
+            return
+        readers = await self.seed_readers()
+        if not readers:
+            return
+        mount = mountinfo.normalize(self.config.snapshot_mount_point) \
+            if self.config.snapshot_mount_point else None
+        for reader in readers:
+            path = reader.get("SourcePath", "")
+            on_mount = reader.get("Source") == "snapshot" or (
+                mount is not None and (path == mount or path.startswith(mount.rstrip("/") + "/")))
+            if (mount_point and on_mount) or (datadir and reader.get("Source") == "datadir"):
+                seed = reader.get("SeedId")
+                raise Refused(f"cannot {doing}: seed {seed} is sending {path or 'it'}; abort the "
+                              f"seed (abort-seed/{seed}) or wait for it to end")
 
     @property
     def name(self) -> str:
@@ -94,18 +123,25 @@ class Snapshots:
 
     async def mount(self, name: str) -> Mount:
         async with self.lock:
+            await self.refuse_while_sent(f"mount {name} on the snapshot mount point")
             if await self._backup(name) is not None:
                 return await self.backups.mount(name)
             return await (await self.backend()).mount(name)
 
     async def unmount(self) -> Mount:
         async with self.lock:
+            await self.refuse_while_sent("unmount the snapshot mount point")
             if self.backups is not None and self.backups.mounted() is not None:
                 return await self.backups.unmount()
             return await (await self.backend()).unmount()
 
     async def remove(self, name: str) -> bool:
         async with self.lock:
+            if self.seed_readers is not None and await self.seed_readers():
+                mount = await self.mount_state()
+                if mount.is_mounted and mount.lv_path and \
+                        mount.lv_path == (await self.get_volume(name)).path:
+                    await self.refuse_while_sent(f"remove {name}, which is mounted")
             if await self._backup(name) is not None:
                 return await self.backups.remove(name)
             return await (await self.backend()).remove(name)
@@ -118,6 +154,8 @@ class Snapshots:
 
     async def restore(self, name: str) -> bool:
         async with self.lock:
+            await self.refuse_while_sent(f"restore {name} over the datadir", mount_point=False,
+                                         datadir=True)
             await recover_restores(restore_journal(self.config, self.runner), self.service)
             if await self._backup(name) is not None:
                 return await self.backups.restore(name)
