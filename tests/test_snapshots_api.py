@@ -22,7 +22,7 @@ from orchagent.snapshots import build_backend
 from orchagent.snapshots.lvm import LVS_ARGV
 from orchagent.token import Token
 from tests.support.daemon import REPO_ROOT
-from tests.support.fakes import FakeHost, FakeMounts, FakeRunner, FakeService
+from tests.support.fakes import FakeHost, FakeMounts, FakeRunner, FakeSeeds, FakeService
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TOKEN = "tok"
@@ -50,7 +50,7 @@ class LVMApiTests(unittest.TestCase):
             backend.read_mounts = backend.mount_point.read_mounts = self.mounts
         agent = Agent(config=config, reactor=clock, runner=self.runner, hostname="db1",
                       token=Token(TOKEN), service=self.service, host=host, binlogs=None,
-                      snapshots=snapshots, snapshot_hosts=None, seeds=None, registration=None)
+                      snapshots=snapshots, snapshot_hosts=None, seeds=FakeSeeds(), registration=None)
         self.http = StubTreq(AgentAPI(agent).resource())
 
     async def get(self, path, **params):

@@ -209,8 +209,10 @@ class RestoreTests(DaemonCase):
         code, body = await self.get("/api/removelv", lv=replaced)
         self.assertIn("is not a snapshot", body["Message"])
         log = self.agent.output()
-        for step in ("step 1/4: stop MySQL", "step 2/4: rename the datadir",
-                     "step 3/4: snapshot", "step 4/4: start MySQL"):
+        # The new tree is made under a work name while MySQL still runs, then two renames
+        # (journaled: a crash between them is settled at the next start).
+        for step in ("step 1/5: snapshot", "step 2/5: stop MySQL", "step 3/5: rename the datadir",
+                     "step 4/5: rename", "step 5/5: start MySQL"):
             self.assertIn(step, log)
 
         # The replaced datadir still holds the newer state: start a server on a clone of it.

@@ -155,6 +155,14 @@ class FakeService:
         return True
 
 
+class FakeSeeds:
+    """A host that receives and sends no seed (what the API asks before it lets the
+    datadir change)."""
+
+    def all_status(self) -> list[dict]:
+        return []
+
+
 class FakeHost:
     """MySQLHost facts a test decides: the datadir, and disk usage per path."""
 
