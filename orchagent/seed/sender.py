@@ -91,7 +91,10 @@ class SenderStream(protocol.Protocol):
         self.reads = 0
         #: Batches read while paused: (items, results), written on resume.
         self.waiting: deque = deque()
+        #: The handshake's deadline, and apart from it the rate limit's wait before the
+        #: next read (a change of the limit reschedules that one, never the deadline).
         self.timer = None
+        self.pace = None
         self.closed = False
         self.lost = defer.Deferred()
         self.accepted = defer.Deferred()
@@ -144,13 +147,23 @@ class SenderStream(protocol.Protocol):
 
     def connectionLost(self, reason=protocol.connectionDone):
         self.closed = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._stop_timers()
         if not self.accepted.called:
             self.accepted.errback(reason)
         self.job.stream_lost(self, reason)
         if not self.lost.called:
             self.lost.callback(None)
+
+    def _stop_timers(self) -> None:
+        for timer in (self.timer, self.pace):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.timer = self.pace = None
+
+    def stop_pacing(self) -> None:
+        if self.pace is not None and self.pace.active():
+            self.pace.cancel()
+        self.pace = None
 
     def close(self, abort: bool = False) -> None:
         """Close the connection; a stream that has an ABORT to say after its handshake
@@ -158,8 +171,7 @@ class SenderStream(protocol.Protocol):
         if self.closed or (self.last_word is not None and not abort):
             return
         self.closed = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self._stop_timers()
         if self.transport is None:
             # Still connecting: stop trying; nothing to wait for.
             if self.connecting is not None:
@@ -579,8 +591,8 @@ class SendJob(state.JobIdentity):
                and stream in self.streams):
             delay = self.bucket.delay()
             if delay > 0:
-                if stream.timer is None or not stream.timer.active():
-                    stream.timer = self.manager.clock.callLater(delay, self.pump, stream)
+                if stream.pace is None or not stream.pace.active():
+                    stream.pace = self.manager.clock.callLater(delay, self.pump, stream)
                 return
             length = self.table.length
             items = [self.queue.popleft()]
@@ -825,8 +837,7 @@ class SendJob(state.JobIdentity):
     def set_rate_limit(self, rate: int) -> None:
         self.bucket.set_rate(rate)
         for stream in self.streams:
-            if stream.timer is not None and stream.timer.active():
-                stream.timer.cancel()
+            stream.stop_pacing()
             self.pump(stream)
 
     def progress(self) -> tuple[float, float | None]:
