@@ -351,8 +351,19 @@ def _holds_datadir_markers(directory: str, names: set[str]) -> bool:
 
 
 def _empty_directory(directory: str) -> None:
+    """Remove what ``directory`` holds, what marks it as a datadir last (``mysql/``, then
+    the marker files at its top): emptying stopped half-way (a crash, an I/O error) leaves
+    a directory that is still recognised as a datadir, so repeating the call finishes it."""
     with os.scandir(directory) as entries:
         names = [(e.path, e.is_dir(follow_symlinks=False)) for e in entries]
+
+    def last(entry: tuple[str, bool]) -> int:
+        name = os.path.basename(entry[0])
+        if name in DATADIR_MARKERS or name.endswith(".ibd"):
+            return 2
+        return 1 if name in ("mysql", "#innodb_redo") else 0
+
+    names.sort(key=last)
     for path, is_dir in names:
         try:
             if is_dir:

@@ -115,7 +115,18 @@ def _rename(source: str, target: str) -> None:
 
 
 def roll_forward(p: Promotion) -> None:
-    """Finish the promotion (see the module docstring); PromotionError naming a rename."""
+    """Finish the promotion (see the module docstring); PromotionError naming a rename.
+    Staging gone before every new name is in the datadir (a record that outlived a seed
+    which failed before its promotion began) is a PromotionError too, before anything
+    moves: going forward would leave the datadir without the new tree."""
+    old = set(p.old)
+
+    def moved_in(name: str) -> bool:
+        return _exists(os.path.join(p.datadir, name)) and (
+            name not in old or _exists(os.path.join(p.aside, name)))
+
+    if not os.path.isdir(p.staging) and not all(moved_in(name) for name in p.new):
+        raise PromotionError(f"cannot move {p.staging} into {p.datadir}: the staging directory is gone")
     moved_aside = False
     for name in p.old:
         current, kept = os.path.join(p.datadir, name), os.path.join(p.aside, name)

@@ -14,6 +14,7 @@ the sender.  Memory stays bounded by streams × window, whatever the seed's size
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -828,7 +829,14 @@ class ReceiveJob(state.JobIdentity):
 
         def commit() -> promotion.Promotion:
             planned = promotion.plan(self.staging)
-            promotion.write_record(path, planned)
+            try:
+                promotion.write_record(path, planned)
+            except OSError:
+                # Not begun: a record left in place (a failed directory fsync after its
+                # rename) would be settled at the next start, long after this failure.
+                with contextlib.suppress(OSError):
+                    promotion.remove_record(path)
+                raise
             return planned
 
         try:

@@ -1,0 +1,151 @@
+"""Crash points and I/O errors on the durable path (issue #17).
+
+The findings of ``python3 -m reliability.crashpoints``, each at unit level, then a fast
+slice of the enumerator itself (root, strace): a few crash points and I/O errors of a
+datadir seed and of a copy restore, none of which may end broken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+from twisted.trial import unittest
+
+from orchagent.host import facts
+from orchagent.seed import promotion
+from orchagent.seed.staging import Staging
+
+
+def write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def tree_of(top: str) -> dict[str, bytes | None]:
+    found: dict[str, bytes | None] = {}
+    for directory, dirs, files in os.walk(top):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(directory, name), top)] = None
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as fh:
+                found[os.path.relpath(os.path.join(directory, name), top)] = fh.read()
+    return found
+
+
+class Stop(Exception):
+    """An I/O error (or a crash) at the n-th removal."""
+
+
+class InterruptedEmptyingTests(unittest.TestCase):
+    """delete-mysql-datadir stopped half-way must be repeatable (the crash points found
+    the repeat refused: "does not look like a MySQL datadir", the datadir half empty)."""
+
+    def make(self) -> str:
+        datadir = os.path.abspath(self.mktemp())
+        for name in ("ibdata1", "auto.cnf", "master.info", "host-relay-bin.000001", "zz.log",
+                     "aa.txt", "db/t1.ibd", "db/t2.frm", "mysql/user.frm", "mysql/db.opt"):
+            write(os.path.join(datadir, name), b"x")
+        return datadir
+
+    def test_every_interruption_leaves_a_recognised_datadir(self):
+        real_unlink, real_rmtree = os.unlink, shutil.rmtree
+        for stop_at in range(1, 12):  # more removals than the tree has
+            datadir = self.make()
+            seen = [0]
+
+            def stopping(path, *a, _real=real_unlink, **kw):
+                seen[0] += 1
+                if seen[0] == stop_at:
+                    raise Stop(path)
+                return _real(path, *a, **kw)
+
+            def stopping_tree(path, *a, **kw):
+                seen[0] += 1
+                if seen[0] == stop_at:
+                    raise Stop(path)
+                return real_rmtree(path, *a, **kw)
+
+            with mock.patch.object(facts.os, "unlink", stopping), \
+                    mock.patch.object(facts.shutil, "rmtree", stopping_tree):
+                try:
+                    facts._empty_directory(datadir)
+                except Stop:
+                    pass
+            names = set(os.listdir(datadir))
+            self.assertTrue(not names or facts._holds_datadir_markers(datadir, names),
+                            f"stopped at removal {stop_at}: {sorted(names)} is no longer a datadir")
+            facts._empty_directory(datadir)
+            self.assertEqual(os.listdir(datadir), [])
+
+
+class RecordWithoutStagingTests(unittest.TestCase):
+    """A promotion record that outlived a seed which failed before its promotion began
+    (the record renamed in place, then the directory fsync failed: EDQUOT/EIO at that
+    fsync) was settled forward at the next start: the old tree moved aside, nothing moved
+    in, an empty datadir and a seed reported completed."""
+
+    def test_forward_without_staging_undoes_instead(self):
+        base = os.path.abspath(self.mktemp())
+        datadir = os.path.join(base, "data")
+        for name in ("ibdata1", "db/t.ibd", "mysql/user.MAD"):
+            write(os.path.join(datadir, name), b"old " + name.encode())
+        staging = Staging(datadir, "5")
+        for name in ("ibdata1", "db/t.ibd"):
+            write(os.path.join(staging.root, name), b"new " + name.encode())
+        old = tree_of(datadir)
+        record = os.path.join(base, "5.promotion")
+        planned = promotion.plan(staging)
+        promotion.write_record(record, planned)
+        shutil.rmtree(staging.root)  # the failed seed's staging, discarded
+        with self.assertRaises(promotion.Undone):
+            promotion.settle(record, promotion.read_record(record))
+        self.assertEqual(tree_of(datadir), old)
+        self.assertFalse(os.path.exists(staging.aside))
+
+    def test_a_finished_promotion_settles_forward_again(self):
+        base = os.path.abspath(self.mktemp())
+        datadir = os.path.join(base, "data")
+        write(os.path.join(datadir, "ibdata1"), b"old")
+        staging = Staging(datadir, "6")
+        write(os.path.join(staging.root, "ibdata1"), b"new")
+        record = os.path.join(base, "6.promotion")
+        planned = promotion.plan(staging)
+        promotion.write_record(record, planned)
+        self.assertEqual(promotion.settle(record, planned), promotion.FORWARD)
+        self.assertEqual(promotion.settle(record, promotion.read_record(record)), promotion.FORWARD)
+        self.assertEqual(tree_of(datadir), {"ibdata1": b"new"})
+
+
+class EnumeratorSliceTests(unittest.TestCase):
+    """A few points of the enumerator, for real: agents on loopback, strace, a loop ext4."""
+
+    timeout = 240
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (strace, loop devices, mounts)")
+        if shutil.which("strace") is None or shutil.which("mkfs.ext4") is None:
+            raise unittest.SkipTest("needs strace and mkfs.ext4")
+
+    async def test_a_slice_of_points_is_never_broken(self):
+        from reliability import crashpoints
+
+        base = tempfile.mkdtemp(prefix="orchagent-crashpoints-")
+        os.chmod(base, 0o755)
+        self.addCleanup(shutil.rmtree, base, True)
+        world = crashpoints.World(base, 2)
+        self.addCleanup(lambda: __import__("twisted.internet.defer", fromlist=["x"]).Deferred
+                        .fromCoroutine(world.stop()))
+        await world.start()
+        tallies = []
+        for cls, crashes, errors in ((crashpoints.DatadirSeed, 3, 2), (crashpoints.CopyRestore, 2, 1)):
+            tallies.append(await crashpoints.run_operation(world, cls, quick=False, max_points=None,
+                                                           limits=(crashes, errors)))
+        for tally in tallies:
+            self.assertEqual(tally.outcomes.get("BROKEN", 0), 0, tally.broken)
+            self.assertGreater(tally.crash_points, 10)
+        self.assertGreaterEqual(sum(t.crashes + t.errors for t in tallies), 5)
