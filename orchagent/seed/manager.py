@@ -16,7 +16,6 @@ receiver's READY makes the transfer continue from its last verified chunk.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from twisted.application import service
@@ -205,7 +204,7 @@ class SeedManager(service.Service):
     def _remember_completed(self, record: state.SeedRecord) -> None:
         """A seed this host completed just before a restart: its sender may not have read
         the RESULT yet and reconnects to learn it, with the seed's key (kept until then)."""
-        left = COMPLETED_GRACE - (time.time() - record.updated_at)
+        left = COMPLETED_GRACE - (self.clock.seconds() - record.updated_at)
         key = self.store.read(record.seed_id, "key") if record.keyed else None
         if left <= 0 or record.mode != "engine" or (record.keyed and key is None):
             self.store.remove(record.seed_id, "key")
@@ -237,14 +236,14 @@ class SeedManager(service.Service):
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
     def touch(self, record: state.SeedRecord, force: bool = False) -> None:
-        record.updated_at = time.time()
+        record.updated_at = self.clock.seconds()
         for watcher in self.watchers:
             watcher(record)
         if force or record.updated_at - self._saved_at.get(record.seed_id, 0) > PROGRESS_INTERVAL:
             self.save(record)
 
     def save(self, record: state.SeedRecord) -> None:
-        self._saved_at[record.seed_id] = time.time()
+        self._saved_at[record.seed_id] = self.clock.seconds()
         for watcher in self.watchers:
             watcher(record)
         try:
@@ -338,7 +337,7 @@ class SeedManager(service.Service):
     # --- the API ---------------------------------------------------------------------------
 
     def _new_record(self, seed_id: str, role: str, **fields) -> state.SeedRecord:
-        now = time.time()
+        now = self.clock.seconds()
         record = state.SeedRecord(seed_id=seed_id, role=role, started_at=now, updated_at=now, **fields)
         self.records[seed_id] = record
         self._prune()

@@ -450,7 +450,7 @@ class ReceiveJob(state.JobIdentity):
             return
         if frame.type == FrameType.ABORT:
             message = frames.open_json(frame, stream.key).get("message", "")
-            self.manager.reactor.callLater(0, self.fail, f"the sender aborted the seed: {message}",
+            self.manager.clock.callLater(0, self.fail, f"the sender aborted the seed: {message}",
                                            state.ABORTED)
             return
         if stream is not self.control:

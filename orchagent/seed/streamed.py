@@ -50,7 +50,6 @@ import fcntl
 import os
 import select
 import struct
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -125,12 +124,13 @@ def _status(result) -> str:
 class _Stopwatch:
     """Seconds each step took, for the log: ``took("step")`` after each one."""
 
-    def __init__(self):
-        self.last = time.monotonic()
+    def __init__(self, clock):
+        self.clock = clock
+        self.last = clock.seconds()
         self.steps: list[str] = []
 
     def __call__(self, step: str) -> None:
-        now = time.monotonic()
+        now = self.clock.seconds()
         self.steps.append(f"{step} {now - self.last:.2f}s")
         self.last = now
 
@@ -625,7 +625,7 @@ class StreamReceiveJob(ReceiveJob):
         elif frame.type == FrameType.ABORT:
             body = frames.open_json(frame, stream.key)
             final = state.FAILED if body.get("state") == state.FAILED else state.ABORTED
-            self.manager.reactor.callLater(0, self.fail, f"the sender stopped the seed: "
+            self.manager.clock.callLater(0, self.fail, f"the sender stopped the seed: "
                                            f"{body.get('message', '')}", final)
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} on a seed stream")
@@ -773,7 +773,7 @@ class StreamReceiveJob(ReceiveJob):
                              f"{self.finish.get('bytes')} bytes")
         self._close_pipe()
         self.steps += 1
-        took = _Stopwatch()
+        took = _Stopwatch(self.manager.clock)
         await self._step("extract", self.extractor, f"{EXTRACTORS[self.tool]} -x")
         took("extract")
         self.steps += 1
