@@ -107,6 +107,23 @@ class StatusFastPath(Resource):
         return body
 
 
+class ChildrenService(service.Service):
+    """Stops the command runner's children still running when the agent stops (a custom
+    command, a service command that hangs): each is its own process group, which would
+    otherwise outlive the agent."""
+
+    name = "children"
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def stopService(self):
+        stop_all = getattr(self.runner, "stop_all", None)
+        if stop_all is not None:
+            stop_all()
+        return super().stopService()
+
+
 class HeapFreeze(service.Service):
     """Once the daemon has started, moves every object alive into the garbage collector's
     permanent generation (``gc.freeze``).
@@ -179,6 +196,7 @@ def build_service(config: config_module.Config, options, reactor=None) -> servic
     root.agent = agent
     api = AgentAPI(agent)
     site = bounded_site(gzip_when_asked(StatusFastPath(api, api.counted_resource())), reactor)
+    ChildrenService(agent.runner).setServiceParent(root)
     RecoveryService(agent.snapshots.recover).setServiceParent(root)
     http_service = StreamServerEndpointService(endpoint, site)
     # A port that can't be bound is fatal: an agent that runs without its API is worse

@@ -275,7 +275,3 @@ def main(parent_pid: int) -> None:
     reactor.run()
     if failed:
         raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()
