@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
-from twisted.internet import defer
+from twisted.internet import reactor
 from twisted.trial import unittest
 
-from tests.support.daemon import start_daemon, wait_until
+from orchagent.config import Config
+from orchagent.service import build_service
+from tests.support.daemon import free_port, wait_until
 
 MARKER = "307.25"
 
@@ -21,11 +24,15 @@ class ChildrenAtStopTests(unittest.TestCase):
 
     async def test_a_command_still_running_is_stopped_with_the_agent(self):
         self.addCleanup(subprocess.run, ["pkill", "-f", f"sleep {MARKER}"])
-        agent = await start_daemon(self, {"CustomCommands": {"nap": f"sleep {MARKER}"},
-                                          "CommandTimeoutSeconds": 600})
-        calling = defer.ensureDeferred(agent.get("/api/custom-commands/nap"))
-        calling.addErrback(lambda _: None)  # the agent goes away under the call
+        base = os.path.abspath(self.mktemp())
+        root = build_service(Config(http_port=free_port(), http_bind_address="127.0.0.1",
+                                    state_dir=os.path.join(base, "state"),
+                                    seed_engine_process=False), {}, reactor)
+        root.startService()
+        # A command nobody waits for any more (its caller gave up without cancelling).
+        ended = root.agent.runner.shell(f"sleep {MARKER}")
+        ended.addErrback(lambda _: None)
         await wait_until(running, timeout=15)
-        await agent.stop()
+        await root.stopService()
         await wait_until(lambda: not running(), timeout=15)
-        await calling
+        await ended
