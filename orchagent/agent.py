@@ -7,12 +7,11 @@ backend by passing them to :func:`build_agent`.
 
 from __future__ import annotations
 
-import socket
 from typing import Any, Callable
 
 import attrs
 
-from orchagent.config import Config
+from orchagent.config import Config, local_hostname
 from orchagent.interfaces import ICommandRunner
 from orchagent.token import Token
 
@@ -36,13 +35,6 @@ class Agent:
     tls_guard: Callable[[Any], None] = lambda request: None
     #: orchagent.backups.Backups: mariabackup/xtrabackup backups as seed sources.
     backups: Any = None
-
-
-def local_hostname(config: Config) -> str:
-    """AgentHostname when set, else the kernel's host name (``uname -n``), as the Go
-    agent's ``os.Hostname()``: never a reverse-DNS name, which on a host whose name maps
-    to 127.0.1.1 is ``localhost`` and would make orchestrator call itself."""
-    return config.agent_hostname or socket.gethostname()
 
 
 def _runner(config: Config, reactor) -> ICommandRunner:

@@ -25,7 +25,7 @@ from orchagent.api.resource import MAX_BODY_BYTES, AgentAPI, error_body, gzip_wh
 from orchagent.errors import AgentError, ConfigError
 from orchagent.logging import RootService, configured_observer, redact
 from orchagent.snapshots.restore import RecoveryService
-from orchagent.tap import load_config
+from orchagent.options import load_config
 
 log = Logger()
 
@@ -175,7 +175,7 @@ def redacted_access_log(timestamp, request) -> str:
 
 
 def makeService(options, reactor=None) -> service.MultiService:
-    """The daemon's service tree from parsed :class:`~orchagent.tap.Options` (tests build
+    """The daemon's service tree from parsed :class:`~orchagent.options.Options` (tests build
     it in their process; twistd comes through :func:`orchagent.tap.makeService`)."""
     return build_service(load_config(options), options, reactor)
 

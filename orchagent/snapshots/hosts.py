@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchagent.interfaces import ICommandRunner
+from orchagent.config import local_hostname
 from orchagent.snapshots import inventory
 
 
@@ -24,8 +25,6 @@ class SnapshotHosts:
     @property
     def hostname(self) -> str:
         if self._hostname is None:
-            from orchagent.agent import local_hostname
-
             self._hostname = local_hostname(self.config)
         return self._hostname
 
