@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -271,3 +272,10 @@ def orchestrator_over_https(config: Config) -> bool:
 def seed_tls_configured(config: Config) -> bool:
     """Whether seeds between agents run over mutual TLS (any seed TLS key is set)."""
     return bool(config.seed_tls_cert_file or config.seed_tls_key_file or config.seed_tls_ca_file)
+
+
+def local_hostname(config: Config) -> str:
+    """AgentHostname when set, else the kernel's host name (``uname -n``), as the Go
+    agent's ``os.Hostname()``: never a reverse-DNS name, which on a host whose name maps
+    to 127.0.1.1 is ``localhost`` and would make orchestrator call itself."""
+    return config.agent_hostname or socket.gethostname()
