@@ -100,6 +100,7 @@ FIELDS: tuple[Field, ...] = (
     _f("StateDir", "state_dir", str, "/var/lib/orchestrator-agent", "Where seed state persists across restarts.", ours=True),
     _f("SeedCompression", "seed_compression", str, "auto", "auto, zstd or none.", ours=True),
     _f("SeedVerifyOnDisk", "seed_verify_on_disk", str, "auto", "Before a received seed replaces the datadir, read every staged byte back and check it against the digest it arrived with: on, off, or auto (when the seed was interrupted and resumed: its staged data outlived a connection or a restart). Missing or resized staged files always fail the seed.", ours=True),
+    _f("SeedVerifyStart", "seed_verify_start", str, "auto", "Before a received seed replaces the datadir, start a throwaway server on the staged copy (the host's option files, its own socket, no networking, no replication, no event scheduler): InnoDB recovers, the system tables and a sample of user tables are read, the replication position is recorded, and it shuts down cleanly; a copy that fails is never promoted. on, off, or auto (when the server binary, mariadbd or mysqld, is installed and the staged tree holds the server's system tables).", ours=True),
     _f("SeedStreams", "seed_streams", int, 2, "Parallel TCP connections per seed.", ours=True),
     _f("SeedRateLimitBytesPerSec", "seed_rate_limit_bytes_per_sec", int, 0, "Seed bandwidth limit; 0 = none.", ours=True),
     _f("SeedBindAddress", "seed_bind_address", str, "", "Address the seed port listens on (only while this host receives a seed); empty = all, as a seed comes from another host.", ours=True),
@@ -242,6 +243,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{where}: key SeedCompression must be auto, zstd or none, not {config.seed_compression!r}")
     if config.seed_verify_on_disk not in ("auto", "on", "off"):
         raise ConfigError(f"{where}: key SeedVerifyOnDisk must be auto, on or off, not {config.seed_verify_on_disk!r}")
+    if config.seed_verify_start not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: key SeedVerifyStart must be auto, on or off, not {config.seed_verify_start!r}")
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"{where}: key LogFormat must be text or json, not {config.log_format!r}")
     if config.seed_streams < 1:

@@ -122,7 +122,7 @@ class HappyPathTests(SeedCase):
         status = await S.finished(r, "7")
         self.assertEqual(status["State"], "completed", status["Error"])
         sent = await S.finished(s, "7")
-        self.assertEqual(set(status), STATUS_KEYS)
+        self.assertEqual(set(status), STATUS_KEYS | {"Replication"})
         self.assertEqual((sent["Role"], status["Role"]), ("sender", "receiver"))
         self.assertEqual(status["BytesDone"], status["BytesTotal"])
         self.assertEqual(status["FilesDone"], status["FilesTotal"])

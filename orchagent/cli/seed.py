@@ -46,7 +46,7 @@ from orchagent.cli.render import Reporter, format_bytes, format_duration
 from orchagent.cli.state import SeedRecord, SeedStore
 
 #: seed-status states in which a side is still working.
-ACTIVE_STATES = ("pending", "running", "verifying")
+ACTIVE_STATES = ("pending", "running", "verifying", "checking")
 #: Keep the target's datadir during the copy only with this much headroom over the size.
 KEEP_DATADIR_HEADROOM = 1.05
 READY_MARK = "ready for connections"

@@ -348,6 +348,11 @@ class ReceiveJob(state.JobIdentity):
         #: Staged bytes read back so far (check_on_disk), while it reads them.
         self.reread = 0
         self.rereading = False
+        #: The throwaway server of the verified start (orchagent.replica), while it runs,
+        #: and the share of its steps done; the address the sender connects from.
+        self.start_check = None
+        self.check_share = 0.0
+        self.source_address = ""
 
     # --- restart -------------------------------------------------------------------------
 
@@ -398,6 +403,7 @@ class ReceiveJob(state.JobIdentity):
             self.sessions += 1
             self.session = hello["session"]
             self.control = stream
+            self.source_address = stream.peer
             self.ready = False
             self._drop_reading()
             self.batches = []
@@ -748,6 +754,8 @@ class ReceiveJob(state.JobIdentity):
     async def drain(self) -> None:
         while self.inflight:
             await defer.DeferredList(list(self.inflight), consumeErrors=True)
+        if self.start_check is not None:
+            await self.start_check.ended()
 
     def _maybe_finish(self) -> None:
         if self.finish is None or self.finalizing or not self.table.complete or self.inflight:
@@ -770,6 +778,9 @@ class ReceiveJob(state.JobIdentity):
         await self.manager.thread(self.staging.finalize, self.manifest, table)
         self.steps += 1
         await self.check_on_disk()
+        self.steps += 1
+        if not await self.check_start():
+            return
         self.steps += 1
         if not await self.promote():
             return
@@ -806,6 +817,21 @@ class ReceiveJob(state.JobIdentity):
         if reread:
             log.info("seed {seed}: read {bytes} staged bytes back, all as received",
                      seed=self.seed_id, bytes=self.reread)
+
+    async def check_start(self) -> bool:
+        """The verified start and the replication coordinates (orchagent.replica.seeded):
+        True when the seed may go on to its promotion."""
+        from orchagent.replica.seeded import check_staged_copy
+        from orchagent.replica.verify import StartCheckFailed
+
+        if not self.active:
+            return False
+        try:
+            await check_staged_copy(self)
+        except StartCheckFailed as e:
+            raise BadRequest(f"seed {self.seed_id} was not moved into {self.record.datadir} "
+                             f"(untouched): {e.message}") from None
+        return self.active
 
     async def promote(self) -> bool:
         """Move the verified, synced tree into the datadir as one journaled step
@@ -913,6 +939,8 @@ class ReceiveJob(state.JobIdentity):
             return ended
         record = self.record
         self.end_record(message, final_state, log)
+        if self.start_check is not None:
+            self.start_check.cancel()
         for control in [self.control, *self.waiting]:
             if control is not None:
                 control.last_word(frames.seal_json(
@@ -983,6 +1011,8 @@ class ReceiveJob(state.JobIdentity):
 
     async def stop(self) -> None:
         """Service stop: keep staging and journal so a restarted agent resumes."""
+        if self.start_check is not None:
+            self.start_check.cancel()
         for stream in list(self.streams):
             stream.close(abort=True)
         self.streams.clear()
@@ -1003,6 +1033,8 @@ class ReceiveJob(state.JobIdentity):
         arriving = sum(s.queued + s.splitter.buffered for s in self.streams)
         total = self.record.bytes_total
         within = self.reread / total if self.rereading and total else 0.0
+        if self.record.state == state.CHECKING:
+            within = self.check_share
         return self.kept + usage.visible_progress(
             total, self.record.bytes_done + arriving, self.steps, within)
 

@@ -25,6 +25,9 @@ log = Logger()
 
 PENDING, RUNNING, VERIFYING, COMPLETED, FAILED, ABORTED = (
     "pending", "running", "verifying", "completed", "failed", "aborted")
+#: A receiver's verified tree is being started by a throwaway server (SeedVerifyStart),
+#: after verifying and before the promotion.
+CHECKING = "checking"
 #: A sender aborted after the whole tree was sent, whose receiver never said how the seed
 #: ended (it may have completed it): the receiver's status is the truth.
 UNKNOWN = "unknown"
@@ -62,6 +65,9 @@ class SeedRecord:
     rate_limit: int = 0
     peer_host: str = ""
     promoting: bool = False
+    #: A receiver's replication coordinates of the copy (orchagent.replica.coordinates:
+    #: the status's ``Replication``), None while unknown.  Never a password.
+    replication: dict | None = None
 
     @property
     def terminal(self) -> bool:
@@ -90,6 +96,7 @@ class SeedRecord:
             "Error": self.error,
             "StartedAt": _rfc3339(self.started_at or None),
             "UpdatedAt": _rfc3339(self.updated_at or None),
+            **({"Replication": self.replication} if self.role == "receiver" else {}),
         }
 
 

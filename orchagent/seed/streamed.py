@@ -599,6 +599,7 @@ class StreamReceiveJob(ReceiveJob):
                      "TLS); set SeedAllowedNetworks, pass ?key= or configure SeedTLS*",
                      seed=self.seed_id, peer=stream.peer)
         self.stream = self.control = stream
+        self.source_address = stream.peer
         self.streams.add(stream)
         self.sessions += 1
         self.record.state = state.RUNNING
@@ -792,6 +793,13 @@ class StreamReceiveJob(ReceiveJob):
         await self.manager.thread(self.staging.finalize, manifest, table)
         self.steps += 1
         took("sync")
+        try:
+            if not await self.check_start():
+                return
+        except BadRequest as e:
+            raise StepFailed(f"hot seed {self.seed_id}: step check failed: {e.message}") from None
+        self.steps += 1
+        took("check")
         if not await self.promote():
             return
         took("move")

@@ -34,7 +34,7 @@ from orchagent.errors import NotAvailable
 
 #: Final phases a receive can show a step for (more than any receive has), and the size
 #: of one step; the last step is never shown, so the figure stays below the total.
-FINAL_STEPS = 8
+FINAL_STEPS = 10
 STEP = 4096
 
 

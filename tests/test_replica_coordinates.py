@@ -1,0 +1,153 @@
+"""Replication coordinates read from what a copy holds (orchagent.replica.coordinates), and
+the server options of a start check (orchagent.replica.verify): files written as MariaDB
+10.11 and xtrabackup/mariabackup write them."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from orchagent.host.mysql_options import Option, ServerOptions
+from orchagent.replica import coordinates as C
+from orchagent.replica import verify
+
+#: master.info of a MariaDB 10.11 replica (CHANGE MASTER ... MASTER_USE_GTID=slave_pos).
+MARIADB_MASTER_INFO = ("33\nmysql-bin.000001\n1111\n10.0.0.5\nrepl\ns3cr3t-pw\n3307\n60\n0\n\n\n\n\n\n0\n"
+                       "30.000\n\n0\n\n0\n\n\n\n\n\n\n\n\n\n\n\n\n\nusing_gtid=2\ndo_domain_ids=0\n"
+                       "ignore_domain_ids=0\nEND_MARKER\n")
+MARIADB_RELAY_LOG_INFO = "5\n./mysqld-relay-bin.000002\n1410\nmysql-bin.000001\n1090\n0\n"
+
+
+def write(root: str, name: str, text: str) -> None:
+    with open(os.path.join(root, name), "w") as fh:
+        fh.write(text)
+
+
+class ParsingTests(unittest.TestCase):
+
+    def test_mariadb_master_info(self):
+        info = C.parse_master_info(MARIADB_MASTER_INFO)
+        self.assertEqual((info.host, info.port, info.user, info.file, info.position, info.using_gtid),
+                         ("10.0.0.5", 3307, "repl", "mysql-bin.000001", 1111, "slave_pos"))
+        self.assertEqual(info.password, "s3cr3t-pw")
+        self.assertNotIn("s3cr3t-pw", repr(info))
+
+    def test_oldest_master_info_has_no_line_count(self):
+        info = C.parse_master_info("bin.000007\n4\ndb1\nu\np\n3306\n60\n")
+        self.assertEqual((info.file, info.position, info.host, info.port), ("bin.000007", 4, "db1", 3306))
+        self.assertIsNone(info.using_gtid)
+
+    def test_master_info_without_a_host_is_no_master(self):
+        self.assertIsNone(C.parse_master_info("33\n\n4\n\ntest\n\n3306\n"))
+        self.assertIsNone(C.parse_master_info(""))
+
+    def test_relay_log_info_with_and_without_a_count(self):
+        self.assertEqual(C.parse_relay_log_info(MARIADB_RELAY_LOG_INFO), ("mysql-bin.000001", 1090))
+        self.assertEqual(C.parse_relay_log_info("./r.000002\n1410\nmysql-bin.000003\n77\n"),
+                         ("mysql-bin.000003", 77))
+        self.assertIsNone(C.parse_relay_log_info("5\n"))
+
+    def test_binlog_info_files(self):
+        self.assertEqual(C.parse_binlog_info("mysql-bin.000002\t385\t0-1-17\n"),
+                         ("mysql-bin.000002", 385, "0-1-17"))
+        self.assertEqual(C.parse_binlog_info("mysql-bin.000002\t385\n"), ("mysql-bin.000002", 385, None))
+        # MySQL's GTID set may be cut over lines.
+        self.assertEqual(C.parse_binlog_info("b.000001\t9\t3E11FA47:1-5,\n4A55:1-2\n")[2],
+                         "3E11FA47:1-5,4A55:1-2")
+        self.assertIsNone(C.parse_binlog_info(""))
+
+    def test_slave_info_files(self):
+        self.assertEqual(C.parse_slave_info(
+            "SET GLOBAL gtid_slave_pos = '0-1-9';\nCHANGE MASTER TO master_use_gtid = slave_pos\n"),
+            {"gtid": "0-1-9"})
+        self.assertEqual(C.parse_slave_info(
+            "CHANGE MASTER TO MASTER_LOG_FILE='mysql-bin.000004', MASTER_LOG_POS=120;"),
+            {"file": "mysql-bin.000004", "position": 120})
+
+
+class TreeTests(unittest.TestCase):
+
+    def setUp(self):
+        self.root = self.mktemp()
+        os.makedirs(self.root)
+
+    def test_replica_copy_its_master_at_the_executed_position(self):
+        write(self.root, "master.info", MARIADB_MASTER_INFO)
+        write(self.root, "relay-log.info", MARIADB_RELAY_LOG_INFO)
+        found, info = C.from_tree(self.root, "192.0.2.9")
+        found = C.complete(found, {"gtid_slave_pos": "0-1-5", "gtid_binlog_pos": "0-2-1"},
+                           "192.0.2.9", 3306)
+        self.assertEqual(found.status(), {
+            "MasterHost": "10.0.0.5", "MasterPort": 3307, "MasterUser": "repl",
+            "BinlogFile": "mysql-bin.000001", "BinlogPos": 1090, "GTID": "0-1-5",
+            "GTIDMode": "slave_pos", "From": "master.info, relay-log.info, gtid_slave_pos"})
+        self.assertEqual(info.password, "s3cr3t-pw")
+        self.assertNotIn("s3cr3t-pw", repr(found.status()))
+
+    def test_primary_copy_the_source_at_its_binlog_end(self):
+        found, info = C.from_tree(self.root, "192.0.2.9")
+        self.assertIsNone(info)
+        found = C.complete(found, {"gtid_binlog_pos": "0-1-5", "binlog_file": "mysql-bin.000001",
+                                   "binlog_pos": 1149, "gtid_slave_pos": ""}, "192.0.2.9", 3306)
+        status = found.status()
+        self.assertEqual((status["MasterHost"], status["MasterPort"], status["MasterUser"],
+                          status["BinlogFile"], status["BinlogPos"], status["GTID"], status["GTIDMode"]),
+                         ("192.0.2.9", 3306, None, "mysql-bin.000001", 1149, "0-1-5", "slave_pos"))
+        self.assertIn("gtid_binlog_pos", status["From"])
+
+    def test_nothing_known_without_files_or_a_started_copy(self):
+        found, _ = C.from_tree(self.root, "192.0.2.9")
+        self.assertEqual(C.complete(found, {}, "192.0.2.9", 3306).sources, [])
+
+    def test_backup_its_source_at_the_consistent_point(self):
+        write(self.root, "mariadb_backup_binlog_info", "mysql-bin.000003\t642\t0-1-44\n")
+        found, _ = C.from_tree(self.root, "192.0.2.9")
+        found = C.complete(found, {"gtid_binlog_pos": "0-1-45", "binlog_file": "mysql-bin.000004",
+                                   "binlog_pos": 4}, "192.0.2.9", 3306)
+        self.assertEqual((found.master_host, found.master_port, found.binlog_file, found.binlog_pos,
+                          found.gtid), ("192.0.2.9", 3306, "mysql-bin.000003", 642, "0-1-44"))
+        self.assertTrue(found.status()["From"].startswith("mariadb_backup_binlog_info"))
+
+    def test_status_round_trip(self):
+        found = C.Coordinates("h", 1, "u", "f", 2, "g", "slave_pos", ["a", "b"])
+        self.assertEqual(C.Coordinates.from_status(found.status()).status(), found.status())
+
+
+class ServerArgumentsTests(unittest.TestCase):
+
+    def options(self, **values) -> ServerOptions:
+        return ServerOptions([Option(k, v, "my.cnf:1") for k, v in values.items()])
+
+    def test_the_copy_runs_apart_from_the_host(self):
+        args = verify.server_arguments(self.options(log_bin="mysql-bin"), "/d/.data.seed", "/d/data",
+                                       "/tmp/p", "mysql")
+        for expected in ("--datadir=/d/.data.seed", "--socket=/tmp/p/mysqld.sock",
+                         "--skip-networking", "--skip-slave-start", "--event-scheduler=OFF",
+                         "--skip-grant-tables", "--user=mysql", "--log-error=/tmp/p/error.log"):
+            self.assertIn(expected, args)
+        self.assertNotIn("--skip-log-bin", args)
+
+    def test_host_files_outside_the_datadir_are_never_used(self):
+        args = verify.server_arguments(self.options(
+            log_bin="/var/log/mysql/mysql-bin", relay_log="/var/log/mysql/relay-bin",
+            innodb_log_group_home_dir="/srv/redo", innodb_data_home_dir="/d/data"),
+            "/d/.data.seed", "/d/data", "/tmp/p", None)
+        self.assertIn("--skip-log-bin", args)
+        self.assertIn("--relay-log=/tmp/p/relay-bin", args)
+        self.assertIn("--loose-innodb-log-group-home-dir=/d/.data.seed", args)
+        self.assertFalse([a for a in args if "innodb-data-home-dir" in a])
+        self.assertFalse([a for a in args if a.startswith("--user")])
+
+    def test_auto_wants_a_datadir_and_a_server(self):
+        self.assertFalse(verify.wanted("auto", self.mktemp()))
+        self.assertFalse(verify.wanted("off", "/"))
+        self.assertTrue(verify.wanted("on", self.mktemp()))
+        root = self.mktemp()
+        os.makedirs(root)
+        write(root, "ibdata1", "")
+        write(root, "f.ibd", "")
+        self.assertFalse(verify.wanted("auto", root))  # looks like a datadir, no system tables
+        os.mkdir(os.path.join(root, "mysql"))
+        write(root, "mysql/global_priv.frm", "")
+        self.assertEqual(verify.wanted("auto", root), verify.server_program() is not None)

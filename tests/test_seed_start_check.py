@@ -1,0 +1,213 @@
+"""The verified start (SeedVerifyStart) and the replication coordinates of a seed, with real
+MariaDB servers and two seed managers on loopback.
+
+The source's datadir is seeded as a crashed server leaves it (mariadbd killed with
+SIGKILL, as a snapshot of a running server is): the target's throwaway server must
+recover it.  Each test checks the target's datadir, its staging and its seed-status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import time
+
+from twisted.internet import threads
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from orchagent.replica import seeded, verify
+from tests import seed_support as S
+from tests.support.mariadb import MariaDB, _read_pid, unavailable_reason
+
+PASSWORD = "s3cr3t-Pw-9f2c"
+
+
+def kill_hard(db: MariaDB) -> None:
+    """Stop ``db`` as a crash (or a snapshot of it running) would."""
+    pid = _read_pid(db.pid_file)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while db.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class StartCheckTests(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self):
+        reason = unavailable_reason() or (None if verify.server_program() else "no mariadbd")
+        if reason:
+            raise unittest.SkipTest(reason)
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        os.chmod(os.path.dirname(self.base), 0o755)  # mkdtemp's 0700: mysql must pass
+        self.port = S.free_port()
+        self.logged: list[str] = []
+
+        def observe(event):
+            self.logged.append(json.dumps({k: str(v) for k, v in event.items()}))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.private: list[str] = []
+        made = verify.private_directory
+
+        def private_directory() -> str:
+            self.private.append(made())
+            self.addCleanup(shutil.rmtree, self.private[-1], True)
+            return self.private[-1]
+
+        self.patch(verify, "private_directory", private_directory)
+
+    def source(self, **kwargs) -> MariaDB:
+        db = MariaDB.create(self, **kwargs)
+        db.sql("CREATE DATABASE d; CREATE TABLE d.t (id INT PRIMARY KEY, v VARCHAR(200)) ENGINE=InnoDB;"
+               "CREATE TABLE d.a (id INT) ENGINE=Aria; INSERT INTO d.a VALUES (1);"
+               "CREATE TABLE d.empty (id INT) ENGINE=InnoDB;")
+        db.sql("INSERT INTO d.t SELECT seq, REPEAT('x', 150) FROM seq_1_to_2000", database="d")
+        return db
+
+    def target(self) -> tuple[MariaDB, str]:
+        datadir = os.path.join(self.base, "target-data")
+        os.makedirs(datadir)
+        shutil.chown(datadir, "mysql", "mysql")
+        db = MariaDB.create(self, datadir=datadir, install=False, start=False, server_id=9)
+        return db, datadir
+
+    def managers(self, source_datadir: str, target: MariaDB, setting: str = "on"):
+        r = S.make_manager(self, os.path.join(self.base, "r"), target.datadir, self.port,
+                           mysql_options_file=target.option_file, seed_verify_start=setting)
+        s = S.make_manager(self, os.path.join(self.base, "s"), source_datadir, self.port)
+        return r, s
+
+    async def seed(self, r, s, seed: str) -> dict:
+        self.assertTrue(await r.receive(seed))
+        self.assertTrue(await s.send(f"127.0.0.1:{self.port}", seed, source="datadir"))
+        return await S.finished(r, seed, timeout=150)
+
+    async def assert_no_staging(self, r, seed: str, datadir: str) -> None:
+        job = r.jobs.get(seed)
+        if job is not None:
+            await job.done
+        parent = os.path.dirname(datadir)
+        self.assertEqual([n for n in os.listdir(parent) if "orchagent-seed" in n], [])
+        self.assertTrue(self.private)
+        self.assertEqual([p for p in self.private if os.path.exists(p)], [])
+
+    async def test_a_primarys_copy_starts_and_reports_its_binlog_end(self):
+        """A crashed primary's datadir: the copy recovers, passes, is promoted; its
+        coordinates are the source host at the binlog's end, gtid_binlog_pos."""
+        source = self.source()
+        (file, position), = [tuple(row[:2]) for row in source.sql("SHOW MASTER STATUS")]
+        (gtid,), = source.sql("SELECT @@gtid_binlog_pos")
+        await threads.deferToThread(kill_hard, source)
+        target, datadir = self.target()
+        r, s = self.managers(source.datadir, target)
+        seen = []
+        r.watchers.append(lambda record: seen.append(record.state))
+        status = await self.seed(r, s, "primary")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertIn("checking", seen)
+        self.assertEqual(status["Replication"], {
+            "MasterHost": "127.0.0.1", "MasterPort": target.port, "MasterUser": None,
+            "BinlogFile": file, "BinlogPos": int(position), "GTID": gtid, "GTIDMode": "slave_pos",
+            "From": "binlog after crash recovery, gtid_binlog_pos, the source host (seed peer)"})
+        await self.assert_no_staging(r, status["SeedId"], datadir)
+        # The promoted copy is the source's data: a real server starts on it.
+        await target.start_async()
+        self.assertEqual(await target.sql_async("SELECT COUNT(*), SUM(id) FROM d.t"), [("2000", "2001000")])
+        await target.stop_async()
+
+    async def test_a_corrupted_page_is_never_promoted(self):
+        """A page of d.t with bytes flipped (on the source's disk): the seed arrives as it
+        is, the check fails naming its step and the error log, the datadir is untouched."""
+        source = self.source()
+        await source.stop_async()
+        path = os.path.join(source.datadir, "d", "t.ibd")
+        with open(path, "r+b") as fh:
+            fh.seek(3 * 16384 + 2000)
+            data = fh.read(64)
+            fh.seek(3 * 16384 + 2000)
+            fh.write(bytes(b ^ 0x5A for b in data))
+        target, datadir = self.target()
+        with open(os.path.join(datadir, "keep.me"), "w") as fh:
+            fh.write("before")
+        r, s = self.managers(source.datadir, target)
+        status = await self.seed(r, s, "corrupt")
+        self.assertEqual(status["State"], "failed")
+        error = status["Error"]
+        self.assertIn("start check at step user tables: reading d.t failed: ERROR 1877", error)
+        self.assertIn("error log", error)
+        self.assertIn("not moved into", error)
+        self.assertEqual(os.listdir(datadir), ["keep.me"])
+        self.assertIsNone(status["Replication"])
+        await self.assert_no_staging(r, status["SeedId"], datadir)
+
+    async def test_a_replicas_copy_names_its_master_and_never_its_password(self):
+        """A replica (CHANGE MASTER with a password, GTID slave_pos) killed and seeded: its
+        master, user, executed position and gtid_slave_pos; the password only in StateDir
+        (0600), never in the status or a log line."""
+        primary = self.source()
+        primary.sql(f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
+                    "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'")
+        replica = MariaDB.create(self, server_id=2)
+        replica.sql(f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port}, "
+                    f"MASTER_USER='repl', MASTER_PASSWORD='{PASSWORD}', MASTER_USE_GTID=slave_pos;"
+                    "START SLAVE")
+        (gtid,), = primary.sql("SELECT @@gtid_binlog_pos")
+        file, position = primary.sql("SHOW MASTER STATUS")[0][:2]
+        deadline = time.monotonic() + 60
+        while replica.sql("SELECT @@gtid_slave_pos") != [(gtid,)]:
+            self.assertLess(time.monotonic(), deadline, "the replica did not catch up")
+            time.sleep(0.1)
+        await threads.deferToThread(kill_hard, replica)
+        target, datadir = self.target()
+        r, s = self.managers(replica.datadir, target)
+        status = await self.seed(r, s, "replica")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        replication = status["Replication"]
+        self.assertEqual((replication["MasterHost"], replication["MasterPort"], replication["MasterUser"],
+                          replication["BinlogFile"], replication["GTID"], replication["GTIDMode"]),
+                         ("127.0.0.1", primary.port, "repl", file, gtid, "slave_pos"))
+        self.assertLessEqual(replication["BinlogPos"], int(position))
+        self.assertTrue(replication["From"].startswith("master.info, relay-log.info"))
+        self.assertIn("gtid_slave_pos", replication["From"])
+        saved = r.store.path("replica", seeded.PASSWORD_SUFFIX)
+        self.assertEqual(stat.S_IMODE(os.stat(saved).st_mode), 0o600)
+        self.assertEqual(seeded.master_password(r.store, "replica"), PASSWORD)
+        # Nowhere else: not the status (nor the persisted record), not a log event.
+        self.assertNotIn(PASSWORD, json.dumps(await r.status("replica")))
+        with open(r.store.path("replica", "json")) as fh:
+            self.assertNotIn(PASSWORD, fh.read())
+        self.assertTrue(self.logged)
+        self.assertEqual([line for line in self.logged if PASSWORD in line], [])
+
+    async def test_an_abort_while_checking_stops_the_server(self):
+        """The throwaway server runs as long as it likes (a stand-in that never answers):
+        an abort meanwhile kills it, removes staging and leaves the datadir."""
+        script = os.path.join(self.base, "slow-mariadbd")
+        pid_file = os.path.join(self.base, "slow.pid")
+        with open(script, "w") as fh:
+            fh.write(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 300\n")
+        os.chmod(script, 0o755)
+        self.patch(verify, "server_program", lambda: script)
+        source = self.source()
+        await source.stop_async()
+        target, datadir = self.target()
+        r, s = self.managers(source.datadir, target)
+        self.assertTrue(await r.receive("slow"))
+        self.assertTrue(await s.send(f"127.0.0.1:{self.port}", "slow", source="datadir"))
+        await S.wait_for(lambda: r.records["slow"].state == "checking" and os.path.exists(pid_file)
+                         and os.path.getsize(pid_file) > 0, timeout=60)
+        with open(pid_file) as fh:
+            pid = int(fh.read())
+        self.assertTrue(await r.abort("slow"))
+        status = await S.finished(r, "slow")
+        self.assertEqual(status["State"], "aborted")
+        await S.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20)
+        self.assertEqual(os.listdir(datadir), [])
+        await self.assert_no_staging(r, status["SeedId"], datadir)
