@@ -15,7 +15,7 @@ import signal
 import stat
 import time
 
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -211,3 +211,51 @@ class StartCheckTests(unittest.TestCase):
         await S.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20)
         self.assertEqual(os.listdir(datadir), [])
         await self.assert_no_staging(r, status["SeedId"], datadir)
+
+
+class HotSeedCoordinatesTests(unittest.TestCase):
+    """A streamed hot seed (mariabackup) of a primary: checked by its start, and its
+    coordinates are the backup's binlog info, the source as master."""
+
+    timeout = 180
+
+    async def test_a_backup_names_the_source_at_its_consistent_point(self):
+        from orchagent.agent import build_seed_manager
+        from orchagent.config import Config
+        from tests.test_backups_mariadb import mariabackup_unavailable, populated
+
+        reason = mariabackup_unavailable()
+        if reason:
+            raise unittest.SkipTest(reason)
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        port = S.free_port()
+        source = populated(self)
+        target = MariaDB.create(self, start=False)
+        for name in os.listdir(target.datadir):
+            path = os.path.join(target.datadir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        managers = []
+        for name, db in (("source", source), ("target", target)):
+            manager = build_seed_manager(Config(
+                **db.agent_settings(), state_dir=os.path.join(home, name, "state"),
+                seed_transfer_port=port, command_timeout_seconds=120, seed_verify_start="on"),
+                reactor)
+            manager.startService()
+            self.addCleanup(lambda m=manager: m.stopService() if m.running else None)
+            managers.append(manager)
+        s, r = managers
+        (file, position), = [tuple(row[:2]) for row in source.sql("SHOW MASTER STATUS")]
+        (gtid,), = source.sql("SELECT @@gtid_binlog_pos")
+        self.assertTrue(await r.receive("hot1", key="k"))
+        self.assertTrue(await s.send(f"127.0.0.1:{port}", "hot1", key="k", source="hot"))
+        status = await S.finished(r, "hot1", timeout=150)
+        self.assertEqual(status["State"], "completed", status["Error"])
+        replication = dict(status["Replication"])
+        # MariaDB 10.11's mariabackup still names it xtrabackup_binlog_info.
+        self.assertIn(replication.pop("From"), [
+            f"{name}, the source host (seed peer)" for name in
+            ("mariadb_backup_binlog_info", "xtrabackup_binlog_info")])
+        self.assertEqual(replication, {
+            "MasterHost": "127.0.0.1", "MasterPort": target.port, "MasterUser": None,
+            "BinlogFile": file, "BinlogPos": int(position), "GTID": gtid, "GTIDMode": "slave_pos"})
