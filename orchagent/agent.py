@@ -35,6 +35,8 @@ class Agent:
     tls_guard: Callable[[Any], None] = lambda request: None
     #: orchagent.backups.Backups: mariabackup/xtrabackup backups as seed sources.
     backups: Any = None
+    #: orchagent.replica.control.ReplicationControl: a seeded server's replication.
+    replication: Any = None
 
 
 def _runner(config: Config, reactor) -> ICommandRunner:
@@ -124,4 +126,11 @@ def build_agent(config: Config, reactor, runner: ICommandRunner | None = None,
         snapshots=parts["snapshots"], snapshot_hosts=snapshot_hosts, seeds=seeds,
         registration=registration, tls_guard=part("tls_guard", lambda: _tls_guard(config)),
         backups=parts["backups"],
+        replication=part("replication", lambda: _replication(config, runner)),
     )
+
+
+def _replication(config: Config, runner: ICommandRunner):
+    from orchagent.replica.control import ReplicationControl
+
+    return ReplicationControl(config, runner)

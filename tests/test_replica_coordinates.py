@@ -151,3 +151,31 @@ class ServerArgumentsTests(unittest.TestCase):
         os.mkdir(os.path.join(root, "mysql"))
         write(root, "mysql/global_priv.frm", "")
         self.assertEqual(verify.wanted("auto", root), verify.server_program() is not None)
+
+
+class ChangeMasterTests(unittest.TestCase):
+
+    def test_a_primarys_copy_sets_the_gtid_position_a_replicas_keeps_its_own(self):
+        from orchagent.replica.control import change_master
+
+        primary = {"MasterHost": "db1", "MasterPort": 3306, "GTID": "0-1-5", "GTIDMode": "slave_pos",
+                   "BinlogFile": "b.000001", "BinlogPos": 9,
+                   "From": "binlog after crash recovery, gtid_binlog_pos, the source host (seed peer)"}
+        text = change_master(primary, "repl", "it's\\secret")
+        self.assertIn("SET GLOBAL gtid_slave_pos = '0-1-5';", text)
+        self.assertIn("MASTER_PASSWORD='it\\'s\\\\secret'", text)
+        self.assertIn("MASTER_USE_GTID=slave_pos", text)
+        self.assertNotIn("MASTER_LOG_FILE", text)
+        replica = dict(primary, From="master.info, relay-log.info, gtid_slave_pos")
+        self.assertNotIn("SET GLOBAL", change_master(replica, "repl", None))
+        by_file = dict(primary, GTID=None)
+        self.assertIn("MASTER_LOG_FILE='b.000001', MASTER_LOG_POS=9", change_master(by_file, "", None))
+
+    def test_slave_status_in_batch_mode(self):
+        from orchagent.replica.control import parse_slave_status
+
+        out = (b"Slave_IO_Running\tSlave_SQL_Running\tSeconds_Behind_Master\tLast_IO_Errno\tMaster_Host\n"
+               b"Yes\tNo\tNULL\t1236\tdb1\n")
+        self.assertEqual({k: v for k, v in parse_slave_status(out).items() if v is not None},
+                         {"IORunning": True, "SQLRunning": False, "LastIOErrno": 1236, "MasterHost": "db1"})
+        self.assertIsNone(parse_slave_status(b""))

@@ -35,7 +35,7 @@ def kill_hard(db: MariaDB) -> None:
         time.sleep(0.05)
 
 
-class StartCheckTests(unittest.TestCase):
+class _SeedHarness(unittest.TestCase):
     timeout = 180
 
     def setUp(self):
@@ -97,6 +97,10 @@ class StartCheckTests(unittest.TestCase):
         self.assertEqual([n for n in os.listdir(parent) if "orchagent-seed" in n], [])
         self.assertTrue(self.private)
         self.assertEqual([p for p in self.private if os.path.exists(p)], [])
+
+
+
+class StartCheckTests(_SeedHarness):
 
     async def test_a_primarys_copy_starts_and_reports_its_binlog_end(self):
         """A crashed primary's datadir: the copy recovers, passes, is promoted; its
@@ -259,3 +263,118 @@ class HotSeedCoordinatesTests(unittest.TestCase):
         self.assertEqual(replication, {
             "MasterHost": "127.0.0.1", "MasterPort": target.port, "MasterUser": None,
             "BinlogFile": file, "BinlogPos": int(position), "GTID": gtid, "GTIDMode": "slave_pos"})
+
+
+class StartReplicationTests(_SeedHarness):
+    """SeedStartReplication: once MySQL runs on the seeded datadir, the agent points it at
+    the seed's master through the host's client, and rows written on the master after the
+    copy arrive."""
+
+    def control(self, r, target: MariaDB, **overrides):
+        from orchagent.config import Config
+        from orchagent.replica.control import ReplicationControl
+        from orchagent.process import ProcessRunner
+
+        config = Config(state_dir=r.config.state_dir, mysql_client_command=target.client_command,
+                        seed_start_replication=True, **overrides)
+        return ReplicationControl(config, ProcessRunner(reactor))
+
+    async def replicating(self, control, target: MariaDB, master: MariaDB, marker: int) -> dict:
+        master.sql(f"INSERT INTO d.t VALUES ({marker}, 'after the copy')")
+        deadline = time.monotonic() + 60
+        while True:
+            status = await control.status()
+            rows = await target.sql_async(f"SELECT COUNT(*) FROM d.t WHERE id = {marker}")
+            if rows == [("1",)] and status["IORunning"] and status["SQLRunning"]:
+                return status
+            self.assertLess(time.monotonic(), deadline, f"not replicating: {status}")
+            await threads.deferToThread(time.sleep, 0.2)
+
+    async def test_a_replicas_copy_replicates_from_its_master(self):
+        primary = self.source()
+        primary.sql(f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
+                    "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'")
+        replica = MariaDB.create(self, server_id=2)
+        replica.sql(f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port}, "
+                    f"MASTER_USER='repl', MASTER_PASSWORD='{PASSWORD}', MASTER_USE_GTID=slave_pos;"
+                    "START SLAVE")
+        (gtid,), = primary.sql("SELECT @@gtid_binlog_pos")
+        deadline = time.monotonic() + 60
+        while replica.sql("SELECT @@gtid_slave_pos") != [(gtid,)]:
+            self.assertLess(time.monotonic(), deadline, "the replica did not catch up")
+            time.sleep(0.1)
+        await threads.deferToThread(kill_hard, replica)
+        primary.sql("INSERT INTO d.t VALUES (5001, 'while the replica was down')")
+        target, datadir = self.target()
+        r, s = self.managers(replica.datadir, target)
+        status = await self.seed(r, s, "rep")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        control = self.control(r, target)
+        await target.start_async()
+        self.assertTrue(await control.after_start(r.all_status()))
+        self.assertFalse(await control.after_start(r.all_status()), "applied once")
+        replication = await self.replicating(control, target, primary, 5002)
+        self.assertEqual((replication["MasterHost"], replication["MasterPort"], replication["UsingGTID"]),
+                         ("127.0.0.1", primary.port, "Slave_Pos"))
+        self.assertEqual(await target.sql_async("SELECT COUNT(*) FROM d.t WHERE id = 5001"), [("1",)])
+        self.assertEqual(replication["SeedId"], "rep")
+        self.assertIsNone(seeded.master_password(r.store, "rep"), "removed once used")
+        self.assertEqual([line for line in self.logged if PASSWORD in line], [])
+        self.assertNotIn(PASSWORD, json.dumps(replication))
+        await target.stop_async()
+
+    async def test_a_primarys_copy_replicates_from_the_source_with_the_credentials_file(self):
+        primary = self.source()
+        primary.sql(f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
+                    "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'")
+        await threads.deferToThread(kill_hard, primary)
+        target, datadir = self.target()
+        r, s = self.managers(primary.datadir, target)
+        status = await self.seed(r, s, "pri")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        await primary.start_async()
+        credentials = os.path.join(self.base, "repl.cnf")
+        with open(credentials, "w") as fh:
+            fh.write(f"[client]\nuser=repl\npassword={PASSWORD}\n")
+        os.chmod(credentials, 0o600)
+        # The copy's binlog port is this host's: the test's primary listens elsewhere.
+        record = r.records["pri"]
+        record.replication = dict(record.replication, MasterPort=primary.port)
+        control = self.control(r, target, replication_credentials_file=credentials)
+        await target.start_async()
+        self.assertTrue(await control.after_start(r.all_status()))
+        replication = await self.replicating(control, target, primary, 6001)
+        self.assertEqual(replication["MasterUser"], "repl")
+        self.assertEqual([line for line in self.logged if PASSWORD in line], [])
+        await target.stop_async()
+
+    async def test_refused_credentials_are_reported_and_change_nothing_else(self):
+        primary = self.source()
+        primary.sql("CREATE USER nobody@'127.0.0.1' IDENTIFIED BY 'another-one';"
+                    "GRANT REPLICATION SLAVE ON *.* TO nobody@'127.0.0.1'")
+        await threads.deferToThread(kill_hard, primary)
+        target, datadir = self.target()
+        r, s = self.managers(primary.datadir, target)
+        status = await self.seed(r, s, "bad")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        await primary.start_async()
+        credentials = os.path.join(self.base, "repl.cnf")
+        with open(credentials, "w") as fh:
+            fh.write(f"[client]\nuser=nobody\npassword={PASSWORD}\n")
+        record = r.records["bad"]
+        record.replication = dict(record.replication, MasterPort=primary.port)
+        control = self.control(r, target, replication_credentials_file=credentials)
+        await target.start_async()
+        self.assertTrue(await control.after_start(r.all_status()))
+        deadline = time.monotonic() + 60
+        while True:
+            replication = await control.status()
+            if replication["LastIOErrno"]:
+                break
+            self.assertLess(time.monotonic(), deadline, f"no IO error: {replication}")
+            await threads.deferToThread(time.sleep, 0.2)
+        self.assertEqual(replication["LastIOErrno"], 1045)
+        self.assertIn("nobody", replication["LastIOError"])
+        self.assertNotIn(PASSWORD, json.dumps(replication))
+        self.assertEqual(await target.sql_async("SELECT COUNT(*) FROM d.t"), [("2000",)])
+        await target.stop_async()

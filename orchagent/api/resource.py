@@ -22,7 +22,7 @@ from twisted.web.server import GzipEncoderFactory
 from werkzeug.exceptions import HTTPException
 
 from orchagent.api import connections, openapi, params
-from orchagent.errors import AgentError, BadRequest, NotFound
+from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound
 from orchagent.metrics import AgentMetrics
 from orchagent.seed import usage
 from orchagent.seed.state import refuse_while_receiving
@@ -308,7 +308,18 @@ class AgentAPI:
     async def mysql_start(self, request):
         self._guard(request)
         self._refuse_while_receiving("start MySQL")
-        return self._json(request, bool(await self.agent.service.start()))
+        started = bool(await self.agent.service.start())
+        if started and self.agent.replication is not None:
+            await self.agent.replication.after_start(self.agent.seeds.all_status())
+        return self._json(request, started)
+
+    @app.route("/api/replication-status", methods=["GET"])
+    async def replication_status(self, request):
+        """The seeded server's replication (orchagent.replica.control)."""
+        self._guard(request)
+        if self.agent.replication is None:
+            raise NotAvailable("replication control is not available on this agent")
+        return self._json(request, await self.agent.replication.status())
 
     def _refuse_while_receiving(self, action: str) -> None:
         refuse_while_receiving(self.agent.seeds.all_status(), action)
