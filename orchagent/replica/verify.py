@@ -29,7 +29,9 @@ stops it (SIGTERM, then SIGKILL) when the seed is aborted meanwhile, and
 :meth:`StartCheck.ended` waits until it is gone.
 
 What the check leaves in the copy is what a first start leaves: recovered InnoDB and Aria
-logs, a new binlog file when binary logging is on, ``ibtmp1``.
+logs, a new binlog file when binary logging is on; the copy's ``ibtmp1`` (which the
+server deletes at shutdown) is kept as received, and the redo log keeps its size, so the
+promoted tree is never smaller than the one received.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ SAMPLE_TABLES = 32
 CHECK_MAX_BYTES = 64 << 20
 #: Files of the server's system tables; a tree with one of them is a server's datadir.
 SYSTEM_TABLES = ("mysql/global_priv.frm", "mysql/user.frm", "mysql.ibd")
+#: Files a server removes at shutdown that the check keeps as received, and the suffix
+#: they wait under meanwhile.
+KEEP_AS_RECEIVED = ("ibtmp1",)
+KEPT_SUFFIX = ".orchagent-kept"
 #: Error-log lines quoted when a step fails.
 LOG_LINES = 8
 BUFFER_POOL = "64M"
@@ -180,6 +186,8 @@ class StartCheck:
         self.sleeping: defer.Deferred | None = None
         self.program = ""
         self.client = ""
+        self.kept: list[str] = []
+        self.log_size = 0
 
     # --- running ---------------------------------------------------------------------
 
@@ -198,6 +206,7 @@ class StartCheck:
             position = await self._position()
             self._step("shutdown")
             await self._shutdown()
+            await self.thread(self._restore_kept)
             return position
         finally:
             if self.server is not None and self.result is None:
@@ -238,12 +247,35 @@ class StartCheck:
                 self.user = pwd.getpwuid(owner.st_uid).pw_name
             except KeyError:
                 self.user = str(owner.st_uid)
+        try:
+            self.log_size = os.stat(os.path.join(self.root, "ib_logfile0")).st_size
+        except OSError:
+            self.log_size = 0
+        self._keep_aside()
+
+    def _keep_aside(self) -> None:
+        """(worker thread) Files the server deletes at its shutdown (InnoDB's temporary
+        tablespace) wait under another name, so the promoted tree is never smaller than
+        the one received (mysql-du promised as much, see orchagent.seed.usage)."""
+        self.kept = []
+        for name in KEEP_AS_RECEIVED:
+            path = os.path.join(self.root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.rename(path, path + KEPT_SUFFIX)
+                self.kept.append(name)
+
+    def _restore_kept(self) -> None:
+        for name in self.kept:
+            path = os.path.join(self.root, name)
+            os.replace(path + KEPT_SUFFIX, path)
 
     def _argv(self) -> list[str]:
         defaults = ([f"--defaults-file={self.config.mysql_options_file}"]
                     if self.config.mysql_options_file else [])
+        # The redo log as it came (no resize to this host's size: the real start does it).
+        size = [f"--innodb-log-file-size={self.log_size}"] if self.log_size > (1 << 20) else []
         return [self.program, *defaults, *server_arguments(
-            self.options, self.root, self.datadir, self.private, self.user)]
+            self.options, self.root, self.datadir, self.private, self.user), *size]
 
     def _start(self) -> None:
         self.exited = defer.Deferred()
