@@ -10,6 +10,7 @@ the receiving agent in the middle of the move, MySQL started while the seed runs
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ from twisted.trial import unittest
 
 from orchagent.seed import promotion, state
 from orchagent.seed.staging import Staging
+from tests import seed_support as S
 from tests.support.daemon import Daemon, free_port, start_daemon, wait_until
 
 OLD_ENTRIES = 3000
@@ -375,3 +377,38 @@ def _wait_for_path(path: str, timeout: float) -> None:
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.0002)
 
+
+
+class LeftoverRecordTests(unittest.TestCase):
+    """The record of a promotion that finished, but could not be removed (the state
+    directory's fsync failed), neither holds the seed nor changes anything later."""
+
+    async def test_a_record_that_cannot_be_removed(self):
+        base = os.path.abspath(self.mktemp())
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(dst)
+        S.make_tree(src, files=4)
+        port = S.free_port()
+        receiver = S.make_manager(self, os.path.join(base, "r"), dst, port)
+        sender = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+
+        def failing(path):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", path)
+
+        real = promotion.remove_record
+        self.patch(promotion, "remove_record", failing)
+        await receiver.receive("3")
+        await sender.send(f"127.0.0.1:{port}", "3", source="snapshot")
+        self.assertEqual((await S.finished(receiver, "3"))["State"], "completed")
+        self.assertEqual((await S.finished(sender, "3"))["State"], "completed")
+        self.assertEqual(S.snapshot_tree(dst), S.snapshot_tree(src))
+        record = receiver.store.path("3", promotion.SUFFIX)
+        self.assertTrue(os.path.exists(record))
+
+        # The next start settles it again: forward, where everything already is.
+        await receiver.stopService()
+        self.patch(promotion, "remove_record", real)
+        again = S.make_manager(self, os.path.join(base, "r"), dst, port)
+        await S.wait_for(lambda: not os.path.exists(record))
+        self.assertEqual((await again.status("3"))["State"], "completed")
+        self.assertEqual(S.snapshot_tree(dst), S.snapshot_tree(src))

@@ -905,8 +905,14 @@ class ReceiveJob(state.JobIdentity):
         record.promoting = False
         self.committed = False
         self.manager.touch(record, force=True)
-        await self.manager.thread(promotion.remove_record,
-                                  self.manager.store.path(self.seed_id, promotion.SUFFIX))
+        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
+        try:
+            await self.manager.thread(promotion.remove_record, path)
+        except OSError as e:
+            # The seed is complete and saved so; a record left over is settled forward
+            # again at the next start, where it finds everything in place.
+            log.warn("seed {seed}: cannot remove the promotion record {path}: {error}",
+                     seed=self.seed_id, path=path, error=e)
         for control in [self.control, *self.waiting]:
             if control is not None:
                 control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, control.key))
