@@ -775,10 +775,16 @@ class ReceiveJob(state.JobIdentity):
         if bytes.fromhex(str(self.finish.get("tree", ""))) != table.tree_digest(mine):
             raise BadRequest("the tree digest does not match the sender's")
         self.steps += 1
-        await self.manager.thread(self.staging.finalize, self.manifest, table)
-        self.steps += 1
-        await self.check_on_disk()
-        self.steps += 1
+        await self.manager.thread(self.staging.complete, self.manifest, table)
+        # The final sync and the check on disk go side by side: neither needs the other
+        # (a read back sees what the sync writes), and the check costs no time then.
+        results = await defer.DeferredList(
+            [self.manager.thread(self.staging.sync), defer.ensureDeferred(self.check_on_disk())],
+            consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
+        self.steps += 2
         if not await self.check_start():
             return
         self.steps += 1

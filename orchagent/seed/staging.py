@@ -404,8 +404,17 @@ class Staging:
         return good
 
     def finalize(self, manifest: Manifest, table) -> None:
+        """:meth:`complete`, then :meth:`sync`."""
+        self.complete(manifest, table)
+        self.sync()
+
+    def sync(self) -> None:
+        """Sync the whole file system staging is on (every file and directory at once)."""
+        syncfs(self.root)
+
+    def complete(self, manifest: Manifest, table) -> None:
         """Create what had no data (empty and hole-only files), symlinks, directory
-        metadata; then sync the whole file system."""
+        metadata."""
         self.close_files()
         kinds, first = manifest.kinds, table.first
         # Entries by kind with C loops: a tree of 50,000 files has few of these.
@@ -437,7 +446,6 @@ class Staging:
                 os.chown(path, *self._owner(entry))
             os.chmod(path, entry.mode)
             os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
-        syncfs(self.root)
 
     def check_on_disk(self, manifest: Manifest, table, kind: int, reread: bool,
                       progress=None) -> None:
