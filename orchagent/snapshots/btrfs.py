@@ -33,9 +33,7 @@ from orchagent.errors import NotAvailable, Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.directory import DirectorySnapshots
-from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
-                                         restore_journal, run_steps)
-from orchagent.swap import SUBVOLUME, Work
+from orchagent.swap import SUBVOLUME
 
 log = Logger()
 
@@ -132,34 +130,10 @@ class BtrfsBackend(DirectorySnapshots):
         snapshot = await self.find_snapshot(name)
         self.require_mysql_data(snapshot)
         datadir = await self.require_subvolume_datadir()
-        self.refuse_mount_point_datadir(datadir)
-        parent, base = os.path.split(datadir)
-        now = self.now()
-        replaced = os.path.join(parent, naming.replaced_name(base, now))
-        incoming = os.path.join(parent, f".{base}.restoring-{naming.timestamp(now)}")
-        for path in (replaced, incoming):
-            if os.path.lexists(path):
-                raise Refused(f"{path} already exists; try again in a second")
-        was_running = bool(await self.service.is_running())
-        swap = restore_journal(self.config, self.runner).swap(
-            f"restore-{naming.timestamp(now)}", f"restore of {snapshot.name} into {datadir}",
-            [(datadir, replaced), (incoming, datadir)], [Work(incoming, SUBVOLUME)],
-            {"snapshot": snapshot.path, "mysql_was_running": was_running})
 
-        async def clone():
-            await swap.open()
+        async def clone(incoming: str) -> None:
             await self.runner.run(["btrfs", "subvolume", "snapshot", snapshot.path, incoming],
                                   privileged=True)
 
-        steps = [
-            Step(f"snapshot {snapshot.path} as {incoming}", clone, swap.roll_back),
-            mysql_stop_step(self.service, was_running),
-            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
-                                 f"rename {incoming} to {datadir}"]),
-            mysql_start_step(self.service),
-        ]
-        await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
-        await swap.close()
-        log.info("btrfs: restored {snap}; the replaced datadir is kept as {replaced}",
-                 snap=snapshot.path, replaced=replaced)
+        await self.swap_in(snapshot, datadir, "snapshot {snapshot} as {work}", clone, SUBVOLUME)
         return True

@@ -28,9 +28,6 @@ from orchagent.errors import Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.directory import DirectorySnapshots
-from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
-                                         restore_journal, run_steps)
-from orchagent.swap import Work
 
 log = Logger()
 
@@ -109,33 +106,9 @@ class CopyBackend(DirectorySnapshots):
         snapshot = await self.find_snapshot(name)
         self.require_mysql_data(snapshot)
         datadir = await self.datadir()
-        self.refuse_mount_point_datadir(datadir)
-        parent, base = os.path.split(datadir)
-        now = self.now()
-        replaced = os.path.join(parent, naming.replaced_name(base, now))
-        incoming = os.path.join(parent, f".{base}.restoring-{naming.timestamp(now)}")
-        for path in (replaced, incoming):
-            if os.path.lexists(path):
-                raise Refused(f"{path} already exists; try again in a second")
-        was_running = bool(await self.service.is_running())
-        swap = restore_journal(self.config, self.runner).swap(
-            f"restore-{naming.timestamp(now)}", f"restore of {snapshot.name} into {datadir}",
-            [(datadir, replaced), (incoming, datadir)], [Work(incoming)],
-            {"snapshot": snapshot.path, "mysql_was_running": was_running})
 
-        async def copy_in():
-            await swap.open()
+        async def copy_in(incoming: str) -> None:
             await self.copy_tree(snapshot.path, incoming)
 
-        steps = [
-            Step(f"copy {snapshot.path} to {incoming}", copy_in, swap.roll_back),
-            mysql_stop_step(self.service, was_running),
-            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
-                                 f"rename {incoming} to {datadir}"]),
-            mysql_start_step(self.service),
-        ]
-        await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
-        await swap.close()
-        log.info("copy: restored {snap}; the replaced datadir is kept as {replaced}",
-                 snap=snapshot.path, replaced=replaced)
+        await self.swap_in(snapshot, datadir, "copy {snapshot} to {work}", copy_in)
         return True

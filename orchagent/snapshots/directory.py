@@ -15,6 +15,7 @@ those whose name contains ``SnapshotVolumesFilter``).
 from __future__ import annotations
 
 import os
+from typing import Awaitable, Callable
 
 from twisted.logger import Logger
 
@@ -22,6 +23,9 @@ from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.model import LogicalVolume, Mount, seed_order
 from orchagent.snapshots.mountpoint import DATADIR_MARKER, BackendParts
+from orchagent.snapshots.restore import (Step, mysql_start_step, mysql_stop_step, rename_steps,
+                                         restore_journal, run_steps)
+from orchagent.swap import TREE, Work
 
 log = Logger()
 
@@ -216,4 +220,41 @@ class DirectorySnapshots(BackendParts):
         if mountinfo.at(self.read_mounts(), datadir) is not None:
             raise Refused(f"the datadir {datadir} is a mount point; a {self.name} restore "
                           "renames the datadir aside, which a mount point cannot be")
+
+    async def swap_in(self, snapshot: LogicalVolume, datadir: str, making: str,
+                      make_tree: Callable[[str], Awaitable[None]], work_kind: str = TREE) -> None:
+        """Restore ``snapshot`` into ``datadir``: ``make_tree(incoming)`` builds the new tree
+        under a hidden work name while MySQL still runs (the step ``making`` names, with
+        ``{snapshot}`` and ``{work}``), then MySQL stops, two journaled renames swap it in (orchagent.swap: a crash
+        between them is settled at the next start) and MySQL starts; the replaced datadir is
+        kept as ``<datadir>.replaced-<time>``."""
+        self.refuse_mount_point_datadir(datadir)
+        parent, base = os.path.split(datadir)
+        now = self.now()
+        replaced = os.path.join(parent, naming.replaced_name(base, now))
+        incoming = os.path.join(parent, f".{base}.restoring-{naming.timestamp(now)}")
+        for path in (replaced, incoming):
+            if os.path.lexists(path):
+                raise Refused(f"{path} already exists; try again in a second")
+        was_running = bool(await self.service.is_running())
+        swap = restore_journal(self.config, self.runner).swap(
+            f"restore-{naming.timestamp(now)}", f"restore of {snapshot.name} into {datadir}",
+            [(datadir, replaced), (incoming, datadir)], [Work(incoming, work_kind)],
+            {"snapshot": snapshot.path, "mysql_was_running": was_running})
+
+        async def build():
+            await swap.open()
+            await make_tree(incoming)
+
+        steps = [
+            Step(making.format(snapshot=snapshot.path, work=incoming), build, swap.roll_back),
+            mysql_stop_step(self.service, was_running),
+            *rename_steps(swap, [f"rename the datadir {datadir} to {replaced}",
+                                 f"rename {incoming} to {datadir}"]),
+            mysql_start_step(self.service),
+        ]
+        await run_steps(f"restore of {snapshot.name}", steps, kept=replaced)
+        await swap.close()
+        log.info("{backend}: restored {snap}; the replaced datadir is kept as {replaced}",
+                 backend=self.name, snap=snapshot.path, replaced=replaced)
 
