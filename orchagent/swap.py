@@ -21,6 +21,8 @@ every record left by a process that died:
   tree is complete before the first rename begins, so it is the new tree that was
   being put in place): the remaining renames are made;
 * **back** otherwise: the renames made are reversed, newest first;
+* a record write that a crash cut short (``<key>.json.tmp``, never renamed into force) is
+  removed;
 * then the work trees still there are removed (never a rename's target, so never data
   that was set aside), the parents of the renamed paths are fsynced and the record is
   deleted.
@@ -305,6 +307,23 @@ class SwapJournal:
             return []
         return sorted(os.path.join(self.directory, n) for n in names if n.endswith(".json"))
 
+    def _remove_unfinished_writes(self) -> None:
+        """Remove ``<key>.json.tmp`` files: a record write that a crash interrupted before
+        its rename.  Such a file never took effect (the record in force, if any, is the
+        ``.json``; none means the swap had changed nothing yet), so it is only litter."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.endswith(".json.tmp"):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
+                log.warn("{path}: a record write interrupted by a crash; removed",
+                         path=os.path.join(self.directory, name))
+
     def _load(self, path: str) -> Swap:
         with open(path, encoding="utf-8") as fh:
             return Swap.from_json(self, json.load(fh))
@@ -314,6 +333,7 @@ class SwapJournal:
         each record kept) when any could not be settled; the others are settled."""
         done: list[str] = []
         stuck: list[str] = []
+        await self.thread(self._remove_unfinished_writes)
         for path in self.pending():  # a listdir of a small directory: not worth a thread
             try:
                 swap = await self.thread(self._load, path)

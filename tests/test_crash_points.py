@@ -12,8 +12,10 @@ import shutil
 import tempfile
 from unittest import mock
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from orchagent import swap
 from orchagent.host import facts
 from orchagent.seed import promotion
 from orchagent.seed.staging import Staging
@@ -118,6 +120,21 @@ class RecordWithoutStagingTests(unittest.TestCase):
         self.assertEqual(promotion.settle(record, planned), promotion.FORWARD)
         self.assertEqual(promotion.settle(record, promotion.read_record(record)), promotion.FORWARD)
         self.assertEqual(tree_of(datadir), {"ibdata1": b"new"})
+
+
+class UnfinishedRecordWriteTests(unittest.TestCase):
+    """A restore killed while its swap record was being written (the crash point at the
+    write of ``restore-*.json.tmp``) left that temporary file in StateDir/restores for
+    good: recovery only read ``*.json``."""
+
+    async def test_recovery_removes_a_record_write_cut_short(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        write(os.path.join(directory, "restore-20260101T000000Z.json.tmp"), b'{"key": "rest')
+        write(os.path.join(directory, "unrelated.txt"), b"kept")
+        journal = swap.SwapJournal(directory, runner=None, thread=defer.maybeDeferred)
+        self.assertEqual(await journal.recover(lambda: defer.succeed(None)), [])
+        self.assertEqual(os.listdir(directory), ["unrelated.txt"])
 
 
 class EnumeratorSliceTests(unittest.TestCase):
