@@ -179,3 +179,59 @@ class ChangeMasterTests(unittest.TestCase):
         self.assertEqual({k: v for k, v in parse_slave_status(out).items() if v is not None},
                          {"IORunning": True, "SQLRunning": False, "LastIOErrno": 1236, "MasterHost": "db1"})
         self.assertIsNone(parse_slave_status(b""))
+
+
+class DiagnoseTests(unittest.TestCase):
+    """What stops replication, restated with the seed's coordinates (the texts are the
+    servers' own: MariaDB's as the real tests met them, MySQL 8's GTID variant)."""
+
+    SEED = {"MasterHost": "db1", "MasterPort": 3306, "MasterUser": "repl", "GTID": "0-1-5",
+            "GTIDMode": "slave_pos", "BinlogFile": "mysql-bin.000012", "BinlogPos": 4711}
+
+    def diagnose(self, errno, text, coordinates=SEED, **found):
+        from orchagent.replica.control import diagnose
+
+        return diagnose(dict({"LastIOErrno": errno, "LastIOError": text, "MasterHost": "db1",
+                              "MasterPort": 3306}, **found), coordinates)
+
+    def test_purged_by_file_names_the_file_and_position(self):
+        text = ("Got fatal error 1236 from master when reading data from binary log: "
+                "'Could not find first log file name in binary log index file'")
+        problem = self.diagnose(1236, text, dict(self.SEED, GTID=None))
+        self.assertTrue(problem.startswith(
+            "the master db1:3306 no longer has the binlog this seed needs: mysql-bin.000012 "
+            "(from position 4711), purged past the seed's position; the master's answer does not "
+            "list the binlogs it still has (SHOW BINARY LOGS on the master does) (error 1236: Got fatal"), problem)
+        self.assertIn("replication stays stopped, the datadir is kept", problem)
+
+    def test_purged_by_gtid_names_what_the_master_lacks_when_it_says(self):
+        text = ("Got fatal error 1236 from source when reading data from binary log: 'Cannot replicate "
+                "because the source purged required binary logs. Replicate the missing transactions from "
+                "elsewhere, or provision a new replica from backup. Consider increasing the source's binary "
+                "log expiration period. The GTID set sent by the replica is 'u:1-5', and the missing "
+                "transactions are 'u:6-9'.'")
+        problem = self.diagnose(1236, text)
+        self.assertIn("mysql-bin.000012 (from position 4711) holding the transactions after GTID 0-1-5", problem)
+        self.assertIn("the master lacks the transactions u:6-9", problem)
+
+    def test_another_1236_is_no_purge(self):
+        problem = self.diagnose(1236, "Got fatal error 1236 from master: 'binlog truncated in the middle of event'")
+        self.assertTrue(problem.startswith("the master db1:3306 refused to send its binlog from the seed's "
+                                           "binlog mysql-bin.000012 at position 4711 / GTID 0-1-5"), problem)
+
+    def test_refused_credentials_and_unreachable_master(self):
+        for errno in (1045, 1698):
+            problem = self.diagnose(errno, "Access denied for user 'repl'@'10.0.0.2'", MasterUser="repl")
+            self.assertTrue(problem.startswith(f"the master db1:3306 refused the replication user repl "
+                                               f"(error {errno}: Access denied"), problem)
+        for errno in (2003, 2005):
+            problem = self.diagnose(errno, "error connecting to master 'repl@db1:3306' - retry-time: 60")
+            self.assertTrue(problem.startswith(f"cannot reach the master db1:3306 (error {errno}: "), problem)
+
+    def test_sql_errors_and_nothing(self):
+        problem = self.diagnose(0, "", LastSQLErrno=1062, LastSQLError="Duplicate entry '7'",
+                                RelayMasterLogFile="mysql-bin.000013", ExecMasterLogPos=900)
+        self.assertEqual(problem, "replication from db1:3306 stopped on an SQL error 1062 at "
+                                  "mysql-bin.000013:900: Duplicate entry '7'")
+        self.assertEqual(self.diagnose(0, ""), "")
+        self.assertEqual(self.diagnose(2003, "error connecting", IORunning=True), "", "reconnected since")

@@ -321,6 +321,16 @@ class AgentAPI:
             raise NotAvailable("replication control is not available on this agent")
         return self._json(request, await self.agent.replication.status())
 
+    @app.route("/api/start-replication/<seed_id>", methods=["GET"])
+    async def start_replication(self, request, seed_id):
+        """Point the seeded server at the named seed's master, once (orchagent seed
+        --replicate); then the replication status."""
+        self._guard(request)
+        if self.agent.replication is None:
+            raise NotAvailable("replication control is not available on this agent")
+        return self._json(request, await self.agent.replication.start(
+            params.seed_id(seed_id), self.agent.seeds.all_status()))
+
     def _refuse_while_receiving(self, action: str) -> None:
         refuse_while_receiving(self.agent.seeds.all_status(), action)
 

@@ -20,17 +20,23 @@ the receive, removed once used), else those of the ``[client]`` group of
 before it is logged or shown.  A seed is applied once (``StateDir/replication.json``); a
 failure changes nothing else: the datadir stays, replication stays stopped, and
 ``/api/replication-status`` says why.
+
+``/api/start-replication/{id}`` applies a named seed the same way whatever
+``SeedStartReplication`` says (``orchagent seed --replicate``): the controller asks, the
+agent applies with the same credentials, so no key needs to be set for it and the v1
+``mysql-start`` is unchanged with the keys unset.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from twisted.logger import Logger
 
-from orchagent.errors import AgentError, NotAvailable
+from orchagent.errors import AgentError, NotAvailable, NotFound
 from orchagent.host.mysql_options import read_options
 from orchagent.seed.state import StateStore
 
@@ -134,22 +140,30 @@ class ReplicationControl:
         return " ".join(lines)[-800:]
 
     async def status(self) -> dict[str, Any]:
-        """/api/replication-status: SHOW SLAVE STATUS in short, the seed applied last and
-        the error of that apply, if any."""
+        """/api/replication-status: SHOW SLAVE STATUS in short, the seed applied last, the
+        error of that apply, if any, and ``Problem``: what stops replication, restated
+        with the seed's coordinates (:func:`diagnose`)."""
         result, error = await self._client("SHOW SLAVE STATUS\n", column_names=True)
         if not result.ok:
             raise NotAvailable(f"cannot read the replication status through the MySQL client: {error}")
-        found = parse_slave_status(result.stdout) or {"IORunning": False, "SQLRunning": False}
-        found["SeedId"] = self.last.get("SeedId") or self._applied()
+        parsed = parse_slave_status(result.stdout)
+        found = parsed or {"IORunning": False, "SQLRunning": False}
+        marker = self._marker()
+        found["SeedId"] = self.last.get("SeedId") or str(marker.get("SeedId", ""))
         found["Error"] = self.last.get("Error", "")
+        found["Problem"] = diagnose(found, marker.get("Replication")) if parsed else ""
         return found
 
-    def _applied(self) -> str:
+    def _marker(self) -> dict[str, Any]:
         try:
             with open(os.path.join(self.config.state_dir, MARKER)) as fh:
-                return str(json.load(fh).get("SeedId", ""))
+                value = json.load(fh)
+            return value if isinstance(value, dict) else {}
         except (OSError, ValueError):
-            return ""
+            return {}
+
+    def _applied(self) -> str:
+        return str(self._marker().get("SeedId", ""))
 
     def _credentials(self, seed_id: str, user: str | None) -> tuple[str, str | None]:
         data = self.store.read(seed_id, "master-password")
@@ -166,14 +180,33 @@ class ReplicationControl:
         once (see the module docstring).  False when there was nothing to apply."""
         if not self.config.seed_start_replication:
             return False
-        candidates = [s for s in statuses if s.get("Role") == "receiver" and s.get("State") == "completed"
-                      and (s.get("Replication") or {}).get("MasterHost")]
+        candidates = [s for s in statuses if _replicable(s)]
         if not candidates:
             return False
         seed = max(candidates, key=lambda s: s.get("UpdatedAt") or "")
-        seed_id = seed["SeedId"]
-        if self._applied() == seed_id:
+        if self._applied() == seed["SeedId"]:
             return False
+        return await self._apply(seed)
+
+    async def start(self, seed_id: str, statuses) -> dict[str, Any]:
+        """/api/start-replication/{id} (the controller's ``seed --replicate``): apply the
+        named seed's coordinates unless they already were (by SeedStartReplication at
+        mysql-start, or an earlier call), whatever SeedStartReplication says, then the
+        status.  The credentials are the same as at mysql-start: the agent holds none of
+        its own.  A failed apply is the status's ``Error``."""
+        seed = next((s for s in statuses if s.get("SeedId") == seed_id), None)
+        if seed is None:
+            raise NotFound(f"this host knows no seed {seed_id}")
+        if not _replicable(seed):
+            raise NotAvailable(
+                f"seed {seed_id} has no master to replicate from "
+                f"(Role {seed.get('Role')}, State {seed.get('State')}, Replication {seed.get('Replication')})")
+        if self._applied() != seed_id:
+            await self._apply(seed)
+        return await self.status()
+
+    async def _apply(self, seed: dict[str, Any]) -> bool:
+        seed_id = seed["SeedId"]
         coordinates = seed["Replication"]
         self.last = {"SeedId": seed_id, "Error": ""}
         try:
@@ -189,8 +222,10 @@ class ReplicationControl:
                                   f"failed: {error}")
             log.error("{error}", error=self.last["Error"])
             return False
+        applied = {k: v for k, v in coordinates.items() if k != "From"}
+        applied["MasterUser"] = user or coordinates.get("MasterUser")
         with open(os.path.join(self.config.state_dir, MARKER + ".tmp"), "w") as fh:
-            json.dump({"SeedId": seed_id}, fh)
+            json.dump({"SeedId": seed_id, "Replication": applied}, fh)
         os.replace(os.path.join(self.config.state_dir, MARKER + ".tmp"),
                    os.path.join(self.config.state_dir, MARKER))
         self.store.remove(seed_id, "master-password")
@@ -199,3 +234,71 @@ class ReplicationControl:
                  how=("GTID " + coordinates["GTID"]) if "MASTER_USE_GTID" in statements else
                  f"{coordinates.get('BinlogFile')}:{coordinates.get('BinlogPos')}")
         return True
+
+
+def _replicable(seed: dict[str, Any]) -> bool:
+    return (seed.get("Role") == "receiver" and seed.get("State") == "completed"
+            and bool((seed.get("Replication") or {}).get("MasterHost")))
+
+
+#: MariaDB's and MySQL's 1236 texts when the binlog a replica asks for is gone.
+_PURGED = re.compile(r"could not find first log file name|purged|not in the master's binlog"
+                     r"|could not find gtid state", re.IGNORECASE)
+#: MySQL's GTID variant names what the master lacks.
+_MISSING = re.compile(r"the missing transactions are '([^']*)'", re.IGNORECASE)
+
+
+def _position(coordinates: dict[str, Any]) -> str:
+    where = []
+    if coordinates.get("BinlogFile"):
+        where.append(f"binlog {coordinates['BinlogFile']} at position {coordinates.get('BinlogPos') or 4}")
+    if coordinates.get("GTID"):
+        where.append(f"GTID {coordinates['GTID']}")
+    return " / ".join(where) or "an unknown position"
+
+
+def diagnose(found: dict[str, Any], coordinates: dict[str, Any] | None) -> str:
+    """What stops replication, in words that name the master, the seed's position and
+    what to fix; empty when nothing does (an error of a thread that runs again is past).
+    The server's own text is quoted; ``coordinates`` are the seed's, as applied."""
+    coordinates = coordinates or {}
+    master = (f"{found.get('MasterHost') or coordinates.get('MasterHost')}:"
+              f"{found.get('MasterPort') or coordinates.get('MasterPort') or 3306}")
+    # An error left from before a thread (re)connected is history, not a stop.
+    io_errno = 0 if found.get("IORunning") else found.get("LastIOErrno") or 0
+    io_error = found.get("LastIOError") or ""
+    if io_errno == 1236:
+        if _PURGED.search(io_error):
+            needed = (f"{coordinates['BinlogFile']} (from position {coordinates.get('BinlogPos') or 4})"
+                      if coordinates.get("BinlogFile") else "the binlog holding the seed's position")
+            if coordinates.get("GTID"):
+                needed += f" holding the transactions after GTID {coordinates['GTID']}"
+            missing = _MISSING.search(io_error)
+            has_text = (f"; the master lacks the transactions {missing.group(1)}" if missing else
+                        "; the master's answer does not list the binlogs it still has "
+                        "(SHOW BINARY LOGS on the master does)")
+            return (f"the master {master} no longer has the binlog this seed needs: {needed}, "
+                    f"purged past the seed's position{has_text} (error 1236: {io_error}). "
+                    "Seed again from a newer snapshot or backup, or give the master those "
+                    "binlogs back; replication stays stopped, the datadir is kept")
+        return (f"the master {master} refused to send its binlog from the seed's {_position(coordinates)} "
+                f"(error 1236: {io_error}); replication stays stopped, the datadir is kept")
+    if io_errno in (1045, 1698):
+        return (f"the master {master} refused the replication user "
+                f"{found.get('MasterUser') or coordinates.get('MasterUser') or '?'} (error {io_errno}: {io_error}). "
+                "Check that user's grants (REPLICATION SLAVE) and its password, as master.info "
+                "or ReplicationCredentialsFile's [client] gave it; nothing replicates meanwhile "
+                "(the server retries the connection on its own), the datadir is kept")
+    if io_errno in (2003, 2005, 2002, 2013):
+        return (f"cannot reach the master {master} (error {io_errno}: {io_error}). Check that "
+                "MySQL runs there, listens on that address and port and lets this host in; "
+                f"replication would start from the seed's {_position(coordinates)}; nothing "
+                "replicates meanwhile (the server retries the connection on its own), the datadir is kept")
+    if io_errno:
+        return f"replication from {master} stopped on an IO error {io_errno}: {io_error}"
+    sql_errno = 0 if found.get("SQLRunning") else found.get("LastSQLErrno") or 0
+    sql_error = found.get("LastSQLError") or ""
+    if sql_errno:
+        return (f"replication from {master} stopped on an SQL error {sql_errno} at "
+                f"{found.get('RelayMasterLogFile')}:{found.get('ExecMasterLogPos')}: {sql_error}")
+    return ""
