@@ -85,18 +85,27 @@ def _fsync_dir(path: str) -> None:
 
 def write_durably(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data``: a temporary file fsynced, renamed, the directory
-    fsynced (blocking)."""
+    fsynced (blocking).  A failure before the rename removes the temporary file (the
+    record in force, if any, is unchanged); a failure of the last fsync leaves the new
+    record in place, not known durable."""
     directory = os.path.dirname(path)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(directory)
 
 
@@ -193,7 +202,15 @@ class Swap:
         if others:
             raise Refused(f"{self.what}: an earlier swap is not settled (record {others[0]}); "
                           "nothing was changed")
-        await self._save()
+        try:
+            await self._save()
+        except BaseException:
+            # Nothing is begun: a record that reached its place says so, and goes.
+            try:
+                await self.journal.thread(remove_durably, self.path)
+            except OSError:
+                pass  # a start settles it: rolled back, nothing to undo
+            raise
         self.opened = True
 
     async def made(self) -> int:

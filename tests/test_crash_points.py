@@ -137,6 +137,46 @@ class UnfinishedRecordWriteTests(unittest.TestCase):
         self.assertEqual(os.listdir(directory), ["unrelated.txt"])
 
 
+class FailedRecordWriteTests(unittest.TestCase):
+    """A restore whose first swap record could not be written (ENOSPC/EDQUOT/EROFS at
+    the write, the fsync or the rename of ``restore-*.json.tmp``, or at the fsync of
+    StateDir/restores once renamed) failed as it should, but left the temporary file or
+    the record behind: nothing had begun, yet the next restore was refused until an
+    agent start settled it."""
+
+    def journal(self) -> swap.SwapJournal:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        return swap.SwapJournal(directory, runner=None, thread=defer.maybeDeferred)
+
+    async def fail_open_at(self, target, name: str) -> list[str]:
+        journal = self.journal()
+        opened = journal.swap("restore-20260101T000000Z", "restore",
+                              [("/nowhere/datadir", "/nowhere/datadir.replaced")])
+        real = getattr(target, name)
+        calls = [0]
+
+        def failing(*a, **kw):
+            calls[0] += 1
+            if calls[0] == 1:
+                raise OSError(28, "No space left on device")
+            return real(*a, **kw)
+
+        with mock.patch.object(target, name, failing):
+            with self.assertRaises(OSError):
+                await opened.open()
+        return os.listdir(journal.directory)
+
+    async def test_the_temporary_record_goes_when_its_fsync_fails(self):
+        self.assertEqual(await self.fail_open_at(swap.os, "fsync"), [])
+
+    async def test_the_temporary_record_goes_when_its_rename_fails(self):
+        self.assertEqual(await self.fail_open_at(swap.os, "replace"), [])
+
+    async def test_the_record_goes_when_the_directory_fsync_fails(self):
+        self.assertEqual(await self.fail_open_at(swap, "_fsync_dir"), [])
+
+
 class EnumeratorSliceTests(unittest.TestCase):
     """A few points of the enumerator, for real: agents on loopback, strace, a loop ext4."""
 
