@@ -16,7 +16,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from orchagent.cli.main import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED,
-                                EXIT_USAGE, Controller, build_parser, run)
+                                EXIT_REPLICATION, EXIT_USAGE, Controller, build_parser, run)
 from orchagent.cli.settings import load_settings
 from orchagent.errors import CommandFailed
 from tests.support.fake_agents import FakeNetwork
@@ -174,6 +174,82 @@ class SeedTests(ControllerTestCase):
         self.assertEqual(code, EXIT_OK, err)
         self.assertIn("cannot show its error log: waiting for mysql-status only", err)
         self.assertTrue(db2.running)
+
+
+def replica(lag, io=True, sql=True, read=1000, problem="", error=""):
+    return {"IORunning": io, "SQLRunning": sql, "SecondsBehindMaster": lag,
+            "MasterHost": "db1.example", "MasterPort": 3306,
+            "MasterLogFile": "mysql-bin.000007", "ReadMasterLogPos": read,
+            "RelayMasterLogFile": "mysql-bin.000007", "ExecMasterLogPos": read - 100,
+            "LastIOErrno": 0, "LastIOError": "", "LastSQLErrno": 0, "LastSQLError": "",
+            "SeedId": "", "Error": error, "Problem": problem}
+
+
+class ReplicateTests(ControllerTestCase):
+    """seed --replicate: the target applies the seed's coordinates (start-replication),
+    the controller waits for both threads and --max-lag, drawing lag and relay position."""
+
+    def test_waits_until_within_max_lag(self):
+        self.add_source()
+        db2 = self.add_target()
+        db2.replication_statuses = [replica(None, io=False), replica(None), replica(40, read=2000),
+                                    replica(12, read=3000), replica(4, read=4000)]
+        # Polled every 5 s: each poll is a line in a log (lines are 5 s apart at most).
+        code, out, err = self.cli("seed", "--target", "db2", "--source", "db1", "--replicate",
+                                  "--max-lag", "5", "--poll-interval", "5")
+        self.assertEqual(code, EXIT_OK, err)
+        seed_id = next(iter(db2.seeds))
+        self.assertEqual(db2.changes[-2:], [("mysql-start",), ("start-replication", seed_id)])
+        lines = [line for line in out.splitlines() if line.startswith("replication:")]
+        self.assertEqual(lines[0], "replication: lag ?  relay mysql-bin.000007:1000  "
+                                   "executed mysql-bin.000007:900  IO no  SQL yes")
+        self.assertIn("replication: lag 40 s  relay mysql-bin.000007:2000", out)
+        self.assertIn("replication: lag 12 s  relay mysql-bin.000007:3000", out)
+        self.assertIn("db2 replicates from db1.example:3306, 4 s behind (at most 5 s asked)", out)
+        self.assertEqual(db2.replication_statuses, [replica(4, read=4000)], "stopped polling at 4 s")
+
+    def test_json_summary_holds_the_replication(self):
+        self.add_source()
+        db2 = self.add_target()
+        db2.replication_statuses = [replica(0)]
+        code, out, err = self.cli("seed", "--target", "db2", "--source", "db1", "--replicate", "--json")
+        self.assertEqual(code, EXIT_OK, err)
+        self.assertEqual(json.loads(out)["Replication"]["SecondsBehindMaster"], 0)
+
+    def test_a_problem_fails_with_its_own_exit_status_and_undoes_nothing(self):
+        self.add_source()
+        db2 = self.add_target()
+        problem = ("the master db1.example:3306 no longer has the binlog this seed needs: "
+                   "mysql-bin.000003 (from position 4), purged past the seed's position")
+        db2.replication_statuses = [replica(None), replica(None, io=False, problem=problem)]
+        code, out, err = self.cli("seed", "--target", "db2", "--source", "db1", "--replicate")
+        self.assertEqual(code, EXIT_REPLICATION, err)
+        seed_id = next(iter(db2.seeds))
+        self.assertIn(f"seed {seed_id} done (MySQL runs on the copy), but replication failed: "
+                      f"db2: {problem}", err)
+        self.assertIn("nothing was undone", err)
+        self.assertEqual(db2.datadir, SNAPSHOT)
+        self.assertTrue(db2.running)
+        self.assertEqual(db2.mutations[-1], "start-replication", "nothing after it: no stop, no delete")
+        self.assertEqual(self.records(), [], "the seed itself is done")
+
+    def test_an_apply_error_fails_at_once(self):
+        self.add_source()
+        db2 = self.add_target()
+        db2.replication_statuses = [replica(None, io=False, sql=False,
+                                            error="replication for seed x not started: no GTID")]
+        code, _, err = self.cli("seed", "--target", "db2", "--source", "db1", "--replicate")
+        self.assertEqual(code, EXIT_REPLICATION)
+        self.assertIn("replication for seed x not started: no GTID", err)
+
+    def test_without_replicate_nothing_is_asked(self):
+        self.add_source()
+        db2 = self.add_target()
+        db2.replication_statuses = [replica(0)]
+        code, out, err = self.cli("seed", "--target", "db2", "--source", "db1")
+        self.assertEqual(code, EXIT_OK, err)
+        self.assertNotIn("start-replication", db2.mutations)
+        self.assertNotIn("replication:", out)
 
 
 class RefusalTests(ControllerTestCase):

@@ -15,7 +15,7 @@ import signal
 import stat
 import time
 
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -378,3 +378,161 @@ class StartReplicationTests(_SeedHarness):
         self.assertNotIn(PASSWORD, json.dumps(replication))
         self.assertEqual(await target.sql_async("SELECT COUNT(*) FROM d.t"), [("2000",)])
         await target.stop_async()
+
+
+class _InProcessAgent:
+    """What the controller's replication wait calls on a target agent, answered by a real
+    ReplicationControl over a real server (the API routes are one line each)."""
+
+    def __init__(self, control, manager):
+        self.name = "target"
+        self.control = control
+        self.manager = manager
+
+    async def call(self, path: str, **params):
+        if path.startswith("start-replication/"):
+            return await self.control.start(path.split("/", 1)[1], self.manager.all_status())
+        assert path == "replication-status", path
+        return await self.control.status()
+
+
+class ReplicateAndDiagnoseTests(_SeedHarness):
+    """``orchagent seed --replicate``'s wait (Seeder.replicate) against a real seeded server,
+    and the errors it meets, each restated with the seed's position."""
+
+    def control(self, r, target: MariaDB, **overrides):
+        from orchagent.config import Config
+        from orchagent.process import ProcessRunner
+        from orchagent.replica.control import ReplicationControl
+
+        config = Config(state_dir=r.config.state_dir, mysql_client_command=target.client_command,
+                        **overrides)
+        return ReplicationControl(config, ProcessRunner(reactor))
+
+    async def primarys_copy(self, seed: str, credentials_user: str = "repl"):
+        """A primary with a replication user, its crashed copy seeded to a new target;
+        MySQL started on the target (replication not applied: SeedStartReplication off)."""
+        primary = self.source()
+        primary.sql(f"CREATE USER repl@'127.0.0.1' IDENTIFIED BY '{PASSWORD}';"
+                    "GRANT REPLICATION SLAVE ON *.* TO repl@'127.0.0.1'")
+        await threads.deferToThread(kill_hard, primary)
+        target, datadir = self.target()
+        r, s = self.managers(primary.datadir, target)
+        status = await self.seed(r, s, seed)
+        self.assertEqual(status["State"], "completed", status["Error"])
+        await primary.start_async()
+        credentials = os.path.join(self.base, "repl.cnf")
+        with open(credentials, "w") as fh:
+            fh.write(f"[client]\nuser={credentials_user}\npassword={PASSWORD}\n")
+        os.chmod(credentials, 0o600)
+        record = r.records[seed]
+        record.replication = dict(record.replication, MasterPort=primary.port)
+        control = self.control(r, target, replication_credentials_file=credentials)
+        await target.start_async()
+        self.addCleanup(target.stop)
+        return primary, target, r, control
+
+    def seeder(self, poll: float = 0.2):
+        import io
+
+        from orchagent.cli.render import Reporter
+        from orchagent.cli.seed import SeedOptions, Seeder
+
+        out = io.StringIO()
+        seeder = Seeder(lambda name: None, None, reactor, Reporter(out, out, live=False, line_interval=0),
+                        SeedOptions(poll_interval=poll, max_lag=10))
+        return seeder, out
+
+    async def test_the_controller_waits_until_the_copy_replicates(self):
+        primary, target, r, control = await self.primarys_copy("rc")
+        self.assertFalse(await control.after_start(r.all_status()), "SeedStartReplication is off")
+        primary.sql("INSERT INTO d.t SELECT seq, 'after the copy' FROM seq_3001_to_3500", database="d")
+        seeder, out = self.seeder()
+        status = await seeder.replicate("rc", _InProcessAgent(control, r))
+        self.assertTrue(status["IORunning"] and status["SQLRunning"])
+        self.assertLessEqual(status["SecondsBehindMaster"], 10)
+        self.assertEqual(status["SeedId"], "rc")
+        self.assertEqual(status["Problem"], "")
+        self.assertRegex(out.getvalue(), r"replication: lag (\?|\d+ s)  relay \S+:\d+  executed")
+        self.assertIn(f"target replicates from 127.0.0.1:{primary.port}", out.getvalue())
+        # Asking again applies nothing twice.
+        again = await control.start("rc", r.all_status())
+        self.assertEqual(again["SeedId"], "rc")
+        deadline = time.monotonic() + 60
+        while await target.sql_async("SELECT COUNT(*) FROM d.t WHERE id > 3000") != [("500",)]:
+            self.assertLess(time.monotonic(), deadline, "rows written after the copy did not arrive")
+            await threads.deferToThread(time.sleep, 0.2)
+        self.assertEqual([line for line in self.logged if PASSWORD in line], [])
+        self.assertNotIn(PASSWORD, out.getvalue())
+
+    async def test_binlogs_purged_past_the_seeds_position_name_the_file(self):
+        """Through GTID (slave_pos) as the primary's copy has it."""
+        await self.purged_past_the_seeds_position(gtid=True)
+
+    async def test_binlogs_purged_past_the_seeds_file_and_position(self):
+        """Through the binlog file and position (a copy with no GTID)."""
+        await self.purged_past_the_seeds_position(gtid=False)
+
+    async def purged_past_the_seeds_position(self, gtid: bool):
+        from orchagent.cli.seed import ReplicationFailed
+
+        primary, target, r, control = await self.primarys_copy("pg")
+        if not gtid:
+            record = r.records["pg"]
+            record.replication = dict(record.replication, GTID=None, GTIDMode=None)
+        coordinates = r.records["pg"].replication
+        primary.sql("INSERT INTO d.t VALUES (7001, 'after the copy')")
+        deadline = time.monotonic() + 30
+        while True:
+            # A binlog InnoDB has not checkpointed yet is kept by PURGE: flush until it has.
+            primary.sql("FLUSH BINARY LOGS")
+            (newest, _), = [tuple(row[:2]) for row in primary.sql("SHOW MASTER STATUS")]
+            primary.sql(f"PURGE BINARY LOGS TO '{newest}'")
+            if [row[0] for row in primary.sql("SHOW BINARY LOGS")] == [newest]:
+                break
+            self.assertLess(time.monotonic(), deadline, "the primary keeps its old binlogs")
+            await threads.deferToThread(time.sleep, 0.2)
+        seeder, out = self.seeder()
+        failure = await self.assertFailure(
+            defer.ensureDeferred(seeder.replicate("pg", _InProcessAgent(control, r))), ReplicationFailed)
+        message = str(failure)
+        self.assertIn(f"the master 127.0.0.1:{primary.port} no longer has the binlog this seed needs: "
+                      f"{coordinates['BinlogFile']} (from position {coordinates['BinlogPos']})", message)
+        if gtid:
+            self.assertIn(f"holding the transactions after GTID {coordinates['GTID']}", message)
+        self.assertIn("error 1236", message)
+        status = await control.status()
+        self.assertFalse(status["IORunning"], "replication stays stopped")
+        self.assertEqual(await target.sql_async("SELECT COUNT(*) FROM d.t"), [("2000",)], "the copy kept")
+
+    async def test_an_unreachable_master_names_host_and_port(self):
+        primary, target, r, control = await self.primarys_copy("ur")
+        nobody = S.free_port()
+        record = r.records["ur"]
+        record.replication = dict(record.replication, MasterPort=nobody)
+        status = await control.start("ur", r.all_status())
+        deadline = time.monotonic() + 60
+        while not status["Problem"]:
+            self.assertLess(time.monotonic(), deadline, f"no problem reported: {status}")
+            await threads.deferToThread(time.sleep, 0.2)
+            status = await control.status()
+        self.assertEqual(status["LastIOErrno"], 2003)
+        self.assertIn(f"cannot reach the master 127.0.0.1:{nobody} (error 2003", status["Problem"])
+        self.assertIn(f"from the seed's binlog {record.replication['BinlogFile']}", status["Problem"])
+        self.assertFalse(status["IORunning"])
+
+    async def test_refused_credentials_say_what_to_check(self):
+        primary, target, r, control = await self.primarys_copy("rf", credentials_user="nobody")
+        primary.sql("CREATE USER nobody@'127.0.0.1' IDENTIFIED BY 'another-one';"
+                    "GRANT REPLICATION SLAVE ON *.* TO nobody@'127.0.0.1'")
+        status = await control.start("rf", r.all_status())
+        deadline = time.monotonic() + 60
+        while not status["Problem"]:
+            self.assertLess(time.monotonic(), deadline, f"no problem reported: {status}")
+            await threads.deferToThread(time.sleep, 0.2)
+            status = await control.status()
+        self.assertEqual(status["LastIOErrno"], 1045)
+        self.assertIn(f"the master 127.0.0.1:{primary.port} refused the replication user nobody "
+                      "(error 1045", status["Problem"])
+        self.assertIn("ReplicationCredentialsFile", status["Problem"])
+        self.assertNotIn(PASSWORD, json.dumps(status))

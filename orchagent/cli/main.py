@@ -28,11 +28,14 @@ from twisted.internet import defer
 
 from orchagent.cli.client import AgentCallFailed, AgentClient, make_http_client, segment
 from orchagent.cli.render import Reporter, format_bytes, key_values, progress_line, table, to_json
-from orchagent.cli.seed import SeedFailed, SeedInterrupted, SeedOptions, SeedRefused, Seeder
+from orchagent.cli.seed import (ReplicationFailed, SeedFailed, SeedInterrupted, SeedOptions, SeedRefused,
+                                Seeder)
 from orchagent.cli.settings import Settings, SettingsError, load_settings
 from orchagent.cli.state import SeedStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: The seed is done but its replication failed or did not catch up (--replicate).
+EXIT_REPLICATION = 4
 
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Copy the newest snapshot of the source into the target's datadir and start "
                     "MySQL there.  Everything is checked before anything changes; Ctrl-C aborts "
                     "both sides cleanly; a seed that failed mid-way continues with --resume ID.",
-        epilog="Exit status: 0 done, 1 failed, 2 usage, 3 refused (nothing changed), 130 interrupted.")
+        epilog="Exit status: 0 done, 1 failed, 2 usage, 3 refused (nothing changed), 4 seeded but "
+               "replication failed (--replicate), 130 interrupted.")
     seed.add_argument("--target", help="the host to seed (its data is replaced)")
     seed.add_argument("--source", help="the host whose newest snapshot is copied (default: "
                       "the first the target suggests, same datacenter first)")
@@ -110,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up (resumably) when no byte moved this long")
     seed.add_argument("--start-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                       help="how long MySQL may take to answer after it is started")
+    seed.add_argument("--replicate", action="store_true",
+                      help="then have the target replicate from the seed's master (the agent applies "
+                           "the coordinates it recorded) and wait until it has caught up")
+    seed.add_argument("--max-lag", type=float, default=10.0, metavar="SECONDS",
+                      help="with --replicate: caught up when at most this many seconds behind (default 10)")
 
     status = commands.add_parser("status", parents=[common], help="a host's MySQL, space, mount, seeds")
     status.add_argument("host")
@@ -214,7 +223,8 @@ class Controller:
         options = SeedOptions(
             stop_target=args.stop_target, rate_limit=args.rate_limit,
             poll_interval=args.poll_interval, unreachable_timeout=args.unreachable_timeout,
-            stall_timeout=args.stall_timeout, start_timeout=args.start_timeout, hot=args.hot)
+            stall_timeout=args.stall_timeout, start_timeout=args.start_timeout, hot=args.hot,
+            replicate=args.replicate, max_lag=args.max_lag)
         reporter = Reporter(self.err if args.json else self.out, self.err,
                             live=False if args.json else None, clock=self.reactor)
         self.seeder = Seeder(self.connect, self.store, self.reactor, reporter, options)
@@ -241,6 +251,12 @@ class Controller:
         except SeedInterrupted:
             self.err.write("interrupted: the seed was aborted\n")
             return EXIT_INTERRUPTED
+        except ReplicationFailed as e:
+            self.err.write(f"seed {e.seed_id} done (MySQL runs on the copy), but replication failed: {e}\n"
+                           "  nothing was undone: the datadir stays, as do the target's replication "
+                           "settings; fix the cause above, then START SLAVE on the target (a purged "
+                           "binlog needs a new seed)\n")
+            return EXIT_REPLICATION
         except SeedFailed as e:
             self.err.write(f"seed failed: {e}\n")
             if e.resumable and e.seed_id and self.store.exists(e.seed_id):
@@ -250,7 +266,8 @@ class Controller:
         if args.json:
             self.print(to_json({"SeedId": record.seed_id, "Target": record.target,
                                 "Source": record.source, "Snapshot": record.snapshot,
-                                "Seconds": round(self.reactor.seconds() - started, 3)}))
+                                "Seconds": round(self.reactor.seconds() - started, 3),
+                                **({"Replication": seeder.replication} if seeder.replication else {})}))
         return EXIT_OK
 
     async def abort(self, seed_id: str, hosts: Sequence[str], as_json: bool) -> int:

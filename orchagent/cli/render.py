@@ -62,6 +62,26 @@ def progress_line(status: dict[str, Any], width: int = 30) -> str:
     return "  ".join(parts)
 
 
+def replication_line(status: dict[str, Any]) -> str:
+    """One line from /api/replication-status: lag, the master's binlog read up to (relay)
+    and executed up to, and the two threads."""
+    lag = status.get("SecondsBehindMaster")
+
+    def at(file: Any, position: Any) -> str:
+        return f"{file}:{position}" if file else "?"
+
+    parts = [
+        f"lag {'?' if lag is None else f'{lag} s'}",
+        f"relay {at(status.get('MasterLogFile'), status.get('ReadMasterLogPos'))}",
+        f"executed {at(status.get('RelayMasterLogFile'), status.get('ExecMasterLogPos'))}",
+        f"IO {'yes' if status.get('IORunning') else 'no'}",
+        f"SQL {'yes' if status.get('SQLRunning') else 'no'}",
+    ]
+    if status.get("GTIDIOPos"):
+        parts.append(f"GTID {status['GTIDIOPos']}")
+    return "  ".join(parts)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A plain-text table with left-aligned columns and a rule under the header."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
@@ -117,18 +137,24 @@ class Reporter:
         self.err.flush()
 
     def progress(self, status: dict[str, Any]) -> None:
-        line = progress_line(status)
+        self._progress("progress", progress_line(status), status.get("State"))
+
+    def replication(self, status: dict[str, Any]) -> None:
+        """The replica catching up (the seed's --replicate), drawn like a copy's progress."""
+        threads = (bool(status.get("IORunning")), bool(status.get("SQLRunning")))
+        self._progress("replication", replication_line(status), str(threads))
+
+    def _progress(self, label: str, line: str, state: Any) -> None:
         if self.live:
-            self.out.write("\r\x1b[K" + line)
+            self.out.write("\r\x1b[K" + ("" if label == "progress" else label + ": ") + line)
             self.out.flush()
             self._drawn = True
             return
         now = self.clock.seconds() if self.clock is not None else None
-        state = status.get("State")
         due = (self._last_line_at is None or now is None
                or now - self._last_line_at >= self.line_interval or state != self._last_state)
         if due:
-            self.out.write("progress: " + line + "\n")
+            self.out.write(f"{label}: {line}\n")
             self.out.flush()
             self._last_line_at = now
             self._last_state = state

@@ -69,6 +69,11 @@ class SeedFailed(Exception):
         self.resumable = resumable
 
 
+class ReplicationFailed(SeedFailed):
+    """The seed is done (MySQL runs on the copy) but its replication did not get going
+    or catch up; the datadir stays, nothing is undone."""
+
+
 class SeedInterrupted(Exception):
     """The operator interrupted the seed (Ctrl-C); clean-up has run."""
 
@@ -91,6 +96,10 @@ class SeedOptions:
     #: Copy a hot backup of the source's running server (send-mysql-seed-data?source=hot)
     #: instead of its newest snapshot.
     hot: bool = False
+    #: After the seed, have the target replicate from the seed's master
+    #: (/api/start-replication) and wait until it is within ``max_lag`` seconds.
+    replicate: bool = False
+    max_lag: float = 10.0
 
 
 def active_seeds(statuses: list[dict]) -> dict[tuple[str, str], int]:
@@ -101,6 +110,13 @@ def active_seeds(statuses: list[dict]) -> dict[tuple[str, str], int]:
             key = (str(status.get("Role")), str(status["State"]))
             active[key] = active.get(key, 0) + 1
     return active
+
+
+def caught_up(status: dict, max_lag: float) -> bool:
+    """Both replication threads run and the lag is known and at most ``max_lag`` seconds."""
+    lag = status.get("SecondsBehindMaster")
+    return bool(status.get("IORunning") and status.get("SQLRunning")
+                and lag is not None and lag <= max_lag)
 
 
 def new_seed_id() -> str:
@@ -131,6 +147,8 @@ class Seeder:
         self.make_key = make_key
         self._interrupted = False
         self._sleeping: defer.Deferred | None = None
+        #: The target's replication status once --replicate saw it caught up.
+        self.replication: dict | None = None
 
     # --- interruption --------------------------------------------------------------------
 
@@ -212,7 +230,8 @@ class Seeder:
                 await self._clean_up(record, target, source)
                 raise SeedFailed(str(e), record.seed_id) from None
             raise SeedFailed(str(e), record.seed_id, resumable=True) from None
-        return await self._finish_safely(record, target, source)
+        await self._finish_safely(record, target, source)
+        return await self._maybe_replicate(record, target)
 
     async def _check_target(self, target: AgentClient) -> list[str]:
         running = await self._api(target, "mysql-status")
@@ -458,6 +477,49 @@ class Seeder:
                                       f"{format_duration(self.options.start_timeout)}; error log tail:\n  {tail}")
             await self._sleep(self.options.poll_interval)
 
+    # --- replication ------------------------------------------------------------------------
+
+    async def _maybe_replicate(self, record: SeedRecord, target: AgentClient) -> SeedRecord:
+        if self.options.replicate:
+            self.replication = await self.replicate(record.seed_id, target)
+        return record
+
+    async def replicate(self, seed_id: str, target: AgentClient) -> dict:
+        """Have ``target`` (MySQL running on the seeded copy) replicate from the seed's
+        master and wait until both threads run within ``max_lag`` seconds of it.
+
+        The agent applies the coordinates it recorded with the credentials it was given
+        (/api/start-replication, a no-op when SeedStartReplication already did at
+        mysql-start); the controller only asks and watches /api/replication-status.  An
+        apply error or a ``Problem`` (purged binlog, refused credentials, unreachable
+        master, a thread's error) raises :class:`ReplicationFailed` with the agent's words;
+        nothing is undone."""
+        self.report.step(f"starting replication on {target.name} (seed {seed_id}'s master)")
+        try:
+            status = await self._api(target, f"start-replication/{segment(seed_id)}",
+                                     timeout=SLOW_TIMEOUT)
+            while True:
+                failure = status.get("Error") or status.get("Problem")
+                if failure:
+                    self.report.finish_progress()
+                    raise ReplicationFailed(f"{target.name}: {failure}", seed_id)
+                self.report.replication(status)
+                if caught_up(status, self.options.max_lag):
+                    self.report.finish_progress()
+                    self.report.step(
+                        f"{target.name} replicates from {status.get('MasterHost')}:{status.get('MasterPort')}, "
+                        f"{status.get('SecondsBehindMaster')} s behind (at most {self.options.max_lag:g} s asked)")
+                    return status
+                await self._sleep(self.options.poll_interval)
+                status = await self._api(target, "replication-status")
+        except AgentCallFailed as e:
+            self.report.finish_progress()
+            raise ReplicationFailed(str(e), seed_id) from None
+        except SeedInterrupted:
+            self.report.finish_progress()
+            raise ReplicationFailed(f"interrupted while {target.name} was catching up; the seed is done "
+                                    "and replication goes on (see /api/replication-status)", seed_id) from None
+
     # --- resume ------------------------------------------------------------------------------
 
     async def resume(self, seed_id: str) -> SeedRecord:
@@ -484,7 +546,8 @@ class Seeder:
             raise
         except AgentCallFailed as e:
             raise SeedFailed(str(e), record.seed_id, resumable=True) from None
-        return await self._finish_safely(record, target, source)
+        await self._finish_safely(record, target, source)
+        return await self._maybe_replicate(record, target)
 
     async def _state_of(self, client: AgentClient, seed_id: str) -> str | None:
         """The seed's State on one side; None when the agent does not know it."""

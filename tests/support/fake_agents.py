@@ -102,12 +102,15 @@ class FakeHost:
         self.post_copy_sources: list[str | None] = []
         #: Raised (once) by the next post-copy, to fail a seed after its copy.
         self.post_copy_error: Exception | None = None
+        #: What /api/replication-status answers, one per call (the last one stays); the
+        #: first is start-replication's.  Empty: not a replica.
+        self.replication_statuses: list[dict[str, Any]] = []
         self.agent = agent = Agent(
             config=Config(snapshot_mount_point=MOUNT_POINT, datacenter=datacenter),
             reactor=network.clock, runner=None, hostname=self.hostname,
             token=Token(network.token), service=_Service(self), host=_Facts(self),
             binlogs=None, snapshots=_Snapshots(self), snapshot_hosts=_SnapshotHosts(self),
-            seeds=_Seeds(self), registration=_Registration())
+            seeds=_Seeds(self), registration=_Registration(), replication=_Replication(self))
         self.stub = StubTreq(AgentAPI(agent).resource())
 
     # --- as seen by tests -------------------------------------------------------------
@@ -162,6 +165,29 @@ class _Service:
         self.h.starts += 1
         self.h.log.append(f"[Note] mariadbd: ready for connections (start {self.h.starts})")
         return True
+
+
+class _Replication:
+    """start-replication and replication-status, from ``replication_statuses``."""
+
+    def __init__(self, h: FakeHost):
+        self.h = h
+
+    async def after_start(self, statuses) -> bool:
+        return False  # SeedStartReplication unset, as by default
+
+    async def status(self) -> dict:
+        if not self.h.replication_statuses:
+            return {"IORunning": False, "SQLRunning": False, "Error": "", "Problem": ""}
+        if len(self.h.replication_statuses) > 1:
+            return self.h.replication_statuses.pop(0)
+        return self.h.replication_statuses[0]
+
+    async def start(self, seed_id: str, statuses) -> dict:
+        if not any(s.get("SeedId") == seed_id and s.get("State") == "completed" for s in statuses):
+            raise NotFound(f"this host knows no completed seed {seed_id}")
+        self.h.changes.append(("start-replication", seed_id))
+        return await self.status()
 
 
 class _Facts:
