@@ -51,6 +51,7 @@ SLOW_RATE = 12 << 20
 V1_POLL = 1.0
 V1_RATE = 6 << 20
 _ATTR_TO_KEY = {f.attr: f.key for f in FIELDS}
+REPL_PASSWORD = "r3pl-Pw-e2e-71b"
 
 POPULATE = f"""
 CREATE DATABASE {DATABASE};
@@ -233,15 +234,17 @@ class SeedEndToEndTests(unittest.TestCase):
         config.update(extra or {})
         return config
 
-    async def make_host(self, ns, *, populated: bool, config: dict | None = None) -> Host:
+    async def make_host(self, ns, *, populated: bool, config: dict | None = None,
+                        db: dict | None = None) -> Host:
+        """``db``: more arguments of the host's MariaDB (port, server_id, options)."""
         fs = make_btrfs(self, size=FS_SIZE, label="orchagent-e2e")
         datadir = fs.subvolume("mysql")
         shutil.chown(datadir, "mysql", "mysql")
         if populated:
             subprocess.run(["cp", "-a", "--", golden_datadir() + "/.", datadir + "/"], check=True)
-            db = MariaDB.create(self, datadir=datadir, install=False)
+            db = MariaDB.create(self, datadir=datadir, install=False, **(db or {}))
         else:
-            db = MariaDB.create(self, datadir=datadir)
+            db = MariaDB.create(self, datadir=datadir, **(db or {}))
             db.sql("CREATE DATABASE targetonly; CREATE TABLE targetonly.m (x INT) ENGINE=InnoDB; "
                    "INSERT INTO targetonly.m VALUES (42)")
         snapshots = fs.directory("snapshots")
@@ -391,6 +394,113 @@ class SeedEndToEndTests(unittest.TestCase):
                                       "mysql-start"])
         await self.assertSeeded(target, reference)
         await self.assertUnmounted(source)
+
+    # --- ending with a replica (SeedStartReplication, seed --replicate) ---------------------
+
+    async def replication_hosts(self, source_config=None, target_config=None) -> tuple[Host, Host]:
+        """A primary whose server listens on its own address inside its namespace, with a
+        replication user, and a target on the same port (as hosts of one fleet are) with
+        another server id, whose agent is given that user in ReplicationCredentialsFile."""
+        port = mariadb_support.free_port()
+        credentials = os.path.join(self.home, "repl.cnf")
+        with open(credentials, "w") as fh:
+            fh.write(f"[client]\nuser=repl\npassword={REPL_PASSWORD}\n")
+        os.chmod(credentials, 0o600)
+        source = await self.make_host(self.pair.a, populated=True, config=source_config,
+                                      db={"port": port, "options": {"bind-address": "0.0.0.0"}})
+        source.db.sql(f"CREATE USER repl@'%' IDENTIFIED BY '{REPL_PASSWORD}';"
+                      "GRANT REPLICATION SLAVE ON *.* TO repl@'%'")
+        # Started again by its agent, the server runs inside the source's namespace.
+        await source.db.stop_async()
+        self.assertIs(await source.api("/api/mysql-start"), True)
+        target = await self.make_host(
+            self.pair.b, populated=False, db={"port": port, "server_id": 2},
+            config={"ReplicationCredentialsFile": credentials, **(target_config or {})})
+        return source, target
+
+    async def quiet_snapshot(self, source: Host) -> dict:
+        """create-snapshot after a burst of writes has ended.
+
+        Not under writes: a btrfs snapshot taken while the server commits can hold InnoDB
+        commits whose binlog events (buffered writes, sync_binlog=0) it does not hold, so
+        the copy's binlog end is behind its data and replication from it repeats
+        transactions (seen here as error 1062); see README, "Replicating and caught up"."""
+        await source.db.sql_async("CALL writer(0.5)", DATABASE)
+        self.assertIs(await source.api("/api/create-snapshot"), True)
+        return (await source.api("/api/lvs-snapshots"))[0]
+
+    async def assertReplicates(self, source: Host, target: Host) -> dict:
+        """Rows written on the source after the seed reach the target; with writes paused
+        and the target at the source's GTID, every table's CHECKSUM TABLE is the source's."""
+        status = await target.api("/api/replication-status")
+        self.assertEqual((status["MasterHost"], status["MasterPort"], status["UsingGTID"]),
+                         (self.pair.a.address, source.db.port, "Slave_Pos"), status)
+        await source.db.sql_async("CALL writer(1.0)", DATABASE)
+        (gtid,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
+        deadline = reactor.seconds() + 120
+        while (await target.db.sql_async("SELECT @@gtid_slave_pos")) != [(gtid,)]:
+            status = await target.api("/api/replication-status")
+            self.assertFalse(status["Problem"], status)
+            self.assertLess(reactor.seconds(), deadline, f"the target did not reach {gtid}: {status}")
+            await task.deferLater(reactor, 0.2, lambda: None)
+        on_source = await defer.Deferred.fromCoroutine(_in_thread(checksums, source.db))
+        on_target = await defer.Deferred.fromCoroutine(_in_thread(checksums, target.db))
+        self.assertEqual(on_target, on_source)
+        status = await target.api("/api/replication-status")
+        self.assertTrue(status["IORunning"] and status["SQLRunning"], status)
+        self.assertEqual((status["Error"], status["Problem"]), ("", ""))
+        for directory in (target.agent.directory, os.path.join(self.home, "controller")):
+            for top, _, files in os.walk(directory):
+                for name in files:
+                    with open(os.path.join(top, name), "rb") as fh:
+                        self.assertNotIn(REPL_PASSWORD.encode(), fh.read(), os.path.join(top, name))
+        return status
+
+    async def test_seed_with_the_controller_ends_replicating(self):
+        """seed --replicate: the copy of the primary's snapshot replicates from the
+        primary and the controller returns once it is within --max-lag."""
+        source, target = await self.replication_hosts()
+        await self.quiet_snapshot(source)
+        # Written after the snapshot: replication brings them.
+        await source.db.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the snapshot')", DATABASE)
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--stop-target",
+            "--poll-interval", "0.3", "--replicate", "--max-lag", "10")
+        self.assertEqual(code, 0, output)
+        self.assertRegex(output, r"starting replication on \S+ \(seed s[0-9a-f]+'s master\)")
+        self.assertRegex(output, r"replication: lag (\?|\d+ s)  relay ")
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, "
+                                 r"\d+ s behind \(at most 10 s asked\)")
+        self.assertNotIn(REPL_PASSWORD, output)
+        await self.assertReplicates(source, target)
+        self.assertEqual(await target.db.sql_async(
+            f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the snapshot'"), [("1",)])
+
+    async def test_the_v1_sequence_ends_replicating(self):
+        """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the
+        target: its closing mysql-start leaves the target replicating from the source."""
+        orchestrator = StandInOrchestrator()
+        url = await orchestrator.serve(self, interface=self.pair.callback_address)
+        registering = {"AgentsServer": url, "ContinuousPollSeconds": 1}
+        source, target = await self.replication_hosts(
+            registering, {**registering, "SeedStartReplication": True})
+        await orchestrator.wait_for("submit-agent", 2, timeout=30)
+        submitted = {s.hostname: s for s in orchestrator.submissions}
+        await self.quiet_snapshot(source)
+        await source.db.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the snapshot')", DATABASE)
+        await target.db.stop_async()
+        seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], 4712,
+                      wait_before_send=0.5, poll_interval=V1_POLL)
+        outcome = await seed.run()
+        self.assertTrue(outcome.ok, f"{outcome.reason}; mysql-du at each poll: {seed.polled_usage}")
+        self.assertEqual(outcome.problems, (), "every answer has the v1 type")
+        calls = [c.split(" ", 1)[1] for c in outcome.calls]
+        self.assertEqual(calls[-1], "mysql-start")
+        self.assertFalse([c for c in calls if "replication" in c], "orchestrator calls nothing new")
+        status = await self.assertReplicates(source, target)
+        self.assertEqual(status["SeedId"], "4712")
+        self.assertEqual(await target.db.sql_async(
+            f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the snapshot'"), [("1",)])
 
     # --- bad paths ---------------------------------------------------------------------------
 
