@@ -251,6 +251,11 @@ class ReplicateTests(ControllerTestCase):
         self.assertNotIn("start-replication", db2.mutations)
         self.assertNotIn("replication:", out)
 
+    def test_max_lag_is_not_negative(self):
+        code, _, err = self.cli("seed", "--target", "db2", "--replicate", "--max-lag", "-1")
+        self.assertEqual(code, EXIT_USAGE)
+        self.assertIn("--max-lag", err)
+
 
 class RefusalTests(ControllerTestCase):
     """Every refusal changes nothing on either host (except a mount it undoes)."""
@@ -358,6 +363,20 @@ class InterruptionTests(ControllerTestCase):
         # The seed stays aborted: nothing moves any more.
         self.clock.advance(60)
         self.assertLess(db2.seeds[seed_id].bytes_done, 1000)
+
+    def test_ctrl_c_while_catching_up_undoes_nothing(self):
+        self.add_source()
+        db2 = self.add_target()
+        db2.replication_statuses = [replica(100)]
+        controller, d, out, err = self.start_seed("--replicate")
+        code = self.drive(d, at={40.0: controller.on_signal})
+        self.assertEqual(code, EXIT_REPLICATION)
+        self.assertIn("replication: lag 100 s", out.getvalue())
+        self.assertIn("interrupted while db2 was catching up; the seed is done and replication goes on",
+                      err.getvalue())
+        self.assertEqual(db2.datadir, SNAPSHOT)
+        self.assertEqual(db2.mutations[-2:], ["mysql-start", "start-replication"], "no abort, no stop")
+        self.assertEqual(self.records(), [])
 
     def test_ctrl_c_after_mounting_unmounts(self):
         db1, db2 = self.add_source(), self.add_target()

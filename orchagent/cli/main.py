@@ -49,6 +49,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** power)
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--replicate", action="store_true",
                       help="then have the target replicate from the seed's master (the agent applies "
                            "the coordinates it recorded) and wait until it has caught up")
-    seed.add_argument("--max-lag", type=float, default=10.0, metavar="SECONDS",
+    seed.add_argument("--max-lag", type=_non_negative_float, default=10.0, metavar="SECONDS",
                       help="with --replicate: caught up when at most this many seconds behind (default 10)")
 
     status = commands.add_parser("status", parents=[common], help="a host's MySQL, space, mount, seeds")
