@@ -476,6 +476,25 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the snapshot'"), [("1",)])
 
+    async def test_a_hot_seed_under_writes_ends_replicating(self):
+        """seed --hot --replicate while the primary takes writes: the backup's consistent
+        point (mariadb_backup_binlog_info) is where the copy replicates from."""
+        source, target = await self.replication_hosts()
+        writer = source.db.sql_async("CALL writer(4.0)", DATABASE)
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        await writer
+        self.assertEqual(code, 0, output)
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, ")
+        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
+        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        self.assertIn("binlog_info", coordinates["From"])
+        (written,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
+        self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
+                        "the writer went on after the backup's consistent point")
+        await self.assertReplicates(source, target)
+
     async def test_the_v1_sequence_ends_replicating(self):
         """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the
         target: its closing mysql-start leaves the target replicating from the source."""
