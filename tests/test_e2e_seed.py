@@ -429,21 +429,23 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertIs(await source.api("/api/create-snapshot"), True)
         return (await source.api("/api/lvs-snapshots"))[0]
 
-    async def assertReplicates(self, source: Host, target: Host) -> dict:
-        """Rows written on the source after the seed reach the target; with writes paused
-        and the target at the source's GTID, every table's CHECKSUM TABLE is the source's."""
+    async def assertReplicates(self, source: Host | MariaDB, target: Host) -> dict:
+        """Rows written on the source (a host, or the master server itself) after the seed
+        reach the target; with writes paused and the target at the source's GTID, every
+        table's CHECKSUM TABLE is the source's."""
+        master = source.db if isinstance(source, Host) else source
         status = await target.api("/api/replication-status")
         self.assertEqual((status["MasterHost"], status["MasterPort"], status["UsingGTID"]),
-                         (self.pair.a.address, source.db.port, "Slave_Pos"), status)
-        await source.db.sql_async("CALL writer(1.0)", DATABASE)
-        (gtid,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
+                         (self.pair.a.address, master.port, "Slave_Pos"), status)
+        await master.sql_async("CALL writer(1.0)", DATABASE)
+        (gtid,), = await master.sql_async("SELECT @@gtid_binlog_pos")
         deadline = reactor.seconds() + 120
         while (await target.db.sql_async("SELECT @@gtid_slave_pos")) != [(gtid,)]:
             status = await target.api("/api/replication-status")
             self.assertFalse(status["Problem"], status)
             self.assertLess(reactor.seconds(), deadline, f"the target did not reach {gtid}: {status}")
             await task.deferLater(reactor, 0.2, lambda: None)
-        on_source = await defer.Deferred.fromCoroutine(_in_thread(checksums, source.db))
+        on_source = await defer.Deferred.fromCoroutine(_in_thread(checksums, master))
         on_target = await defer.Deferred.fromCoroutine(_in_thread(checksums, target.db))
         self.assertEqual(on_target, on_source)
         status = await target.api("/api/replication-status")
@@ -494,6 +496,56 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
                         "the writer went on after the backup's consistent point")
         await self.assertReplicates(source, target)
+
+    async def test_a_replicas_snapshot_under_writes_ends_replicating_from_its_master(self):
+        """The source host's server is a replica of a primary (both in the source's
+        namespace); its btrfs snapshot, taken while it applies the primary's writes, is
+        seeded with --replicate: the target replicates from the primary, with the user and
+        password of the copied master.info (no ReplicationCredentialsFile)."""
+        port = mariadb_support.free_port()
+        primary_dir = tempfile.mkdtemp(prefix="mdb-primary-")
+        self.addCleanup(shutil.rmtree, primary_dir, True)
+        os.chmod(primary_dir, 0o755)
+        subprocess.run(["cp", "-a", "--", golden_datadir() + "/.", primary_dir + "/"], check=True)
+        shutil.chown(primary_dir, "mysql", "mysql")
+        primary = MariaDB.create(self, datadir=primary_dir, install=False, start=False,
+                                 port=mariadb_support.free_port(), options={"bind-address": "0.0.0.0"})
+        subprocess.run([*self.pair.a.prefix, "sh", "-c", primary.start_command], check=True,
+                       stdout=subprocess.DEVNULL)
+        primary.sql(f"CREATE USER repl@'%' IDENTIFIED BY '{REPL_PASSWORD}';"
+                    "GRANT REPLICATION SLAVE ON *.* TO repl@'%'")
+        source = await self.make_host(self.pair.a, populated=True,
+                                      db={"port": port, "server_id": 3})
+        await source.db.stop_async()
+        self.assertIs(await source.api("/api/mysql-start"), True)
+        (start,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
+        await source.db.sql_async(
+            f"SET GLOBAL gtid_slave_pos = '{start}'; CHANGE MASTER TO MASTER_HOST='{self.pair.a.address}', "
+            f"MASTER_PORT={primary.port}, MASTER_USER='repl', MASTER_PASSWORD='{REPL_PASSWORD}', "
+            "MASTER_USE_GTID=slave_pos; START SLAVE")
+        target = await self.make_host(self.pair.b, populated=False, db={"port": port, "server_id": 2})
+        writer = primary.sql_async("CALL writer(3.0)", DATABASE)
+        count = f"SELECT COUNT(*) FROM {DATABASE}.w"
+        deadline = reactor.seconds() + 60
+        while int((await source.db.sql_async(count))[0][0]) == 0:
+            self.assertLess(reactor.seconds(), deadline, "the replica applies nothing")
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertIs(await source.api("/api/create-snapshot"), True)
+        await writer
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        self.assertEqual(code, 0, output)
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{primary.port}, ")
+        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
+        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        self.assertEqual((coordinates["MasterHost"], coordinates["MasterPort"], coordinates["MasterUser"]),
+                         (self.pair.a.address, primary.port, "repl"))
+        self.assertIn("gtid_slave_pos", coordinates["From"])
+        (written,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
+        self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
+                        "the primary wrote on after the snapshot")
+        await self.assertReplicates(primary, target)
 
     async def test_the_v1_sequence_ends_replicating(self):
         """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the
