@@ -24,6 +24,10 @@ The order of a seed is chosen so that nothing is erased before every check passe
 4. post-copy on the target, unmount the source, start MySQL on the target and wait until
    it answers: mysql-status true and, when the agent can read the error log, a new
    "ready for connections" line.
+5. With ``replicate`` (``--replicate``), once the seed's record is gone (the seed is done):
+   the target's agent applies the seed's coordinates (start-replication) and the
+   controller waits for both replication threads within ``max_lag`` (:meth:`Seeder.replicate`);
+   a failure there undoes nothing.
 
 An interruption (Ctrl-C, :meth:`Seeder.interrupt`) during 1-3 aborts both sides, unmounts
 the source, restarts the target's MySQL if we stopped it and its datadir was kept, and
