@@ -397,7 +397,8 @@ class SeedEndToEndTests(unittest.TestCase):
 
     # --- ending with a replica (SeedStartReplication, seed --replicate) ---------------------
 
-    async def replication_hosts(self, source_config=None, target_config=None) -> tuple[Host, Host]:
+    async def replication_hosts(self, source_config=None, target_config=None,
+                                source_options=None) -> tuple[Host, Host]:
         """A primary whose server listens on its own address inside its namespace, with a
         replication user, and a target on the same port (as hosts of one fleet are) with
         another server id, whose agent is given that user in ReplicationCredentialsFile."""
@@ -407,7 +408,8 @@ class SeedEndToEndTests(unittest.TestCase):
             fh.write(f"[client]\nuser=repl\npassword={REPL_PASSWORD}\n")
         os.chmod(credentials, 0o600)
         source = await self.make_host(self.pair.a, populated=True, config=source_config,
-                                      db={"port": port, "options": {"bind-address": "0.0.0.0"}})
+                                      db={"port": port, "options": {"bind-address": "0.0.0.0",
+                                                                    **(source_options or {})}})
         source.db.sql(f"CREATE USER repl@'%' IDENTIFIED BY '{REPL_PASSWORD}';"
                       "GRANT REPLICATION SLAVE ON *.* TO repl@'%'")
         # Started again by its agent, the server runs inside the source's namespace.
@@ -477,6 +479,18 @@ class SeedEndToEndTests(unittest.TestCase):
         await self.assertReplicates(source, target)
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the snapshot'"), [("1",)])
+
+    async def test_a_primarys_snapshot_under_writes_with_sync_binlog_ends_replicating(self):
+        """With sync_binlog=1 on the primary, its btrfs snapshot taken while it commits
+        holds every binlog event InnoDB committed (without it, 3 snapshots in 10 did not):
+        the copy replicates from the right position."""
+        source, target = await self.replication_hosts(source_options={"sync-binlog": "1"})
+        await self.snapshot_under_writes(source)
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        self.assertEqual(code, 0, output)
+        await self.assertReplicates(source, target)
 
     async def test_a_hot_seed_under_writes_ends_replicating(self):
         """seed --hot --replicate while the primary takes writes: the backup's consistent
