@@ -494,6 +494,23 @@ class CommandTests(ControllerTestCase):
         self.assertIn("snapshots       2, newest snap-2", out)
         self.assertIn("datacenter      dc1", out)
 
+    def test_status_shows_replication_and_what_stops_it(self):
+        db2 = self.add_target(running=True)
+        code, out, _ = self.cli("status", "db2")
+        self.assertEqual(code, EXIT_OK)
+        self.assertIn("replication     not a replica", out)
+        db2.replication_statuses = [replica(3)]
+        _, out, _ = self.cli("status", "db2")
+        self.assertIn("replication     from db1.example:3306  lag 3 s  relay mysql-bin.000007:1000", out)
+        db2.replication_statuses = [replica(None, io=False, problem="cannot reach the master db1.example:3306")]
+        _, out, _ = self.cli("status", "db2")
+        self.assertIn("replication     STOPPED: cannot reach the master db1.example:3306", out)
+        _, out, _ = self.cli("status", "db2", "--json")
+        self.assertEqual(json.loads(out)["Replication"]["Problem"], "cannot reach the master db1.example:3306")
+        db2.running = False
+        _, out, _ = self.cli("status", "db2")
+        self.assertNotIn("replication", out, "asked only while MySQL runs")
+
     def test_status_json(self):
         self.add_source()
         code, out, _ = self.cli("status", "db1", "--json")

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence, TextIO
 from twisted.internet import defer
 
 from orchagent.cli.client import AgentCallFailed, AgentClient, make_http_client, segment
-from orchagent.cli.render import Reporter, format_bytes, key_values, progress_line, table, to_json
+from orchagent.cli.render import (Reporter, format_bytes, key_values, progress_line, replication_line,
+                                  table, to_json)
 from orchagent.cli.seed import (ReplicationFailed, SeedFailed, SeedInterrupted, SeedOptions, SeedRefused,
                                 Seeder)
 from orchagent.cli.settings import Settings, SettingsError, load_settings
@@ -182,6 +183,13 @@ class Controller:
                 if e.unreachable:
                     raise
                 facts[key] = {"CallFailed": e.message}
+        if facts["MySQLRunning"] is True:
+            try:
+                facts["Replication"] = await client.call("replication-status")
+            except AgentCallFailed as e:
+                if e.unreachable:
+                    raise
+                facts["Replication"] = {"CallFailed": e.message}
         facts["Seeds"] = await self._local_seeds(client)
         if as_json:
             self.print(to_json(facts))
@@ -302,6 +310,16 @@ class Controller:
         os._exit(EXIT_INTERRUPTED)
 
 
+def _replication_text(status: dict[str, Any]) -> str:
+    """/api/replication-status in a line: what stops it, else where from and how far."""
+    failure = status.get("Error") or status.get("Problem")
+    if failure:
+        return f"STOPPED: {failure}"
+    if not status.get("MasterHost"):
+        return "not a replica"
+    return f"from {status['MasterHost']}:{status.get('MasterPort')}  {replication_line(status)}"
+
+
 def _status_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
     def err(value):
         return isinstance(value, dict) and "CallFailed" in value
@@ -329,6 +347,8 @@ def _status_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
             if snaps else "none")),
         ("datacenter", show("Datacenter", lambda v: v or "(not set)")),
     ]
+    if "Replication" in facts:
+        rows.append(("replication", show("Replication", _replication_text)))
     for seed in facts.get("Seeds", []):
         status = seed["Status"]
         text = f"error: {status['CallFailed']}" if err(status) else (
