@@ -119,6 +119,28 @@ class CreateAndListTests(BtrfsCase):
         self.assertNotIn(".mysql-snap-hidden", names)
         self.assertEqual(len(await self.backend.list_snapshots()), 1)
 
+    async def test_a_binlog_not_synced_is_warned_of(self):
+        import attrs
+        from twisted.logger import globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event):
+            if event.get("log_level") is not None and event["log_level"].name == "warn":
+                seen.append(str(event.get("log_format", "")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        options = self.fs.path("my.cnf")
+        for text, warned in (("[mysqld]\nlog-bin=mysql-bin\n", True),
+                             ("[mysqld]\nlog-bin=mysql-bin\nsync-binlog=1\n", False),
+                             ("[mysqld]\nskip-name-resolve\n", False)):
+            write(options, text)
+            self.backend.config = attrs.evolve(self.backend.config, mysql_options_file=options)
+            seen.clear()
+            await self.snapshot()
+            self.assertEqual(any("sync_binlog" in line for line in seen), warned, text)
+
     async def test_same_second_is_refused(self):
         self.backend.now = lambda: 1714701600.0
         await self.backend.create_snapshot()
