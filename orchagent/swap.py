@@ -269,7 +269,14 @@ class Swap:
             await self.journal.remove(work)
         parents = {os.path.dirname(p) for r in self.renames for p in r}
         for parent in sorted(parents):
-            await self.journal.thread(_fsync_dir, parent)
+            try:
+                await self.journal.thread(_fsync_dir, parent)
+            except OSError as e:
+                # The renames are made but not known durable: the record stays, and the
+                # next start (or swap) settles it again, fsync included.
+                raise SwapStuck(f"{self.what}: the fsync of {parent} failed ({e.strerror or e}); "
+                                f"the trees are in place but not known durable; record {self.path} "
+                                "kept, the next start settles it") from e
         await self._forget()
 
     # --- recovery ------------------------------------------------------------------------

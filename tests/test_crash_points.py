@@ -177,6 +177,60 @@ class FailedRecordWriteTests(unittest.TestCase):
         self.assertEqual(await self.fail_open_at(swap, "_fsync_dir"), [])
 
 
+class UnsyncedSwapTests(unittest.TestCase):
+    """EIO/EROFS at the fsync of the datadir's parent once a restore's renames were made
+    answered "internal error: [Errno 5] Input/output error": no file, no call, nothing
+    said of the datadir already swapped or of the record kept."""
+
+    async def test_a_failed_fsync_at_close_names_it_and_keeps_the_record(self):
+        base = os.path.abspath(self.mktemp())
+        journal = swap.SwapJournal(os.path.join(base, "restores"), runner=None,
+                                   thread=defer.maybeDeferred)
+        opened = journal.swap("restore-20260101T000000Z", "restore of s1",
+                              [(os.path.join(base, "data", "d"), os.path.join(base, "data", "d.old"))])
+        await opened.open()
+        opened.begun = 1  # the rename made (by hand: no runner here)
+
+        def failing(path):
+            raise OSError(5, "Input/output error")
+
+        with mock.patch.object(swap, "_fsync_dir", failing):
+            with self.assertRaises(swap.SwapStuck) as caught:
+                await opened.close()
+        self.assertIn(os.path.join(base, "data"), caught.exception.message)
+        self.assertIn("fsync", caught.exception.message)
+        self.assertTrue(os.path.exists(opened.path))
+
+
+class SeedStateWriteTests(unittest.TestCase):
+    """EIO at the write of ``<seed>.manifest.tmp`` (ENOSPC at its rename) failed the seed
+    cleanly but left the temporary file in StateDir/seeds for good; and a short write was
+    renamed in as the whole file."""
+
+    def store(self):
+        from orchagent.seed.state import StateStore
+        store = StateStore(os.path.abspath(self.mktemp()))
+        store.open()
+        store.write("s1", "manifest", b"before")
+        return store
+
+    def test_a_failed_write_leaves_the_file_and_no_temporary(self):
+        for name in ("write", "replace"):
+            store = self.store()
+            with mock.patch.object(os, name, mock.Mock(side_effect=OSError(5, "Input/output error"))):
+                with self.assertRaises(OSError):
+                    store.write("s1", "manifest", b"after")
+            self.assertEqual(sorted(os.listdir(store.root)), ["s1.manifest"], name)
+            self.assertEqual(store.read("s1", "manifest"), b"before")
+
+    def test_a_short_write_is_continued(self):
+        store = self.store()
+        real = os.write
+        with mock.patch.object(os, "write", lambda fd, data: real(fd, bytes(data[:3]))):
+            store.write("s1", "manifest", b"0123456789")
+        self.assertEqual(store.read("s1", "manifest"), b"0123456789")
+
+
 class EnumeratorSliceTests(unittest.TestCase):
     """A few points of the enumerator, for real: agents on loopback, strace, a loop ext4."""
 

@@ -151,14 +151,25 @@ class StateStore:
         return os.path.join(self.root, f"{seed_id}.{suffix}")
 
     def write(self, seed_id: str, suffix: str, data: bytes) -> None:
+        """Replace the file whole (a short write is continued); on a failure the file in
+        place is unchanged and the temporary one removed."""
         final = self.path(seed_id, suffix)
         tmp = final + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def read(self, seed_id: str, suffix: str) -> bytes | None:
         try:
@@ -168,11 +179,13 @@ class StateStore:
             return None
 
     def remove(self, seed_id: str, *suffixes: str) -> None:
+        """Remove the files (and a write of theirs a crash cut short)."""
         for suffix in suffixes:
-            try:
-                os.unlink(self.path(seed_id, suffix))
-            except FileNotFoundError:
-                pass
+            for path in (self.path(seed_id, suffix), self.path(seed_id, suffix) + ".tmp"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def save(self, record: SeedRecord) -> None:
         self.write(record.seed_id, "json", json.dumps(record.to_json(), indent=1).encode())
