@@ -204,8 +204,8 @@ class UnsyncedSwapTests(unittest.TestCase):
 
 class SeedStateWriteTests(unittest.TestCase):
     """EIO at the write of ``<seed>.manifest.tmp`` (ENOSPC at its rename) failed the seed
-    cleanly but left the temporary file in StateDir/seeds for good; and a short write was
-    renamed in as the whole file."""
+    cleanly but left the temporary file in StateDir/seeds for good, the write's error
+    naming no file; and a short write was renamed in as the whole file."""
 
     def store(self):
         from orchagent.seed.state import StateStore
@@ -218,9 +218,10 @@ class SeedStateWriteTests(unittest.TestCase):
         for name in ("write", "replace"):
             store = self.store()
             with mock.patch.object(os, name, mock.Mock(side_effect=OSError(5, "Input/output error"))):
-                with self.assertRaises(OSError):
+                with self.assertRaises(OSError) as caught:
                     store.write("s1", "manifest", b"after")
             self.assertEqual(sorted(os.listdir(store.root)), ["s1.manifest"], name)
+            self.assertIn("s1.manifest.tmp", str(caught.exception), name)
             self.assertEqual(store.read("s1", "manifest"), b"before")
 
     def test_a_short_write_is_continued(self):

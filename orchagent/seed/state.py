@@ -164,11 +164,13 @@ class StateStore:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(e, OSError) and e.filename is None:
+                raise OSError(e.errno, e.strerror, tmp) from e  # name the file written
             raise
 
     def read(self, seed_id: str, suffix: str) -> bytes | None:
