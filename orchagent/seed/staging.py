@@ -155,6 +155,8 @@ class Staging:
             self.root = os.path.join(parent, f".{name}.orchagent-seed-{seed_id}")
             self.aside = os.path.join(parent, f".{name}.orchagent-previous-{seed_id}")
         self._fds: dict[int, int] = {}
+        #: Files this process created (or found) in staging: never created again.
+        self._created: set[int] = set()
         #: O_DIRECT descriptors of the files being written in chunks, beside ``_fds``.
         self._direct_fds: dict[int, int] = {}
         #: False once the file system refused O_DIRECT (some FUSE and network file
@@ -190,7 +192,18 @@ class Staging:
     # --- writing -------------------------------------------------------------------------
 
     def _open(self, index: int, entry: Entry) -> int:
-        fd = os.open(self._path(entry), _OPEN_FLAGS, 0o600)
+        """The staged file, sized; created only the first time: a file that vanished
+        after that (deleted under the seed) is an error naming it, never a new file that
+        would hold only the chunks written from then on."""
+        if index in self._created:
+            try:
+                fd = os.open(self._path(entry), _OPEN_FLAGS & ~os.O_CREAT)
+            except FileNotFoundError:
+                raise OSError(errno.ENOENT, f"{entry.path} disappeared from staging while the "
+                                            "seed was being written", self._path(entry)) from None
+        else:
+            fd = os.open(self._path(entry), _OPEN_FLAGS, 0o600)
+            self._created.add(index)
         try:
             if os.fstat(fd).st_size != entry.size:
                 if entry.extents is not None or not _allocate(fd, entry.size):
@@ -524,6 +537,7 @@ class Staging:
 
     def discard(self) -> None:
         self.close_files()
+        self._created.clear()
         shutil.rmtree(self.root, ignore_errors=True)
         if os.path.exists(self.root):
             shutil.rmtree(self.root)
