@@ -357,8 +357,10 @@ class SwapJournal:
         each record kept) when any could not be settled; the others are settled."""
         done: list[str] = []
         stuck: list[str] = []
-        await self.thread(self._remove_unfinished_writes)
-        for path in self.pending():  # a listdir of a small directory: not worth a thread
+        # A listdir of a small directory, an unlink at most: not worth a thread (and a
+        # restore with nothing to settle then never leaves the reactor before it starts).
+        self._remove_unfinished_writes()
+        for path in self.pending():
             try:
                 swap = await self.thread(self._load, path)
             except (OSError, ValueError, KeyError, TypeError) as e:
