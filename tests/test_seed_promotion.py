@@ -439,3 +439,37 @@ class VanishedStagedFileTests(unittest.TestCase):
             staging.finish_file(0, entry)
         self.assertIn("ibdata1 disappeared from staging", caught.exception.strerror)
         self.assertFalse(os.path.exists(os.path.join(staging.root, "ibdata1")))
+
+
+class UnsavedCompletionTests(unittest.TestCase):
+    """A seed whose "completed" could not be saved keeps its promotion record, so that the
+    next start finds the tree in place and completes it, not fails it."""
+
+    async def test_the_record_stays_until_the_completion_is_saved(self):
+        base = os.path.abspath(self.mktemp())
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(dst)
+        S.make_tree(src, files=4)
+        port = S.free_port()
+        receiver = S.make_manager(self, os.path.join(base, "r"), dst, port)
+        sender = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+        real_save = receiver.store.save
+
+        def save(record):
+            if record.state == "completed":
+                raise OSError(errno.EIO, "Input/output error", "3.json.tmp")
+            real_save(record)
+
+        self.patch(receiver.store, "save", save)
+        await receiver.receive("3")
+        await sender.send(f"127.0.0.1:{port}", "3", source="snapshot")
+        self.assertEqual((await S.finished(receiver, "3"))["State"], "completed")
+        self.assertEqual((await S.finished(sender, "3"))["State"], "completed")
+        record = receiver.store.path("3", promotion.SUFFIX)
+        self.assertTrue(os.path.exists(record), "kept: the state on disk says promoting")
+
+        await receiver.stopService()
+        again = S.make_manager(self, os.path.join(base, "r"), dst, port)
+        await S.wait_for(lambda: not os.path.exists(record))
+        self.assertEqual((await again.status("3"))["State"], "completed")
+        self.assertEqual(S.snapshot_tree(dst), S.snapshot_tree(src))

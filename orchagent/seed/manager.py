@@ -146,7 +146,7 @@ class SeedManager(service.Service):
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         for record in self.records.values():
-            self.store.save(record)
+            self.save(record)  # a failed write is logged: the pool below must stop anyway
         if self.pool is not None:
             self.pool.stop()
             self.pool = None
@@ -242,7 +242,8 @@ class SeedManager(service.Service):
         if force or record.updated_at - self._saved_at.get(record.seed_id, 0) > PROGRESS_INTERVAL:
             self.save(record)
 
-    def save(self, record: state.SeedRecord) -> None:
+    def save(self, record: state.SeedRecord) -> bool:
+        """Write the record to StateDir; False (logged) when that failed."""
         self._saved_at[record.seed_id] = self.clock.seconds()
         for watcher in self.watchers:
             watcher(record)
@@ -250,6 +251,8 @@ class SeedManager(service.Service):
             self.store.save(record)
         except OSError as e:
             log.error("cannot save seed state for {seed}: {error}", seed=record.seed_id, error=e)
+            return False
+        return True
 
     def job_ended(self, job) -> None:
         if self.jobs.get(job.seed_id) is job:

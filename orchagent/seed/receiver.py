@@ -910,15 +910,21 @@ class ReceiveJob(state.JobIdentity):
         record.state = state.COMPLETED
         record.promoting = False
         self.committed = False
-        self.manager.touch(record, force=True)
+        record.updated_at = self.manager.clock.seconds()
         path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
-        try:
-            await self.manager.thread(promotion.remove_record, path)
-        except OSError as e:
-            # The seed is complete and saved so; a record left over is settled forward
-            # again at the next start, where it finds everything in place.
-            log.warn("seed {seed}: cannot remove the promotion record {path}: {error}",
-                     seed=self.seed_id, path=path, error=e)
+        if not self.manager.save(record):
+            # The record on disk still says "promoting": the promotion record stays, so the
+            # next start settles it forward again (a no-op) and saves "completed" then.
+            log.warn("seed {seed}: its completion could not be saved; the promotion record "
+                     "{path} is kept for the next start", seed=self.seed_id, path=path)
+        else:
+            try:
+                await self.manager.thread(promotion.remove_record, path)
+            except OSError as e:
+                # The seed is complete and saved so; a record left over is settled forward
+                # again at the next start, where it finds everything in place.
+                log.warn("seed {seed}: cannot remove the promotion record {path}: {error}",
+                         seed=self.seed_id, path=path, error=e)
         for control in [self.control, *self.waiting]:
             if control is not None:
                 control.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, control.key))
