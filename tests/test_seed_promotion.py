@@ -388,18 +388,25 @@ def _wait_for_path(path: str, timeout: float) -> None:
 
 
 
+def in_process_pair(testcase):
+    """A source tree and two seed managers in this process (receiver, sender) on a free
+    port: ``(base, src, dst, port, receiver, sender)``."""
+    base = os.path.abspath(testcase.mktemp())
+    src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+    os.makedirs(dst)
+    S.make_tree(src, files=4)
+    port = S.free_port()
+    receiver = S.make_manager(testcase, os.path.join(base, "r"), dst, port)
+    sender = S.make_manager(testcase, os.path.join(base, "s"), src, port, snapshot=src)
+    return base, src, dst, port, receiver, sender
+
+
 class LeftoverRecordTests(unittest.TestCase):
     """The record of a promotion that finished, but could not be removed (the state
     directory's fsync failed), neither holds the seed nor changes anything later."""
 
     async def test_a_record_that_cannot_be_removed(self):
-        base = os.path.abspath(self.mktemp())
-        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
-        os.makedirs(dst)
-        S.make_tree(src, files=4)
-        port = S.free_port()
-        receiver = S.make_manager(self, os.path.join(base, "r"), dst, port)
-        sender = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+        base, src, dst, port, receiver, sender = in_process_pair(self)
 
         def failing(path):
             raise OSError(errno.EDQUOT, "Disk quota exceeded", path)
@@ -446,13 +453,7 @@ class UnsavedCompletionTests(unittest.TestCase):
     next start finds the tree in place and completes it, not fails it."""
 
     async def test_the_record_stays_until_the_completion_is_saved(self):
-        base = os.path.abspath(self.mktemp())
-        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
-        os.makedirs(dst)
-        S.make_tree(src, files=4)
-        port = S.free_port()
-        receiver = S.make_manager(self, os.path.join(base, "r"), dst, port)
-        sender = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+        base, src, dst, port, receiver, sender = in_process_pair(self)
         real_save = receiver.store.save
 
         def save(record):
