@@ -236,13 +236,17 @@ class PromotionWindowTests(TwoAgents, unittest.TestCase):
     async def test_an_abort_just_before_the_record_precedes_it(self):
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
-        slow, hit = os.path.join(base, "slow"), os.path.join(base, "hit")
+        script, hit = os.path.join(base, "status.sh"), os.path.join(base, "hit")
+        write(script, b"exit 1\n")
+        await self.agents(f"sh {script}")
         # The receiver asks whether MySQL runs right before it records the promotion: make
-        # that question slow, and abort while it is asked.
-        await self.agents(f"if [ -e {slow} ]; then touch {hit}; sleep 3; fi; false")
-        open(slow, "w").close()
+        # that question slow once every byte is staged (not the one at receive-mysql-seed-
+        # data), and abort while it is asked.
+        staged, sent = os.path.join(self.staging, "ibdata1"), os.path.join(self.source_dir, "ibdata1")
+        write(script, f"if cmp -s {staged} {sent}; then touch {hit}; sleep 3; fi; exit 1\n".encode())
         await self.start_seed()
         await threads.deferToThread(_wait_for_path, hit, 60)
+        self.assertTrue(os.path.exists(self.staging))
         self.assertEqual(await self.source.get("/api/abort-seed/9"), (200, True))
         self.assertEqual(await self.target.get("/api/abort-seed/9"), (200, True))
         target, source = await self.ended(self.target), await self.ended(self.source)

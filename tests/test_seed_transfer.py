@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
@@ -14,6 +15,7 @@ from orchagent.process import ProcessRunner
 from orchagent.seed import auth, frames, receiver, sender, tree
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
+from orchagent.seed.staging import Staging
 from tests import seed_support as S
 from tests.support.certs import TestCA, seed_tls
 
@@ -651,6 +653,56 @@ class FailureTests(SeedCase):
 
     async def test_abort_at_the_sender(self):
         await self._abort("sender")
+
+    async def test_an_abort_reaches_a_receiver_not_reading_its_control_stream(self):
+        """The receiver reads a stream only while it can write what came in: here it reads
+        nothing of the control stream when the sender aborts, and sees a data stream end
+        first.  That end carries the ABORT too, so the receiver ends aborted, not waiting
+        for a resume that never comes (the window a loaded CI machine hit)."""
+        self.big_file(size=1_500_000)
+        before = S.snapshot_tree(self.dst)
+        r = self.receiver()
+        s = self.sender(seed_rate_limit_bytes_per_sec=500_000, seed_streams=2)
+        await r.receive("15")
+        await s.send(f"127.0.0.1:{self.port}", "15", source="datadir")
+        await S.wait_for(lambda: r.records["15"].bytes_done > 100_000)
+        job = r.jobs["15"]
+        self.assertGreater(len(job.streams), 1)
+        job.control.transport.stopReading()
+        self.assertTrue(await s.abort("15"))
+        got = await S.finished(r, "15", timeout=15)
+        self.assertEqual(got["State"], "aborted", got["Error"])
+        self.assertIn("the sender aborted the seed: aborted through the API", got["Error"])
+        await S.wait_for(lambda: "15" not in r.jobs)
+        self.assert_untouched(before)
+
+    async def test_an_abort_while_staging_is_prepared_leaves_no_staging(self):
+        """An abort that arrives while a worker thread makes the staging directory waits
+        for it, then removes staging: none is made after the seed ended."""
+        self.big_file(size=300_000)
+        before = S.snapshot_tree(self.dst)
+        entered, go = threading.Event(), threading.Event()
+        real = Staging.prepare
+
+        def prepare(staging, manifest):
+            entered.set()
+            go.wait(10)
+            real(staging, manifest)
+
+        self.patch(Staging, "prepare", prepare)
+        r, s = self.receiver(), self.sender()
+        await r.receive("16")
+        await s.send(f"127.0.0.1:{self.port}", "16", source="datadir")
+        self.assertTrue(await threads.deferToThread(entered.wait, 10))
+        reactor.callLater(0.3, go.set)
+        self.assertTrue(await r.abort("16"))
+        self.assertTrue(go.is_set(), "the abort waited for staging to be made")
+        got = await S.finished(r, "16")
+        self.assertEqual(got["State"], "aborted", got["Error"])
+        await S.wait_for(lambda: "16" not in r.jobs)
+        self.assertIsNone(r.jobs.get("16"))
+        self.assert_untouched(before)
+        self.assertEqual(os.listdir(r.store.root), ["16.json"])
 
 
 class CommandModeTests(SeedCase):

@@ -324,6 +324,10 @@ class ReceiveJob(state.JobIdentity):
         self.sender_digests = b""
         self.finish: dict | None = None
         self.inflight: set[defer.Deferred] = set()
+        #: Worker-thread calls that make entries in staging (prepare, finish a file,
+        #: complete): the end of the seed waits for them before it removes staging, or
+        #: one still running would make it again after (_on_staging).
+        self.making: set[defer.Deferred] = set()
         self.failures: dict[tuple[int, int], int] = {}
         self.journal_fd: int | None = None
         self.recheck_journal = False
@@ -541,7 +545,9 @@ class ReceiveJob(state.JobIdentity):
         await self._check_space()
         if session != self.session:
             return
-        await self.manager.thread(self.staging.prepare, self.manifest)
+        await self._on_staging(self.staging.prepare, self.manifest)
+        if session != self.session or not self.active:
+            return
         if self.journal_fd is None:
             self.journal_fd = os.open(self.manager.store.path(self.seed_id, "journal"),
                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -697,7 +703,7 @@ class ReceiveJob(state.JobIdentity):
             index = where[0]
             if table.mark_done(table.chunk_id(*where), outcome) and not self._whole_file(index):
                 entry = self.manifest.entry(index)
-                self.manager.thread(self.staging.finish_file, index, entry).addErrback(
+                self._on_staging(self.staging.finish_file, index, entry).addErrback(
                     self._finish_file_failed, entry)
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         if (self.staging.buffered_bytes - self.written_back >= WRITEBACK_BYTES
@@ -725,6 +731,18 @@ class ReceiveJob(state.JobIdentity):
             self.writing_back = False
 
         self.manager.thread(syncfs, self.staging.root).addBoth(done)
+
+    def _on_staging(self, fn, *args) -> defer.Deferred:
+        """``fn(*args)`` in a worker thread, as one of the calls that make entries in
+        staging (:attr:`making`)."""
+        d = self.manager.thread(fn, *args)
+        self.making.add(d)
+
+        def made(result):
+            self.making.discard(d)
+            return result
+
+        return d.addBoth(made)
 
     def _crashed(self, failure) -> None:
         """A bug, not a condition: fail the seed rather than leave it hanging."""
@@ -775,7 +793,7 @@ class ReceiveJob(state.JobIdentity):
         if bytes.fromhex(str(self.finish.get("tree", ""))) != table.tree_digest(mine):
             raise BadRequest("the tree digest does not match the sender's")
         self.steps += 1
-        await self.manager.thread(self.staging.complete, self.manifest, table)
+        await self._on_staging(self.staging.complete, self.manifest, table)
         # The final sync and the check on disk go side by side: neither needs the other
         # (a read back sees what the sync writes), and the check costs no time then.
         results = await defer.DeferredList(
@@ -1009,6 +1027,8 @@ class ReceiveJob(state.JobIdentity):
 
     async def _cleanup(self) -> None:
         await self.drain()
+        while self.making:
+            await defer.DeferredList(list(self.making), consumeErrors=True)
         try:
             if not self.record.promoting:
                 await self.manager.thread(self.staging.discard)

@@ -67,9 +67,6 @@ MAX_ATTEMPTS = 6
 RESULT_WAIT = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 15.0
-#: Seconds the data streams of a failed seed stay open at most after its control stream,
-#: closed with the ABORT (see SendJob._close_all).
-ABORT_LINGER = 5.0
 #: Seconds between checks that MySQL is still stopped while a datadir seed reads it.
 MYSQL_POLL = 2.0
 #: Files of several chunks kept open between their chunks' reads, at most (per send).
@@ -741,9 +738,7 @@ class SendJob(state.JobIdentity):
             return ended
         self._stop_waiting_for_result()
         self.end_record(message, final_state, log)
-        if tell:
-            tell_abort(self.control, {"message": message})
-        self._close_all(first=self.control if tell else None)
+        self._close_all(tell={"message": message} if tell else None)
         self.manager.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
@@ -765,11 +760,14 @@ class SendJob(state.JobIdentity):
         self.manager.touch(self.record, force=True)
         self._settle()
 
-    def _close_all(self, first: SenderStream | None = None) -> None:
-        """Close every stream.  ``first``, the control stream that carries an ABORT, goes
-        first, and the data streams once it is gone (or after :data:`ABORT_LINGER`): a
-        receiver that saw a data stream end first would take the session for broken and
-        wait for a resume, never reading the ABORT."""
+    def _close_all(self, tell: dict | None = None) -> None:
+        """Close every stream; with ``tell``, each says it (an ABORT) as its last frame.
+
+        Every stream, not the control stream alone: the receiver reads a stream only while
+        it can write what came in, so it may see a data stream end before it reads the
+        control stream's ABORT, and it would take that end for a broken session and wait
+        for a resume that never comes.  Whichever stream it finds ending, the ABORT is
+        just before that end."""
         self.session = ""
         if self.mysql_watch is not None and self.mysql_watch.running:
             self.mysql_watch.stop()
@@ -781,21 +779,10 @@ class SendJob(state.JobIdentity):
         self.retry_call = None
         streams, self.streams = self.streams, []
         self.control = self.manifest_stream = None
-        if first is not None and first in streams and not first.closed:
-            rest = [stream for stream in streams if stream is not first]
-            for stream in rest:
-                stream.waiting.clear()
-            first.close()
-
-            def close_rest(result=None):
-                for stream in rest:
-                    stream.close()
-                return result
-
-            timer = self.manager.clock.callLater(ABORT_LINGER, close_rest)
-            first.lost.addBoth(lambda result: close_rest(timer.cancel() if timer.active() else result))
-            return
         for stream in streams:
+            if tell is not None:
+                stream.waiting.clear()
+                tell_abort(stream, tell)
             stream.close()
 
     def _settle(self) -> None:
