@@ -41,6 +41,7 @@ from tests.support.daemon import REPO_ROOT, Daemon, start_daemon
 from tests.support.mariadb import MariaDB
 from tests.support.netns import create_pair
 from tests.support.orchestrator import StandInOrchestrator, V1Seed
+from tests.test_backups_mariadb import backup as mariabackup_backup, mariabackup_unavailable
 
 DATABASE = "seedtest"
 FS_SIZE = 640 << 20
@@ -510,6 +511,46 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
                         "the writer went on after the backup's consistent point")
         await self.assertReplicates(source, target)
+
+    async def test_a_backup_of_the_primary_under_writes_ends_replicating(self):
+        """A ``mariabackup --backup`` of the primary taken while it writes, in its agent's
+        BackupDirectories, is the source's newest snapshot: the agent prepares it on
+        mountlv and sends the prepared copy; with --replicate the target replicates from
+        the primary at the backup's consistent point (mariadb_backup_binlog_info)."""
+        if mariabackup_unavailable():
+            raise unittest.SkipTest(mariabackup_unavailable())
+        backups = os.path.join(self.home, "backups")
+        os.makedirs(backups)
+        source, target = await self.replication_hosts({"BackupDirectories": [backups]})
+        nightly = os.path.join(backups, "nightly")
+        writer = source.db.sql_async("CALL writer(4.0)", DATABASE)
+        count = "SELECT COUNT(*) FROM w"
+        while int((await source.db.sql_async(count, DATABASE))[0][0]) == 0:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        before = int((await source.db.sql_async(count, DATABASE))[0][0])
+        await defer.Deferred.fromCoroutine(_in_thread(mariabackup_backup, source.db, nightly))
+        after = int((await source.db.sql_async(count, DATABASE))[0][0])
+        await writer
+        self.assertGreater(after, before, "the writer kept writing while the backup was taken")
+        await source.db.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the backup')", DATABASE)
+        snapshots = await source.api("/api/lvs-snapshots")
+        self.assertEqual([(s["Name"], s["GroupName"]) for s in snapshots], [("nightly", "backup")])
+
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        self.assertEqual(code, 0, output)
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, ")
+        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
+        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        self.assertRegex(coordinates["From"], r"^(mariadb_backup|xtrabackup)_binlog_info, ")
+        (written,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
+        self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
+                        "the writer went on after the backup's consistent point")
+        await self.assertUnmounted(source)
+        await self.assertReplicates(source, target)
+        self.assertEqual(await target.db.sql_async(
+            f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the backup'"), [("1",)])
 
     async def test_a_replicas_snapshot_under_writes_ends_replicating_from_its_master(self):
         """The source host's server is a replica of a primary (both in the source's
