@@ -30,107 +30,18 @@ Exit status 1 when the hot seed's median is slower than the pipeline's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from mariadb_hosts import DATABASE, Agent, StreamedCopy, agent_settings, du, empty, populate
+from tests.support import mariadb as mariadb_support
+from tests.support.mariadb import MariaDB, free_port
 
-from tests.support import mariadb as mariadb_support  # noqa: E402
-from tests.support.mariadb import MariaDB, free_port  # noqa: E402
-
-DATABASE = "bench"
 KEY = "hot-seed-bench"
-
-
-def populate(db: MariaDB, rows: int) -> None:
-    db.sql(f"""
-CREATE DATABASE {DATABASE};
-USE {DATABASE};
-CREATE TABLE orders (id INT PRIMARY KEY, customer VARCHAR(40) NOT NULL, amount DECIMAL(12,2),
-  note VARCHAR(120), created DATETIME, KEY (customer)) ENGINE=InnoDB;
-INSERT INTO orders SELECT seq, CONCAT('customer-', seq % 50000), seq % 10000 / 7,
-  REPEAT(MD5(seq), 3), '2024-01-01' + INTERVAL seq SECOND FROM seq_1_to_{rows};
-CREATE TABLE labels (id INT PRIMARY KEY, label VARCHAR(32)) ENGINE=Aria;
-INSERT INTO labels SELECT seq, CONCAT('label-', seq) FROM seq_1_to_20000;
-""")
-
-
-def empty(path: str) -> None:
-    """Empty the target, then flush every dirty page (untimed): both methods share one
-    disk here, and a run must not pay for writing back the previous run's data (the
-    agent's syncfs would, the pipeline never syncs)."""
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        else:
-            os.unlink(full)
-    os.sync()
-
-
-def du(path: str) -> int:
-    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(path) for f in fs)
-
-
-class Agent:
-    """A real agent child process, driven with urllib."""
-
-    def __init__(self, directory: str, config: dict):
-        self.directory = directory
-        os.makedirs(directory, exist_ok=True)
-        self.port = free_port()
-        self.config = dict(config, HTTPPort=self.port, StateDir=os.path.join(directory, "state"),
-                           TokenHintFile=os.path.join(directory, "token"), CommandTimeoutSeconds=600)
-        path = os.path.join(directory, "agent.conf.json")
-        with open(path, "w") as fh:
-            json.dump(self.config, fh)
-        env = dict(os.environ, PYTHONPATH=REPO)
-        self.log = open(os.path.join(directory, "agent.log"), "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-             "--pidfile=", "orchestrator-agent", "--config", path],
-            cwd=directory, env=env, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.config["TokenHintFile"]) or not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not start; see {directory}/agent.log")
-            time.sleep(0.05)
-        with open(self.config["TokenHintFile"]) as fh:
-            self.token = fh.read().strip()
-
-    def _answers(self) -> bool:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/hostname", timeout=1).read()
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str, **params):
-        params["token"] = self.token
-        url = f"http://127.0.0.1:{self.port}{path}?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=600) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"{path}: {e.code} {e.read().decode(errors='replace')}") from None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 def run_hot(source: Agent, target: Agent, target_dir: str, seed_port: int, number: int) -> dict:
@@ -157,18 +68,10 @@ def run_hot(source: Agent, target: Agent, target_dir: str, seed_port: int, numbe
 
 def run_pipeline(db: MariaDB, target_dir: str, number: int) -> dict:
     empty(target_dir)
-    port = free_port()
-    receiver = subprocess.Popen(["bash", "-o", "pipefail", "-c",
-                                 f"nc -l 127.0.0.1 {port} | mbstream -x -C {target_dir}"],
-                                stderr=subprocess.DEVNULL)
-    time.sleep(0.2)
+    copy = StreamedCopy(db, target_dir)
+    copy.listen()
     started = time.monotonic()
-    sender = subprocess.run(["bash", "-o", "pipefail", "-c",
-                             f"mariabackup --defaults-file={db.option_file} --backup "
-                             f"--stream=xbstream | nc -N 127.0.0.1 {port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if receiver.wait(600) != 0 or sender.returncode != 0:
-        raise RuntimeError(f"pipeline round {number} failed ({sender.returncode}, {receiver.returncode})")
+    copy.send()
     copied = time.monotonic() - started
     subprocess.run(["mariabackup", "--prepare", f"--target-dir={target_dir}"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -233,15 +136,10 @@ def main() -> int:
         source_db.start()
         size = du(source_db.datadir)
         seed_port = free_port()
-        keys = {"mysql_options_file": "MySQLOptionsFile", "mysql_service_start_command":
-                "MySQLServiceStartCommand", "mysql_service_stop_command": "MySQLServiceStopCommand",
-                "mysql_service_status_command": "MySQLServiceStatusCommand"}
-        source_agent = Agent(os.path.join(base, "agent-source"),
-                             {keys[k]: v for k, v in source_db.agent_settings().items() if k in keys})
+        source_agent = Agent(os.path.join(base, "agent-source"), agent_settings(source_db))
         agents.append(source_agent)
         target_agent = Agent(os.path.join(base, "agent-target"),
-                             dict({keys[k]: v for k, v in target_db.agent_settings().items() if k in keys},
-                                  SeedTransferPort=seed_port))
+                             dict(agent_settings(target_db), SeedTransferPort=seed_port))
         agents.append(target_agent)
         hot, pipeline = [], []
         for number in range(args.rounds):

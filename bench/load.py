@@ -52,8 +52,8 @@ import time
 import urllib.error
 import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from mariadb_hosts import REPO, Cleanups
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -149,24 +149,6 @@ class CpuMeter:
 
 
 # --- network namespaces (--link-rate) ----------------------------------------------------------
-
-class Cleanups:
-    """What tests.support.netns.create_pair registers, run at the end in reverse."""
-
-    def __init__(self):
-        self.calls = []
-
-    def addCleanup(self, fn, *args, **kwargs):
-        self.calls.append((fn, args, kwargs))
-
-    def run(self) -> None:
-        while self.calls:
-            fn, args, kwargs = self.calls.pop()
-            try:
-                fn(*args, **kwargs)
-            except Exception as e:
-                print(f"cleanup failed: {e}", file=sys.stderr)
-
 
 def shaped_pair(cleanups: Cleanups, rate: str):
     """Two namespaces joined by a veth pair, A's end shaped to ``rate`` (tbf)."""
