@@ -1,0 +1,71 @@
+"""What a seed job needs of the agent around it, handed to every job as one object.
+
+The seed manager builds the jobs (receive, send, streamed, command, hot) and owns their
+registry, the listener and the persisted records; a job needs only a few of its parts:
+the worker threads, the state store, the clock, the configuration, TLS, the command
+runner, the MySQL service, and the calls that publish a record or end the job.  Handing
+jobs this context instead of the manager keeps them from reaching into the manager (and
+the seed modules from importing it), and says in one place what a job may use.
+
+``pool`` is set while the seed service runs (the manager starts and stops it).
+:class:`StreamAcceptor` is the little an accepted connection needs of the manager before
+a job takes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+
+from orchagent.seed.state import SeedRecord, StateStore
+
+
+@attrs.define(eq=False)
+class SeedContext:
+    #: The reactor (connections, processes) and the clock (every time and timer); a test
+    #: passes a Clock as the latter.
+    reactor: Any
+    clock: Any
+    #: orchagent.config.Config.
+    config: Any
+    store: StateStore
+    #: orchagent.process.ICommandRunner, or None where no command may run.
+    runner: Any
+    #: The MySQL service (``is_running``), or None where MySQL is not watched.
+    mysql: Any
+    #: Whether seed TLS is configured (SeedTLS*).
+    tls: bool
+    chunk_size: int
+    #: ``touch(record, force=False)``: the record changed (watchers told; saved at most
+    #: every few seconds unless ``force``).  ``save(record) -> bool``: write it now.
+    touch: Callable[..., None]
+    save: Callable[[SeedRecord], bool]
+    #: ``job_ended(job)``: the job is over (the manager forgets it, closes an idle
+    #: listener).  ``replace_job(job)``: ``job`` now stands for its seed id (a hot seed's
+    #: send once its backup is made, a receive that turned out to be a stream).
+    job_ended: Callable[[Any], None]
+    replace_job: Callable[[Any], None]
+    #: ``forget_completed(seed_id)``: the sender of a completed receive read its result.
+    forget_completed: Callable[[str], None]
+    #: orchagent.backups.hot.HotSeeds (its backup tools), where hot seeds are configured.
+    hot: Any = None
+    pool: Any = None
+
+    def thread(self, fn, *args, **kwargs) -> defer.Deferred:
+        """``fn(*args, **kwargs)`` on a worker thread of the seed pool."""
+        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+
+
+class StreamAcceptor(Protocol):
+    """What an accepted seed connection needs of the seed manager before a job takes
+    it: who may connect (``admission``), the streams to close at stop, the clock, and the
+    receive job that takes the seed and role its HELLO names."""
+
+    admission: Any
+    streams: set
+    clock: Any
+
+    def job_for_stream(self, seed_id: str, role: str) -> Any: ...
