@@ -312,6 +312,24 @@ class ProxyTests(unittest.TestCase):
         self.assertIs(await seeds.abort("s1"), True)
         self.assertEqual((await seeds.status("s1"))["State"], "aborted")
 
+    async def test_an_engine_that_cannot_start_says_why_in_the_agents_log(self):
+        # The crash points (#17): an I/O error listing StateDir/seeds at the engine's
+        # start refused the seed with "see the agent's log", and the log said only that
+        # the engine closed its channel: the reason went down with the child's reactor.
+        seeds = await self.start()
+        first = seeds.pid
+        seeds_dir = os.path.join(self.values["state_dir"], "seeds")
+        os.rmdir(seeds_dir)
+        with open(seeds_dir, "w"):  # the next engine's StateStore.open() fails
+            pass
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: "cannot start the seed manager" in self.logged(), timeout=20)
+        logged = self.logged()
+        self.assertIn("[orchagent.seed.engine_process#critical] seed engine: cannot start the "
+                      "seed manager", logged)
+        self.assertIn(f"FileExistsError: [Errno 17] File exists: '{seeds_dir}'", logged)
+        self.assertFalse(seeds.ready)
+
     async def test_stop_ends_the_engine(self):
         seeds = await self.start()
         pid = seeds.pid

@@ -47,6 +47,8 @@ log = Logger(namespace="orchagent.seed.engine_process")
 #: Seconds between status pushes while nothing asks for one sooner (the rate and the
 #: bytes done of running seeds); state changes and calls push at once.
 PUSH_INTERVAL = 0.5
+#: How long an engine that cannot start waits for its last words to reach the agent.
+FLUSH_TIMEOUT = 5.0
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 #: The engine's name in ps/top (comm, at most 15 bytes).
@@ -262,7 +264,15 @@ def main(parent_pid: int) -> None:
         except BaseException:
             log.failure("seed engine: cannot start the seed manager")
             failed.append(True)
-            reactor.stop()
+            # The failure above is queued on the channel: close it once written (its loss
+            # stops the reactor), so the agent logs why; stopping the reactor at once lost
+            # it, and the agent's log said only that the engine closed its channel.
+            transport = amp_channel.transport
+            if transport is None or getattr(transport, "disconnected", False):
+                reactor.stop()
+            else:
+                transport.loseConnection()
+                reactor.callLater(FLUSH_TIMEOUT, lambda: reactor.running and reactor.stop())
             return
         amp_channel.engine = engine
         gc.freeze()  # as the agent does (orchagent.service.HeapFreeze): short full collections
