@@ -42,5 +42,10 @@ class CommandFailed(AgentError):
         self.result = result
 
 
+class StepFailed(AgentError):
+    """A step of a longer operation failed (making a prepared copy of a backup, a hot
+    seed); the message names the operation and the step."""
+
+
 class ConfigError(AgentError):
     """The configuration file is unreadable or holds a wrong value."""

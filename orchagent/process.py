@@ -50,18 +50,37 @@ class CommandResult:
     def name(self) -> str:
         return command_label(self.argv)
 
-    def describe_failure(self) -> str:
-        what = self.name
+    def outcome(self) -> str:
+        """How the command ended, as words that follow its name ("exited with status 2")."""
         if self.timed_out:
-            head = f"command {what} timed out after {self.duration:.0f}s and was killed"
-        elif self.output_overflow:
-            head = f"command {what} produced too much output and was killed"
-        elif self.signal is not None:
-            head = f"command {what} was killed by signal {self.signal}"
-        else:
-            head = f"command {what} exited with status {self.exit_code}"
+            return f"timed out after {self.duration:.0f}s and was killed"
+        if self.output_overflow:
+            return "produced too much output and was killed"
+        if self.signal is not None:
+            return f"was killed by signal {self.signal}"
+        if self.exit_code is None:
+            return "was killed"
+        return f"exited with status {self.exit_code}"
+
+    def describe_failure(self) -> str:
+        head = f"command {self.name} {self.outcome()}"
         err = self.stderr.decode("utf-8", "replace").strip()
         return f"{head}: {err}" if err else head
+
+    def tool_failure(self, what: str = "") -> str:
+        """``what`` (the tool and its step), how it ended, and the lines of its error
+        output worth a message (see :func:`output_tail`)."""
+        head = f"{what} {self.outcome()}" if what else self.outcome()
+        tail = output_tail(self.stderr)
+        return f"{head}: {tail}" if tail else head
+
+
+def output_tail(data: bytes, lines: int = 3) -> str:
+    """The lines of a tool's output worth an error message: its [ERROR] lines when it
+    printed any (InnoDB says there what went wrong), else its last lines."""
+    text = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    errors = [line for line in text if "[ERROR]" in line or "error:" in line.lower()]
+    return " | ".join((errors or text)[-lines:])
 
 
 def command_label(argv: Sequence[str]) -> str:
@@ -128,11 +147,12 @@ class ProcessRunner:
         self._running: set = set()
 
     def shell(self, text: str, args: Sequence[str] = (), timeout=None, stdin=None,
-              check=True, max_output=None):
+              check=True, max_output=None, exited: defer.Deferred | None = None):
         if args:
             text = f'{text} "$@"'
         argv = ["bash", "-c", text, "orchagent", *[str(a) for a in args]]
-        return self.run(argv, timeout=timeout, stdin=stdin, check=check, max_output=max_output)
+        return self.run(argv, timeout=timeout, stdin=stdin, check=check, max_output=max_output,
+                        exited=exited)
 
     def run(self, argv: Sequence[str], timeout=None, stdin: bytes | None = None, env=None,
             privileged: bool = False, check: bool = True, max_output: int | None = None,
@@ -246,3 +266,58 @@ class _GroupKiller:
             except (ProcessLookupError, PermissionError, TypeError):
                 pass
         self._done = True
+
+
+class CommandGroup:
+    """The commands one job runs, stopped as a whole.
+
+    :meth:`cancel` stops every one still running (the runner stops its process group:
+    SIGTERM, then SIGKILL), and their Deferreds fail with CancelledError; :meth:`ended`
+    waits until each has really exited.  A job that removes what its commands write (a
+    backup's work directory, a staging tree an extractor fills) waits for that, not for
+    the cancellation, or a dying tool would write on after the removal."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.running: set[defer.Deferred] = set()
+        self.exits: set[defer.Deferred] = set()
+
+    def _exited(self) -> defer.Deferred:
+        exited = defer.Deferred()
+        self.exits.add(exited)
+        exited.addBoth(lambda _: self.exits.discard(exited))
+        return exited
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        self.running.add(d)
+
+        def forget(result):
+            self.running.discard(d)
+            return result
+
+        return d.addBoth(forget)
+
+    def _start(self, start, *args, **kwargs) -> defer.Deferred:
+        exited = self._exited()
+        try:
+            d = start(*args, exited=exited, **kwargs)
+        except BaseException:
+            exited.callback(None)  # never started (spawning failed)
+            raise
+        return self._track(d)
+
+    def run(self, argv: Sequence[str], **kwargs) -> defer.Deferred:
+        """The runner's ``run``, remembered until it ends."""
+        return self._start(self.runner.run, argv, **kwargs)
+
+    def shell(self, text: str, args: Sequence[str] = (), **kwargs) -> defer.Deferred:
+        """The runner's ``shell``, remembered until it ends."""
+        return self._start(self.runner.shell, text, args=args, **kwargs)
+
+    def cancel(self) -> None:
+        for d in list(self.running):
+            d.cancel()
+
+    async def ended(self) -> None:
+        while self.exits:
+            await defer.DeferredList(list(self.exits), consumeErrors=True)

@@ -83,30 +83,39 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durably(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a temporary file fsynced, renamed, the directory
-    fsynced (blocking).  A failure before the rename removes the temporary file (the
-    record in force, if any, is unchanged); a failure of the last fsync leaves the new
-    record in place, not known durable."""
-    directory = os.path.dirname(path)
+def replace_file(path: str, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` whole with ``data`` through a temporary file and a rename (a short
+    write is continued).  ``durable``: the temporary file is fsynced before the rename and
+    the directory after it.  A failure before the rename removes the temporary file (the
+    file in place, if any, is unchanged) and names it; a failure of the last fsync leaves
+    the new file in place, not known durable."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, tmp) from e  # name the file written
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(os.path.dirname(path))
+
+
+def write_durably(path: str, data: bytes) -> None:
+    """:func:`replace_file`, durable: a record that must survive a crash."""
+    replace_file(path, data, durable=True)
 
 
 def remove_durably(path: str) -> None:

@@ -239,3 +239,7 @@ class InterfaceTests(unittest.TestCase):
         self.assertEqual(sorted(b.name for b in front.backends.values()), ["btrfs", "copy", "lvm"])
         self.assertTrue(verifyObject(ICommandRunner, FakeRunner()))
         self.assertTrue(verifyObject(ICommandRunner, FailingRunner(FakeRunner(), lambda argv: False)))
+        from twisted.internet import reactor
+
+        from orchagent.process import ProcessRunner
+        self.assertTrue(verifyObject(ICommandRunner, ProcessRunner(reactor)))

@@ -53,9 +53,11 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from orchagent.backups.discovery import checkpoints_file, read_backup
-from orchagent.backups.prepare import Preparer, StepFailed, _free_bytes, _tail
+from orchagent.backups.prepare import Preparer
 from orchagent.backups.tools import Tools
-from orchagent.errors import AgentError, NotAvailable, Refused
+from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed
+from orchagent.host.diskusage import free_bytes
+from orchagent.process import CommandGroup
 from orchagent.seed.state import JobIdentity
 
 log = Logger()
@@ -64,34 +66,6 @@ log = Logger()
 SPACE_MARGIN = 64 << 20
 #: Files mariabackup/xtrabackup copy at once during a hot backup.
 BACKUP_THREADS = 2
-
-
-class _TrackedRunner:
-    """The agent's runner, remembering the commands in flight so an abort can stop them
-    (cancelling a runner Deferred stops its process group)."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.running: set[defer.Deferred] = set()
-
-    def _track(self, d: defer.Deferred) -> defer.Deferred:
-        self.running.add(d)
-
-        def forget(result):
-            self.running.discard(d)
-            return result
-
-        return d.addBoth(forget)
-
-    def run(self, argv, **kwargs):
-        return self._track(self.runner.run(argv, **kwargs))
-
-    def shell(self, text, args=(), **kwargs):
-        return self._track(self.runner.shell(text, args=args, **kwargs))
-
-    def cancel(self) -> None:
-        for d in list(self.running):
-            d.cancel()
 
 
 class HotSeeds:
@@ -139,7 +113,7 @@ class HotSeeds:
         if not self.config.hot_backup_command:
             return await self._send_streamed(manager, seed_id, target, host, port, auth_key, size)
         need = size + SPACE_MARGIN
-        free = _free_bytes(self.root)
+        free = free_bytes(self.root)
         if free < need:
             raise Refused(f"hot seed {seed_id}: not enough space for the backup in {self.root}: "
                           f"it needs about {need} bytes (the datadir's size) and {free} are free")
@@ -149,7 +123,7 @@ class HotSeeds:
         if auth_key is not None:
             manager.store.write(seed_id, "key", auth_key)
         manager.save(record)
-        job = HotSeedJob(self, manager, record, auth_key, host, port)
+        job = HotSeedJob(self, manager.context, record, auth_key, host, port)
         manager.jobs[seed_id] = job
         job.start()
         return True
@@ -169,7 +143,7 @@ class HotSeeds:
                                      keyed=auth_key is not None, bytes_total=size,
                                      rate_limit=self.config.seed_rate_limit_bytes_per_sec)
         manager.save(record)
-        job = StreamSendJob(manager, record, auth_key, host, port, command,
+        job = StreamSendJob(manager.context, record, auth_key, host, port, command,
                             f"{tool} --backup --stream", {"tool": tool, "version": version,
                                                           "estimate": size}, cwd=self.root)
         manager.jobs[seed_id] = job
@@ -218,7 +192,7 @@ class HotSeeds:
 
     # --- steps 1 and 2 -----------------------------------------------------------------------
 
-    async def produce(self, seed_id: str, runner: _TrackedRunner) -> str:
+    async def produce(self, seed_id: str, runner: CommandGroup) -> str:
         """Backup, prepare and own the work directory of ``seed_id``; its data path."""
         work = self.work_dir(seed_id)
         data = os.path.join(work, "data")
@@ -242,8 +216,7 @@ class HotSeeds:
                     timeout=0, check=False, privileged=True)
                 what = f"{tool} --backup"
             if not result.ok:
-                status = "was killed" if result.exit_code is None else f"exited with status {result.exit_code}"
-                raise AgentError(f"{what} {status}: {_tail(result.stderr)}")
+                raise AgentError(result.tool_failure(what))
             if not os.path.isdir(data) or checkpoints_file(data) is None:
                 raise AgentError(f"{what} left no backup (no checkpoints file) in {data}")
 
@@ -285,15 +258,15 @@ class HotSeedJob(JobIdentity):
     """Steps 1-2 of a hot seed, standing in the seed manager's jobs until the engine's
     SendJob takes over (step 3); then it is done."""
 
-    def __init__(self, hot: HotSeeds, manager: Any, record: Any, auth_key: bytes | None,
+    def __init__(self, hot: HotSeeds, context: Any, record: Any, auth_key: bytes | None,
                  host: str, port: int):
         self.hot = hot
-        self.manager = manager
+        self.context = context
         self.record = record
         self.auth_key = auth_key
         self.host = host
         self.port = port
-        self.runner = _TrackedRunner(hot.runner)
+        self.runner = CommandGroup(hot.runner)
         self.sender = None
         self.done = defer.Deferred()
 
@@ -305,7 +278,7 @@ class HotSeedJob(JobIdentity):
         from orchagent.seed import state
 
         self.record.state = state.RUNNING
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         defer.ensureDeferred(self._run()).addErrback(self._crashed)
 
     async def _run(self) -> None:
@@ -315,10 +288,10 @@ class HotSeedJob(JobIdentity):
         if self.record.terminal:
             return
         self.record.source_path = data
-        sender = SendJob(self.manager, self.record, self.auth_key, self.host, self.port)
+        sender = SendJob(self.context, self.record, self.auth_key, self.host, self.port)
         sender.done.addBoth(self.hot._discard_after, self.seed_id)
         self.sender = sender
-        self.manager.jobs[self.seed_id] = sender
+        self.context.replace_job(sender)
         log.info("hot seed {seed}: backup ready in {data}; sending", seed=self.seed_id, data=data)
         sender.start()
         self.done.callback(None)
@@ -345,17 +318,18 @@ class HotSeedJob(JobIdentity):
         else:
             log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
         self.runner.cancel()
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         return defer.ensureDeferred(self._clean_up())
 
     async def _clean_up(self) -> None:
         try:
+            await self.runner.ended()  # a dying backup tool writes on until it is gone
             await self.hot.remove(self.hot.work_dir(self.seed_id))
         except Exception:
             log.failure("hot seed {seed}: removing the work directory failed", seed=self.seed_id)
         finally:
-            self.manager.store.remove(self.seed_id, "key")
-            self.manager.job_ended(self)
+            self.context.store.remove(self.seed_id, "key")
+            self.context.job_ended(self)
             if not self.done.called:
                 self.done.callback(None)
 

@@ -42,8 +42,10 @@ from twisted.logger import Logger
 from orchagent.backups.discovery import CHECKPOINTS_FILES, COMPRESSORS, XTRABACKUP, checkpoints_file
 from orchagent.backups.model import Backup
 from orchagent.backups.tools import INNOCHECKSUM, Tools
-from orchagent.errors import AgentError, CommandFailed, NotAvailable, Refused
+from orchagent.errors import AgentError, CommandFailed, NotAvailable, Refused, StepFailed
+from orchagent.host.diskusage import free_bytes
 from orchagent.host.mysql_options import read_options
+from orchagent.process import output_tail
 
 log = Logger()
 
@@ -56,29 +58,12 @@ FSP_TRX_SYS_PAGE_NO = 5
 DOUBLEWRITE_MAGIC = 536853855
 
 
-class StepFailed(AgentError):
-    """A step of making a prepared copy failed; the message names backup and step."""
-
-
 @attrs.frozen
 class Place:
     """Where a work directory goes: ``root`` does not exist yet."""
 
     root: str
     reflink: bool
-
-
-def _tail(data: bytes, lines: int = 3) -> str:
-    """The lines of a tool's output worth an error message: its [ERROR] lines when it
-    printed any (InnoDB says there what went wrong), else its last lines."""
-    text = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-    errors = [line for line in text if "[ERROR]" in line or "error:" in line.lower()]
-    return " | ".join((errors or text)[-lines:])
-
-
-def _free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _redo_bytes(path: str) -> int:
@@ -185,7 +170,7 @@ class Preparer:
         need = min(total, REFLINK_MARGIN + redo) if chosen.reflink else total + redo + REFLINK_MARGIN
         parent = os.path.dirname(chosen.root)
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        free = _free_bytes(parent)
+        free = free_bytes(parent)
         if free < need:
             kind = "reflinked" if chosen.reflink else "full"
             raise Refused(f"backup {chain[-1].name}: not enough space for {what} in {parent}: "
@@ -254,8 +239,7 @@ class Preparer:
             raise NotAvailable(f"{tool} is not installed")
         result = await self.runner.run([tool, *args], check=False, privileged=True, timeout=0)
         if not result.ok:
-            status = "was killed" if result.exit_code is None else f"exited with status {result.exit_code}"
-            raise CommandFailed(f"{tool} {what} {status}: {_tail(result.stderr)}", result)
+            raise CommandFailed(result.tool_failure(f"{tool} {what}"), result)
 
     async def prepare(self, tool: str, data: str, increments: list[str]) -> None:
         """``--prepare`` of ``data``, then each increment applied on it.  xtrabackup needs
@@ -287,7 +271,7 @@ class Preparer:
             result = await self.runner.run([*argv, path], check=False, privileged=True, timeout=0)
             if not result.ok:
                 relative = os.path.relpath(path, data)
-                bad.append(f"{relative} ({_tail(result.stdout + result.stderr, 2) or 'failed'})")
+                bad.append(f"{relative} ({output_tail(result.stdout + result.stderr, 2) or 'failed'})")
 
         await defer.gatherResults([
             limit.run(lambda r=r: defer.ensureDeferred(check(*r))) for r in ranges],

@@ -73,15 +73,32 @@ def disk_usage(path: str, leave_out: frozenset[str] = frozenset()) -> int:
     return total
 
 
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``path``
+    (OSError when it cannot be examined)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def free_inodes(path: str) -> int | None:
+    """Inodes a new file can still take, or None where the file system has no fixed
+    number of them (btrfs reports none)."""
+    st = os.statvfs(path)
+    return st.f_favail if st.f_files else None
+
+
+def block_size(path: str) -> int:
+    return os.statvfs(path).f_bsize or 4096
+
+
 def available_space(path: str) -> int:
-    """Bytes an unprivileged writer may still use on the file system of ``path``."""
+    """:func:`free_bytes`, its failures said as the API says them."""
     try:
-        st = os.statvfs(path)
+        return free_bytes(path)
     except FileNotFoundError:
         raise NotFound(f"no such file or directory: {path}") from None
     except OSError as e:
         raise AgentError(f"cannot examine the file system of {path}: {e.strerror}") from e
-    return st.f_bavail * st.f_frsize
 
 
 def tail_lines(path: str, count: int, max_bytes: int = MAX_TAIL_BYTES) -> list[str]:

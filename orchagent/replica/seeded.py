@@ -10,28 +10,38 @@ API, which shows ``MasterUser`` only.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
 from orchagent.host.mysql_options import load_server_options
 from orchagent.replica import coordinates, verify
 from orchagent.seed import state
-
-if TYPE_CHECKING:
-    from orchagent.seed.receiver import ReceiveJob
+from orchagent.seed.context import SeedContext
 
 log = Logger()
+
+
+class StagedSeed(Protocol):
+    """The receive job, as far as this module reads and sets it."""
+
+    context: SeedContext
+    record: state.SeedRecord
+    #: orchagent.seed.staging.Staging: ``root`` is the staged tree.
+    staging: Any
+    #: The throwaway server while it runs (an abort kills it), and its share done.
+    start_check: Any
+    check_share: float
 
 PASSWORD_SUFFIX = "master-password"
 
 
-def _runner(job: "ReceiveJob"):
-    if job.manager.runner is not None:
-        return job.manager.runner
+def _runner(job: StagedSeed):
+    if job.context.runner is not None:
+        return job.context.runner
     from orchagent.process import ProcessRunner
 
-    return ProcessRunner(job.manager.reactor)
+    return ProcessRunner(job.context.reactor)
 
 
 def _names(config) -> tuple[str, str, int | None]:
@@ -47,24 +57,24 @@ def _names(config) -> tuple[str, str, int | None]:
     return (os.path.basename(master), os.path.basename(relay), port)
 
 
-async def check_staged_copy(job: "ReceiveJob") -> None:
+async def check_staged_copy(job: StagedSeed) -> None:
     """Check that the staged copy starts (when SeedVerifyStart asks for it) and record
     its replication coordinates; raises verify.StartCheckFailed (the seed then fails with
     the datadir untouched).  The job's state is ``checking`` meanwhile."""
-    manager, record, root = job.manager, job.record, job.staging.root
+    context, record, root = job.context, job.record, job.staging.root
     source = getattr(job, "source_address", "") or record.peer_host
-    master_name, relay_name, port = await manager.thread(_names, manager.config)
-    found, info = await manager.thread(coordinates.from_tree, root, source, relay_name, master_name)
+    master_name, relay_name, port = await context.thread(_names, context.config)
+    found, info = await context.thread(coordinates.from_tree, root, source, relay_name, master_name)
     server: dict = {}
-    if await manager.thread(verify.wanted, manager.config.seed_verify_start, root):
+    if await context.thread(verify.wanted, context.config.seed_verify_start, root):
         record.state = state.CHECKING
-        manager.touch(record, force=True)
+        context.touch(record, force=True)
 
         def progress(step: str) -> None:
             job.check_share = verify.STEPS.index(step) / len(verify.STEPS)
 
-        check = verify.StartCheck(manager.config, _runner(job), manager.reactor, root,
-                                  record.datadir, f"seed {record.seed_id}", manager.thread,
+        check = verify.StartCheck(context.config, _runner(job), context.reactor, root,
+                                  record.datadir, f"seed {record.seed_id}", context.thread,
                                   progress)
         job.start_check = check
         try:
@@ -73,7 +83,7 @@ async def check_staged_copy(job: "ReceiveJob") -> None:
             job.check_share = 1.0
     found = coordinates.complete(found, server, source, port)
     if info is not None and info.password:
-        await manager.thread(manager.store.write, record.seed_id, PASSWORD_SUFFIX,
+        await context.thread(context.store.write, record.seed_id, PASSWORD_SUFFIX,
                              info.password.encode())
     if found.sources:
         record.replication = found.status()
@@ -81,7 +91,7 @@ async def check_staged_copy(job: "ReceiveJob") -> None:
                  "{file}:{pos}, GTID {gtid} (from {where})", seed=record.seed_id,
                  host=found.master_host, port=found.master_port, file=found.binlog_file,
                  pos=found.binlog_pos, gtid=found.gtid, where=", ".join(found.sources))
-    manager.touch(record, force=True)
+    context.touch(record, force=True)
 
 
 def master_password(store: state.StateStore, seed_id: str) -> str | None:

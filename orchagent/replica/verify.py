@@ -49,6 +49,7 @@ from twisted.logger import Logger
 
 from orchagent.errors import AgentError
 from orchagent.host.mysql_options import ServerOptions, load_server_options
+from orchagent.process import CommandResult
 
 log = Logger()
 
@@ -449,11 +450,7 @@ class StartCheck:
 
     def _how_ended(self) -> str:
         result = self.result
-        if not result:
-            return "was stopped"
-        if result.signal is not None:
-            return f"was killed by signal {result.signal}"
-        return f"exited with status {result.exit_code}"
+        return result.outcome() if isinstance(result, CommandResult) else "was stopped"
 
     def _message(self, why: str, log: bool = True) -> str:
         text = f"the staged copy failed its start check at step {self.step}: {why}"

@@ -212,23 +212,25 @@ def peer_allowed(host: str, networks: tuple) -> bool:
     """Empty list = any peer (the original's behaviour, warned about by the caller)."""
     if not networks:
         return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    address = _address(host)
+    return address is not None and any(address in network for network in networks)
 
 
 def is_loopback(host: str) -> bool:
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
+def _address(host: str):
+    """The IP address ``host`` is (an IPv4-mapped IPv6 address as its IPv4 one), or None
+    for a name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return address.is_loopback
+    return address
 
 
 def _read(path: str, key: str) -> bytes:

@@ -36,13 +36,13 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.protocols import amp
 
 from orchagent import errors
+from orchagent.interfaces import ISeedSurface
 from orchagent.logging import MASK, _field_value, _is_secret
 
 #: The child's file descriptor of its end of the socket pair.
 CHANNEL_FD = 3
 #: Seed manager methods the parent may call: the public surface the API uses, no more.
-CALLS = frozenset({"receive", "send", "abort", "completed", "succeeded", "status",
-                   "all_status", "set_rate_limit", "datadir_usage", "reading_sources"})
+CALLS = frozenset(ISeedSurface.names())
 #: AMP refuses values over 65,535 bytes: statuses go in batches of JSON below this size,
 #: and log texts (message, traceback, each field) are cut to these lengths.
 BATCH_BYTES = 48 * 1024

@@ -17,14 +17,14 @@ from twisted.logger import Logger
 from orchagent.seed import state
 
 if TYPE_CHECKING:
-    from orchagent.seed.manager import SeedManager
+    from orchagent.seed.context import SeedContext
 
 log = Logger()
 
 
 class CommandJob(state.JobIdentity):
-    def __init__(self, manager: "SeedManager", record: state.SeedRecord, command: str, args: list[str]):
-        self.manager = manager
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, command: str, args: list[str]):
+        self.context = context
         self.record = record
         self.command = command
         self.args = args
@@ -33,12 +33,12 @@ class CommandJob(state.JobIdentity):
 
     def start(self) -> None:
         self.record.state = state.RUNNING
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         log.info("seed {seed}: running the configured {role} command", seed=self.seed_id,
                  role=self.record.role)
         # timeout=0: a seed takes as long as it takes; abort stops it.
         self.running = defer.maybeDeferred(
-            self.manager.runner.shell, self.command, args=self.args, timeout=0, check=False)
+            self.context.runner.shell, self.command, args=self.args, timeout=0, check=False)
         self.running.addCallbacks(self._ended, self._crashed)
 
     def _ended(self, result) -> None:
@@ -61,10 +61,11 @@ class CommandJob(state.JobIdentity):
         self._settle()
 
     def _settle(self) -> None:
-        self.manager.touch(self.record, force=True)
-        self.manager.job_ended(self)
-        if not self.done.called:
-            self.done.callback(None)
+        self.context.touch(self.record, force=True)
+        super()._settle()
+
+    def progress(self) -> tuple[float, float | None]:
+        return 0.0, None  # the command moves the bytes; the agent does not see them
 
     def fail(self, message: str, final_state: str = state.FAILED) -> defer.Deferred:
         if not self.active:

@@ -23,15 +23,19 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
+from orchagent.interfaces import ISeedSurface
 from orchagent.seed import auth, promotion, state, tree
 from orchagent.seed.auth import Admission, Rejected
 from orchagent.seed.command import CommandJob
+from orchagent.seed.context import SeedContext
 from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
 from orchagent.seed.sender import SendJob
 from orchagent.seed.sources import SeedSources
+from orchagent.seed.streamed import StreamReceiveJob
 
 log = Logger()
 
@@ -69,6 +73,7 @@ def _tune_malloc() -> None:
         pass
 
 
+@implementer(ISeedSurface)
 class SeedManager(service.Service):
     """See the module docstring.  ``clock`` defaults to the reactor (tests pass a Clock)."""
 
@@ -79,7 +84,6 @@ class SeedManager(service.Service):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
-        self.runner = runner
         self.host = host
         self.mysql = service_
         self.snapshots = snapshots
@@ -106,6 +110,20 @@ class SeedManager(service.Service):
         #: Called with each record touched or saved (the seed engine process pushes the
         #: statuses that changed to the agent).
         self.watchers: list = []
+        #: What the jobs are handed (orchagent.seed.context).
+        self.context = SeedContext(
+            reactor=reactor, clock=self.clock, config=config, store=self.store, runner=runner,
+            mysql=service_, tls=self.tls, chunk_size=chunk_size, touch=self.touch, save=self.save,
+            job_ended=self.job_ended, replace_job=self.replace_job,
+            forget_completed=self.forget_completed, hot=hot)
+
+    @property
+    def runner(self):
+        return self.context.runner
+
+    @runner.setter
+    def runner(self, runner) -> None:
+        self.context.runner = runner
 
     # --- service ---------------------------------------------------------------------------
 
@@ -113,7 +131,8 @@ class SeedManager(service.Service):
         super().startService()
         _tune_malloc()
         self.store.open()
-        self.pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="orchagent-seed")
+        self.pool = self.context.pool = ThreadPool(minthreads=0, maxthreads=THREADS,
+                                                   name="orchagent-seed")
         self.pool.start()
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.clock
@@ -149,7 +168,7 @@ class SeedManager(service.Service):
             self.save(record)  # a failed write is logged: the pool below must stop anyway
         if self.pool is not None:
             self.pool.stop()
-            self.pool = None
+            self.pool = self.context.pool = None
 
     def stopService(self):
         super().stopService()
@@ -171,14 +190,14 @@ class SeedManager(service.Service):
                                 f"{record.datadir} and has no record of what moved: check it")
                 self.store.save(record)
                 return
-            job = ReceiveJob(self, record, key)
+            job = ReceiveJob(self.context, record, key)
             self.jobs[record.seed_id] = job
             job.restore()
             defer.ensureDeferred(self._listen()).addErrback(self._listen_failed, job)
         else:
             record.resumes += 1
             host, port = self._parse_target(record.target)
-            job = SendJob(self, record, key, host, port)
+            job = SendJob(self.context, record, key, host, port)
             self.jobs[record.seed_id] = job
             defer.ensureDeferred(self._restart_send(job)).addErrback(
                 lambda f: job.fail(f"cannot resume after a restart: {f.getErrorMessage()}"))
@@ -188,7 +207,7 @@ class SeedManager(service.Service):
         record is there): finish it, or undo it, before anything else touches the
         datadir; a seed that completed so listens again for its sender to learn it."""
         key = self.store.read(record.seed_id, "key") if record.keyed else None
-        job = ReceiveJob(self, record, key)
+        job = ReceiveJob(self.context, record, key)
         self.jobs[record.seed_id] = job
         log.warn("seed {seed}: the agent stopped while it moved the seed into {datadir}; settling "
                  "that first", seed=record.seed_id, datadir=record.datadir)
@@ -210,7 +229,7 @@ class SeedManager(service.Service):
             self.store.remove(record.seed_id, "key")
             return
         try:
-            job = ReceiveJob(self, record, key)
+            job = ReceiveJob(self.context, record, key)
         except OSError:
             self.store.remove(record.seed_id, "key")
             return
@@ -270,6 +289,10 @@ class SeedManager(service.Service):
             self.completed_receives[job.seed_id] = (job, expiry)
         self._close_port_if_idle()
 
+    def replace_job(self, job) -> None:
+        """``job`` now stands for its seed (SeedContext.replace_job)."""
+        self.jobs[job.seed_id] = job
+
     def forget_completed(self, seed_id: str) -> None:
         """The sender of a completed seed learned the result, or waited too long."""
         self.store.remove(seed_id, "key")
@@ -290,6 +313,17 @@ class SeedManager(service.Service):
         if isinstance(job, ReceiveJob):
             return job
         return self.completed_receives.get(seed_id, (None, None))[0]
+
+    def job_for_stream(self, seed_id: str, role: str) -> ReceiveJob:
+        """The receive job that takes an authenticated connection of ``role``: a tree
+        seed's control or data stream, or a hot seed's backup stream, which turns the
+        seed's receive job into a stream receive (Rejected when it is taken as a tree)."""
+        job = self.receive_job(seed_id)
+        if job is None:
+            raise Rejected(f"this host is not receiving seed {seed_id}")
+        if role == "stream":
+            job = StreamReceiveJob.take_over(job)
+        return job
 
     def admission(self, seed_id: str) -> Admission:
         """What a stream for ``seed_id`` must prove (called by the handshake).  A plain v1
@@ -386,7 +420,7 @@ class SeedManager(service.Service):
         self._refuse_busy_datadir(seed_id, datadir)
         if self.config.receive_seed_data_command:
             record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir)
-            job = CommandJob(self, record, self.config.receive_seed_data_command,
+            job = CommandJob(self.context, record, self.config.receive_seed_data_command,
                              [datadir, str(self.config.seed_transfer_port)])
             self.jobs[seed_id] = job
             job.start()
@@ -398,7 +432,7 @@ class SeedManager(service.Service):
         self.store.remove(seed_id, "journal", "manifest")
         if auth_key is not None:
             self.store.write(seed_id, "key", auth_key)
-        job = ReceiveJob(self, record, auth_key)
+        job = ReceiveJob(self.context, record, auth_key)
         self.jobs[seed_id] = job
         self.save(record)
         try:
@@ -462,7 +496,7 @@ class SeedManager(service.Service):
         if self.config.send_seed_data_command:
             record = self._new_record(seed_id, "sender", mode="command", target=target,
                                       source=source, source_path=path)
-            job = CommandJob(self, record, self.config.send_seed_data_command, [path, host, str(port)])
+            job = CommandJob(self.context, record, self.config.send_seed_data_command, [path, host, str(port)])
             self.jobs[seed_id] = job
             job.start()
             return True
@@ -480,7 +514,7 @@ class SeedManager(service.Service):
         if auth_key is not None:
             self.store.write(seed_id, "key", auth_key)
         self.save(record)
-        job = SendJob(self, record, auth_key, host, port)
+        job = SendJob(self.context, record, auth_key, host, port)
         self.jobs[seed_id] = job
         job.start()
         return True
@@ -561,7 +595,7 @@ class SeedManager(service.Service):
 
     def _status(self, record: state.SeedRecord) -> dict:
         job = self.jobs.get(record.seed_id)
-        if job is not None and job.active and hasattr(job, "progress"):
+        if job is not None and job.active:
             rate, eta = job.progress()
         else:
             rate, eta = 0.0, (0.0 if record.state == state.COMPLETED else None)

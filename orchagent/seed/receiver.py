@@ -25,14 +25,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
+from orchagent.host.diskusage import block_size, free_bytes, free_inodes
 from orchagent.seed import frames, plan, promotion, state, tree, usage
 from orchagent.seed.auth import REFUSED, Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
-from orchagent.seed.staging import (StagedDamage, Staging, block_size, free_bytes, free_inodes,
-                                    syncfs)
+from orchagent.seed.staging import StagedDamage, Staging, syncfs
 
 if TYPE_CHECKING:
-    from orchagent.seed.manager import SeedManager
+    from orchagent.seed.context import SeedContext, StreamAcceptor
 
 log = Logger()
 
@@ -65,8 +65,8 @@ LINGER = 10
 class ReceiverStream(protocol.Protocol):
     """One accepted connection: frames in, handshake, then hand-off to the job."""
 
-    def __init__(self, manager: "SeedManager"):
-        self.manager = manager
+    def __init__(self, acceptor: "StreamAcceptor"):
+        self.acceptor = acceptor
         self.splitter = frames.FrameSplitter()
         self.handshake: ServerHandshake | None = None
         self.job: ReceiveJob | None = None
@@ -93,15 +93,15 @@ class ReceiverStream(protocol.Protocol):
         if hasattr(transport, "bufferSize") and transport is self.transport:
             self.transport.bufferSize = READ_SIZE
         self.peer = self.transport.getPeer().host
-        self.handshake = ServerHandshake(self.manager.admission, self.peer)
-        self.manager.streams.add(self)
-        self.timer = self.manager.clock.callLater(HANDSHAKE_TIMEOUT, self.fail,
+        self.handshake = ServerHandshake(self.acceptor.admission, self.peer)
+        self.acceptor.streams.add(self)
+        self.timer = self.acceptor.clock.callLater(HANDSHAKE_TIMEOUT, self.fail,
                                                   "no handshake within the time limit")
 
     def dataReceived(self, data):
         if self.closed or self.lingering:
             return
-        self.frame_at = self.manager.clock.seconds()
+        self.frame_at = self.acceptor.clock.seconds()
         try:
             for frame in self.splitter.feed(data):
                 if self.closed or self.lingering:
@@ -151,13 +151,7 @@ class ReceiverStream(protocol.Protocol):
 
     def _admitted(self) -> None:
         hello = self.handshake.hello
-        job = self.manager.receive_job(hello["seed"])
-        if job is None:
-            raise Rejected(f"this host is not receiving seed {hello['seed']}")
-        if hello["role"] == "stream":
-            from orchagent.seed.streamed import StreamReceiveJob  # a hot seed's backup stream
-
-            job = StreamReceiveJob.take_over(job)
+        job = self.acceptor.job_for_stream(hello["seed"], hello["role"])
         job.attach(self, hello)
         if self.factory is not None:
             self.factory.handshake_done(self)
@@ -177,7 +171,7 @@ class ReceiverStream(protocol.Protocol):
         """Refuse the stream: the reason goes to the log, the peer gets :data:`REFUSED`,
         REFUSAL_DELAY after the frame that decided it, whatever the reason was."""
         log.warn("seed connection from {peer} refused: {message}", peer=self.peer, message=message)
-        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.manager.clock.seconds())
+        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.acceptor.clock.seconds())
         self.last_word(reject_frame(REFUSED), wait)
 
     def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None:
@@ -190,7 +184,7 @@ class ReceiverStream(protocol.Protocol):
         self.lingering = True
         if wait > 0:
             self._stop_timer()
-            self.timer = self.manager.clock.callLater(wait, self._say_last, data)
+            self.timer = self.acceptor.clock.callLater(wait, self._say_last, data)
             return
         self._say_last(data)
 
@@ -205,7 +199,7 @@ class ReceiverStream(protocol.Protocol):
             self.paused = False
             self.transport.resumeProducing()
         self._stop_timer()
-        self.timer = self.manager.clock.callLater(LINGER, self.close, True)
+        self.timer = self.acceptor.clock.callLater(LINGER, self.close, True)
 
     def fail(self, message: str) -> None:
         log.warn("seed stream from {peer} broken: {message}", peer=self.peer, message=message)
@@ -243,7 +237,7 @@ class ReceiverStream(protocol.Protocol):
             self.hold = None
         if self.factory is not None:
             self.factory.handshake_done(self)
-        self.manager.streams.discard(self)
+        self.acceptor.streams.discard(self)
         if self.job is not None:
             self.job.stream_lost(self)
             if self.told and reason.check(error.ConnectionDone):
@@ -263,9 +257,9 @@ class ReceiverFactory(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, manager: "SeedManager", max_pending: int = MAX_PENDING,
+    def __init__(self, acceptor: "StreamAcceptor", max_pending: int = MAX_PENDING,
                  max_per_peer: int = MAX_PENDING_PER_PEER):
-        self.manager = manager
+        self.acceptor = acceptor
         self.max_pending = max_pending
         self.max_per_peer = max_per_peer
         #: Streams in their handshake, oldest first (a dict keeps insertion order).
@@ -280,7 +274,7 @@ class ReceiverFactory(protocol.Factory):
             oldest = next(iter(self.pending))
             self.handshake_done(oldest)
             oldest.close(abort=True)
-        stream = ReceiverStream(self.manager)
+        stream = ReceiverStream(self.acceptor)
         stream.factory = self
         self.pending[stream] = host
         self.per_peer[host] = self.per_peer.get(host, 0) + 1
@@ -301,8 +295,8 @@ class ReceiverFactory(protocol.Factory):
 class ReceiveJob(state.JobIdentity):
     """The receiving side of one seed (engine mode)."""
 
-    def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None):
-        self.manager = manager
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None):
+        self.context = context
         self.record = record
         self.auth_key = auth_key
         self.staging = Staging(record.datadir, record.seed_id)
@@ -332,13 +326,13 @@ class ReceiveJob(state.JobIdentity):
         self.journal_fd: int | None = None
         self.recheck_journal = False
         self.restoring: defer.Deferred | None = None
-        self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
+        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
         #: Sessions (sender attempts) seen, and whether the job came back from a restart.
         self.sessions = 0
         self.restored = False
         self.finalizing = False
         self.done = defer.Deferred()
-        self.meter = state.RateMeter(manager.clock)
+        self.meter = state.RateMeter(context.clock)
         self.free_at_start = 0
         #: Staging's buffered bytes at the last write-back, and whether one is running.
         self.written_back = 0
@@ -364,11 +358,11 @@ class ReceiveJob(state.JobIdentity):
         """After an agent restart: reload the manifest (in a worker thread); the journal is
         re-checked on the next session (its records are trusted only after re-hashing the
         staged bytes)."""
-        saved = self.manager.store.read(self.seed_id, "manifest")
+        saved = self.context.store.read(self.seed_id, "manifest")
         if saved is None or not self.staging.exists():
             return
         self.restored = True
-        self.restoring = self.manager.thread(_load_manifest, saved)
+        self.restoring = self.context.thread(_load_manifest, saved)
         self.restoring.addCallbacks(self._restored, self._restore_failed)
 
     def _restored(self, restored: tuple) -> None:
@@ -389,7 +383,7 @@ class ReceiveJob(state.JobIdentity):
         completed = self.record.state == state.COMPLETED and hello["role"] == "control"
         if not self.active and not completed:
             raise Rejected(f"seed {self.seed_id} is {self.record.state} on this host")
-        if self.record.peer_host and not self.record.keyed and not self.manager.tls:
+        if self.record.peer_host and not self.record.keyed and not self.context.tls:
             if stream.peer != self.record.peer_host:
                 raise Rejected(f"seed {self.seed_id} is being sent from {self.record.peer_host}, "
                                f"not {stream.peer}")
@@ -413,17 +407,13 @@ class ReceiveJob(state.JobIdentity):
             self.batches = []
             self.sender_digests = b""
             self.finish = None
-            if not self.record.keyed and not self.manager.tls:
-                self.record.peer_host = stream.peer
-                log.warn("seed {seed}: receiving from {peer} WITHOUT authentication (no key, no "
-                         "TLS); set SeedAllowedNetworks, pass ?key= or configure SeedTLS*",
-                         seed=self.seed_id, peer=stream.peer)
+            self._note_unauthenticated(stream)
         elif hello["session"] != self.session or not self.ready:
             raise Rejected(f"data stream for seed {self.seed_id} does not belong to the current session")
         if self.record.state == state.PENDING:
             self.record.state = state.RUNNING
         self.streams.add(stream)
-        self.manager.touch(self.record)
+        self.context.touch(self.record)
 
     def _end_session(self) -> None:
         for stream in list(self.streams):
@@ -433,6 +423,15 @@ class ReceiveJob(state.JobIdentity):
         self.control = None
         self.ready = False
         self._drop_reading()
+
+    def _note_unauthenticated(self, stream: ReceiverStream) -> None:
+        """A sender without key or TLS: remember its address (the v1 source check of a
+        resume) and warn that nothing proved who it is."""
+        if not self.record.keyed and not self.context.tls:
+            self.record.peer_host = stream.peer
+            log.warn("seed {seed}: receiving from {peer} WITHOUT authentication (no key, no "
+                     "TLS); set SeedAllowedNetworks, pass ?key= or configure SeedTLS*",
+                     seed=self.seed_id, peer=stream.peer)
 
     def stream_lost(self, stream: ReceiverStream) -> None:
         self.waiting.discard(stream)
@@ -445,7 +444,7 @@ class ReceiveJob(state.JobIdentity):
 
     def result_read(self) -> None:
         if self.record.state == state.COMPLETED:
-            self.manager.forget_completed(self.seed_id)
+            self.context.forget_completed(self.seed_id)
 
     # --- frames --------------------------------------------------------------------------
 
@@ -460,7 +459,7 @@ class ReceiveJob(state.JobIdentity):
             return
         if frame.type == FrameType.ABORT:
             message = frames.open_json(frame, stream.key).get("message", "")
-            self.manager.clock.callLater(0, self.fail, f"the sender aborted the seed: {message}",
+            self.context.clock.callLater(0, self.fail, f"the sender aborted the seed: {message}",
                                            state.ABORTED)
             return
         if stream is not self.control:
@@ -487,7 +486,7 @@ class ReceiveJob(state.JobIdentity):
         self.batches.append(body)
         if self.reader is None:
             self.reader, self.reading = tree.ManifestReader(), defer.succeed(None)
-        reader, thread = self.reader, self.manager.thread
+        reader, thread = self.reader, self.context.thread
         self.reading.addCallback(lambda _: thread(reader.feed, body))
 
     def _drop_reading(self) -> None:
@@ -504,14 +503,14 @@ class ReceiveJob(state.JobIdentity):
             kind = frames.Digest.from_label(end.get("content_digest", "blake3"))
         except (KeyError, TypeError, ValueError):
             raise BadRequest("malformed MANIFEST_END") from None
-        if kind != frames.Digest.BLAKE3 and self.record.keyed and not self.manager.tls:
+        if kind != frames.Digest.BLAKE3 and self.record.keyed and not self.context.tls:
             raise BadRequest(f"refused {kind.label} content digests: a seed authenticated by its "
                              "key alone (no TLS) needs BLAKE3")
         try:
             if reading is not None:
                 await reading
             reader = reader or tree.ManifestReader()
-            manifest = await self.manager.thread(reader.finish, chunk_size, count, digest)
+            manifest = await self.context.thread(reader.finish, chunk_size, count, digest)
         except BadRequest as e:
             raise BadRequest(f"refused the seed manifest: {e.message}") from None
         await self.drain()
@@ -524,16 +523,16 @@ class ReceiveJob(state.JobIdentity):
                      seed=self.seed_id)
             await self._reset_staging()
         if self.manifest is None:
-            saving = self.manager.thread(_save_manifest, self.manager.store, self.seed_id, batches,
+            saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, batches,
                                          dict(end, content_digest=kind.label))
-            table = await self.manager.thread(plan.ChunkTable, manifest)
+            table = await self.context.thread(plan.ChunkTable, manifest)
             await saving
             if session != self.session:
                 return
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
-            records = state.read_journal(self.manager.store.read(self.seed_id, "journal") or b"")
-            good = await self.manager.thread(self.staging.recheck, self.manifest, self.table, records,
+            records = state.read_journal(self.context.store.read(self.seed_id, "journal") or b"")
+            good = await self.context.thread(self.staging.recheck, self.manifest, self.table, records,
                                              self.digest_kind)
             for cid, digest in good:
                 self.table.mark_done(cid, digest)
@@ -549,16 +548,16 @@ class ReceiveJob(state.JobIdentity):
         if session != self.session or not self.active:
             return
         if self.journal_fd is None:
-            self.journal_fd = os.open(self.manager.store.path(self.seed_id, "journal"),
+            self.journal_fd = os.open(self.context.store.path(self.seed_id, "journal"),
                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         table = self.table
         record = self.record
         record.bytes_total, record.files_total = table.bytes_total, len(table.files)
         record.bytes_done, record.files_done = table.bytes_done, table.files_done
-        self.manager.touch(record)
+        self.context.touch(record)
         if session != self.session or self.control is None:
             return
-        have = await self.manager.thread(lambda: frames._compressor().compress(table.done_records()))
+        have = await self.context.thread(lambda: frames._compressor().compress(table.done_records()))
         if session != self.session or self.control is None:
             return
         self.ready = True
@@ -579,9 +578,9 @@ class ReceiveJob(state.JobIdentity):
             self.fail(f"preparing the seed failed: {failure.value}")
 
     async def _reset_staging(self) -> None:
-        await self.manager.thread(self.staging.discard)
+        await self.context.thread(self.staging.discard)
         self._close_journal()
-        self.manager.store.remove(self.seed_id, "journal", "manifest")
+        self.context.store.remove(self.seed_id, "journal", "manifest")
         self.manifest = self.table = None
 
     async def _check_space(self) -> None:
@@ -658,8 +657,8 @@ class ReceiveJob(state.JobIdentity):
         delay = self.bucket.delay()
         if delay > 0 and stream.hold is None:
             stream.pause()
-            stream.hold = self.manager.clock.callLater(delay, self._release, stream)
-        d = self.manager.thread(self.staging.write_batch, self.manifest, batch, self.journal_fd)
+            stream.hold = self.context.clock.callLater(delay, self._release, stream)
+        d = self.context.thread(self.staging.write_batch, self.manifest, batch, self.journal_fd)
         self.inflight.add(d)
         d.addBoth(self._written, stream, size, d)
         d.addErrback(self._crashed)
@@ -669,7 +668,7 @@ class ReceiveJob(state.JobIdentity):
         stream.hold = None
         delay = self.bucket.delay()
         if delay > 0:
-            stream.hold = self.manager.clock.callLater(delay, self._release, stream)
+            stream.hold = self.context.clock.callLater(delay, self._release, stream)
         elif stream.queued <= STREAM_WINDOW // 2:
             stream.unpause()
 
@@ -730,12 +729,12 @@ class ReceiveJob(state.JobIdentity):
         def done(_):
             self.writing_back = False
 
-        self.manager.thread(syncfs, self.staging.root).addBoth(done)
+        self.context.thread(syncfs, self.staging.root).addBoth(done)
 
     def _on_staging(self, fn, *args) -> defer.Deferred:
         """``fn(*args)`` in a worker thread, as one of the calls that make entries in
         staging (:attr:`making`)."""
-        d = self.manager.thread(fn, *args)
+        d = self.context.thread(fn, *args)
         self.making.add(d)
 
         def made(result):
@@ -784,8 +783,8 @@ class ReceiveJob(state.JobIdentity):
     async def _finalize(self) -> None:
         record, table = self.record, self.table
         record.state = state.VERIFYING
-        self.manager.touch(record)
-        mine = await self.manager.thread(table.file_digests)
+        self.context.touch(record)
+        mine = await self.context.thread(table.file_digests)
         if mine != self.sender_digests:
             index = table.first_difference(self.sender_digests, mine)
             path = self.manifest.paths[index] if index is not None else "?"
@@ -797,7 +796,7 @@ class ReceiveJob(state.JobIdentity):
         # The final sync and the check on disk go side by side: neither needs the other
         # (a read back sees what the sync writes), and the check costs no time then.
         results = await defer.DeferredList(
-            [self.manager.thread(self.staging.sync), defer.ensureDeferred(self.check_on_disk())],
+            [self.context.thread(self.staging.sync), defer.ensureDeferred(self.check_on_disk())],
             consumeErrors=True)
         for ok, result in results:
             if not ok:
@@ -817,7 +816,7 @@ class ReceiveJob(state.JobIdentity):
         await self.completed()
 
     def _reread_wanted(self) -> bool:
-        setting = self.manager.config.seed_verify_on_disk
+        setting = self.context.config.seed_verify_on_disk
         if setting == "auto":
             return self.record.resumes > 0 or self.restored
         return setting == "on"
@@ -832,7 +831,7 @@ class ReceiveJob(state.JobIdentity):
             self.reread += length
 
         try:
-            await self.manager.thread(self.staging.check_on_disk, self.manifest, self.table,
+            await self.context.thread(self.staging.check_on_disk, self.manifest, self.table,
                                       self.digest_kind, reread, read)
         except StagedDamage as e:
             raise BadRequest(f"seed {self.seed_id} was not moved into {self.record.datadir}: {e}") from None
@@ -868,14 +867,14 @@ class ReceiveJob(state.JobIdentity):
         record = self.record
         if not self.active:
             return False
-        if await self.manager.mysql.is_running():
+        if await self.context.mysql.is_running():
             self.fail(f"MySQL is running on this host: the verified seed {self.seed_id} was not "
                       f"moved into {record.datadir}; stop MySQL and receive the seed again")
             return False
         if not self.active:
             return False
         self.committed = True
-        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
+        path = self.context.store.path(self.seed_id, promotion.SUFFIX)
 
         def commit() -> promotion.Promotion:
             planned = promotion.plan(self.staging)
@@ -890,25 +889,25 @@ class ReceiveJob(state.JobIdentity):
             return planned
 
         try:
-            planned = await self.manager.thread(commit)
+            planned = await self.context.thread(commit)
         except OSError as e:
             self.committed = False
             self.fail(f"cannot record the promotion of seed {self.seed_id} in {path}: {e}")
             return False
         record.promoting = True
         self.steps += 1
-        self.manager.save(record)
+        self.context.save(record)
         if planned.old:
             log.warn("seed {seed}: {datadir} was not empty; keeping {names} in {aside}",
                      seed=self.seed_id, datadir=record.datadir, names=planned.old[:20],
                      aside=planned.aside)
         try:
-            await self.manager.thread(promotion.settle, path, planned)
+            await self.context.thread(promotion.settle, path, planned)
         except promotion.Undone as e:
             self.committed = record.promoting = False
             await self.fail(f"seed {self.seed_id} could not be moved into {record.datadir} ({e}); "
                             "everything moved was put back: the datadir is as it was")
-            await self.manager.thread(promotion.remove_record, path)
+            await self.context.thread(promotion.remove_record, path)
             return False
         except (promotion.PromotionError, OSError) as e:
             self.committed = False  # staging stays (promoting): the next start settles it
@@ -924,20 +923,20 @@ class ReceiveJob(state.JobIdentity):
         self._close_journal()
         # The key stays while a sender may still reconnect to learn the result
         # (SeedManager.forget_completed removes it).
-        self.manager.store.remove(self.seed_id, "journal", "manifest")
+        self.context.store.remove(self.seed_id, "journal", "manifest")
         record.state = state.COMPLETED
         record.promoting = False
         self.committed = False
-        record.updated_at = self.manager.clock.seconds()
-        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
-        if not self.manager.save(record):
+        record.updated_at = self.context.clock.seconds()
+        path = self.context.store.path(self.seed_id, promotion.SUFFIX)
+        if not self.context.save(record):
             # The record on disk still says "promoting": the promotion record stays, so the
             # next start settles it forward again (a no-op) and saves "completed" then.
             log.warn("seed {seed}: its completion could not be saved; the promotion record "
                      "{path} is kept for the next start", seed=self.seed_id, path=path)
         else:
             try:
-                await self.manager.thread(promotion.remove_record, path)
+                await self.context.thread(promotion.remove_record, path)
             except OSError as e:
                 # The seed is complete and saved so; a record left over is settled forward
                 # again at the next start, where it finds everything in place.
@@ -986,19 +985,19 @@ class ReceiveJob(state.JobIdentity):
         for stream in list(self.streams):
             stream.last_word()
         self.streams.clear()
-        self.manager.touch(record, force=True)
+        self.context.touch(record, force=True)
         return defer.ensureDeferred(self._cleanup())
 
     async def settle_promotion(self) -> None:
         """After a restart with a promotion record (the agent died while the verified tree
         moved in): finish it in the record's direction; the seed then completed, or
         failed with the datadir as it was."""
-        path = self.manager.store.path(self.seed_id, promotion.SUFFIX)
+        path = self.context.store.path(self.seed_id, promotion.SUFFIX)
         record = self.record
         self.committed = record.promoting = True  # an abort now waits for the end
-        planned = await self.manager.thread(promotion.read_record, path)
+        planned = await self.context.thread(promotion.read_record, path)
         try:
-            direction = await self.manager.thread(promotion.settle, path, planned)
+            direction = await self.context.thread(promotion.settle, path, planned)
         except promotion.Undone as e:
             direction, why = promotion.BACK, str(e)
         except (promotion.PromotionError, OSError) as e:
@@ -1007,7 +1006,7 @@ class ReceiveJob(state.JobIdentity):
                 f"the agent restarted while moving seed {self.seed_id} into {record.datadir} and "
                 f"can neither finish nor undo it ({e}); settle {path} by hand")
             log.error("seed {seed}: {error}", seed=self.seed_id, error=record.error)
-            self.manager.touch(record, force=True)
+            self.context.touch(record, force=True)
             self._settle()
             return
         else:
@@ -1021,9 +1020,9 @@ class ReceiveJob(state.JobIdentity):
         self.end_record(f"the agent restarted while moving seed {self.seed_id} into "
                         f"{record.datadir} ({why}); everything moved was put back: the datadir "
                         "is as it was", state.FAILED, log)
-        self.manager.touch(record, force=True)
+        self.context.touch(record, force=True)
         await self._cleanup()
-        await self.manager.thread(promotion.remove_record, path)
+        await self.context.thread(promotion.remove_record, path)
 
     async def _cleanup(self) -> None:
         await self.drain()
@@ -1031,16 +1030,11 @@ class ReceiveJob(state.JobIdentity):
             await defer.DeferredList(list(self.making), consumeErrors=True)
         try:
             if not self.record.promoting:
-                await self.manager.thread(self.staging.discard)
+                await self.context.thread(self.staging.discard)
         finally:
             self._close_journal()
-            self.manager.store.remove(self.seed_id, "journal", "manifest", "key")
+            self.context.store.remove(self.seed_id, "journal", "manifest", "key")
             self._settle()
-
-    def _settle(self) -> None:
-        self.manager.job_ended(self)
-        if not self.done.called:
-            self.done.callback(None)
 
     def _close_journal(self) -> None:
         if self.journal_fd is not None:
@@ -1055,19 +1049,15 @@ class ReceiveJob(state.JobIdentity):
             stream.close(abort=True)
         self.streams.clear()
         await self.drain()
-        await self.manager.thread(self.staging.close_files)
+        await self.context.thread(self.staging.close_files)
         self._close_journal()
-        self.manager.save(self.record)
-
-    def progress(self) -> tuple[float, float | None]:
-        self.meter.sample(self.record.bytes_done)
-        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+        self.context.save(self.record)
 
     async def datadir_usage(self) -> int:
         """/api/mysql-du while this seed is received (orchagent.seed.usage): what the
         datadir keeps, plus the data that arrived and the final phases done."""
         if not self.record.promoting:
-            self.kept = await self.manager.thread(self.staging.kept_usage)
+            self.kept = await self.context.thread(self.staging.kept_usage)
         arriving = sum(s.queued + s.splitter.buffered for s in self.streams)
         total = self.record.bytes_total
         within = self.reread / total if self.rereading and total else 0.0

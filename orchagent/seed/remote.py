@@ -42,10 +42,12 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, globalLogPublisher
+from zope.interface import implementer
 
 import orchagent
 from orchagent.config import orchestrator_over_https, seed_tls_configured
 from orchagent.errors import NotAvailable
+from orchagent.interfaces import ISeedSurface
 from orchagent.seed import auth, channel, state
 
 log = Logger()
@@ -160,6 +162,7 @@ class _AgentChannel(channel.QuietAMP):
         self.owner._channel_lost(self)
 
 
+@implementer(ISeedSurface)
 class SeedEngineProcess(service.Service):
     """``agent.seeds`` when seeds run in their own process; see the module docstring.
 

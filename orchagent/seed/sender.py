@@ -44,7 +44,7 @@ from orchagent.seed.auth import ClientHandshake, Rejected, is_loopback, tls_clie
 from orchagent.seed.frames import FrameType, ProtocolError
 
 if TYPE_CHECKING:
-    from orchagent.seed.manager import SeedManager
+    from orchagent.seed.context import SeedContext
 
 log = Logger()
 
@@ -104,7 +104,7 @@ class SenderStream(protocol.Protocol):
         if self.closed:
             self.transport.abortConnection()
             return
-        self.timer = self.job.manager.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.timer = self.job.context.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         self.transport.write(self.handshake.hello())
 
     def _handshake_timeout(self):
@@ -355,9 +355,9 @@ class SourceFiles:
 class SendJob(state.JobIdentity):
     """The sending side of one seed (engine mode)."""
 
-    def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None,
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int):
-        self.manager = manager
+        self.context = context
         self.record = record
         self.auth_key = auth_key
         self.host = host
@@ -373,13 +373,13 @@ class SendJob(state.JobIdentity):
         self.retry_call = None
         #: An abort after the whole tree was sent, waiting for the receiver's RESULT.
         self.result_wait = None
-        self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
+        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
         self.compression = CompressionPolicy(False)
         #: Chunk contents need a digest a forger can't match only when the frames are the
         #: stream's sole authentication (see frames.Digest).
-        self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not manager.tls
+        self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not context.tls
                             else frames.Digest.XXH3)
-        self.meter = state.RateMeter(manager.clock)
+        self.meter = state.RateMeter(context.clock)
         self.done = defer.Deferred()
         self.ready = False
         #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
@@ -415,26 +415,26 @@ class SendJob(state.JobIdentity):
         return self.active and not (self.table is not None and self.table.complete)
 
     async def _walk(self) -> None:
-        reactor = self.manager.reactor
-        store, seed_id = self.manager.store, self.seed_id
+        reactor = self.context.reactor
+        store, seed_id = self.context.store, self.seed_id
 
         def packed(bodies: list[bytes]) -> None:  # worker thread
             reactor.callFromThread(self._more_batches, bodies)
 
-        previous = await self.manager.thread(store.read, seed_id, "pins")
-        manifest, table, pins = await self.manager.thread(
-            _survey, self.record.source_path, self.manager.chunk_size, packed, previous)
+        previous = await self.context.thread(store.read, seed_id, "pins")
+        manifest, table, pins = await self.context.thread(
+            _survey, self.record.source_path, self.context.chunk_size, packed, previous)
         if not self.active:
             return
         if previous is None:
             # Kept for a restart of the agent, whose new walk must find the same files.
-            self.manager.thread(_save_pins, store, seed_id, pins, manifest).addErrback(
+            self.context.thread(_save_pins, store, seed_id, pins, manifest).addErrback(
                 lambda f: log.warn("seed {seed}: cannot save the source's identities: {error}",
                                    seed=seed_id, error=f.getErrorMessage()))
         self.files = SourceFiles(self.record.source_path, manifest, pins)
         self.manifest, self.table, self.walked = manifest, table, True
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
-        self.manager.touch(self.record)
+        self.context.touch(self.record)
         log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
                  seed=self.seed_id, bytes=self.table.bytes_total, files=len(self.table.files),
                  source=self.record.source_path, target=self.record.target)
@@ -463,11 +463,7 @@ class SendJob(state.JobIdentity):
             self.fail(f"sending failed: {failure.value}")
 
     def _endpoint(self):
-        reactor = self.manager.reactor
-        endpoint = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-        if self.manager.tls:
-            endpoint = endpoints.wrapClientTLS(tls_client_options(self.manager.config, self.host), endpoint)
-        return endpoint
+        return receiver_endpoint(self.context, self.host, self.port)
 
     def _connect(self) -> None:
         self.retry_call = None
@@ -491,7 +487,7 @@ class SendJob(state.JobIdentity):
         if session != self.session:
             return
         peer = stream.transport.getPeer().host
-        setting = self.manager.config.seed_compression
+        setting = self.context.config.seed_compression
         self.compression = CompressionPolicy(
             setting == "zstd" or (setting == "auto" and not is_loopback(peer)))
         for body in self.batches:
@@ -550,7 +546,7 @@ class SendJob(state.JobIdentity):
             elif known == digest:
                 table.mark_done(cid, digest)
         if recheck:
-            good = await self.manager.thread(_recheck_source, self.files, recheck, self.digest_kind)
+            good = await self.context.thread(_recheck_source, self.files, recheck, self.digest_kind)
             if session != self.session or not self.active:
                 return
             for cid, digest in good:
@@ -565,7 +561,7 @@ class SendJob(state.JobIdentity):
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
                  seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)
-        for index in range(1, self.manager.config.seed_streams):
+        for index in range(1, self.context.config.seed_streams):
             defer.ensureDeferred(self._open_data(session, index)).addErrback(
                 self._connect_failed, session)
         self.pump(self.control)
@@ -589,7 +585,7 @@ class SendJob(state.JobIdentity):
             delay = self.bucket.delay()
             if delay > 0:
                 if stream.pace is None or not stream.pace.active():
-                    stream.pace = self.manager.clock.callLater(delay, self.pump, stream)
+                    stream.pace = self.context.clock.callLater(delay, self.pump, stream)
                 return
             length = self.table.length
             items = [self.queue.popleft()]
@@ -601,7 +597,7 @@ class SendJob(state.JobIdentity):
             self.bucket.take(size)
             stream.reads += 1
             compress = self.compression.should_try()
-            d = self.manager.thread(_read_chunks, self.files, [self.table.chunk(cid) for cid in items],
+            d = self.context.thread(_read_chunks, self.files, [self.table.chunk(cid) for cid in items],
                                     stream.key, compress, self.digest_kind)
             d.addBoth(self._read_done, stream, items, compress, self.session)
             d.addErrback(self._crashed)
@@ -660,10 +656,10 @@ class SendJob(state.JobIdentity):
     async def _finish(self, session: str) -> None:
         """Everything is on its way: send the file digests and the tree digest."""
         table = self.table
-        await self.manager.thread(self.files.check_held)
+        await self.context.thread(self.files.check_held)
         if session != self.session:
             return
-        digests = await self.manager.thread(table.file_digests)
+        digests = await self.context.thread(table.file_digests)
         control = self.control
         if session != self.session or control is None or control.closed:
             return
@@ -673,7 +669,7 @@ class SendJob(state.JobIdentity):
         control.transport.write(frames.seal_json(
             FrameType.FINISH, {"tree": table.tree_digest(digests).hex()}, control.key))
         self.record.state = state.VERIFYING
-        self.manager.touch(self.record)
+        self.context.touch(self.record)
 
     # --- endings -------------------------------------------------------------------------
 
@@ -710,7 +706,7 @@ class SendJob(state.JobIdentity):
                  message=message, delay=delay)
         self.record.resumes += 1
         self.record.state = state.RUNNING
-        self.retry_call = self.manager.clock.callLater(delay, self._connect)
+        self.retry_call = self.context.clock.callLater(delay, self._connect)
 
     def _succeeded(self) -> None:
         self.record.state = state.COMPLETED
@@ -719,7 +715,7 @@ class SendJob(state.JobIdentity):
         log.info("seed {seed}: {target} confirmed {bytes} bytes verified and in place",
                  seed=self.seed_id, target=self.record.target, bytes=self.record.bytes_total)
         self._close_all()
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         self._settle()
 
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
@@ -732,14 +728,14 @@ class SendJob(state.JobIdentity):
             log.warn("seed {seed}: {message}; the receiver has the whole tree: waiting for it to "
                      "say how the seed ends", seed=self.seed_id, message=message)
             tell_abort(self.control, {"message": message})
-            self.result_wait = self.manager.clock.callLater(RESULT_WAIT, self._no_result, message)
+            self.result_wait = self.context.clock.callLater(RESULT_WAIT, self._no_result, message)
             ended = defer.Deferred()
             self.done.addBoth(lambda result: (ended.callback(None), result)[1])
             return ended
         self._stop_waiting_for_result()
         self.end_record(message, final_state, log)
         self._close_all(tell={"message": message} if tell else None)
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         self._settle()
         return defer.succeed(None)
 
@@ -757,7 +753,7 @@ class SendJob(state.JobIdentity):
         self.end_record(f"{message}; the receiver had the whole tree and did not say how the seed "
                         "ended: it may have completed it; its seed-status tells", state.UNKNOWN, log)
         self._close_all()
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         self._settle()
 
     def _close_all(self, tell: dict | None = None) -> None:
@@ -785,11 +781,6 @@ class SendJob(state.JobIdentity):
                 tell_abort(stream, tell)
             stream.close()
 
-    def _settle(self) -> None:
-        self.manager.job_ended(self)
-        if not self.done.called:
-            self.done.callback(None)
-
     async def stop(self) -> None:
         """Service stop: close streams (the next start resumes); wait for reads to end."""
         streams = list(self.streams)
@@ -797,23 +788,23 @@ class SendJob(state.JobIdentity):
         for stream in streams:
             stream.close(abort=True)
         await defer.DeferredList([s.lost for s in streams if not s.lost.called], consumeErrors=True)
-        self.manager.save(self.record)
+        self.context.save(self.record)
 
     def _watch_mysql(self) -> None:
         """A datadir seed fails as soon as MySQL is seen running on its source (checked
         every :data:`MYSQL_POLL` seconds through the MySQL service): the files sent
         would no longer make one consistent datadir."""
-        if self.record.source != "datadir" or self.manager.mysql is None:
+        if self.record.source != "datadir" or self.context.mysql is None:
             return
         self.mysql_watch = task.LoopingCall(lambda: defer.ensureDeferred(self._check_mysql()))
-        self.mysql_watch.clock = self.manager.clock
+        self.mysql_watch.clock = self.context.clock
         self.mysql_watch.start(MYSQL_POLL, now=False)
 
     async def _check_mysql(self) -> None:
         if not self.reading:
             return
         try:
-            running = await self.manager.mysql.is_running()
+            running = await self.context.mysql.is_running()
         except Exception as e:
             log.warn("seed {seed}: cannot tell whether MySQL runs: {error}", seed=self.seed_id, error=e)
             return
@@ -827,10 +818,6 @@ class SendJob(state.JobIdentity):
             stream.stop_pacing()
             self.pump(stream)
 
-    def progress(self) -> tuple[float, float | None]:
-        self.meter.sample(self.record.bytes_done)
-        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
-
 
 def _read_exact(fd: int, length: int, offset: int, path: str):
     data = os.pread(fd, length, offset)
@@ -838,6 +825,14 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
         raise BadRequest(f"seed source file {path} changed while it was being sent "
                          f"(short read at offset {offset})")
     return data
+
+
+def receiver_endpoint(context: "SeedContext", host: str, port: int):
+    """Where a sender connects to the receiving agent: TCP, in TLS when seed TLS is on."""
+    endpoint = endpoints.HostnameEndpoint(context.reactor, host, port, timeout=CONNECT_TIMEOUT)
+    if context.tls:
+        endpoint = endpoints.wrapClientTLS(tls_client_options(context.config, host), endpoint)
+    return endpoint
 
 
 def tell_abort(stream: SenderStream | None, body: dict) -> None:

@@ -121,22 +121,6 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def free_inodes(path: str) -> int | None:
-    """Inodes a new file can still take, or None where the file system has no fixed
-    number of them (btrfs reports none)."""
-    st = os.statvfs(path)
-    return st.f_favail if st.f_files else None
-
-
-def block_size(path: str) -> int:
-    return os.statvfs(path).f_bsize or 4096
-
-
 class StagedDamage(Exception):
     """A staged entry is not what was received; the message names it."""
 

@@ -18,8 +18,11 @@ from typing import Any
 
 import attrs
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from orchagent.errors import Refused
+from orchagent.interfaces import ISeedJob
+from orchagent.swap import replace_file
 
 log = Logger()
 
@@ -110,8 +113,12 @@ def refuse_while_receiving(statuses, action: str) -> None:
                           f"{action} until it ends (abort it, or wait)")
 
 
+@implementer(ISeedJob)
 class JobIdentity:
-    """What every seed job shows the manager: its seed id, and whether it still runs."""
+    """What every seed job shows the manager: its seed id, whether it still runs, its
+    rate and ETA; and how it ends (:meth:`end_record`, :meth:`_settle`).  A job has a
+    ``record``, a ``context`` (orchagent.seed.context), a ``done`` Deferred and, where it
+    measures its rate, a ``meter`` (:class:`RateMeter`)."""
 
     record: SeedRecord
 
@@ -135,6 +142,17 @@ class JobIdentity:
         else:
             log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
 
+    def _settle(self) -> None:
+        """The job is over: the manager forgets it, and ``done`` fires."""
+        self.context.job_ended(self)
+        if not self.done.called:
+            self.done.callback(None)
+
+    def progress(self) -> tuple[float, float | None]:
+        """Bytes per second lately, and the seconds left at that rate (None: unknown)."""
+        self.meter.sample(self.record.bytes_done)
+        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+
 
 class StateStore:
     """Files of seed state under ``state_dir/seeds``; every write is atomic (rename)."""
@@ -151,28 +169,9 @@ class StateStore:
         return os.path.join(self.root, f"{seed_id}.{suffix}")
 
     def write(self, seed_id: str, suffix: str, data: bytes) -> None:
-        """Replace the file whole (a short write is continued); on a failure the file in
-        place is unchanged and the temporary one removed."""
-        final = self.path(seed_id, suffix)
-        tmp = final + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, OSError) and e.filename is None:
-                raise OSError(e.errno, e.strerror, tmp) from e  # name the file written
-            raise
-
+        """Replace the file whole (:func:`orchagent.swap.replace_file`; not fsynced: a
+        seed's state is rewritten every few seconds while it runs)."""
+        replace_file(self.path(seed_id, suffix), data, durable=False)
     def read(self, seed_id: str, suffix: str) -> bytes | None:
         try:
             with open(self.path(seed_id, suffix), "rb") as fh:

@@ -58,16 +58,17 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from orchagent.errors import AgentError, BadRequest
+from orchagent.errors import AgentError, BadRequest, StepFailed
+from orchagent.host.diskusage import free_bytes
+from orchagent.process import CommandGroup
 from orchagent.seed import frames, plan, state, tree
-from orchagent.seed.auth import Rejected, tls_client_options
+from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.receiver import ReceiveJob
-from orchagent.seed.sender import CONNECT_TIMEOUT, SenderStream, tell_abort
-from orchagent.seed.staging import free_bytes
+from orchagent.seed.sender import SenderStream, receiver_endpoint, tell_abort
 
 if TYPE_CHECKING:
-    from orchagent.seed.manager import SeedManager
+    from orchagent.seed.context import SeedContext
 
 log = Logger()
 
@@ -96,8 +97,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 STREAM_RECORD = struct.Struct(">QI32s")
 
 
-class StepFailed(AgentError):
-    """A step of a streamed seed failed; the message names the seed and the step."""
+#: How the tools of a streamed seed run: as long as they take (an abort stops them), as
+#: root (they read or write the datadir's files), their exit status read here.
+_TOOL = {"timeout": 0, "check": False, "privileged": True}
 
 
 def _pipe() -> tuple[int, int]:
@@ -108,17 +110,6 @@ def _pipe() -> tuple[int, int]:
     except OSError:
         pass
     return read_end, write_end
-
-
-def _status(result) -> str:
-    from orchagent.backups.prepare import _tail
-
-    if result.exit_code is None:
-        how = "was killed" if result.signal is None else f"was killed by signal {result.signal}"
-    else:
-        how = f"exited with status {result.exit_code}"
-    tail = _tail(result.stderr)
-    return f"{how}: {tail}" if tail else how
 
 
 class _Stopwatch:
@@ -136,41 +127,6 @@ class _Stopwatch:
 
     def __str__(self) -> str:
         return ", ".join(self.steps)
-
-
-class _Children:
-    """The processes a job started: cancel stops them (SIGTERM, then SIGKILL to their
-    process group; the Deferred of a cancelled one fires with None), :meth:`ended` waits
-    until every one has really exited."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.running: set[defer.Deferred] = set()
-        self.exits: set[defer.Deferred] = set()
-
-    def run(self, argv: list[str], **kwargs) -> defer.Deferred:
-        exited = defer.Deferred()
-        d = self.runner.run(argv, timeout=0, check=False, privileged=True, exited=exited, **kwargs)
-        if not exited.called:
-            self.exits.add(exited)
-            exited.addBoth(lambda _: self.exits.discard(exited))
-        self.running.add(d)
-
-        def forget(result):
-            self.running.discard(d)
-            if isinstance(result, Failure) and result.check(defer.CancelledError):
-                return None
-            return result
-
-        return d.addBoth(forget)
-
-    def cancel(self) -> None:
-        for d in list(self.running):
-            d.cancel()
-
-    async def ended(self) -> None:
-        while self.exits:
-            await defer.DeferredList(list(self.exits), consumeErrors=True)
 
 
 # --- the source -------------------------------------------------------------------------------
@@ -216,10 +172,10 @@ class StreamSendJob(state.JobIdentity):
     """The source of a streamed seed: runs ``command``, sends its output (see the module
     docstring).  ``announce`` (tool, version, estimate) goes to the target first."""
 
-    def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None,
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int, command: list[str], what: str, announce: dict,
                  cwd: str | None = None):
-        self.manager = manager
+        self.context = context
         self.record = record
         self.auth_key = auth_key
         self.host = host
@@ -229,7 +185,7 @@ class StreamSendJob(state.JobIdentity):
         self.announce = dict(announce, stream=FORMAT)
         self.cwd = cwd
         self.session = os.urandom(8).hex()
-        self.children = _Children(manager.runner)
+        self.children = CommandGroup(context.runner)
         self.stream: SenderStream | None = None
         self.reader: _PipeReader | None = None
         self.ready = False
@@ -239,8 +195,8 @@ class StreamSendJob(state.JobIdentity):
         self.tool_result = None
         self.finishing = False
         self.timer = None
-        self.bucket = state.TokenBucket(manager.clock, record.rate_limit)
-        self.meter = state.RateMeter(manager.clock)
+        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
+        self.meter = state.RateMeter(context.clock)
         self.done = defer.Deferred()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -250,11 +206,11 @@ class StreamSendJob(state.JobIdentity):
         server, starting its redo log copy) hides the handshake and the target's checks.
         Its output waits in the pipe (the tool blocks when it is full) until READY."""
         self.record.state = state.RUNNING
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         read_end, write_end = _pipe()
         self.reader = _PipeReader(read_end)
         try:
-            tool = self.children.run(self.command, stdout_fd=write_end, cwd=self.cwd)
+            tool = self.children.run(self.command, stdout_fd=write_end, cwd=self.cwd, **_TOOL)
         except OSError as e:
             self.fail(f"hot seed {self.seed_id}: step backup failed: cannot start {self.what}: {e}",
                       tell=False)
@@ -265,11 +221,7 @@ class StreamSendJob(state.JobIdentity):
         defer.ensureDeferred(self._connect()).addErrback(self._crashed)
 
     async def _connect(self) -> None:
-        endpoint = endpoints.HostnameEndpoint(self.manager.reactor, self.host, self.port,
-                                              timeout=CONNECT_TIMEOUT)
-        if self.manager.tls:
-            endpoint = endpoints.wrapClientTLS(tls_client_options(self.manager.config, self.host),
-                                               endpoint)
+        endpoint = receiver_endpoint(self.context, self.host, self.port)
         stream = self.stream = SenderStream(self, ROLE, 0)
         stream.connecting = endpoints.connectProtocol(endpoint, stream)
         try:
@@ -294,7 +246,7 @@ class StreamSendJob(state.JobIdentity):
         self.pump(self.stream)
 
     def _tool_ended(self, result) -> None:
-        if result is None:
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
             return  # stopped by fail()
         if isinstance(result, Failure):
             if self.active:
@@ -319,11 +271,11 @@ class StreamSendJob(state.JobIdentity):
         delay = self.bucket.delay()
         if delay > 0:
             if self.timer is None or not self.timer.active():
-                self.timer = self.manager.clock.callLater(delay, self.pump, stream)
+                self.timer = self.context.clock.callLater(delay, self.pump, stream)
             return
         self.bucket.take(CHUNK)
         self.reading = True
-        self.manager.thread(self.reader.read).addBoth(self._read_done)
+        self.context.thread(self.reader.read).addBoth(self._read_done)
 
     def _read_done(self, result) -> None:
         self.reading = False
@@ -388,7 +340,7 @@ class StreamSendJob(state.JobIdentity):
             return
         result = self.tool_result
         if not result.ok:
-            self.fail(f"hot seed {self.seed_id}: step backup failed: {self.what} {_status(result)}")
+            self.fail(f"hot seed {self.seed_id}: step backup failed: {result.tool_failure(self.what)}")
             return
         self.finishing = True
         stream = self.stream
@@ -396,7 +348,7 @@ class StreamSendJob(state.JobIdentity):
         self.record.state = state.VERIFYING
         stream.transport.write(frames.seal_json(FrameType.FINISH, {
             "bytes": self.reader.position, "digest": self.reader.hasher.hexdigest()}, stream.key))
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         log.info("seed {seed}: {what} done, {bytes} bytes sent; the target prepares them",
                  seed=self.seed_id, what=self.what, bytes=self.reader.position)
 
@@ -405,7 +357,7 @@ class StreamSendJob(state.JobIdentity):
         log.info("seed {seed}: {target} confirmed the hot backup prepared and in place",
                  seed=self.seed_id, target=self.record.target)
         self._close()
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         self._settle()
 
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
@@ -419,7 +371,7 @@ class StreamSendJob(state.JobIdentity):
         if self.reader is not None:
             self.reader.stopping = True
         self._close()
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
         self._settle()
         return defer.ensureDeferred(self.children.ended())
 
@@ -438,18 +390,12 @@ class StreamSendJob(state.JobIdentity):
     def _settle(self) -> None:
         if not self.reading:
             self._close_reader()
-        self.manager.job_ended(self)
-        if not self.done.called:
-            self.done.callback(None)
+        super()._settle()
 
     async def stop(self) -> None:
         """Service stop: a stream cannot resume, so the seed fails (the tool is stopped)."""
         await self.fail("the agent stopped while the hot backup was streaming; a streamed hot "
                         "seed cannot resume: start the seed again")
-
-    def progress(self) -> tuple[float, float | None]:
-        self.meter.sample(self.record.bytes_done)
-        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
 
 
 # --- the target -------------------------------------------------------------------------------
@@ -554,13 +500,13 @@ class StreamReceiveJob(ReceiveJob):
             raise Rejected(f"seed {job.seed_id} is {job.record.state} on this host")
         if job.session or job.streams:
             raise Rejected(f"seed {job.seed_id} is already being received as a tree")
-        streamed = cls(job.manager, job.record, job.auth_key)
-        job.manager.jobs[job.seed_id] = streamed
+        streamed = cls(job.context, job.record, job.auth_key)
+        job.context.replace_job(streamed)
         return streamed
 
-    def __init__(self, manager: "SeedManager", record: state.SeedRecord, auth_key: bytes | None):
-        super().__init__(manager, record, auth_key)
-        self.children = _Children(manager.runner)
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None):
+        super().__init__(context, record, auth_key)
+        self.children = CommandGroup(context.runner)
         self.stream = None
         self.tool = ""
         self.extractor: defer.Deferred | None = None
@@ -576,12 +522,11 @@ class StreamReceiveJob(ReceiveJob):
 
     @property
     def tools(self):
-        hot = getattr(self.manager, "hot", None)
-        if hot is not None:
-            return hot.tools
+        if self.context.hot is not None:
+            return self.context.hot.tools
         from orchagent.backups.tools import Tools
 
-        return Tools(self.manager.config, self.manager.runner)
+        return Tools(self.context.config, self.context.runner)
 
     # --- the stream ----------------------------------------------------------------------
 
@@ -593,18 +538,14 @@ class StreamReceiveJob(ReceiveJob):
         if self.stream is not None:
             raise Rejected(f"seed {self.seed_id} already has its stream; a streamed seed "
                            "cannot resume")
-        if not self.record.keyed and not self.manager.tls:
-            self.record.peer_host = stream.peer
-            log.warn("seed {seed}: receiving from {peer} WITHOUT authentication (no key, no "
-                     "TLS); set SeedAllowedNetworks, pass ?key= or configure SeedTLS*",
-                     seed=self.seed_id, peer=stream.peer)
+        self._note_unauthenticated(stream)
         self.stream = self.control = stream
         self.source_address = stream.peer
         self.streams.add(stream)
         self.sessions += 1
         self.record.state = state.RUNNING
         self.record.source = "hot"
-        self.manager.touch(self.record, force=True)
+        self.context.touch(self.record, force=True)
 
     def stream_lost(self, stream) -> None:
         self.streams.discard(stream)
@@ -626,7 +567,7 @@ class StreamReceiveJob(ReceiveJob):
         elif frame.type == FrameType.ABORT:
             body = frames.open_json(frame, stream.key)
             final = state.FAILED if body.get("state") == state.FAILED else state.ABORTED
-            self.manager.clock.callLater(0, self.fail, f"the sender stopped the seed: "
+            self.context.clock.callLater(0, self.fail, f"the sender stopped the seed: "
                                            f"{body.get('message', '')}", final)
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} on a seed stream")
@@ -648,23 +589,23 @@ class StreamReceiveJob(ReceiveJob):
             raise BadRequest(f"the backup is made by {tool} {version} and this host has {tool} "
                              f"{mine}: --prepare needs the version that made the backup")
         where = os.path.dirname(self.staging.root)
-        free = await self.manager.thread(free_bytes, where)
+        free = await self.context.thread(free_bytes, where)
         if estimate > free:
             raise BadRequest(f"not enough space for seed {self.seed_id} in {self.record.datadir}: "
                              f"the source's datadir holds {estimate} bytes, {free} bytes are free")
-        await self.manager.thread(self.staging.discard)
-        await self.manager.thread(os.makedirs, self.staging.root, 0o700)
+        await self.context.thread(self.staging.discard)
+        await self.context.thread(os.makedirs, self.staging.root, 0o700)
         if not self.active:
             return
         read_end, self.pipe = _pipe()
         try:
             self.extractor = self.children.run([EXTRACTORS[tool], "-x", "-C", self.staging.root],
-                                               stdin_fd=read_end)
+                                               stdin_fd=read_end, **_TOOL)
         finally:
             os.close(read_end)
         self.extractor.addBoth(self._extractor_ended)
         self.record.bytes_total = estimate
-        self.manager.touch(self.record)
+        self.context.touch(self.record)
         self.stream.send_frame(frames.seal(FrameType.READY, b"", self.stream.key))
         log.info("seed {seed}: extracting a {tool} {version} stream (about {estimate} bytes) into "
                  "{staging}", seed=self.seed_id, tool=tool, version=version, estimate=estimate,
@@ -703,7 +644,7 @@ class StreamReceiveJob(ReceiveJob):
             return
         batch, self.pending = self.pending, []
         self.writing = True
-        d = self.manager.thread(_verify_and_write, batch, self.pipe, self.hasher)
+        d = self.context.thread(_verify_and_write, batch, self.pipe, self.hasher)
         self.inflight.add(d)
         d.addBoth(self._written, batch, d)
 
@@ -743,14 +684,15 @@ class StreamReceiveJob(ReceiveJob):
             self.syncing = False
             self.inflight.discard(d)
 
-        d = self.manager.thread(self.writeback.run)
+        d = self.context.thread(self.writeback.run)
         self.inflight.add(d)
         d.addBoth(synced)
 
     def _extractor_ended(self, result):
         """The extractor must not end before we closed its input (the end of the stream)."""
-        if self.active and self.pipe >= 0 and result is not None:
-            why = _status(result) if not isinstance(result, Failure) else result.getErrorMessage()
+        stopped = isinstance(result, Failure) and result.check(defer.CancelledError)
+        if self.active and self.pipe >= 0 and not stopped:
+            why = result.tool_failure() if not isinstance(result, Failure) else result.getErrorMessage()
             self.fail(f"hot seed {self.seed_id}: step extract failed: {EXTRACTORS[self.tool]} -x "
                       f"stopped before the end of the stream: it {why}")
         return None if isinstance(result, Failure) else result
@@ -766,7 +708,7 @@ class StreamReceiveJob(ReceiveJob):
     async def _finalize(self) -> None:
         record, root = self.record, self.staging.root
         record.state = state.VERIFYING
-        self.manager.touch(record)
+        self.context.touch(record)
         if (self.finish.get("bytes") != self.written
                 or self.finish.get("digest") != self.hasher.hexdigest()):
             raise StepFailed(f"hot seed {self.seed_id}: step verify failed: the stream received "
@@ -774,23 +716,23 @@ class StreamReceiveJob(ReceiveJob):
                              f"{self.finish.get('bytes')} bytes")
         self._close_pipe()
         self.steps += 1
-        took = _Stopwatch(self.manager.clock)
+        took = _Stopwatch(self.context.clock)
         await self._step("extract", self.extractor, f"{EXTRACTORS[self.tool]} -x")
         took("extract")
         self.steps += 1
         await self._step("prepare", self.children.run(
-            [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"]),
-            f"{self.tool} --prepare")
+            [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"],
+            **_TOOL), f"{self.tool} --prepare")
         took("prepare")
         self.steps += 1
         await self._own(root)
         took("own")
         self.steps += 1
-        manifest = await self.manager.thread(tree.walk, root)
+        manifest = await self.context.thread(tree.walk, root)
         table = plan.ChunkTable(manifest)
         record.bytes_total, record.files_total = self.written, manifest.file_count
         record.files_done = record.files_total
-        await self.manager.thread(self.staging.finalize, manifest, table)
+        await self.context.thread(self.staging.finalize, manifest, table)
         self.steps += 1
         took("sync")
         try:
@@ -814,18 +756,16 @@ class StreamReceiveJob(ReceiveJob):
         if result is None:
             raise defer.CancelledError()  # stopped by fail()
         if not result.ok and self.active:
-            raise StepFailed(f"hot seed {self.seed_id}: step {step} failed: {what} {_status(result)}")
+            raise StepFailed(f"hot seed {self.seed_id}: step {step} failed: {result.tool_failure(what)}")
 
     async def _own(self, root: str) -> None:
         """The datadir's owner for the prepared files: mysqld must open them."""
-        if os.geteuid() != 0 and not self.manager.config.exec_with_sudo:
+        if os.geteuid() != 0 and not self.context.config.exec_with_sudo:
             return
         result = await self.children.run(["chown", "-R", f"--reference={self.record.datadir}",
-                                          "--", root])
-        if result is None:
-            raise defer.CancelledError()
+                                          "--", root], **_TOOL)
         if not result.ok and self.active:
-            raise StepFailed(f"hot seed {self.seed_id}: step own failed: chown {_status(result)}")
+            raise StepFailed(f"hot seed {self.seed_id}: step own failed: {result.tool_failure('chown')}")
 
     def _step_failed(self, failure, step: str) -> None:
         self.finalizing = False

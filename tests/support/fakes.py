@@ -85,7 +85,9 @@ class FakeRunner:
         return ("bash", "-c", text, "orchagent", *[str(a) for a in args])
 
     def run(self, argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
-            max_output=None, cwd=None):
+            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None):
+        if exited is not None:
+            exited.callback(None)  # a fake command has no process to outlive its answer
         argv = tuple(str(a) for a in argv)
         self.calls.append(Call(argv, privileged, timeout, env, stdin))
         if not self.expected:
@@ -108,8 +110,13 @@ class FakeRunner:
             return defer.fail(CommandFailed(result.describe_failure(), result))
         return defer.succeed(result)
 
-    def shell(self, text, args=(), timeout=None, stdin=None, check=True, max_output=None):
-        return self.run(self.shell_argv(text, args), timeout=timeout, stdin=stdin, check=check)
+    def shell(self, text, args=(), timeout=None, stdin=None, check=True, max_output=None,
+              exited=None):
+        return self.run(self.shell_argv(text, args), timeout=timeout, stdin=stdin, check=check,
+                        exited=exited)
+
+    def stop_all(self) -> None:
+        """Nothing runs on after its answer."""
 
     def _unexpected(self, message: str):
         self.unexpected.append(message)
@@ -216,9 +223,11 @@ class FailingRunner:
         self.failed: list[tuple[str, ...]] = []
 
     def run(self, argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
-            max_output=None, cwd=None):
+            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None):
         argv = tuple(str(a) for a in argv)
         if self.fails(argv):
+            if exited is not None:
+                exited.callback(None)
             self.failed.append(argv)
             result = CommandResult(argv=argv, exit_code=1, signal=None, stdout=b"",
                                    stderr=self.stderr, duration=0.0)
@@ -226,8 +235,13 @@ class FailingRunner:
                 return defer.fail(CommandFailed(result.describe_failure(), result))
             return defer.succeed(result)
         return self.runner.run(argv, timeout=timeout, stdin=stdin, env=env,
-                               privileged=privileged, check=check, max_output=max_output, cwd=cwd)
+                               privileged=privileged, check=check, max_output=max_output, cwd=cwd,
+                               stdin_fd=stdin_fd, stdout_fd=stdout_fd, exited=exited)
 
-    def shell(self, text, args=(), timeout=None, stdin=None, check=True, max_output=None):
+    def shell(self, text, args=(), timeout=None, stdin=None, check=True, max_output=None,
+              exited=None):
         return self.run(FakeRunner.shell_argv(text, args), timeout=timeout, stdin=stdin,
-                        check=check, max_output=max_output)
+                        check=check, max_output=max_output, exited=exited)
+
+    def stop_all(self) -> None:
+        self.runner.stop_all()
