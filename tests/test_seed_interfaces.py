@@ -1,6 +1,7 @@
 """The seed wing's seams (#18): the seed surface is written once, as an interface that
 the manager and the engine proxy both provide and the channel's calls are read from;
-every job provides the job interface; jobs see a SeedContext, never the manager."""
+every job provides the job interface; jobs see a SeedContext, never the manager, and
+only the manager makes and registers jobs (hot seeds included)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,8 @@ class JobsSeeAContextTests(unittest.TestCase):
                     base = node.value
                     self.assertFalse(isinstance(base, ast.Name) and base.id in ("self", "job"),
                                      f"{name}:{node.lineno} reaches for the manager")
+                # Only the manager registers jobs: no ``<anything>.jobs[...] = ...`` here.
+                if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+                    target = node.value
+                    self.assertFalse(isinstance(target, ast.Attribute) and target.attr == "jobs",
+                                     f"{name}:{node.lineno} registers a job")

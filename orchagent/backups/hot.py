@@ -47,7 +47,9 @@ source agent (the work directory is kept across it and the engine resumes from i
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
+
+import attrs
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -68,8 +70,30 @@ SPACE_MARGIN = 64 << 20
 BACKUP_THREADS = 2
 
 
+@attrs.frozen
+class StreamedBackup:
+    """A hot seed's source by default: ``command`` writes the backup as an xbstream to
+    its standard output, sent as it is made (orchagent.seed.streamed); ``announce`` tells
+    the target the tool, its version and the ``estimate`` of the size."""
+
+    command: list[str]
+    what: str
+    cwd: str
+    estimate: int
+    announce: dict
+
+
+@attrs.frozen
+class BackupDirectory:
+    """A hot seed's source with HotBackupCommand: a backup to make, prepare and own in
+    ``work`` (a HotSeedJob), then sent like a mounted snapshot."""
+
+    work: str
+
+
 class HotSeeds:
-    """Makes and cleans up hot seeds; :meth:`send` is the seed manager's hook."""
+    """Makes and cleans up hot seeds' sources; :meth:`source` is the seed manager's hook
+    (the manager makes and registers the jobs)."""
 
     def __init__(self, config: Any, runner: Any, host: Any, service: Any, tools: Tools,
                  thread=threads.deferToThread):
@@ -89,11 +113,11 @@ class HotSeeds:
 
     # --- the seed manager's hooks ------------------------------------------------------------
 
-    async def send(self, manager: Any, seed_id: str, target: str, host: str, port: int,
-                   key: str | None) -> bool:
-        """Start hot seed ``seed_id`` to ``target``; answers once the checks passed."""
-        from orchagent.seed import auth
-
+    async def source(self, seed_id: str, jobs: Mapping[str, Any]) -> StreamedBackup | BackupDirectory:
+        """What hot seed ``seed_id`` sends, once its checks passed (the manager makes the
+        job): the tool's stream, or a backup directory still to be made (HotBackupCommand).
+        ``jobs``: the manager's jobs by seed id (work directories none of them uses are
+        removed first)."""
         if self.config.send_seed_data_command:
             raise NotAvailable(f"hot seed {seed_id}: hot seeds run on the seed engine, and "
                                "SendSeedDataCommand (the original command mode) is configured")
@@ -106,55 +130,30 @@ class HotSeeds:
             usage.addErrback(lambda _: None)
             raise Refused(f"hot seed {seed_id}: MySQL is not running here; a hot seed copies "
                           "the running server (send a snapshot or the datadir instead)")
-        await self.sweep(manager)
+        await self.sweep(jobs)
         size = await usage
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        auth_key = auth.derive_auth_key(key, seed_id) if key else None
         if not self.config.hot_backup_command:
-            return await self._send_streamed(manager, seed_id, target, host, port, auth_key, size)
+            # BytesTotal starts as the datadir's size (an estimate: the backup leaves out
+            # the redo log files and binary logs, and adds a little framing) and becomes
+            # the stream's exact length at its end.
+            tool = self.tools.hot_tool()
+            version = await self.tools.version(tool)
+            return StreamedBackup(command=[*self.tools.backup_argv(tool), "--stream=xbstream"],
+                                  what=f"{tool} --backup --stream", cwd=self.root, estimate=size,
+                                  announce={"tool": tool, "version": version, "estimate": size})
         need = size + SPACE_MARGIN
         free = free_bytes(self.root)
         if free < need:
             raise Refused(f"hot seed {seed_id}: not enough space for the backup in {self.root}: "
                           f"it needs about {need} bytes (the datadir's size) and {free} are free")
-        record = manager._new_record(seed_id, "sender", target=target, source="hot",
-                                     keyed=auth_key is not None,
-                                     rate_limit=self.config.seed_rate_limit_bytes_per_sec)
-        if auth_key is not None:
-            manager.store.write(seed_id, "key", auth_key)
-        manager.save(record)
-        job = HotSeedJob(self, manager.context, record, auth_key, host, port)
-        manager.jobs[seed_id] = job
-        job.start()
-        return True
+        return BackupDirectory(work=self.work_dir(seed_id))
 
-    async def _send_streamed(self, manager: Any, seed_id: str, target: str, host: str, port: int,
-                             auth_key: bytes | None, size: int) -> bool:
-        """The default: the tool's xbstream output straight to the target (see the module
-        docstring).  BytesTotal starts as the datadir's size (an estimate: the backup
-        leaves out the redo log files and binary logs, and adds a little framing) and
-        becomes the stream's exact length at its end."""
-        from orchagent.seed.streamed import StreamSendJob
-
-        tool = self.tools.hot_tool()
-        version = await self.tools.version(tool)
-        command = [*self.tools.backup_argv(tool), "--stream=xbstream"]
-        record = manager._new_record(seed_id, "sender", target=target, source="hot",
-                                     keyed=auth_key is not None, bytes_total=size,
-                                     rate_limit=self.config.seed_rate_limit_bytes_per_sec)
-        manager.save(record)
-        job = StreamSendJob(manager.context, record, auth_key, host, port, command,
-                            f"{tool} --backup --stream", {"tool": tool, "version": version,
-                                                          "estimate": size}, cwd=self.root)
-        manager.jobs[seed_id] = job
-        job.start()
-        return True
-
-    def adopt(self, manager: Any) -> None:
-        """After the manager resumed its seeds (agent start): a resumed hot send removes
-        its work directory when it ends; one whose backup had not finished, or that was
-        streaming (either side), cannot go on."""
-        for job in list(manager.jobs.values()):
+    def adopt(self, jobs: Mapping[str, Any]) -> None:
+        """After the manager resumed its seeds (agent start; ``jobs`` by seed id): a
+        resumed hot send removes its work directory when it ends; one whose backup had not
+        finished, or that was streaming (either side), cannot go on."""
+        for job in list(jobs.values()):
             record = job.record
             if record.source != "hot" or not job.active:
                 continue
@@ -167,24 +166,25 @@ class HotSeeds:
                 job.fail("the agent restarted while the hot backup was being made or streamed; "
                          "it cannot resume: start the seed again")
                 continue
-            job.done.addBoth(self._discard_after, record.seed_id)
-        defer.ensureDeferred(self.sweep(manager)).addErrback(
+            job.done.addBoth(self.discard_after, record.seed_id)
+        defer.ensureDeferred(self.sweep(jobs)).addErrback(
             lambda f: log.failure("hot seeds: removing leftovers failed", f))
 
-    async def sweep(self, manager: Any) -> None:
+    async def sweep(self, jobs: Mapping[str, Any]) -> None:
         """Remove work directories no active seed uses (left by a crash or a kill)."""
         try:
             names = os.listdir(self.root)
         except OSError:
             return
         for name in names:
-            job = manager.jobs.get(name)
+            job = jobs.get(name)
             if job is None or not job.active:
                 log.info("hot seeds: removing the leftover work directory {path}",
                          path=os.path.join(self.root, name))
                 await self.remove(os.path.join(self.root, name))
 
-    def _discard_after(self, result, seed_id: str):
+    def discard_after(self, result, seed_id: str):
+        """Remove the seed's work directory (a Deferred's callback: ``result`` passes)."""
         d = defer.ensureDeferred(self.remove(self.work_dir(seed_id)))
         d.addErrback(lambda f: log.failure("hot seed {seed}: removing the work directory failed",
                                            f, seed=seed_id))
@@ -255,24 +255,22 @@ class HotSeeds:
 
 
 class HotSeedJob(JobIdentity):
-    """Steps 1-2 of a hot seed, standing in the seed manager's jobs until the engine's
-    SendJob takes over (step 3); then it is done."""
+    """Steps 1-2 of a hot seed in directory mode (HotBackupCommand): backup, prepare and
+    own the work directory; ``ready`` then fires with its data path, and the seed manager
+    hands the seed to a SendJob of that directory (step 3).  This job is then done."""
 
-    def __init__(self, hot: HotSeeds, context: Any, record: Any, auth_key: bytes | None,
-                 host: str, port: int):
-        self.hot = hot
+    def __init__(self, context: Any, record: Any, hot: HotSeeds):
         self.context = context
         self.record = record
-        self.auth_key = auth_key
-        self.host = host
-        self.port = port
+        self.hot = hot
         self.runner = CommandGroup(hot.runner)
-        self.sender = None
+        self.handed_over = False
+        self.ready = defer.Deferred()
         self.done = defer.Deferred()
 
     @property
     def active(self) -> bool:
-        return not self.record.terminal and self.sender is None
+        return not self.record.terminal and not self.handed_over
 
     def start(self) -> None:
         from orchagent.seed import state
@@ -282,18 +280,12 @@ class HotSeedJob(JobIdentity):
         defer.ensureDeferred(self._run()).addErrback(self._crashed)
 
     async def _run(self) -> None:
-        from orchagent.seed.sender import SendJob
-
         data = await self.hot.produce(self.seed_id, self.runner)
         if self.record.terminal:
             return
-        self.record.source_path = data
-        sender = SendJob(self.context, self.record, self.auth_key, self.host, self.port)
-        sender.done.addBoth(self.hot._discard_after, self.seed_id)
-        self.sender = sender
-        self.context.replace_job(sender)
+        self.handed_over = True
         log.info("hot seed {seed}: backup ready in {data}; sending", seed=self.seed_id, data=data)
-        sender.start()
+        self.ready.callback(data)
         self.done.callback(None)
 
     def _crashed(self, failure) -> None:
@@ -309,7 +301,7 @@ class HotSeedJob(JobIdentity):
         """Stop the backup or prepare that runs, remove the work directory, and end."""
         from orchagent.seed import state
 
-        if self.record.terminal or self.sender is not None:
+        if self.record.terminal or self.handed_over:
             return defer.succeed(None)
         self.record.state = final_state or state.FAILED
         self.record.error = message

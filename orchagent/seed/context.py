@@ -44,10 +44,8 @@ class SeedContext:
     touch: Callable[..., None]
     save: Callable[[SeedRecord], bool]
     #: ``job_ended(job)``: the job is over (the manager forgets it, closes an idle
-    #: listener).  ``replace_job(job)``: ``job`` now stands for its seed id (a hot seed's
-    #: send once its backup is made, a receive that turned out to be a stream).
+    #: listener).
     job_ended: Callable[[Any], None]
-    replace_job: Callable[[Any], None]
     #: ``forget_completed(seed_id)``: the sender of a completed receive read its result.
     forget_completed: Callable[[str], None]
     #: orchagent.backups.hot.HotSeeds (its backup tools), where hot seeds are configured.

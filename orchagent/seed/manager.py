@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from orchagent.backups.hot import HotSeedJob, StreamedBackup
 from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
 from orchagent.interfaces import ISeedSurface
@@ -35,7 +36,7 @@ from orchagent.seed.context import SeedContext
 from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
 from orchagent.seed.sender import SendJob
 from orchagent.seed.sources import SeedSources
-from orchagent.seed.streamed import StreamReceiveJob
+from orchagent.seed.streamed import StreamReceiveJob, StreamSendJob
 
 log = Logger()
 
@@ -114,8 +115,7 @@ class SeedManager(service.Service):
         self.context = SeedContext(
             reactor=reactor, clock=self.clock, config=config, store=self.store, runner=runner,
             mysql=service_, tls=self.tls, chunk_size=chunk_size, touch=self.touch, save=self.save,
-            job_ended=self.job_ended, replace_job=self.replace_job,
-            forget_completed=self.forget_completed, hot=hot)
+            job_ended=self.job_ended, forget_completed=self.forget_completed, hot=hot)
 
     @property
     def runner(self):
@@ -148,7 +148,7 @@ class SeedManager(service.Service):
             elif record.role == "receiver" and record.state == state.COMPLETED:
                 self._remember_completed(record)
         if self.hot is not None:
-            self.hot.adopt(self)
+            self.hot.adopt(self.jobs)
 
     async def _stop(self) -> None:
         for _, expiry in self.completed_receives.values():
@@ -289,10 +289,6 @@ class SeedManager(service.Service):
             self.completed_receives[job.seed_id] = (job, expiry)
         self._close_port_if_idle()
 
-    def replace_job(self, job) -> None:
-        """``job`` now stands for its seed (SeedContext.replace_job)."""
-        self.jobs[job.seed_id] = job
-
     def forget_completed(self, seed_id: str) -> None:
         """The sender of a completed seed learned the result, or waited too long."""
         self.store.remove(seed_id, "key")
@@ -322,7 +318,7 @@ class SeedManager(service.Service):
         if job is None:
             raise Rejected(f"this host is not receiving seed {seed_id}")
         if role == "stream":
-            job = StreamReceiveJob.take_over(job)
+            job = self.jobs[seed_id] = StreamReceiveJob.take_over(job)
         return job
 
     def admission(self, seed_id: str) -> Admission:
@@ -491,7 +487,7 @@ class SeedManager(service.Service):
         if source == "hot":
             if self.hot is None:
                 raise NotAvailable("hot seeds are not available on this agent")
-            return await self.hot.send(self, seed_id, target, host, port, key)
+            return await self._send_hot(target, seed_id, key, host, port)
         path = await self._source_path(source, seed_id)
         if self.config.send_seed_data_command:
             record = self._new_record(seed_id, "sender", mode="command", target=target,
@@ -518,6 +514,43 @@ class SeedManager(service.Service):
         self.jobs[seed_id] = job
         job.start()
         return True
+
+    async def _send_hot(self, target: str, seed_id: str, key: str | None, host: str,
+                        port: int) -> bool:
+        """A hot seed (orchagent.backups.hot): the tool's stream sent as it is made, or a
+        backup directory made first (HotBackupCommand), then sent like a snapshot."""
+        made = await self.hot.source(seed_id, self.jobs)
+        auth_key = auth.derive_auth_key(key, seed_id) if key else None
+        fields = {"target": target, "source": "hot", "keyed": auth_key is not None,
+                  "rate_limit": self.config.seed_rate_limit_bytes_per_sec}
+        if isinstance(made, StreamedBackup):
+            record = self._new_record(seed_id, "sender", bytes_total=made.estimate, **fields)
+            self.save(record)  # a stream cannot resume: its key is never kept
+            job = StreamSendJob(self.context, record, auth_key, host, port, made.command,
+                                made.what, made.announce, cwd=made.cwd)
+        else:
+            record = self._new_record(seed_id, "sender", **fields)
+            if auth_key is not None:
+                self.store.write(seed_id, "key", auth_key)
+            self.save(record)
+            job = HotSeedJob(self.context, record, self.hot)
+            job.ready.addCallback(self._send_backup, job, auth_key, host, port)
+            job.ready.addErrback(lambda f: log.failure("hot seed {seed}: cannot send the backup", f,
+                                                       seed=seed_id))
+        self.jobs[seed_id] = job
+        job.start()
+        return True
+
+    def _send_backup(self, data: str, made: HotSeedJob, auth_key: bytes | None, host: str,
+                     port: int) -> None:
+        """A hot seed's backup directory is ready: send it like a mounted snapshot; the
+        work directory goes when the send ends, either way."""
+        record = made.record
+        record.source_path = data
+        job = SendJob(self.context, record, auth_key, host, port)
+        job.done.addBoth(self.hot.discard_after, record.seed_id)
+        self.jobs[record.seed_id] = job
+        job.start()
 
     async def _source_path(self, source: str, seed_id: str) -> str:
         if source == "snapshot":

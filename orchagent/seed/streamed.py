@@ -500,9 +500,7 @@ class StreamReceiveJob(ReceiveJob):
             raise Rejected(f"seed {job.seed_id} is {job.record.state} on this host")
         if job.session or job.streams:
             raise Rejected(f"seed {job.seed_id} is already being received as a tree")
-        streamed = cls(job.context, job.record, job.auth_key)
-        job.context.replace_job(streamed)
-        return streamed
+        return cls(job.context, job.record, job.auth_key)
 
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None):
         super().__init__(context, record, auth_key)
