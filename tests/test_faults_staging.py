@@ -122,9 +122,9 @@ class DroppedControlTests(unittest.TestCase):
         return theirs, ours
 
     async def test_sender_reconnecting_after_completion_learns_the_success(self):
-        from orchagent.seed import receiver
+        from orchagent.seed import listener
 
-        real = receiver.ReceiverStream.last_word
+        real = listener.ReceiverStream.last_word
         dropped = []
 
         def drop_first_result(stream, data=None):
@@ -135,17 +135,17 @@ class DroppedControlTests(unittest.TestCase):
                 return
             real(stream, data)
 
-        self.patch(receiver.ReceiverStream, "last_word", drop_first_result)
+        self.patch(listener.ReceiverStream, "last_word", drop_first_result)
         await self.seed("21")
         self.assertEqual(len(dropped), 1)
         # Once the sender has read the RESULT, nothing is kept and the seed port closes.
-        await self.S.wait_for(lambda: not self.r.completed_receives and self.r._port is None)
+        await self.S.wait_for(lambda: not self.r.completed_receives and self.r.listener.port is None)
 
     async def test_receiver_restarted_after_completion_still_tells_a_late_keyed_sender(self):
-        from orchagent.seed import receiver, sender
+        from orchagent.seed import listener, sender
 
         S = self.S
-        real = receiver.ReceiverStream.last_word
+        real = listener.ReceiverStream.last_word
 
         def drop_result(stream, data=None):
             if data is not None and stream.role == "control":
@@ -154,13 +154,13 @@ class DroppedControlTests(unittest.TestCase):
             real(stream, data)
 
         # The RESULT is lost and the receiving agent restarts before the sender is back.
-        self.patch(receiver.ReceiverStream, "last_word", drop_result)
+        self.patch(listener.ReceiverStream, "last_word", drop_result)
         self.patch(sender, "BACKOFF_FIRST", 1.5)
         await self.r.receive("23", key="k")
         await self.s.send(self.target, "23", key="k", source="snapshot")
         await S.wait_for(lambda: self.r.records["23"].state == "completed")
         await self.r.stopService()
-        self.patch(receiver.ReceiverStream, "last_word", real)
+        self.patch(listener.ReceiverStream, "last_word", real)
         key_file = self.r.store.path("23", "key")
         self.assertTrue(os.path.exists(key_file), "the key went before the sender learned the result")
         restarted = S.make_manager(self, os.path.join(self.base, "r"), self.dst, self.port)
@@ -170,7 +170,7 @@ class DroppedControlTests(unittest.TestCase):
         self.assertEqual((await restarted.status("23"))["State"], "completed")
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
         # Told: the key is gone from disk and the seed port closes.
-        await S.wait_for(lambda: not restarted.completed_receives and restarted._port is None)
+        await S.wait_for(lambda: not restarted.completed_receives and restarted.listener.port is None)
         self.assertFalse(os.path.exists(key_file))
         self.assertFalse(os.path.exists(self.s.store.path("23", "key")))
 

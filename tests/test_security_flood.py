@@ -17,7 +17,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from orchagent.api.connections import ReservedSite, trust, untrusted_cap
-from orchagent.seed import receiver as R
+from orchagent.seed import listener as R
 from tests import seed_support as S
 from tests.support.daemon import start_daemon, wait_until
 

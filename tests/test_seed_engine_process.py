@@ -209,7 +209,7 @@ class EngineTests(unittest.TestCase):
         answer = await self.engine.call("_listen", {"args": [], "kwargs": {}})
         self.assertEqual(answer["error"]["type"], None)
         self.assertIn("no call '_listen'", answer["error"]["message"])
-        self.assertFalse(self.manager._port)
+        self.assertFalse(self.manager.listener.port)
         self.flushLoggedErrors(channel.SeedEngineFailure)
 
     async def test_commands_run_are_reported(self):

@@ -20,7 +20,7 @@ Every refusal looks the same to the peer: any HELLO is answered with a CHALLENGE
 decision comes after AUTH, and the REJECT carries :data:`REFUSED` whatever the reason (the
 receiver logs the reason).  A stranger probing seed ids learns nothing from the answer
 (the receiver also sends every REJECT at the same delay, see
-:data:`orchagent.seed.receiver.REFUSAL_DELAY`).
+:data:`orchagent.seed.listener.REFUSAL_DELAY`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ jobs this context instead of the manager keeps them from reaching into the manag
 the seed modules from importing it), and says in one place what a job may use.
 
 ``pool`` is set while the seed service runs (the manager starts and stops it).
-:class:`StreamAcceptor` is the little an accepted connection needs of the manager before
-a job takes it.
+:class:`AcceptedStream` is what a receive job may use of an accepted connection.
 """
 
 from __future__ import annotations
@@ -57,13 +56,30 @@ class SeedContext:
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
 
-class StreamAcceptor(Protocol):
-    """What an accepted seed connection needs of the seed manager before a job takes
-    it: who may connect (``admission``), the streams to close at stop, the clock, and the
-    receive job that takes the seed and role its HELLO names."""
+class AcceptedStream(Protocol):
+    """An accepted connection of a receive, as a job sees it (orchagent.seed.listener's
+    ReceiverStream): who sent it, its key, the frames it carries, and the bytes it has
+    handed to the worker threads, its rate-limit hold and its reading paused above the
+    job's window."""
 
-    admission: Any
-    streams: set
-    clock: Any
+    peer: str
+    key: bytes | None
+    #: frames.FrameSplitter: ``buffered`` bytes of a frame not yet whole.
+    splitter: Any
+    role: str
+    session: str
+    queued: int
+    batch: list
+    hold: Any
+    paused: bool
+    closed: bool
 
-    def job_for_stream(self, seed_id: str, role: str) -> Any: ...
+    def send_frame(self, data: bytes) -> None: ...
+
+    def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def unpause(self) -> None: ...
+
+    def close(self, abort: bool = False) -> None: ...

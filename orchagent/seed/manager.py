@@ -1,10 +1,11 @@
 """The seed manager: the one object the API and the service tree see for seeds.
 
-It owns the seed jobs (by id), the listener on SeedTransferPort (open while this host is
-receiving any seed, or completed one lately that its sender may not know of yet, and
-accepting streams only for those seeds),
-the worker thread pool for disk, hashing and compression work, the persisted state
-under StateDir, and the progress log.  Engine mode is the default; when
+It owns the seed jobs (by id: it alone makes and registers them, and names the job an
+admitted connection joins), the listener on SeedTransferPort (:mod:`orchagent.seed.listener`:
+open while this host is receiving any seed, or completed one lately that its sender may
+not know of yet, and accepting streams only for those seeds), the worker thread pool for
+disk, hashing and compression work, the persisted state under StateDir, and the progress
+log.  Engine mode is the default; when
 ReceiveSeedDataCommand / SendSeedDataCommand are set the original command mode runs
 instead (see :mod:`orchagent.seed.command`).
 
@@ -19,7 +20,7 @@ import os
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,10 +31,11 @@ from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
 from orchagent.interfaces import ISeedSurface
 from orchagent.seed import auth, promotion, state, tree
-from orchagent.seed.auth import Admission, Rejected
+from orchagent.seed.auth import Rejected
 from orchagent.seed.command import CommandJob
 from orchagent.seed.context import SeedContext
-from orchagent.seed.receiver import ReceiveJob, ReceiverFactory
+from orchagent.seed.listener import SeedListener
+from orchagent.seed.receiver import ReceiveJob
 from orchagent.seed.sender import SendJob
 from orchagent.seed.sources import SeedSources
 from orchagent.seed.streamed import StreamReceiveJob, StreamSendJob
@@ -102,15 +104,15 @@ class SeedManager(service.Service):
         #: Receive jobs that completed within COMPLETED_GRACE, with their expiry call.
         self.completed_receives: dict[str, tuple[ReceiveJob, Any]] = {}
         self.keys: dict[str, bytes] = {}
-        self.streams: set = set()
         self.pool: ThreadPool | None = None
-        self._port = None
-        self._listen_lock = defer.DeferredLock()
         self._ticker: task.LoopingCall | None = None
         self._saved_at: dict[str, float] = {}
         #: Called with each record touched or saved (the seed engine process pushes the
         #: statuses that changed to the agent).
         self.watchers: list = []
+        #: The seed port and the connections on it.
+        self.listener = SeedListener(config, reactor, self.clock, self.tls, self.sources,
+                                     self.receive_job, self.job_for_stream)
         #: What the jobs are handed (orchagent.seed.context).
         self.context = SeedContext(
             reactor=reactor, clock=self.clock, config=config, store=self.store, runner=runner,
@@ -159,9 +161,8 @@ class SeedManager(service.Service):
                 await job.stop()
             except Exception:
                 log.failure("seed {seed}: error while stopping", seed=job.seed_id)
-        await self._close_port()
-        for stream in list(self.streams):
-            stream.close(abort=True)
+        await self.listener.close()
+        self.listener.close_streams()
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         for record in self.records.values():
@@ -300,7 +301,7 @@ class SeedManager(service.Service):
 
     def _close_port_if_idle(self) -> None:
         if not self.completed_receives and not any(isinstance(j, ReceiveJob) for j in self.jobs.values()):
-            defer.ensureDeferred(self._close_port())
+            defer.ensureDeferred(self.listener.close())
 
     def receive_job(self, seed_id: str) -> ReceiveJob | None:
         """The seed's receive job: the running one, else one that completed lately (its
@@ -321,51 +322,15 @@ class SeedManager(service.Service):
             job = self.jobs[seed_id] = StreamReceiveJob.take_over(job)
         return job
 
-    def admission(self, seed_id: str) -> Admission:
-        """What a stream for ``seed_id`` must prove (called by the handshake).  A plain v1
-        seed (no key, no TLS) is taken only from the source orchestrator names for it, else
-        from SeedAllowedNetworks (:mod:`orchagent.seed.sources`)."""
-        job = self.receive_job(seed_id)
-        if job is None or not (job.active or job.record.state == state.COMPLETED):
-            raise Rejected(f"this host is not receiving seed {seed_id}")
-        if job.auth_key is not None or self.tls:
-            return Admission(job.auth_key)
-        return Admission(None, lambda host: self.sources.check(seed_id, host))
-
     # --- listening -------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        await self._listen_lock.acquire()
-        try:
-            if self._port is None:
-                port = self.config.seed_transfer_port
-                interface = self.config.seed_bind_address
-                if self.tls:
-                    endpoint = endpoints.SSL4ServerEndpoint(
-                        self.reactor, port, auth.tls_server_options(self.config), interface=interface)
-                else:
-                    endpoint = endpoints.TCP4ServerEndpoint(self.reactor, port, interface=interface)
-                self._port = await endpoint.listen(ReceiverFactory(self))
-                log.info("listening for seed streams on {address}:{port}",
-                         address=interface or "*", port=port)
-        finally:
-            self._listen_lock.release()
-        if not self.tls:
-            for job in list(self.jobs.values()):
-                if isinstance(job, ReceiveJob) and job.active and job.auth_key is None:
-                    self.sources.prefetch(job.seed_id)
+        unkeyed = [job.seed_id for job in list(self.jobs.values())
+                   if isinstance(job, ReceiveJob) and job.active and job.auth_key is None]
+        await self.listener.listen(unkeyed)
 
     def _listen_failed(self, failure, job) -> None:
         job.fail(f"cannot listen on seed port {self.config.seed_transfer_port}: {failure.getErrorMessage()}")
-
-    async def _close_port(self) -> None:
-        await self._listen_lock.acquire()
-        try:
-            port, self._port = self._port, None
-            if port is not None:
-                await port.stopListening()
-        finally:
-            self._listen_lock.release()
 
     # --- the API ---------------------------------------------------------------------------
 

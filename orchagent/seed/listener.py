@@ -1,0 +1,343 @@
+"""The seed port: listening, accepting, admitting, and handing each connection to its job.
+
+A receiving host opens SeedTransferPort while it receives a seed (or completed one lately
+that its sender may not know of yet) and closes it when none is left: :class:`SeedListener`.
+Each accepted connection is a :class:`ReceiverStream`, which only cuts frames and runs the
+handshake (:mod:`orchagent.seed.auth`); :meth:`SeedListener.admission` says what it must
+prove (the seed's key, TLS, or for a plain v1 seed the source orchestrator names,
+:mod:`orchagent.seed.sources`).  Once admitted, the seed manager names the job it joins
+(a tree's control or data stream, or a hot seed's backup stream) and everything after
+goes to that job.  :class:`ReceiverFactory` bounds the connections still in their
+handshake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer, endpoints, error, protocol
+from twisted.logger import Logger
+
+from orchagent.errors import BadRequest
+from orchagent.seed import auth, frames, state
+from orchagent.seed.auth import REFUSED, Admission, Rejected, ServerHandshake, reject_frame
+from orchagent.seed.frames import FrameType, ProtocolError
+
+log = Logger()
+
+#: Socket read size: larger reads than Twisted's 64 KiB cost less per byte; larger
+#: still cost memory (each read is a fresh buffer) for little gain.
+READ_SIZE = 256 << 10
+#: Seconds a new connection has to complete the handshake (a sender answers in one round
+#: trip; an idle connection holds a descriptor, see ReceiverFactory).
+HANDSHAKE_TIMEOUT = 8
+#: Seconds from the frame that decided a refusal to the REJECT: every refusal, whatever
+#: its reason (unknown seed, wrong key, a peer that may not send), answers alike.
+REFUSAL_DELAY = 1.0
+#: Connections not past their handshake, from one address and in all: above them a new
+#: connection from that address is closed at once, and in all the oldest one is closed.
+MAX_PENDING_PER_PEER = 16
+MAX_PENDING = 64
+#: Seconds the sender has to close a stream after our last frame.
+LINGER = 10
+
+
+class ReceiverStream(protocol.Protocol):
+    """One accepted connection: frames in, handshake, then hand-off to the job."""
+
+    def __init__(self, acceptor: "SeedListener"):
+        self.acceptor = acceptor
+        self.splitter = frames.FrameSplitter()
+        self.handshake: ServerHandshake | None = None
+        #: The receive job it joined (orchagent.seed.receiver), once admitted.
+        self.job = None
+        self.role = ""
+        self.session = ""
+        self.key: bytes | None = None
+        self.queued = 0
+        self.paused = False
+        self.closed = False
+        self.batch: list = []
+        self.timer = None
+        #: The rate limit's timer while it holds this stream's reading.
+        self.hold = None
+        self.lingering = False
+        #: Our last word was a frame the peer was connected to read (RESULT, a refusal).
+        self.told = False
+        #: When the frame being handled arrived (refusals are timed from it).
+        self.frame_at = 0.0
+        #: Waiting for the manager's verdict on this peer (plain v1 seeds, see admission).
+        self.checking = False
+
+    def connectionMade(self):
+        transport = getattr(self.transport, "transport", self.transport)
+        if hasattr(transport, "bufferSize") and transport is self.transport:
+            self.transport.bufferSize = READ_SIZE
+        self.peer = self.transport.getPeer().host
+        self.handshake = ServerHandshake(self.acceptor.admission, self.peer)
+        self.acceptor.streams.add(self)
+        self.timer = self.acceptor.clock.callLater(HANDSHAKE_TIMEOUT, self.fail,
+                                                  "no handshake within the time limit")
+
+    def dataReceived(self, data):
+        if self.closed or self.lingering:
+            return
+        self.frame_at = self.acceptor.clock.seconds()
+        try:
+            for frame in self.splitter.feed(data):
+                if self.closed or self.lingering:
+                    return
+                if self.checking:
+                    raise ProtocolError("a frame before the handshake's answer")
+                if self.key is None:
+                    self._handshake(frame)
+                else:
+                    self.job.frame(self, frame)
+            if self.batch:
+                self.job.flush(self)
+        except Rejected as e:
+            self.reject(str(e))
+        except (ProtocolError, BadRequest) as e:
+            self.fail(str(e))
+
+    def _handshake(self, frame):
+        reply = self.handshake.receive(frame)
+        if reply is not None:
+            self.transport.write(reply)
+            return
+        check = self.handshake.peer_check
+        if isinstance(check, defer.Deferred):
+            self.checking = True
+            check.addCallbacks(self._peer_checked, self._peer_refused)
+            return
+        self._admitted()
+
+    def _peer_checked(self, _=None) -> None:
+        self.checking = False
+        if self.closed or self.lingering:
+            return
+        try:
+            self._admitted()
+        except Rejected as e:
+            self.reject(str(e))
+        except (ProtocolError, BadRequest) as e:
+            self.fail(str(e))
+
+    def _peer_refused(self, failure) -> None:
+        self.checking = False
+        if failure.check(Rejected):
+            self.reject(failure.getErrorMessage())
+        else:
+            self.reject(f"checking the sender failed: {failure.getErrorMessage()}")
+
+    def _admitted(self) -> None:
+        hello = self.handshake.hello
+        job = self.acceptor.job_for_stream(hello["seed"], hello["role"])
+        job.attach(self, hello)
+        if self.factory is not None:
+            self.factory.handshake_done(self)
+        self.job, self.role, self.session = job, hello["role"], hello["session"]
+        self.key = self.handshake.key
+        self._stop_timer()
+        self.transport.write(self.handshake.accept())
+        if job.record.state == state.COMPLETED:
+            # The sender reconnected because it lost the control stream before our RESULT.
+            self.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.key))
+
+    def send_frame(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def reject(self, message: str) -> None:
+        """Refuse the stream: the reason goes to the log, the peer gets :data:`REFUSED`,
+        REFUSAL_DELAY after the frame that decided it, whatever the reason was."""
+        log.warn("seed connection from {peer} refused: {message}", peer=self.peer, message=message)
+        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.acceptor.clock.seconds())
+        self.last_word(reject_frame(REFUSED), wait)
+
+    def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None:
+        """Send a final frame (after ``wait`` seconds) and let the sender close: closing
+        with its unread data in our socket would reset the connection and could destroy
+        that frame in flight.  Whatever still arrives is ignored; LINGER seconds after the
+        frame the connection is cut."""
+        if self.closed or self.lingering:
+            return
+        self.lingering = True
+        if wait > 0:
+            self._stop_timer()
+            self.timer = self.acceptor.clock.callLater(wait, self._say_last, data)
+            return
+        self._say_last(data)
+
+    def _say_last(self, data: bytes | None) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if data:
+            self.told = True
+            self.transport.write(data)
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+        self._stop_timer()
+        self.timer = self.acceptor.clock.callLater(LINGER, self.close, True)
+
+    def fail(self, message: str) -> None:
+        log.warn("seed stream from {peer} broken: {message}", peer=self.peer, message=message)
+        self.close(abort=True)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def pause(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def unpause(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.closed = True
+        self._stop_timer()
+        if self.hold is not None:
+            self.hold.cancel()
+            self.hold = None
+        if self.factory is not None:
+            self.factory.handshake_done(self)
+        self.acceptor.streams.discard(self)
+        if self.job is not None:
+            self.job.stream_lost(self)
+            if self.told and reason.check(error.ConnectionDone):
+                # The sender closes when it has read our RESULT.
+                self.job.result_read()
+
+
+class ReceiverFactory(protocol.Factory):
+    """Builds streams, and bounds the connections still in their handshake.
+
+    Each holds a descriptor until its HANDSHAKE_TIMEOUT; a flood of idle connections would
+    otherwise take every descriptor the seed engine has and fail the seed it serves
+    ("Too many open files").  Above MAX_PENDING_PER_PEER from one address a new
+    connection from it is closed at once (a sender opens SeedStreams + 1); above
+    MAX_PENDING in all the oldest is closed, so a sender's fresh connection, which
+    completes its handshake within a round trip, still gets in."""
+
+    noisy = False
+
+    def __init__(self, acceptor: "SeedListener", max_pending: int = MAX_PENDING,
+                 max_per_peer: int = MAX_PENDING_PER_PEER):
+        self.acceptor = acceptor
+        self.max_pending = max_pending
+        self.max_per_peer = max_per_peer
+        #: Streams in their handshake, oldest first (a dict keeps insertion order).
+        self.pending: dict[ReceiverStream, str] = {}
+        self.per_peer: dict[str, int] = {}
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if self.per_peer.get(host, 0) >= self.max_per_peer:
+            return None
+        while len(self.pending) >= self.max_pending:
+            oldest = next(iter(self.pending))
+            self.handshake_done(oldest)
+            oldest.close(abort=True)
+        stream = ReceiverStream(self.acceptor)
+        stream.factory = self
+        self.pending[stream] = host
+        self.per_peer[host] = self.per_peer.get(host, 0) + 1
+        return stream
+
+    def handshake_done(self, stream: ReceiverStream) -> None:
+        """The stream passed its handshake, or is gone: it no longer counts as pending."""
+        host = self.pending.pop(stream, None)
+        if host is None:
+            return
+        left = self.per_peer[host] - 1
+        if left:
+            self.per_peer[host] = left
+        else:
+            del self.per_peer[host]
+
+
+class SeedListener:
+    """The seed port and the connections on it (see the module docstring).
+
+    ``receive_job(seed_id)``: the seed's receive job, running or lately completed, or
+    None; ``job_for_stream(seed_id, role)``: the job an admitted connection joins (the
+    manager's registry decides, Rejected when none may).  ``sources``: who may send a
+    plain v1 seed (orchagent.seed.sources.SeedSources)."""
+
+    def __init__(self, config: Any, reactor: Any, clock: Any, tls: bool, sources: Any,
+                 receive_job: Callable[[str], Any], job_for_stream: Callable[[str, str], Any]):
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self.tls = tls
+        self.sources = sources
+        self.receive_job = receive_job
+        self.job_for_stream = job_for_stream
+        #: Every accepted connection still open (closed at stop).
+        self.streams: set[ReceiverStream] = set()
+        self.port = None
+        self._lock = defer.DeferredLock()
+
+    def admission(self, seed_id: str) -> Admission:
+        """What a stream for ``seed_id`` must prove (called by the handshake).  A plain v1
+        seed (no key, no TLS) is taken only from the source orchestrator names for it, else
+        from SeedAllowedNetworks (:mod:`orchagent.seed.sources`)."""
+        job = self.receive_job(seed_id)
+        if job is None or not (job.active or job.record.state == state.COMPLETED):
+            raise Rejected(f"this host is not receiving seed {seed_id}")
+        if job.auth_key is not None or self.tls:
+            return Admission(job.auth_key)
+        return Admission(None, lambda host: self.sources.check(seed_id, host))
+
+    async def listen(self, unkeyed: list[str] = ()) -> None:
+        """Open the port unless it is open; ``unkeyed``: the plain v1 seeds received, whose
+        sources to look up now (orchestrator is asked before their sender connects)."""
+        await self._lock.acquire()
+        try:
+            if self.port is None:
+                port = self.config.seed_transfer_port
+                interface = self.config.seed_bind_address
+                if self.tls:
+                    endpoint = endpoints.SSL4ServerEndpoint(
+                        self.reactor, port, auth.tls_server_options(self.config), interface=interface)
+                else:
+                    endpoint = endpoints.TCP4ServerEndpoint(self.reactor, port, interface=interface)
+                self.port = await endpoint.listen(ReceiverFactory(self))
+                log.info("listening for seed streams on {address}:{port}",
+                         address=interface or "*", port=port)
+        finally:
+            self._lock.release()
+        if not self.tls:
+            for seed_id in unkeyed:
+                self.sources.prefetch(seed_id)
+
+    async def close(self) -> None:
+        """Stop listening (the connections accepted stay until they end)."""
+        await self._lock.acquire()
+        try:
+            port, self.port = self.port, None
+            if port is not None:
+                await port.stopListening()
+        finally:
+            self._lock.release()
+
+    def close_streams(self) -> None:
+        for stream in list(self.streams):
+            stream.close(abort=True)
