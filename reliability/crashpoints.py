@@ -1,6 +1,8 @@
 """Every crash point and every I/O error on the durable path, enumerated (issue #17).
 
 ``python3 -m reliability.crashpoints --ops datadir_seed,restore_copy,... [--quick]`` (root)
+``python3 -m reliability.crashpoints --ops datadir_seed --points crash:53,error:96`` (single
+points of a run, by their number in its output, re-run)
 
 For each operation, the target agent (its daemon and its seed engine, and any command they
 run) is traced once with ``strace -f`` while the operation runs from a known state.  The
@@ -31,7 +33,8 @@ counted "not reached").
 Then the invariant: the datadir is exactly the old tree or exactly the new one (every
 entry's type, mode, size, mtime and content hash), never a mix, never missing; staging,
 set-aside and work copies are either resumable or gone; a seed ends completed or failed
-with a message; an fsync that failed never ends in a success; and no mount, loop device,
+with a message (a completed seed whose completion could not be saved keeps its promotion
+record, and the agent restarted then must settle it: completed, no record); an fsync that failed never ends in a success; and no mount, loop device,
 agent child process, listening seed port or descriptor into the target's file system is
 left.  Outcomes: verified (the new tree), failed-clean (the old tree, the failure said),
 broken (anything else).
@@ -56,6 +59,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, reactor, task
 
+from orchagent.seed.manager import COMPLETED_GRACE
 from reliability import matrix
 from reliability.matrix import sh
 from tests.support.daemon import Daemon, free_port
@@ -444,8 +448,12 @@ class World:
         return names
 
     async def leaks(self) -> list[str]:
-        """Processes, descriptors, ports and mounts the run left (waits out linger)."""
-        for _ in range(40):
+        """Processes, descriptors, ports and mounts the run left (waits out linger).  The
+        seed port alone may stay open longer: an agent started after a seed completed
+        listens up to COMPLETED_GRACE for a sender that has not read the result yet."""
+        deadline = time.monotonic() + 20
+        port_deadline = time.monotonic() + COMPLETED_GRACE + 5
+        while True:
             problems = []
             pids = self.target_pids()
             for pid in pids:
@@ -476,8 +484,11 @@ class World:
                 problems.append(f"strace left: {strays}")
             if not problems:
                 return []
+            now = time.monotonic()
+            port_only = problems == [f"seed port {self.seed_port} listening"]
+            if now > (port_deadline if port_only else deadline):
+                return problems
             await pause(0.5)
-        return problems
 
 
 def _is_strace(pid: str) -> bool:
@@ -543,7 +554,11 @@ class Operation:
         """Start the operation; returns what :meth:`finish` needs (a Deferred of the call)."""
         raise NotImplementedError
 
-    async def finish(self, started: Any, crashed: bool) -> dict:
+    async def finish(self, started: Any, crashed: bool, restarted: bool = False) -> dict:
+        """The operation's end.  ``crashed``: the agent was killed under it and restarted
+        (the controller repeats what it would); ``restarted``: the agent was restarted
+        after the operation had ended (the same operation's end read again, nothing
+        repeated)."""
         raise NotImplementedError
 
     def expected_new(self) -> dict:
@@ -605,9 +620,9 @@ class DatadirSeed(Operation):
         code, body = await _call(daemon, f"/api/seed-status/{self.seed}")
         return body if code == 200 and isinstance(body, dict) else {}
 
-    async def finish(self, started: Any, crashed: bool) -> dict:
+    async def finish(self, started: Any, crashed: bool, restarted: bool = False) -> dict:
         w = self.world
-        if crashed and not self.sent:
+        if crashed and not self.sent and not restarted:
             # The agent died under the receive call: the controller asks again, then sends.
             await _call(w.target, f"/api/receive-mysql-seed-data/{self.seed}")
             self.refused = None
@@ -670,6 +685,11 @@ class DatadirSeed(Operation):
                 return Result("BROKEN", f"completed but the datadir is not the new tree: {_diff(got, w.new)}")
             if len(aside) != 1 or manifest(os.path.join(w.fs, aside[0])) != w.old:
                 return Result("BROKEN", f"the old datadir is not kept whole aside: {left}")
+            record = os.path.join("state", "seeds", f"{self.seed}.promotion")
+            if errno and set(left) - set(aside) == {record}:
+                # The completion could not be saved (the state on disk says promoting):
+                # the promotion record is kept for the next start to settle forward.
+                return Result("recovering", f"completed, its state not saved: {record} kept")
             if set(left) - set(aside):
                 return Result("BROKEN", f"left on the target: {sorted(set(left) - set(aside))}")
             if errno and injected and injected.name in SYNC_CALLS and not injected.late:
@@ -710,7 +730,7 @@ class CopyRestore(Operation):
     async def begin(self) -> Any:
         return {"call": defer.ensureDeferred(_call(self.world.target, "/api/restore-snapshot", lv="snap1"))}
 
-    async def finish(self, started: Any, crashed: bool) -> dict:
+    async def finish(self, started: Any, crashed: bool, restarted: bool = False) -> dict:
         if "answer" not in started:
             started["answer"] = await started["call"]
         code, body = started["answer"]
@@ -778,7 +798,7 @@ class EmptyDatadir(Operation):
     async def begin(self) -> Any:
         return {"call": defer.ensureDeferred(_call(self.world.target, self.path))}
 
-    async def finish(self, started: Any, crashed: bool) -> dict:
+    async def finish(self, started: Any, crashed: bool, restarted: bool = False) -> dict:
         code, body = await started["call"]
         partial = manifest(self.world.datadir)
         retry = None
@@ -901,14 +921,14 @@ async def inject(world: World, op: Operation, point: Point, errno: str | None) -
         # A record kept after a failure said: the fresh agent must settle it.
         world.target_pids_before = world.target_pids()
         await world.restart_target()
-        again = op.check(await op.finish(started, crashed=True), point, errno)
+        again = op.check(await op.finish(started, crashed=True, restarted=True), point, errno)
         return Result(again.verdict if again.verdict != "recovering" else "BROKEN",
                       f"after a restart: {again.detail[:120]} ({result.detail})")
     if errno and not op.retried and result.verdict != "BROKEN":
         # The agent restarted after the failure must leave the outcome as it was.
         world.target_pids_before = world.target_pids()
         await world.restart_target()
-        again = op.check(await op.finish(started, crashed=True), point, errno)
+        again = op.check(await op.finish(started, crashed=True, restarted=True), point, errno)
         if again.verdict != result.verdict:
             result = Result("BROKEN", f"{result.verdict} ({result.detail[:120]}), then after a "
                                       f"restart {again.verdict}: {again.detail}")
@@ -933,11 +953,27 @@ async def _wait_held(world: World, op: Operation, point: Point, started: Any) ->
     return False
 
 
+def parse_points(spec: str) -> list[tuple[str, int, str | None]]:
+    """``crash:53,error:96,error:97:EROFS`` -> [("crash", 53, None), ("error", 96, None), ...]:
+    points chosen by their number in the enumeration (an error point without an errno gets
+    the one a full run gives it: EIO, ENOSPC, EDQUOT, EROFS by number, in turn)."""
+    chosen = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("crash", "error") or not parts[1].isdigit() \
+                or (len(parts) == 3 and (parts[0] == "crash" or parts[2] not in ERRNOS)):
+            raise SystemExit(f"bad point {item!r}: crash:N, error:N or error:N:{'|'.join(ERRNOS)}")
+        chosen.append((parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None))
+    return chosen
+
+
 async def run_operation(world: World, cls, quick: bool, max_points: int | None,
                         errnos: tuple = ERRNOS, all_errnos: bool = False,
-                        limits: tuple[int, int] | None = None) -> Tally:
+                        limits: tuple[int, int] | None = None,
+                        chosen: list[tuple[str, int, str | None]] | None = None) -> Tally:
     """Enumerate the operation's points, inject at each (or at a spread of them: ``quick``,
-    ``max_points``, ``limits`` = (crashes, errors)) and tally the outcomes."""
+    ``max_points``, ``limits`` = (crashes, errors); or at the ``chosen`` ones, see
+    :func:`parse_points`) and tally the outcomes."""
     op = cls(world)
     tally = Tally(cls.name)
     began = time.monotonic()
@@ -948,7 +984,18 @@ async def run_operation(world: World, cls, quick: bool, max_points: int | None,
     if first.verdict == "BROKEN":
         tally.broken.append(("clean run", first.detail))
         tally.add("BROKEN")
-    if limits:
+    rotation = {p.number: errnos[i % len(errnos)] for i, p in enumerate(error_points)}
+    if chosen is not None:
+        crashes = {n for kind, n, _ in chosen if kind == "crash"}
+        picked = {n: e for kind, n, e in chosen if kind == "error"}
+        crash_points = [p for p in crash_points if p.number in crashes]
+        error_points = [p for p in error_points if p.number in picked]
+        rotation.update({n: e for n, e in picked.items() if e})
+        missing = sorted(crashes - {p.number for p in crash_points}) + \
+            sorted(set(picked) - {p.number for p in error_points})
+        if missing:
+            print(f"  no such points in this enumeration: {missing}", flush=True)
+    elif limits:
         crash_points, error_points = _spread(crash_points, limits[0]), _spread(error_points, limits[1])
     elif quick:
         crash_points = _spread(crash_points, 4)
@@ -962,7 +1009,13 @@ async def run_operation(world: World, cls, quick: bool, max_points: int | None,
         tally.crashes += result.verdict != "not reached"
         _record(tally, point, None, result)
     for i, point in enumerate(error_points):
-        for errno in (errnos if all_errnos else (errnos[i % len(errnos)],)):
+        if all_errnos:
+            chosen_errnos = errnos
+        elif chosen is not None:
+            chosen_errnos = (rotation[point.number],)
+        else:
+            chosen_errnos = (errnos[i % len(errnos)],)
+        for errno in chosen_errnos:
             result = await _safely(world, op, point, errno)
             tally.errors += 1
             _record(tally, point, errno, result)
@@ -1027,6 +1080,10 @@ def parse(argv):
     parser.add_argument("--quick", action="store_true", help="a few points of each operation")
     parser.add_argument("--max-points", type=int, default=None, help="at most this many points of each kind")
     parser.add_argument("--errnos", default="rotate", help="rotate (one errno per point, in turn) or all")
+    parser.add_argument("--points", default=None,
+                        help="only these points, by their number in the enumeration: "
+                             "crash:N, error:N (the errno a full run gives it) or error:N:ERRNO, "
+                             "comma-separated (to re-run single points of a run)")
     parser.add_argument("--size-mib", type=int, default=3)
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
@@ -1038,6 +1095,7 @@ async def main(argv) -> int:
     unknown = [n for n in names if n not in OPERATIONS]
     if unknown:
         raise SystemExit(f"unknown operations: {unknown}")
+    chosen = parse_points(args.points) if args.points else None
     if os.geteuid() != 0:
         raise SystemExit("the crash-point enumerator needs root (strace, loop devices, mounts)")
     base = tempfile.mkdtemp(prefix="orchagent-crashpoints-")
@@ -1049,7 +1107,8 @@ async def main(argv) -> int:
         await world.start()
         for name in names:
             tally = await run_operation(world, OPERATIONS[name], args.quick, args.max_points,
-                                        all_errnos=args.errnos == "all")
+                                        all_errnos=args.errnos == "all",
+                                        chosen=chosen)
             tallies.append(tally)
     finally:
         await world.stop()

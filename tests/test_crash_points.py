@@ -232,6 +232,67 @@ class SeedStateWriteTests(unittest.TestCase):
         self.assertEqual(store.read("s1", "manifest"), b"0123456789")
 
 
+class SeedVerdictTests(unittest.TestCase):
+    """The enumerator's verdicts on a seed's end (no agent, no strace: a world of
+    directories and a fake agent).  Its rerun of 2026-12-04 called broken a completed seed
+    whose completion could not be saved and whose promotion record was therefore kept
+    (cb511df: the next start settles it), and a receive refused at an error point then
+    repeated, after the restart meant to read the same end, as a new seed."""
+
+    def world(self):
+        from reliability import crashpoints
+        base = os.path.abspath(self.mktemp())
+        world = crashpoints.World(base, 1)
+        world.fs = os.path.join(base, "fs")
+        world.datadir = os.path.join(world.fs, "mysql")
+        world.state_dir = os.path.join(world.fs, "state")
+        os.makedirs(os.path.join(world.state_dir, "seeds"))
+        new = os.path.join(base, "new")
+        crashpoints.make_tree(new, 1, b"new")
+        world.new = crashpoints.manifest(new)
+        world.reset()
+        return world, new
+
+    def completed_with_record(self, world, new):
+        from reliability import crashpoints
+        op = crashpoints.DatadirSeed(world)
+        op.prepare()
+        os.rename(world.datadir, os.path.join(world.fs, f".mysql.orchagent-previous-{op.seed}"))
+        shutil.copytree(new, world.datadir, symlinks=True)
+        record = os.path.join(world.state_dir, "seeds", f"{op.seed}.promotion")
+        write(record, b"{}")
+        end = {"sender": {"State": "completed"}, "receiver": {"State": "completed"}}
+        point = crashpoints.Point(97, "openat", "x", 4, True, "openat x", "error")
+        return op, end, point, record
+
+    def test_a_completion_not_saved_is_recovering_then_settled(self):
+        world, new = self.world()
+        op, end, point, record = self.completed_with_record(world, new)
+        self.assertEqual(op.check(end, point, "EIO").verdict, "recovering")
+        self.assertEqual(op.check(end, None, None).verdict, "BROKEN")  # no fault: a leftover
+        os.unlink(record)  # what the next start does
+        self.assertEqual(op.check(end, point, "EIO").verdict, "verified")
+
+    def test_a_refused_receive_is_not_repeated_after_the_restart(self):
+        from reliability import crashpoints
+        world, _ = self.world()
+        asked = []
+
+        class Agent:
+            async def get(self, path, **params):
+                asked.append(path)
+                return 404, {"Error": "no such seed"}
+
+        world.source = world.target = Agent()
+        op = crashpoints.DatadirSeed(world)
+        op.prepare()
+        op.sent, op.refused = False, "receive: the seed engine process has not been ready for 30 s"
+        end = defer.Deferred.fromCoroutine(op.finish(None, crashed=True, restarted=True))
+        self.assertEqual(self.successResultOf(end), {"refused": op.refused})
+        self.assertNotIn(f"/api/receive-mysql-seed-data/{op.seed}", asked)
+        self.assertEqual(op.check({"refused": op.refused}, None, "ENOSPC").verdict, "failed-clean")
+
+
 class EnumeratorSliceTests(unittest.TestCase):
     """A few points of the enumerator, for real: agents on loopback, strace, a loop ext4."""
 
