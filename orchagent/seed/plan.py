@@ -20,7 +20,8 @@ import operator
 import os
 import struct
 from array import array
-from itertools import accumulate, compress
+from itertools import accumulate, compress, islice
+from typing import Iterable, Iterator
 
 import blake3
 
@@ -36,6 +37,10 @@ DIGEST = 32
 RECORD = struct.Struct(">IQI32s")
 
 
+#: Files in a piece of the packed file digests (a DIGESTS frame: 3.6 MB).
+DIGEST_PIECE = 100_000
+
+
 class ChunkTable:
     """The plan's chunks with their state; all methods are cheap (reactor thread)."""
 
@@ -48,7 +53,7 @@ class ChunkTable:
             # the columns straight from the manifest's, without a loop per chunk.
             sizes = manifest.sizes
             self.file = array("I", compress(self.files, map(sizes.__getitem__, self.files)))
-            self.offset = array("Q", bytes(8 * len(self.file)))
+            self.offset = array("Q", [0]) * len(self.file)
             self.length = array("I", map(sizes.__getitem__, self.file))
             chunks = bytearray(count)
             for index in self.file:
@@ -62,7 +67,7 @@ class ChunkTable:
                 self.file.append(index)
                 self.offset.append(offset)
                 self.length.append(length)
-            self.first = array("Q", bytes(8 * (count + 1)))
+            self.first = array("Q", [0]) * (count + 1)
             cursor = 0
             for index in range(count + 1):
                 while cursor < len(self.file) and self.file[cursor] < index:
@@ -75,10 +80,12 @@ class ChunkTable:
     def reset(self) -> None:
         """Nothing done (digests are kept: :meth:`known` still answers)."""
         self.done = bytearray(len(self.file))
-        self.remaining = array("I", map(operator.sub, self.first[1:], self.first[:-1]))
+        # No copies of the columns nor lists made on the way (at a million files each is
+        # 8 MB or more at the peak).
+        self.remaining = array("I", map(operator.sub, islice(self.first, 1, None), self.first))
         self.bytes_done = 0
         #: Files without chunks (empty or all holes) count as done from the start.
-        self.chunkless_files = list(map(self.remaining.__getitem__, self.files)).count(0)
+        self.chunkless_files = sum(map(operator.not_, map(self.remaining.__getitem__, self.files)))
         self.files_done = self.chunkless_files
 
     def __len__(self) -> int:
@@ -156,17 +163,49 @@ class ChunkTable:
                                 bytes(self.digests[cid * DIGEST:(cid + 1) * DIGEST])))
         return h.digest()
 
-    def file_digests(self) -> bytes:
-        """Every file's (index, digest), packed in manifest order (see DIGESTS frames)."""
-        out = bytearray()
-        for index in self.files:
-            out += _INDEX.pack(index)
-            out += self.file_digest(index)
-        return bytes(out)
+    def digest_pieces(self, files: int = DIGEST_PIECE) -> Iterator[bytes]:
+        """Every file's (index, digest), packed in manifest order (see DIGESTS frames),
+        ``files`` files to a piece: made whole and copied, they took 72 bytes per file
+        at their peak."""
+        for start in range(0, len(self.files), files):
+            out = bytearray()
+            for index in self.files[start:start + files]:
+                out += _INDEX.pack(index)
+                out += self.file_digest(index)
+            yield bytes(out)
 
-    def tree_digest(self, file_digests: bytes | None = None) -> bytes:
-        packed = self.file_digests() if file_digests is None else file_digests
-        return blake3.blake3(self.manifest.digest() + packed).digest()
+    def file_digests(self) -> bytes:
+        """Every file's (index, digest), packed in manifest order, at once."""
+        return b"".join(self.digest_pieces())
+
+    def tree_digest(self, pieces: Iterable[bytes] | None = None) -> bytes:
+        """BLAKE3 over the manifest digest and every file's packed (index, digest), from
+        ``pieces`` (:meth:`digest_pieces`, made already) or made here."""
+        h = blake3.blake3(self.manifest.digest())
+        for piece in self.digest_pieces() if pieces is None else pieces:
+            h.update(piece)
+        return h.digest()
+
+    def check_digests(self, theirs) -> tuple[bool, int | None, bytes]:
+        """Our file digests against ``theirs`` (the sender's, packed as DIGESTS carry
+        them), made and compared a piece at a time: whether all are equal, the entry
+        index of the first file that differs (None when there is no file to name), and
+        the tree digest of ours."""
+        view = memoryview(theirs)
+        h = blake3.blake3(self.manifest.digest())
+        position, differs = 0, None
+        for piece in self.digest_pieces():
+            h.update(piece)
+            if differs is None and view[position:position + len(piece)] != piece:
+                step = _INDEX.size + DIGEST
+                at = next(at for at in range(0, len(piece), step)
+                          if view[position + at:position + at + step] != piece[at:at + step])
+                differs = self.files[(position + at) // step]
+            position += len(piece)
+        same = differs is None and len(view) == position
+        if not same and differs is None and len(self.files):
+            differs = self.files[-1]
+        return same, differs, h.digest()
 
     def first_difference(self, theirs: bytes, mine: bytes) -> int | None:
         """The entry index of the first file whose digest differs (for messages)."""

@@ -69,7 +69,9 @@ class ReceiveJob(state.JobIdentity):
         self.batches: list[bytes] = []
         self.reader: tree.ManifestReader | None = None
         self.reading: defer.Deferred | None = None
-        self.sender_digests = b""
+        #: The sender's file digests as they come (DIGESTS frames of 3.6 MB: a bytearray
+        #: grows in place, bytes would be copied whole for each).
+        self.sender_digests = bytearray()
         self.finish: dict | None = None
         self.inflight: set[defer.Deferred] = set()
         #: Worker-thread calls that make entries in staging (prepare, finish a file,
@@ -159,7 +161,7 @@ class ReceiveJob(state.JobIdentity):
             self.ready = False
             self._drop_reading()
             self.batches = []
-            self.sender_digests = b""
+            self.sender_digests = bytearray()
             self.finish = None
             self._note_unauthenticated(stream)
         elif hello["session"] != self.session or not self.ready:
@@ -538,12 +540,11 @@ class ReceiveJob(state.JobIdentity):
         record, table = self.record, self.table
         record.state = state.VERIFYING
         self.context.touch(record)
-        mine = await self.context.thread(table.file_digests)
-        if mine != self.sender_digests:
-            index = table.first_difference(self.sender_digests, mine)
+        same, index, tree_digest = await self.context.thread(table.check_digests, self.sender_digests)
+        if not same:
             path = self.manifest.paths[index] if index is not None else "?"
             raise BadRequest(f"{path} does not match the sender's file digest")
-        if bytes.fromhex(str(self.finish.get("tree", ""))) != table.tree_digest(mine):
+        if bytes.fromhex(str(self.finish.get("tree", ""))) != tree_digest:
             raise BadRequest("the tree digest does not match the sender's")
         self.steps += 1
         await self._on_staging(self.staging.complete, self.manifest, table)
@@ -566,7 +567,7 @@ class ReceiveJob(state.JobIdentity):
                  datadir=record.datadir)
         # The manager keeps this job a while for a sender that reconnects: not its tree.
         self.manifest = self.table = None
-        self.sender_digests = b""
+        self.sender_digests = bytearray()
         await self.completed()
 
     def _reread_wanted(self) -> bool:

@@ -659,13 +659,12 @@ class SendJob(state.JobIdentity):
         await self.context.thread(self.files.check_held)
         if session != self.session:
             return
-        digests = await self.context.thread(table.file_digests)
+        digests = await self.context.thread(lambda: list(table.digest_pieces()))
         control = self.control
         if session != self.session or control is None or control.closed:
             return
-        step = 36 * 100_000
-        for start in range(0, len(digests), step):
-            control.transport.write(frames.seal(FrameType.DIGESTS, digests[start:start + step], control.key))
+        for piece in digests:
+            control.transport.write(frames.seal(FrameType.DIGESTS, piece, control.key))
         control.transport.write(frames.seal_json(
             FrameType.FINISH, {"tree": table.tree_digest(digests).hex()}, control.key))
         self.record.state = state.VERIFYING
