@@ -277,10 +277,31 @@ class ManifestTests(unittest.TestCase):
         self.assertTrue(a.complete)
         self.assertEqual(a.files_done, 1)
         self.assertNotEqual(a.tree_digest(), b.tree_digest())
-        self.assertEqual(a.first_difference(a.file_digests(), b.file_digests()), 0)
+        self.assertEqual(b.check_digests(a.file_digests())[:2], (False, 0))
+        self.assertEqual(a.check_digests(a.file_digests()), (True, None, a.tree_digest()))
         a.reset()
         self.assertEqual((a.bytes_done, len(a.todo())), (0, len(a)))
         self.assertEqual(a.known(0), b"\x02" * 32)
+
+    def test_check_digests_names_the_first_file_that_differs(self):
+        """Compared a piece of the file digests at a time, across pieces, and theirs
+        shorter or longer than ours."""
+        self.patch(plan, "DIGEST_PIECE", 2)
+        manifest = tree.Manifest(self._entries(*({"path": f"f{i}", "kind": "f", "size": 10}
+                                                 for i in range(7))), 65536)
+        table = plan.ChunkTable(manifest)
+        for cid in range(len(table)):
+            table.mark_done(cid, bytes([cid + 1]) * 32)
+        mine = table.file_digests()
+        self.assertEqual(len(list(table.digest_pieces())), 4)
+        self.assertEqual(table.check_digests(bytearray(mine)), (True, None, table.tree_digest()))
+        for index in range(7):
+            theirs = bytearray(mine)
+            theirs[36 * index + 9] ^= 1
+            self.assertEqual(table.check_digests(theirs)[:2], (False, index))
+        self.assertEqual(table.check_digests(mine[:72])[:2], (False, 2))
+        self.assertEqual(table.check_digests(mine + bytes(36))[:2], (False, 6))
+        self.assertEqual(plan.ChunkTable(tree.Manifest([], 65536)).check_digests(b"x")[:2], (False, None))
 
     def test_manifest_columns_give_entries_back(self):
         entries = self._entries({"path": "d", "kind": "d", "mode": 0o750, "user": "mysql"},

@@ -163,10 +163,11 @@ class ChunkTable:
                                 bytes(self.digests[cid * DIGEST:(cid + 1) * DIGEST])))
         return h.digest()
 
-    def digest_pieces(self, files: int = DIGEST_PIECE) -> Iterator[bytes]:
+    def digest_pieces(self) -> Iterator[bytes]:
         """Every file's (index, digest), packed in manifest order (see DIGESTS frames),
-        ``files`` files to a piece: made whole and copied, they took 72 bytes per file
-        at their peak."""
+        :data:`DIGEST_PIECE` files to a piece: made whole and copied, they took 72 bytes
+        per file at their peak."""
+        files = DIGEST_PIECE
         for start in range(0, len(self.files), files):
             out = bytearray()
             for index in self.files[start:start + files]:
@@ -206,14 +207,6 @@ class ChunkTable:
         if not same and differs is None and len(self.files):
             differs = self.files[-1]
         return same, differs, h.digest()
-
-    def first_difference(self, theirs: bytes, mine: bytes) -> int | None:
-        """The entry index of the first file whose digest differs (for messages)."""
-        step = _INDEX.size + DIGEST
-        for position in range(0, max(len(theirs), len(mine)), step):
-            if theirs[position:position + step] != mine[position:position + step]:
-                return self.files[min(position // step, len(self.files) - 1)]
-        return None
 
 
 def unpack_records(data: bytes) -> list[tuple[int, int, int, bytes]]:
