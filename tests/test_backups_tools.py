@@ -43,6 +43,19 @@ class ConnectionArgsTests(unittest.TestCase):
         self.assertEqual(self.argv("[mariabackup]\nsocket=/a.sock\n" + server, "xtrabackup"),
                          ["--socket=/srv/db/mysqld.sock", "--port=3307"])
 
+    def test_slave_info_for_a_replica_only(self):
+        """--slave-info only when asked (a replica's backup): it needs the right to read
+        SHOW SLAVE STATUS, which a primary's backup user need not have."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as fh:
+            fh.write("[client]\nsocket=/a.sock\n")
+        tools = Tools(Config(mysql_options_file=path), runner=None)
+        for tool in ("mariabackup", "xtrabackup"):
+            self.assertEqual(tools.backup_argv(tool, slave_info=True),
+                             [tool, f"--defaults-file={path}", "--backup", "--slave-info"])
+            self.assertNotIn("--slave-info", tools.backup_argv(tool))
+            self.assertNotIn("--safe-slave-backup", tools.backup_argv(tool, slave_info=True))
+
     def test_other_server_groups(self):
         self.assertEqual(self.argv("[mariadb]\nsocket=/m.sock\n[server]\nport=3310\n"),
                          ["--socket=/m.sock", "--port=3310"])

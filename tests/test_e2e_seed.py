@@ -552,11 +552,11 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the backup'"), [("1",)])
 
-    async def test_a_replicas_snapshot_under_writes_ends_replicating_from_its_master(self):
-        """The source host's server is a replica of a primary (both in the source's
-        namespace); its btrfs snapshot, taken while it applies the primary's writes, is
-        seeded with --replicate: the target replicates from the primary, with the user and
-        password of the copied master.info (no ReplicationCredentialsFile)."""
+    async def replica_hosts(self, target_config=None) -> tuple[MariaDB, Host, Host]:
+        """A primary (its own server, listening on the source namespace's address, with a
+        replication user), the source host whose server replicates from it with
+        MASTER_USE_GTID=slave_pos (server id 3), and a target on the source's port (server
+        id 2): the primary's server, the source host and the target host."""
         port = mariadb_support.free_port()
         primary_dir = tempfile.mkdtemp(prefix="mdb-primary-")
         self.addCleanup(shutil.rmtree, primary_dir, True)
@@ -578,13 +578,26 @@ class SeedEndToEndTests(unittest.TestCase):
             f"SET GLOBAL gtid_slave_pos = '{start}'; CHANGE MASTER TO MASTER_HOST='{self.pair.a.address}', "
             f"MASTER_PORT={primary.port}, MASTER_USER='repl', MASTER_PASSWORD='{REPL_PASSWORD}', "
             "MASTER_USE_GTID=slave_pos; START SLAVE")
-        target = await self.make_host(self.pair.b, populated=False, db={"port": port, "server_id": 2})
-        writer = primary.sql_async("CALL writer(3.0)", DATABASE)
+        target = await self.make_host(self.pair.b, populated=False, db={"port": port, "server_id": 2},
+                                      config=target_config)
+        return primary, source, target
+
+    async def replica_applies(self, source: Host) -> None:
+        """Until the source's server (a replica) has applied some of its primary's writes."""
         count = f"SELECT COUNT(*) FROM {DATABASE}.w"
         deadline = reactor.seconds() + 60
         while int((await source.db.sql_async(count))[0][0]) == 0:
             self.assertLess(reactor.seconds(), deadline, "the replica applies nothing")
             await task.deferLater(reactor, 0.05, lambda: None)
+
+    async def test_a_replicas_snapshot_under_writes_ends_replicating_from_its_master(self):
+        """The source host's server is a replica of a primary (both in the source's
+        namespace); its btrfs snapshot, taken while it applies the primary's writes, is
+        seeded with --replicate: the target replicates from the primary, with the user and
+        password of the copied master.info (no ReplicationCredentialsFile)."""
+        primary, source, target = await self.replica_hosts()
+        writer = primary.sql_async("CALL writer(3.0)", DATABASE)
+        await self.replica_applies(source)
         self.assertIs(await source.api("/api/create-snapshot"), True)
         await writer
         code, output = await self.run_controller(
@@ -601,6 +614,47 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
                         "the primary wrote on after the snapshot")
         await self.assertReplicates(primary, target)
+
+    async def test_a_hot_seed_of_a_replica_under_writes_ends_replicating_from_its_master(self):
+        """seed --hot --replicate from a replica while its primary writes and it applies
+        them: the backup carries the replica's executed position at its consistent point
+        (--slave-info: mariadb_backup_slave_info), the source agent names the replica's
+        master (its SHOW SLAVE STATUS: host, port, user), and the target replicates from
+        the primary, with ReplicationCredentialsFile's password (a backup holds no
+        master.info)."""
+        credentials = os.path.join(self.home, "repl.cnf")
+        with open(credentials, "w") as fh:
+            fh.write(f"[client]\nuser=repl\npassword={REPL_PASSWORD}\n")
+        os.chmod(credentials, 0o600)
+        primary, source, target = await self.replica_hosts({"ReplicationCredentialsFile": credentials})
+        writer = primary.sql_async("CALL writer(6.0)", DATABASE)
+        await self.replica_applies(source)
+        (applied,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        (at_end,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
+        await writer
+        self.assertEqual(code, 0, output)
+        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
+        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{primary.port}, ",
+                         coordinates)
+        self.assertEqual((coordinates["MasterHost"], coordinates["MasterPort"], coordinates["MasterUser"]),
+                         (self.pair.a.address, primary.port, "repl"), coordinates)
+        self.assertRegex(coordinates["From"], r"^(mariadb_backup|xtrabackup)_slave_info, ")
+        self.assertEqual(coordinates["GTIDMode"], "slave_pos")
+        seq = int(coordinates["GTID"].rsplit("-", 1)[1])
+        self.assertGreaterEqual(seq, int(applied.rsplit("-", 1)[1]),
+                                "the replica's position when the seed started, or later")
+        self.assertLessEqual(seq, int(at_end.rsplit("-", 1)[1]))
+        (written,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
+        self.assertLess(seq, int(written.rsplit("-", 1)[1]),
+                        "the primary wrote on after the backup's consistent point")
+        await primary.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the backup')", DATABASE)
+        await self.assertReplicates(primary, target)
+        self.assertEqual(await target.db.sql_async(
+            f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the backup'"), [("1",)])
 
     async def test_the_v1_sequence_ends_replicating(self):
         """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the

@@ -109,6 +109,48 @@ class TreeTests(unittest.TestCase):
                           found.gtid), ("192.0.2.9", 3306, "mysql-bin.000003", 642, "0-1-44"))
         self.assertTrue(found.status()["From"].startswith("mariadb_backup_binlog_info"))
 
+    def test_hot_backup_of_a_replica_its_master_at_the_slave_info_position(self):
+        """A replica's backup (--slave-info): the position is in its master's binlog, at
+        the backup's consistent point; the master is the one its sender announced (the
+        backup holds no master.info), never the source host at its own binlog."""
+        from orchagent.replica.control import ThisServersMaster, change_master
+
+        write(self.root, "mariadb_backup_binlog_info", "mysql-bin.000003\t342\t0-1-1859\n")
+        write(self.root, "mariadb_backup_slave_info",
+              "SET GLOBAL gtid_slave_pos = '0-1-1173';\nCHANGE MASTER TO master_use_gtid = slave_pos;\n")
+        master = ThisServersMaster("10.0.0.5", 3307, "repl")
+        found, info = C.from_tree(self.root, "192.0.2.9", source_master=master)
+        self.assertIsNone(info)
+        found = C.complete(found, {"gtid_binlog_pos": "0-1-1859", "gtid_slave_pos": "0-1-1173",
+                                   "binlog_file": "mysql-bin.000004", "binlog_pos": 4},
+                           "192.0.2.9", 3306)
+        status = found.status()
+        self.assertEqual(status, {
+            "MasterHost": "10.0.0.5", "MasterPort": 3307, "MasterUser": "repl",
+            "BinlogFile": None, "BinlogPos": None, "GTID": "0-1-1173", "GTIDMode": "slave_pos",
+            "From": "mariadb_backup_slave_info, the source's SHOW SLAVE STATUS (seed peer)"})
+        # A backup has no crash-safe position of its own: the seed's is set.
+        self.assertIn("SET GLOBAL gtid_slave_pos = '0-1-1173';", change_master(status, "repl", "pw"))
+
+        # File and position when the replica does not use GTIDs; an unknown port is
+        # taken as this host's.
+        write(self.root, "mariadb_backup_slave_info",
+              "CHANGE MASTER TO MASTER_LOG_FILE='mysql-bin.000007', MASTER_LOG_POS=4711;\n")
+        found, _ = C.from_tree(self.root, "192.0.2.9", source_master=ThisServersMaster("db1", None, ""))
+        found = C.complete(found, {}, "192.0.2.9", 3306)
+        self.assertEqual((found.master_host, found.master_port, found.master_user, found.binlog_file,
+                          found.binlog_pos, found.gtid), ("db1", 3306, None, "mysql-bin.000007", 4711, None))
+
+    def test_hot_backup_of_a_replica_without_its_master_names_none(self):
+        """A sender that announced no master (an older agent): the position is known, the
+        master is not, so nothing is replicated from a wrong host."""
+        write(self.root, "xtrabackup_slave_info", "SET GLOBAL gtid_slave_pos = '0-1-9';\n")
+        write(self.root, "xtrabackup_binlog_info", "mysql-bin.000003\t342\t0-3-2\n")
+        found, _ = C.from_tree(self.root, "192.0.2.9")
+        found = C.complete(found, {}, "192.0.2.9", 3306)
+        self.assertEqual((found.master_host, found.gtid, found.status()["From"]),
+                         (None, "0-1-9", "xtrabackup_slave_info"))
+
     def test_status_round_trip(self):
         found = C.Coordinates("h", 1, "u", "f", 2, "g", "slave_pos", ["a", "b"])
         self.assertEqual(C.Coordinates.from_status(found.status()).status(), found.status())
@@ -179,6 +221,65 @@ class ChangeMasterTests(unittest.TestCase):
         self.assertEqual({k: v for k, v in parse_slave_status(out).items() if v is not None},
                          {"IORunning": True, "SQLRunning": False, "LastIOErrno": 1236, "MasterHost": "db1"})
         self.assertIsNone(parse_slave_status(b""))
+
+
+class ThisServersMasterTests(unittest.TestCase):
+    """The master a hot seed's source replicates from: read through MySQLClientCommand,
+    and checked when a target reads it from the wire."""
+
+    def config(self, client="mysql --defaults-file=/etc/db.cnf"):
+        from orchagent.config import Config
+
+        return Config(mysql_client_command=client)
+
+    async def master(self, stdout=b"", exit_code=0, stderr=b""):
+        from orchagent.replica.control import master_of_this_server
+        from tests.support.fakes import FakeRunner
+
+        runner = FakeRunner(self)
+        runner.expect_shell("mysql --defaults-file=/etc/db.cnf", ["--batch"], stdout=stdout,
+                            exit_code=exit_code, stderr=stderr)
+        found = await master_of_this_server(self.config(), runner)
+        self.assertEqual(runner.calls[0].stdin, b"SHOW SLAVE STATUS\n")
+        return found
+
+    async def test_a_replica_names_its_master(self):
+        found = await self.master(b"Slave_IO_State\tMaster_Host\tMaster_User\tMaster_Port\tSlave_IO_Running\n"
+                                  b"Waiting for master to send event\t10.0.0.5\trepl\t3307\tYes\n")
+        self.assertEqual((found.host, found.port, found.user), ("10.0.0.5", 3307, "repl"))
+        self.assertEqual(found.announce(), {"host": "10.0.0.5", "port": 3307, "user": "repl"})
+
+    async def test_a_primary_names_none(self):
+        self.assertIsNone(await self.master(b""))
+        # RESET SLAVE leaves a row without a host.
+        self.assertIsNone(await self.master(b"Master_Host\tMaster_Port\n\t3306\n"))
+
+    async def test_a_client_that_cannot_say(self):
+        from orchagent.errors import NotAvailable
+
+        with self.assertRaises(NotAvailable) as caught:
+            await self.master(exit_code=1, stderr=b"ERROR 1227 (42000): Access denied; you need "
+                                                  b"(at least one of) the SLAVE MONITOR privilege(s)")
+        self.assertIn("SLAVE MONITOR", caught.exception.message)
+
+    async def test_no_client_configured(self):
+        from orchagent.errors import NotAvailable
+        from orchagent.replica.control import master_of_this_server
+
+        with self.assertRaises(NotAvailable):
+            await master_of_this_server(self.config(client=""), runner=None)
+
+    def test_an_announced_master_is_checked(self):
+        from orchagent.replica.control import ThisServersMaster
+
+        good = ThisServersMaster.from_announce({"host": "db1", "port": 3306, "user": "repl"})
+        self.assertEqual((good.host, good.port, good.user), ("db1", 3306, "repl"))
+        self.assertEqual(ThisServersMaster.from_announce({"host": "db1", "port": None, "user": ""}).port, None)
+        for bad in (None, "db1", {}, {"host": "", "port": 1, "user": "u"},
+                    {"host": "db 1", "port": 1, "user": "u"}, {"host": "db1", "port": "3306", "user": "u"},
+                    {"host": "db1", "port": 70000, "user": "u"}, {"host": "db1", "port": True, "user": "u"},
+                    {"host": "db1", "port": 1, "user": 5}, {"host": "h" * 256, "port": 1, "user": "u"}):
+            self.assertIsNone(ThisServersMaster.from_announce(bad), bad)
 
 
 class DiagnoseTests(unittest.TestCase):

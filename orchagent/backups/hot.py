@@ -30,7 +30,10 @@ given as its last argument, e.g. ``xtrabackup --backup --target-dir``):
 Either way the tool connects to the server with its own option groups
 (``[mariabackup]``, ``[xtrabackup]``, ``[client]``) of ``MySQLOptionsFile`` or of its
 default files: the agent holds no MySQL credentials.  The tool checks every page's
-checksum as it copies it.
+checksum as it copies it.  When this host's server is a replica (its SHOW SLAVE STATUS,
+through MySQLClientCommand, names a master), the streamed backup is taken with
+``--slave-info`` and that master is announced to the target (:meth:`HotSeeds.master`):
+the copy replicates from the replica's master, not from the replica.
 
 What resumes: nothing of a streamed seed — a lost connection, a failing tool, an abort
 or an agent stop on either side fails the seed (the target removes staging, its datadir
@@ -60,6 +63,7 @@ from orchagent.backups.tools import Tools
 from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed
 from orchagent.host.diskusage import free_bytes
 from orchagent.process import CommandGroup
+from orchagent.replica.control import ThisServersMaster, master_of_this_server
 from orchagent.seed.state import JobIdentity
 
 log = Logger()
@@ -139,15 +143,39 @@ class HotSeeds:
             # the stream's exact length at its end.
             tool = self.tools.hot_tool()
             version = await self.tools.version(tool)
-            return StreamedBackup(command=[*self.tools.backup_argv(tool), "--stream=xbstream"],
-                                  what=f"{tool} --backup --stream", cwd=self.root, estimate=size,
-                                  announce={"tool": tool, "version": version, "estimate": size})
+            master = await self.master(seed_id)
+            announce = {"tool": tool, "version": version, "estimate": size}
+            if master is not None:
+                announce["master"] = master.announce()
+            return StreamedBackup(
+                command=[*self.tools.backup_argv(tool, slave_info=master is not None),
+                         "--stream=xbstream"],
+                what=f"{tool} --backup --stream", cwd=self.root, estimate=size, announce=announce)
         need = size + SPACE_MARGIN
         free = free_bytes(self.root)
         if free < need:
             raise Refused(f"hot seed {seed_id}: not enough space for the backup in {self.root}: "
                           f"it needs about {need} bytes (the datadir's size) and {free} are free")
         return BackupDirectory(work=self.work_dir(seed_id))
+
+    async def master(self, seed_id: str) -> ThisServersMaster | None:
+        """The master this server replicates from, None for a primary.  A replica's
+        backup is taken with ``--slave-info`` and its master announced to the target:
+        the copy replicates from that master at the position the replica had applied at
+        the backup's consistent point, not from this host at its own binlog's end (which
+        would need log_slave_updates, and makes a chain the operator did not ask for)."""
+        try:
+            master = await master_of_this_server(self.config, self.runner)
+        except AgentError as e:
+            log.warn("hot seed {seed}: cannot tell whether this server is a replica ({why}); "
+                     "the backup is taken as a primary's (without --slave-info): its copy "
+                     "replicates from this host", seed=seed_id, why=e.message)
+            return None
+        if master is not None:
+            log.info("hot seed {seed}: this server replicates from {host}:{port}; the backup "
+                     "records its position there (--slave-info)", seed=seed_id,
+                     host=master.host, port=master.port)
+        return master
 
     def adopt(self, jobs: Mapping[str, Any]) -> None:
         """After the manager resumed its seeds (agent start; ``jobs`` by seed id): a

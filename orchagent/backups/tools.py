@@ -81,10 +81,19 @@ class Tools:
             return [f"--defaults-file={self.config.mysql_options_file}"]
         return []
 
-    def backup_argv(self, tool: str) -> list[str]:
+    def backup_argv(self, tool: str, slave_info: bool = False) -> list[str]:
         """``tool --backup`` with its option files and, where they leave it out, the
-        server's socket and port (:meth:`connection_args`); the caller adds the rest."""
-        return [tool, *self.defaults_args(), *self.connection_args(tool), "--backup"]
+        server's socket and port (:meth:`connection_args`); the caller adds the rest.
+
+        ``slave_info``: the server is a replica, so ``--slave-info``: the tool writes the
+        replica's position in its master's binlog at the backup's consistent point
+        (``mariadb_backup_slave_info``/``xtrabackup_slave_info``), where a copy of a
+        replica continues from.  Only then: it needs the backup user's right to read
+        SHOW SLAVE STATUS, which a primary's backup user need not have.  (Not
+        ``--safe-slave-backup``: it stops the replica's SQL thread for the backup's last
+        phase, and a tool killed meanwhile, a seed aborted, leaves it stopped.)"""
+        return [tool, *self.defaults_args(), *self.connection_args(tool), "--backup",
+                *(["--slave-info"] if slave_info else [])]
 
     def connection_args(self, tool: str) -> list[str]:
         """``--socket``/``--port`` of the server for a tool whose own groups name none.

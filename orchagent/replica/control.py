@@ -34,6 +34,7 @@ import os
 import re
 from typing import Any
 
+import attrs
 from twisted.logger import Logger
 
 from orchagent.errors import AgentError, NotAvailable, NotFound
@@ -112,6 +113,55 @@ def parse_slave_status(stdout: bytes) -> dict[str, Any] | None:
             value = value == "Yes"
         found[name] = value
     return found
+
+
+@attrs.frozen
+class ThisServersMaster:
+    """The master this host's server replicates from (its SHOW SLAVE STATUS)."""
+
+    host: str
+    port: int | None
+    user: str
+
+    def announce(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user}
+
+    @classmethod
+    def from_announce(cls, value: Any) -> "ThisServersMaster | None":
+        """What a hot seed's sender announced (checked: it comes over the wire), or None."""
+        if not isinstance(value, dict):
+            return None
+        host, port, user = value.get("host"), value.get("port"), value.get("user")
+        if not isinstance(host, str) or not host or len(host) > 255 or any(c.isspace() for c in host):
+            return None
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                                 or not 0 < port < 65536):
+            return None
+        if not isinstance(user, str) or len(user) > 128:
+            return None
+        return cls(host, port, user)
+
+
+async def master_of_this_server(config, runner) -> ThisServersMaster | None:
+    """This host's server's master, None when it replicates from none (SHOW SLAVE STATUS
+    is empty or names no host), through ``MySQLClientCommand`` as every statement of the
+    agent's (its option groups: the agent holds no credentials).  A hot seed of a
+    replica needs it: the backup holds the replica's position in its master's binlog
+    (``--slave-info``) but names no master (mariabackup copies no master.info).  Raises
+    NotAvailable when the client cannot say (not configured, refused, no privilege)."""
+    if not config.mysql_client_command:
+        raise NotAvailable("MySQLClientCommand is not configured")
+    result = await runner.shell(config.mysql_client_command, args=["--batch"],
+                                stdin=b"SHOW SLAVE STATUS\n", check=False)
+    if not result.ok:
+        raise NotAvailable("SHOW SLAVE STATUS through MySQLClientCommand failed: "
+                           + ReplicationControl._clean(result.stderr, None))
+    found = parse_slave_status(result.stdout)
+    if not found or not found.get("MasterHost"):
+        return None
+    port = found.get("MasterPort")
+    return ThisServersMaster(str(found["MasterHost"]), port if isinstance(port, int) else None,
+                             str(found.get("MasterUser") or ""))
 
 
 class ReplicationControl:

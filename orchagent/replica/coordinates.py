@@ -11,7 +11,9 @@ What a copy holds decides where it replicates from:
   recovery left it, and ``gtid_binlog_pos`` (read from the started copy);
 * a **backup** (hot seeds): ``mariadb_backup_binlog_info`` / ``xtrabackup_binlog_info``
   (the source's binlog position at the backup's consistent point), or the
-  ``--slave-info`` file when the backup has one (then the source's master).
+  ``--slave-info`` file when the backup has one (a hot seed of a replica: then the
+  source's master, as the sender read it from SHOW SLAVE STATUS, at the position the
+  replica had applied at the backup's consistent point).
 
 :class:`Coordinates` is what ``/api/seed-status`` reports as ``Replication``; ``From``
 names every file or variable a value was read from.  A password read from master.info
@@ -169,9 +171,14 @@ def read_master_info(root: str, name: str = "master.info") -> MasterInfo | None:
 
 
 def from_tree(root: str, source_host: str, relay_log_info: str = "relay-log.info",
-              master_info: str = "master.info") -> tuple[Coordinates, MasterInfo | None]:
+              master_info: str = "master.info",
+              source_master: Any = None) -> tuple[Coordinates, MasterInfo | None]:
     """Coordinates a staged tree holds in files (blocking), and the master.info read (for
-    its password).  Completed by :func:`complete` with what the started copy says."""
+    its password).  Completed by :func:`complete` with what the started copy says.
+
+    ``source_master`` (``host``, ``port``, ``user``): the master the source's server
+    replicated from, as a hot seed's sender announced it (its SHOW SLAVE STATUS): a
+    backup holds its position there (``--slave-info``) but no master.info."""
     found = Coordinates()
     info = read_master_info(root, master_info)
     if info is not None:
@@ -192,13 +199,18 @@ def from_tree(root: str, source_host: str, relay_log_info: str = "relay-log.info
             continue
         slave = parse_slave_info(text)
         if slave:
-            # The backup's source was a replica: its master is named nowhere in the
-            # backup, so the master stays unknown; the position is its master's.
+            # The backup's source was a replica: the position is its master's, at the
+            # backup's consistent point.  The backup names no master: the sender does
+            # (else it stays unknown, and the copy is not replicated).
             found.binlog_file, found.binlog_pos = slave.get("file"), slave.get("position")
             if slave.get("gtid"):
                 found.gtid, found.gtid_mode = slave["gtid"], "slave_pos"
             found.of = "backup"
             found.read_from(name)
+            if source_master is not None:
+                found.master_host, found.master_port = source_master.host, source_master.port
+                found.master_user = source_master.user or None
+                found.read_from("the source's SHOW SLAVE STATUS (seed peer)")
             return found, None
     for name in BINLOG_INFO_FILES:
         text = _read(root, name)

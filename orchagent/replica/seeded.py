@@ -64,7 +64,8 @@ async def check_staged_copy(job: StagedSeed) -> None:
     context, record, root = job.context, job.record, job.staging.root
     source = getattr(job, "source_address", "") or record.peer_host
     master_name, relay_name, port = await context.thread(_names, context.config)
-    found, info = await context.thread(coordinates.from_tree, root, source, relay_name, master_name)
+    found, info = await context.thread(coordinates.from_tree, root, source, relay_name, master_name,
+                                       getattr(job, "source_master", None))
     server: dict = {}
     if await context.thread(verify.wanted, context.config.seed_verify_start, root):
         record.state = state.CHECKING

@@ -12,7 +12,8 @@ authentication and verification on.
 The wire is the seed engine's: the same handshake (:mod:`orchagent.seed.auth`, role
 ``stream``), the same frames (:mod:`orchagent.seed.frames`), on one connection::
 
-    sender   MANIFEST_END {"stream": "xbstream", "tool", "version", "estimate"}
+    sender   MANIFEST_END {"stream": "xbstream", "tool", "version", "estimate", and
+                          of a replica "master": {"host", "port", "user"}}
     receiver READY                      extraction started, tools and space checked
     sender   DATA ...                   file 0, offset = position in the stream; each
                                         chunk's BLAKE3 digest bound to the keyed tag
@@ -61,6 +62,7 @@ from twisted.python.failure import Failure
 from orchagent.errors import AgentError, BadRequest, StepFailed
 from orchagent.host.diskusage import free_bytes
 from orchagent.process import CommandGroup
+from orchagent.replica.control import ThisServersMaster
 from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
@@ -517,6 +519,9 @@ class StreamReceiveJob(ReceiveJob):
         self.writeback = _Writeback(self.staging.root)
         self.synced = 0
         self.syncing = False
+        #: The master the source's server replicates from, as its sender announced it
+        #: (a replica's hot backup names none): read by orchagent.replica.seeded.
+        self.source_master = None
 
     @property
     def tools(self):
@@ -577,6 +582,7 @@ class StreamReceiveJob(ReceiveJob):
         if announce.get("stream") != FORMAT or tool not in EXTRACTORS or not isinstance(estimate, int):
             raise BadRequest(f"the sender announced a stream this host cannot take: {announce!r:.200}")
         self.tool = tool
+        self.source_master = ThisServersMaster.from_announce(announce.get("master"))
         tools = self.tools
         for needed in (EXTRACTORS[tool], tool):
             if not tools.installed(needed):
