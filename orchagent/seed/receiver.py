@@ -287,13 +287,14 @@ class ReceiveJob(state.JobIdentity):
                 return
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
-            records = state.read_journal(self.context.store.read(self.seed_id, "journal") or b"")
-            good = await self.context.thread(self.staging.recheck, self.manifest, self.table, records,
-                                             self.digest_kind)
+            journal = self.context.store.read(self.seed_id, "journal") or b""
+            good = await self.context.thread(self.staging.recheck, self.manifest, self.table,
+                                             state.read_journal(journal), self.digest_kind)
             for cid, digest in good:
                 self.table.mark_done(cid, digest)
             log.info("seed {seed}: {n} of {m} journaled chunks re-checked good after restart",
-                     seed=self.seed_id, n=len(good), m=len(records))
+                     seed=self.seed_id, n=len(good), m=len(journal) // state.JOURNAL_RECORD.size)
+            del journal, good  # not held while the session gets ready
             self.recheck_journal = False
         if session != self.session:
             return

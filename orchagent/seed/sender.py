@@ -30,7 +30,7 @@ from array import array
 from collections import deque
 
 import zstandard
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.interfaces import IPushProducer
@@ -532,21 +532,22 @@ class SendJob(state.JobIdentity):
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
 
-    async def _ready(self, have: list, session: str) -> None:
+    async def _ready(self, have: Iterable[tuple[int, int, int, bytes]], session: str) -> None:
         table = self.table
         table.reset()
-        recheck = []
+        recheck = plan.ChunkDigests()
         for index, offset, length, digest in have:
             cid = table.chunk_id(index, offset)
             if cid is None or table.length[cid] != length:
                 continue
             known = table.known(cid)
             if known is None:
-                recheck.append((cid, index, offset, length, digest))
+                recheck.append(cid, digest)
             elif known == digest:
                 table.mark_done(cid, digest)
         if recheck:
-            good = await self.context.thread(_recheck_source, self.files, recheck, self.digest_kind)
+            good = await self.context.thread(_recheck_source, self.files, table, recheck,
+                                             self.digest_kind)
             if session != self.session or not self.active:
                 return
             for cid, digest in good:
@@ -928,12 +929,13 @@ def _read_range(files: SourceFiles, index: int, offset: int, length: int) -> byt
         files.release(index, fd)
 
 
-def _recheck_source(files: SourceFiles, items, kind: int) -> list:
+def _recheck_source(files: SourceFiles, table: plan.ChunkTable, claimed: plan.ChunkDigests,
+                    kind: int) -> plan.ChunkDigests:
     """Worker thread: which chunks the receiver says it has match the source's bytes
     (read through checked descriptors: a changed file fails the seed)."""
-    good = []
-    for cid, index, offset, length, digest in items:
-        data = _read_range(files, index, offset, length)
+    good = plan.ChunkDigests()
+    for cid, digest in claimed:
+        data = _read_range(files, *table.chunk(cid))
         if frames.content_digest(data, kind) == digest:
-            good.append((cid, digest))
+            good.append(cid, digest)
     return good
