@@ -52,6 +52,10 @@ SLOW_RATE = 12 << 20
 V1_POLL = 1.0
 V1_RATE = 6 << 20
 _ATTR_TO_KEY = {f.attr: f.key for f in FIELDS}
+#: Seconds a writer may run when a test stops it (stop_writer) once what it must outlast
+#: is over: a seed's backup or snapshot takes longer on a loaded machine, and a writer of
+#: fixed length may end before it.
+UNTIL_STOPPED = 300.0
 REPL_PASSWORD = "r3pl-Pw-e2e-71b"
 
 POPULATE = f"""
@@ -65,12 +69,13 @@ INSERT INTO t2 (payload, created)
 CREATE TABLE t3 (id INT PRIMARY KEY, label VARCHAR(32)) ENGINE=Aria;
 INSERT INTO t3 SELECT seq, CONCAT('label-', seq) FROM seq_1_to_20000;
 CREATE TABLE w (id INT AUTO_INCREMENT PRIMARY KEY, k INT NOT NULL, note VARCHAR(40)) ENGINE=InnoDB;
+CREATE TABLE writer_stop (id INT PRIMARY KEY) ENGINE=InnoDB;
 DELIMITER //
 CREATE PROCEDURE writer(secs DOUBLE)
 BEGIN
   DECLARE stop_at DOUBLE DEFAULT UNIX_TIMESTAMP(NOW(6)) + secs;
   DECLARE i INT DEFAULT 0;
-  WHILE UNIX_TIMESTAMP(NOW(6)) < stop_at DO
+  WHILE UNIX_TIMESTAMP(NOW(6)) < stop_at AND NOT EXISTS (SELECT 1 FROM writer_stop) DO
     INSERT INTO w (k, note) VALUES (i, CONCAT('row ', i));
     UPDATE t1 SET n = n + 1 WHERE id = 1 + (i * 37) % 120000;
     SET i = i + 1;
@@ -80,6 +85,23 @@ DELIMITER ;
 """
 
 _golden: dict[str, str] = {}
+
+
+async def stop_writer(db: MariaDB, writer: defer.Deferred) -> None:
+    """Stop a ``CALL writer(UNTIL_STOPPED)`` and wait for it (the flag is cleared after)."""
+    await db.sql_async("INSERT INTO writer_stop VALUES (1)", DATABASE)
+    await writer
+    await db.sql_async("DELETE FROM writer_stop", DATABASE)
+
+
+async def writes_after(db: MariaDB, gtid: str, timeout: float = 60) -> None:
+    """Until ``db`` has written a transaction after GTID position ``gtid``."""
+    seq = int(gtid.rsplit("-", 1)[1])
+    deadline = reactor.seconds() + timeout
+    while int((await db.sql_async("SELECT @@gtid_binlog_pos"))[0][0].rsplit("-", 1)[1]) <= seq:
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"nothing written after {gtid} within {timeout}s")
+        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 def golden_datadir() -> str:
@@ -497,11 +519,11 @@ class SeedEndToEndTests(unittest.TestCase):
         """seed --hot --replicate while the primary takes writes: the backup's consistent
         point (mariadb_backup_binlog_info) is where the copy replicates from."""
         source, target = await self.replication_hosts()
-        writer = source.db.sql_async("CALL writer(4.0)", DATABASE)
+        writer = source.db.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
         code, output = await self.run_controller(
             "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
             "--poll-interval", "0.3", "--replicate")
-        await writer
+        await stop_writer(source.db, writer)
         self.assertEqual(code, 0, output)
         self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, ")
         seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
@@ -596,10 +618,12 @@ class SeedEndToEndTests(unittest.TestCase):
         seeded with --replicate: the target replicates from the primary, with the user and
         password of the copied master.info (no ReplicationCredentialsFile)."""
         primary, source, target = await self.replica_hosts()
-        writer = primary.sql_async("CALL writer(3.0)", DATABASE)
+        writer = primary.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
         await self.replica_applies(source)
         self.assertIs(await source.api("/api/create-snapshot"), True)
-        await writer
+        (snapped,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
+        await writes_after(primary, snapped)
+        await stop_writer(primary, writer)
         code, output = await self.run_controller(
             "seed", "--target", target.address, "--source", source.address, "--stop-target",
             "--poll-interval", "0.3", "--replicate")
@@ -627,14 +651,14 @@ class SeedEndToEndTests(unittest.TestCase):
             fh.write(f"[client]\nuser=repl\npassword={REPL_PASSWORD}\n")
         os.chmod(credentials, 0o600)
         primary, source, target = await self.replica_hosts({"ReplicationCredentialsFile": credentials})
-        writer = primary.sql_async("CALL writer(6.0)", DATABASE)
+        writer = primary.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
         await self.replica_applies(source)
         (applied,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
         code, output = await self.run_controller(
             "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
             "--poll-interval", "0.3", "--replicate")
         (at_end,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
-        await writer
+        await stop_writer(primary, writer)
         self.assertEqual(code, 0, output)
         seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
         coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]

@@ -316,12 +316,19 @@ class PostCopyTests(unittest.TestCase):
         target = MariaDB.create(self, server_id=3, install=False, start=False)
         shutil.copytree(replica.datadir, target.datadir, symlinks=True)  # owned by root now
         os.chmod(target.datadir, 0o755)
+        # As a hot seed leaves them: the backup's coordinates, true of its own moment only.
+        for name in ("xtrabackup_binlog_info", "mariadb_backup_slave_info"):
+            with open(os.path.join(target.datadir, name), "w") as fh:
+                fh.write("mysql-bin.000001\t342\t0-1-5\n")
         host = make_host(target)
         self.assertIs(await host.post_copy("replica.example"), True)
 
         names = os.listdir(target.datadir)
         self.assertIn("master.info.from-replica.example", names)
         self.assertIn("relay-log.info.from-replica.example", names)
+        self.assertIn("xtrabackup_binlog_info.from-replica.example", names)
+        self.assertIn("mariadb_backup_slave_info.from-replica.example", names)
+        self.assertNotIn("xtrabackup_binlog_info", names)
         self.assertNotIn("master.info", names)
         self.assertFalse([n for n in names if "relay-bin" in n], names)
         self.assertIn("mysql-bin.000001", names)

@@ -69,8 +69,10 @@ PROTECTED_DIRECTORIES = frozenset({
     "/var/opt", "/var/spool", "/var/tmp", "/var/www", "/etc/mysql", "/lost+found",
 })
 
-#: Replication state that belongs to the source of a copy (see :meth:`MySQLHost.post_copy`).
-_REPLICATION_INFO = re.compile(r"^(master\.info|relay-log\.info|multi-master\.info|master-.+\.info|relay-log-.+\.info)$")
+#: Replication state that belongs to the source of a copy, or to the moment a backup was
+#: taken (see :meth:`MySQLHost.post_copy`).
+_REPLICATION_INFO = re.compile(r"^(master\.info|relay-log\.info|multi-master\.info|master-.+\.info|relay-log-.+\.info"
+                               r"|(xtrabackup|mariadb_backup)_(binlog|slave)_info)$")
 _RELAY_LOG = re.compile(r"^.+-relay-bin(-.+)?\.([0-9]{6,}|index)$")
 
 
@@ -279,7 +281,10 @@ class MySQLHost:
           start replicating from the source's master with the source's relay position
           and relay log names, which do not exist here.  The renamed files keep the
           coordinates for the operator; MariaDB's GTID position (``mysql.gtid_slave_pos``)
-          lives in the data and is consistent with it.
+          lives in the data and is consistent with it.  So are a backup's coordinate
+          files (``xtrabackup_binlog_info``, ``mariadb_backup_slave_info``...): true of
+          the moment the backup was taken, they would otherwise stay in this datadir for
+          good and be read as the coordinates of a later copy of it.
         * The source's relay logs and their index (``*-relay-bin.NNNNNN``/``.index``) go:
           they are the source's downloaded copy of its master's binlog.
         * Stale ``*.pid`` files at the top of the datadir go (MySQL is not running here).
