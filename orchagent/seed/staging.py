@@ -25,7 +25,7 @@ import shutil
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from itertools import compress
+from itertools import compress, islice
 from operator import eq
 
 from orchagent.host.diskusage import disk_usage
@@ -418,7 +418,7 @@ class Staging:
         self.close_files()
         kinds, first = manifest.kinds, table.first
         # Entries by kind with C loops: a tree of 50,000 files has few of these.
-        chunkless = map(eq, first[:-1], first[1:])
+        chunkless = map(eq, first, islice(first, 1, None))  # no copies of the column
         special = map(lambda kind, none: (kind == _FILE and none) or kind == _LINK, kinds, chunkless)
         for index in compress(range(len(manifest)), special):
             if kinds[index] == _FILE:
