@@ -289,9 +289,14 @@ class Manifest:
             return
         paths, kinds, sizes, modes, mtimes, users, groups, uids, gids, targets, extents = columns
         start = len(self.kinds)
+        try:
+            self.paths.extend_encoded(paths)
+        except ValueError:  # a path with a NUL, which add_wire names
+            for item in items:
+                self.add_wire(item)
+            return
         for name in set(users).union(groups):
             self._name(name)
-        self.paths.extend_encoded(paths)
         self.kinds += kinds
         self.sizes += sizes
         self.modes += modes
@@ -321,9 +326,8 @@ class Manifest:
         sizes, modes = array("Q", sizes), array("I", modes)  # OverflowError below 0
         if max(sizes) >= 2**63 or max(modes) >= 0o10000:
             return None
-        encoded = list(map(_encode, paths))  # UnicodeEncodeError is a ValueError
-        if any(map(bytes.__contains__, encoded, repeat(b"\0"))):
-            return None
+        # UnicodeEncodeError is a ValueError; a NUL, PathColumn.extend_encoded refuses.
+        encoded = list(map(str.encode, paths, repeat("utf-8"), repeat("surrogateescape")))
         sparse = []
         for offset, value in compress(enumerate(extents), map(is_not, extents, repeat(None))):
             sparse.append((offset, tuple((a, b) for a, b in value)))
