@@ -308,7 +308,7 @@ class SeedEndToEndTests(unittest.TestCase):
             sums = await defer.Deferred.fromCoroutine(_in_thread(checksums, server))
         finally:
             await server.stop_async()
-        self.assertEqual(sorted(sums), ["t1", "t2", "t3", "w"])
+        self.assertEqual(sorted(sums), ["t1", "t2", "t3", "w", "writer_stop"])
         self.assertEqual([sums[t][1] for t in ("t1", "t2", "t3")], ["120000", "60000", "20000"])
         self.assertGreater(int(sums["w"][1]), 0)
         return sums
