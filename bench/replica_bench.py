@@ -360,7 +360,7 @@ def markdown(args, bench: Bench, ours: list[dict], by_hand: list[dict], checks: 
         "| until caught up | median | min | max |",
         "|---|---|---|---|",
         row("orchagent seed --hot --replicate (every check on)", ours, "seconds"),
-        row("  of which the seed (checks, backup streamed, prepared, verified start, synced, moved)",
+        row("  of which the seed (checks, backup streamed, prepared, synced, verified start, moved)",
             ours, "seeded"),
         row("    of which the verified start (SeedVerifyStart on)", ours, "check"),
         row("  of which post-copy and MySQL started until it answers", ours, "start"),
