@@ -43,7 +43,6 @@ broken (anything else).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
