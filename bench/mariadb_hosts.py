@@ -25,6 +25,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from orchagent.config import FIELDS  # noqa: E402
+from tests.support import mariadb as mariadb_support  # noqa: E402
 from tests.support.mariadb import MariaDB, free_port  # noqa: E402
 
 DATABASE = "bench"
@@ -66,6 +67,26 @@ def agent_settings(db: MariaDB) -> dict:
     """The configuration keys that point an agent at ``db`` (option file, service and
     client commands)."""
     return {_ATTR_TO_KEY[k]: v for k, v in db.agent_settings().items()}
+
+
+def run_directory(parent: str, tools: tuple[str, ...]) -> str | None:
+    """A fresh directory for one run under ``parent`` (``run-<pid>``, readable by the
+    server's user), once MariaDB and ``tools`` are known to be here; None (said on
+    stderr) when something is missing.  The bench becomes the subreaper of what it
+    starts, so a server left by a failed round is still its child to stop."""
+    reason = mariadb_support.unavailable_reason()
+    for tool in tools:
+        if shutil.which(tool) is None:
+            reason = reason or f"{tool} is not installed"
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return None
+    mariadb_support.become_subreaper()
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.join(parent, f"run-{os.getpid()}")
+    os.makedirs(base)
+    os.chmod(base, 0o755)
+    return base
 
 
 class Cleanups:

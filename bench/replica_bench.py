@@ -52,8 +52,7 @@ import sys
 import time
 
 from mariadb_hosts import (DATABASE, REPO, Agent, Cleanups, StreamedCopy, agent_settings, du,
-                           empty, populate)
-from tests.support import mariadb as mariadb_support
+                           empty, populate, run_directory)
 from tests.support.mariadb import MariaDB, free_port
 from tests.support.netns import create_pair
 
@@ -390,18 +389,9 @@ def main() -> int:
     parser.add_argument("--dir", default="/var/tmp/orchagent-replica-bench")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    reason = mariadb_support.unavailable_reason()
-    for tool in ("mariabackup", "mbstream", "nc", "ss", "nsenter"):
-        if shutil.which(tool) is None:
-            reason = reason or f"{tool} is not installed"
-    if reason:
-        print(f"cannot run: {reason}", file=sys.stderr)
+    base = run_directory(args.dir, ("mariabackup", "mbstream", "nc", "ss", "nsenter"))
+    if base is None:
         return 2
-    mariadb_support.become_subreaper()
-    os.makedirs(args.dir, exist_ok=True)
-    base = os.path.join(args.dir, f"run-{os.getpid()}")
-    os.makedirs(base)
-    os.chmod(base, 0o755)
     cleanups = Cleanups()
     bench = Bench(args, base)
     try:
