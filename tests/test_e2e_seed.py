@@ -574,7 +574,7 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the backup'"), [("1",)])
 
-    async def replica_hosts(self, target_config=None) -> tuple[MariaDB, Host, Host]:
+    async def replica_hosts(self, target_config=None, source_config=None) -> tuple[MariaDB, Host, Host]:
         """A primary (its own server, listening on the source namespace's address, with a
         replication user), the source host whose server replicates from it with
         MASTER_USE_GTID=slave_pos (server id 3), and a target on the source's port (server
@@ -591,7 +591,7 @@ class SeedEndToEndTests(unittest.TestCase):
                        stdout=subprocess.DEVNULL)
         primary.sql(f"CREATE USER repl@'%' IDENTIFIED BY '{REPL_PASSWORD}';"
                     "GRANT REPLICATION SLAVE ON *.* TO repl@'%'")
-        source = await self.make_host(self.pair.a, populated=True,
+        source = await self.make_host(self.pair.a, populated=True, config=source_config,
                                       db={"port": port, "server_id": 3})
         await source.db.stop_async()
         self.assertIs(await source.api("/api/mysql-start"), True)
@@ -705,6 +705,37 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertEqual(status["SeedId"], "4712")
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the snapshot'"), [("1",)])
+
+    async def test_the_v1_sequence_from_a_replicas_snapshot_ends_replicating_from_its_master(self):
+        """Scenario (a) through orchestrator's own v1 sequence: the newest snapshot of a
+        replica, taken while it applies its primary's writes, and SeedStartReplication on
+        the target: orchestrator's closing mysql-start leaves the target replicating from
+        the replica's master, with the copied master.info's user and password."""
+        orchestrator = StandInOrchestrator()
+        url = await orchestrator.serve(self, interface=self.pair.callback_address)
+        registering = {"AgentsServer": url, "ContinuousPollSeconds": 1}
+        primary, source, target = await self.replica_hosts(
+            {**registering, "SeedStartReplication": True}, source_config=registering)
+        await orchestrator.wait_for("submit-agent", 2, timeout=30)
+        submitted = {s.hostname: s for s in orchestrator.submissions}
+        writer = primary.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
+        await self.replica_applies(source)
+        self.assertIs(await source.api("/api/create-snapshot"), True)
+        (snapped,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
+        await writes_after(primary, snapped)
+        await stop_writer(primary, writer)
+        await target.db.stop_async()
+        seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], 4713,
+                      wait_before_send=0.5, poll_interval=V1_POLL)
+        outcome = await seed.run()
+        self.assertTrue(outcome.ok, f"{outcome.reason}; mysql-du at each poll: {seed.polled_usage}")
+        self.assertEqual(outcome.problems, (), "every answer has the v1 type")
+        calls = [c.split(" ", 1)[1] for c in outcome.calls]
+        self.assertEqual(calls[-1], "mysql-start")
+        self.assertFalse([c for c in calls if "replication" in c], "orchestrator calls nothing new")
+        status = await self.assertReplicates(primary, target)
+        self.assertEqual(status["SeedId"], "4713")
+        self.assertEqual((status["MasterHost"], status["MasterPort"]), (self.pair.a.address, primary.port))
 
     # --- bad paths ---------------------------------------------------------------------------
 
