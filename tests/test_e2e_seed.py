@@ -680,20 +680,21 @@ class SeedEndToEndTests(unittest.TestCase):
         self.assertEqual(await target.db.sql_async(
             f"SELECT COUNT(*) FROM {DATABASE}.w WHERE note = 'after the backup'"), [("1",)])
 
-    async def test_the_v1_sequence_ends_replicating(self):
-        """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the
-        target: its closing mysql-start leaves the target replicating from the source."""
+    async def orchestrator(self) -> tuple[StandInOrchestrator, dict]:
+        """The stand-in orchestrator, and the settings that register an agent with it."""
         orchestrator = StandInOrchestrator()
         url = await orchestrator.serve(self, interface=self.pair.callback_address)
-        registering = {"AgentsServer": url, "ContinuousPollSeconds": 1}
-        source, target = await self.replication_hosts(
-            registering, {**registering, "SeedStartReplication": True})
+        return orchestrator, {"AgentsServer": url, "ContinuousPollSeconds": 1}
+
+    async def v1_seed(self, orchestrator: StandInOrchestrator, source: Host, target: Host,
+                      seed_id: int) -> None:
+        """orchestrator's own v1 sequence from ``source``'s newest snapshot to ``target``
+        (its MySQL stopped first, as an operator does), ending with mysql-start and no call
+        orchestrator does not make."""
         await orchestrator.wait_for("submit-agent", 2, timeout=30)
         submitted = {s.hostname: s for s in orchestrator.submissions}
-        await self.quiet_snapshot(source)
-        await source.db.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the snapshot')", DATABASE)
         await target.db.stop_async()
-        seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], 4712,
+        seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], seed_id,
                       wait_before_send=0.5, poll_interval=V1_POLL)
         outcome = await seed.run()
         self.assertTrue(outcome.ok, f"{outcome.reason}; mysql-du at each poll: {seed.polled_usage}")
@@ -701,6 +702,16 @@ class SeedEndToEndTests(unittest.TestCase):
         calls = [c.split(" ", 1)[1] for c in outcome.calls]
         self.assertEqual(calls[-1], "mysql-start")
         self.assertFalse([c for c in calls if "replication" in c], "orchestrator calls nothing new")
+
+    async def test_the_v1_sequence_ends_replicating(self):
+        """orchestrator's own v1 sequence, unchanged, with SeedStartReplication on the
+        target: its closing mysql-start leaves the target replicating from the source."""
+        orchestrator, registering = await self.orchestrator()
+        source, target = await self.replication_hosts(
+            registering, {**registering, "SeedStartReplication": True})
+        await self.quiet_snapshot(source)
+        await source.db.sql_async("INSERT INTO w (k, note) VALUES (-1, 'after the snapshot')", DATABASE)
+        await self.v1_seed(orchestrator, source, target, 4712)
         status = await self.assertReplicates(source, target)
         self.assertEqual(status["SeedId"], "4712")
         self.assertEqual(await target.db.sql_async(
@@ -711,28 +722,16 @@ class SeedEndToEndTests(unittest.TestCase):
         replica, taken while it applies its primary's writes, and SeedStartReplication on
         the target: orchestrator's closing mysql-start leaves the target replicating from
         the replica's master, with the copied master.info's user and password."""
-        orchestrator = StandInOrchestrator()
-        url = await orchestrator.serve(self, interface=self.pair.callback_address)
-        registering = {"AgentsServer": url, "ContinuousPollSeconds": 1}
+        orchestrator, registering = await self.orchestrator()
         primary, source, target = await self.replica_hosts(
             {**registering, "SeedStartReplication": True}, source_config=registering)
-        await orchestrator.wait_for("submit-agent", 2, timeout=30)
-        submitted = {s.hostname: s for s in orchestrator.submissions}
         writer = primary.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
         await self.replica_applies(source)
         self.assertIs(await source.api("/api/create-snapshot"), True)
         (snapped,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
         await writes_after(primary, snapped)
         await stop_writer(primary, writer)
-        await target.db.stop_async()
-        seed = V1Seed(orchestrator, submitted[target.ns.address], submitted[source.ns.address], 4713,
-                      wait_before_send=0.5, poll_interval=V1_POLL)
-        outcome = await seed.run()
-        self.assertTrue(outcome.ok, f"{outcome.reason}; mysql-du at each poll: {seed.polled_usage}")
-        self.assertEqual(outcome.problems, (), "every answer has the v1 type")
-        calls = [c.split(" ", 1)[1] for c in outcome.calls]
-        self.assertEqual(calls[-1], "mysql-start")
-        self.assertFalse([c for c in calls if "replication" in c], "orchestrator calls nothing new")
+        await self.v1_seed(orchestrator, source, target, 4713)
         status = await self.assertReplicates(primary, target)
         self.assertEqual(status["SeedId"], "4713")
         self.assertEqual((status["MasterHost"], status["MasterPort"]), (self.pair.a.address, primary.port))
