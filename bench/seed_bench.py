@@ -130,16 +130,19 @@ class FreshTarget:
     spends most of its time scanning them), and the freed blocks are being discarded.
     """
 
-    def __init__(self, path: str, image: str, size: int):
+    def __init__(self, path: str, image: str, size: int, mkfs_options: tuple[str, ...] = ()):
         self.path, self.image, self.size = path, image, size
+        #: More options for mkfs.ext4 (``("-i", "4096")``: an inode per 4 KiB, for trees
+        #: of many tiny files).
+        self.mkfs_options = mkfs_options
         self.device = None
 
     def __enter__(self) -> str:
         os.makedirs(self.path, exist_ok=True)
         with open(self.image, "wb") as fh:
             fh.truncate(self.size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0", self.image],
-                       check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *self.mkfs_options, "-E", "nodiscard,lazy_itable_init=0",
+                        self.image], check=True)
         self.device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", self.image],
                                      check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run(["mount", self.device, self.path], check=True)

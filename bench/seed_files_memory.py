@@ -15,30 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import seed_bench  # noqa: E402
-
-
-class ManyInodesTarget(seed_bench.FreshTarget):
-    """A fresh ext4 with an inode per 4 KiB."""
-
-    def __enter__(self) -> str:
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.image, "wb") as fh:
-            fh.truncate(self.size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", "-E", "nodiscard,lazy_itable_init=0",
-                        self.image], check=True)
-        self.device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", self.image],
-                                     check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(["mount", self.device, self.path], check=True)
-        target = os.path.join(self.path, "datadir")
-        os.makedirs(target)
-        subprocess.run(["sync"], check=True)
-        return target
 
 
 def make_tiny(root: str, count: int, size: int) -> None:
@@ -74,8 +55,9 @@ def main() -> int:
                 order = trees if round_ % 2 == 0 else trees[::-1]
                 for tree in order:
                     seed_bench.REPO = tree
-                    target = ManyInodesTarget(os.path.join(args.dir, "target"),
-                                              os.path.join(args.dir, "target.img"), image_size)
+                    target = seed_bench.FreshTarget(os.path.join(args.dir, "target"),
+                                                    os.path.join(args.dir, "target.img"), image_size,
+                                                    mkfs_options=("-i", "4096"))  # tiny files
                     with target as dst:
                         r = seed_bench.run_orchagent(os.path.join(args.dir, "work"), src, dst,
                                                      target="127.0.0.1")
