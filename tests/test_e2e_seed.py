@@ -520,14 +520,8 @@ class SeedEndToEndTests(unittest.TestCase):
         point (mariadb_backup_binlog_info) is where the copy replicates from."""
         source, target = await self.replication_hosts()
         writer = source.db.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
-        code, output = await self.run_controller(
-            "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
-            "--poll-interval", "0.3", "--replicate")
+        coordinates = await self.seed_replicating(source, target, source.db.port, "--hot")
         await stop_writer(source.db, writer)
-        self.assertEqual(code, 0, output)
-        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, ")
-        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
-        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
         self.assertIn("binlog_info", coordinates["From"])
         (written,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
         self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
@@ -558,13 +552,7 @@ class SeedEndToEndTests(unittest.TestCase):
         snapshots = await source.api("/api/lvs-snapshots")
         self.assertEqual([(s["Name"], s["GroupName"]) for s in snapshots], [("nightly", "backup")])
 
-        code, output = await self.run_controller(
-            "seed", "--target", target.address, "--source", source.address, "--stop-target",
-            "--poll-interval", "0.3", "--replicate")
-        self.assertEqual(code, 0, output)
-        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{source.db.port}, ")
-        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
-        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        coordinates = await self.seed_replicating(source, target, source.db.port)
         self.assertRegex(coordinates["From"], r"^(mariadb_backup|xtrabackup)_binlog_info, ")
         (written,), = await source.db.sql_async("SELECT @@gtid_binlog_pos")
         self.assertLess(int(coordinates["GTID"].rsplit("-", 1)[1]), int(written.rsplit("-", 1)[1]),
@@ -604,6 +592,18 @@ class SeedEndToEndTests(unittest.TestCase):
                                       config=target_config)
         return primary, source, target
 
+    async def seed_replicating(self, source: Host, target: Host, master_port: int, *options: str) -> dict:
+        """``orchagent seed --replicate`` (and ``options``) from ``source`` to ``target``:
+        it ends replicating from the source namespace's address at ``master_port``; the
+        seed's coordinates as the target reports them."""
+        code, output = await self.run_controller(
+            "seed", "--target", target.address, "--source", source.address, *options, "--stop-target",
+            "--poll-interval", "0.3", "--replicate")
+        self.assertEqual(code, 0, output)
+        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{master_port}, ")
+        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
+        return (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+
     async def replica_applies(self, source: Host) -> None:
         """Until the source's server (a replica) has applied some of its primary's writes."""
         count = f"SELECT COUNT(*) FROM {DATABASE}.w"
@@ -624,13 +624,7 @@ class SeedEndToEndTests(unittest.TestCase):
         (snapped,), = await primary.sql_async("SELECT @@gtid_binlog_pos")
         await writes_after(primary, snapped)
         await stop_writer(primary, writer)
-        code, output = await self.run_controller(
-            "seed", "--target", target.address, "--source", source.address, "--stop-target",
-            "--poll-interval", "0.3", "--replicate")
-        self.assertEqual(code, 0, output)
-        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{primary.port}, ")
-        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
-        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
+        coordinates = await self.seed_replicating(source, target, primary.port)
         self.assertEqual((coordinates["MasterHost"], coordinates["MasterPort"], coordinates["MasterUser"]),
                          (self.pair.a.address, primary.port, "repl"))
         self.assertIn("gtid_slave_pos", coordinates["From"])
@@ -654,16 +648,9 @@ class SeedEndToEndTests(unittest.TestCase):
         writer = primary.sql_async(f"CALL writer({UNTIL_STOPPED})", DATABASE)
         await self.replica_applies(source)
         (applied,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
-        code, output = await self.run_controller(
-            "seed", "--target", target.address, "--source", source.address, "--hot", "--stop-target",
-            "--poll-interval", "0.3", "--replicate")
+        coordinates = await self.seed_replicating(source, target, primary.port, "--hot")
         (at_end,), = await source.db.sql_async("SELECT @@gtid_slave_pos")
         await stop_writer(primary, writer)
-        self.assertEqual(code, 0, output)
-        seed_id = re.search(r"seed (s[0-9a-f]+) done", output).group(1)
-        coordinates = (await target.api(f"/api/seed-status/{seed_id}"))["Replication"]
-        self.assertRegex(output, rf"replicates from {re.escape(self.pair.a.address)}:{primary.port}, ",
-                         coordinates)
         self.assertEqual((coordinates["MasterHost"], coordinates["MasterPort"], coordinates["MasterUser"]),
                          (self.pair.a.address, primary.port, "repl"), coordinates)
         self.assertRegex(coordinates["From"], r"^(mariadb_backup|xtrabackup)_slave_info, ")
