@@ -135,4 +135,7 @@ class ISeedJob(Interface):
         """The agent stops: keep what a restart resumes from; a Deferred."""
 
     def progress():
-        """(bytes per second lately, seconds left or None)."""
+        """(bytes per second lately, seconds left or None).  None unless the record's
+        ``totals`` are FINAL or an ESTIMATE (orchagent.seed.state.eta): a job whose
+        manifest is still walked or received reports its totals so far with ``totals``
+        WALKING, and sets FINAL once they are exact."""

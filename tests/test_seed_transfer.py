@@ -20,7 +20,8 @@ from tests import seed_support as S
 from tests.support.certs import TestCA, seed_tls
 
 STATUS_KEYS = {"SeedId", "Role", "State", "BytesTotal", "BytesDone", "FilesTotal", "FilesDone",
-               "RateBytesPerSec", "EtaSeconds", "Resumes", "Error", "StartedAt", "UpdatedAt"}
+               "RateBytesPerSec", "EtaSeconds", "Resumes", "Error", "StartedAt", "UpdatedAt",
+               "Totals"}
 CHUNK = 64 * 1024
 
 

@@ -43,16 +43,42 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 
 
 def progress_line(status: dict[str, Any], width: int = 30) -> str:
-    """One line from a target's seed-status: bar, percent, bytes, files, rate, ETA."""
+    """One line from a target's seed-status: bar, percent, bytes, files, rate, ETA.
+
+    The totals are shown for what the status says they are (``Totals``).  While the
+    source is walked (``walking``) they are a count so far, marked ``+``, with neither a
+    bar, a percentage nor an ETA: each would fall and then jump back as the walk finds
+    more (a million files take seconds to walk).  An ``estimate`` (a hot seed's stream:
+    the source datadir's size) is marked ``~``, and so are the percentage and ETA made
+    from it.  An agent that does not say (an older one) is shown as before, as final."""
     done = int(status.get("BytesDone") or 0)
     total = int(status.get("BytesTotal") or 0)
-    percent = f"{100 * done / total:5.1f}%" if total > 0 else "    ?%"
+    files_done = int(status.get("FilesDone") or 0)
+    files_total = int(status.get("FilesTotal") or 0)
+    totals = status.get("Totals", "final")
+    walking, estimate = totals == "walking", totals == "estimate"
+
+    def of(count: int, text: str) -> str:
+        if walking:
+            return text + "+"
+        if not count:
+            return "?"
+        return "~" + text if estimate else text
+
+    known = total > 0 and not walking
+    percent = (f"{'~' if estimate else ''}{100 * min(done, total) / total:.1f}%" if known
+               else "?%").rjust(6)
+    eta = format_duration(status.get("EtaSeconds"))
+    if walking:
+        eta = "? (walking the source)"
+    elif estimate and eta != "?":
+        eta = "~" + eta
     parts = [
-        progress_bar(done, total, width), percent,
-        f"{format_bytes(done)} / {format_bytes(total) if total else '?'}",
-        f"files {status.get('FilesDone', 0)}/{status.get('FilesTotal') or '?'}",
+        progress_bar(done, total if known else 0, width), percent,
+        f"{format_bytes(done)} / {of(total, format_bytes(total))}",
+        f"files {files_done:,}/{of(files_total, f'{files_total:,}')}",
         f"{format_bytes(status.get('RateBytesPerSec') or 0)}/s",
-        f"ETA {format_duration(status.get('EtaSeconds'))}",
+        f"ETA {eta}",
     ]
     state = status.get("State", "")
     if state and state != "running":

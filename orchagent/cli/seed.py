@@ -399,7 +399,7 @@ class Seeder:
     async def _watch(self, record: SeedRecord, target: AgentClient, source: AgentClient) -> dict:
         """Follow the copy until the target has verified everything."""
         unreachable_since: dict[str, float] = {}
-        last_done, last_growth = -1, self.reactor.seconds()
+        last_done, last_growth = (-1, -1, -1), self.reactor.seconds()
         while True:
             await self._sleep(self.options.poll_interval)
             t_status = await self._status(target, record.seed_id, unreachable_since)
@@ -422,7 +422,8 @@ class Seeder:
                                           f"{status.get('Error') or 'no reason given'}")
             if t_status is None:
                 continue
-            done = int(t_status.get("BytesDone") or 0)
+            # Bytes moving or, while the source is walked, files found: both are progress.
+            done = tuple(int(t_status.get(k) or 0) for k in ("BytesDone", "FilesTotal", "BytesTotal"))
             if done > last_done:
                 last_done, last_growth = done, self.reactor.seconds()
             elif self.reactor.seconds() - last_growth >= self.options.stall_timeout:

@@ -380,7 +380,8 @@ class SeedManager(service.Service):
             raise Refused(f"refusing to receive seed {seed_id} into datadir {datadir!r}")
         self._refuse_busy_datadir(seed_id, datadir)
         if self.config.receive_seed_data_command:
-            record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir)
+            record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir,
+                                      totals=state.UNCOUNTED)
             job = CommandJob(self.context, record, self.config.receive_seed_data_command,
                              [datadir, str(self.config.seed_transfer_port)])
             self.jobs[seed_id] = job
@@ -456,7 +457,7 @@ class SeedManager(service.Service):
         path = await self._source_path(source, seed_id)
         if self.config.send_seed_data_command:
             record = self._new_record(seed_id, "sender", mode="command", target=target,
-                                      source=source, source_path=path)
+                                      source=source, source_path=path, totals=state.UNCOUNTED)
             job = CommandJob(self.context, record, self.config.send_seed_data_command, [path, host, str(port)])
             self.jobs[seed_id] = job
             job.start()
@@ -489,7 +490,8 @@ class SeedManager(service.Service):
         fields = {"target": target, "source": "hot", "keyed": auth_key is not None,
                   "rate_limit": self.config.seed_rate_limit_bytes_per_sec}
         if isinstance(made, StreamedBackup):
-            record = self._new_record(seed_id, "sender", bytes_total=made.estimate, **fields)
+            record = self._new_record(seed_id, "sender", bytes_total=made.estimate,
+                                      totals=state.ESTIMATE, **fields)
             self.save(record)  # a stream cannot resume: its key is never kept
             job = StreamSendJob(self.context, record, auth_key, host, port, made.command,
                                 made.what, made.announce, cwd=made.cwd)
@@ -605,8 +607,8 @@ class SeedManager(service.Service):
                 continue
             status = self._status(job.record)
             log.info("seed {SeedId} {Role} {State}: {BytesDone}/{BytesTotal} bytes, "
-                     "{FilesDone}/{FilesTotal} files, {RateBytesPerSec} B/s, eta {EtaSeconds}s, "
-                     "resumes {Resumes}", **status)
+                     "{FilesDone}/{FilesTotal} files (totals {Totals}), {RateBytesPerSec} B/s, "
+                     "eta {EtaSeconds}s, resumes {Resumes}", **status)
             self.save(job.record)
 
     def _prune(self) -> None:

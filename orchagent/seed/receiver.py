@@ -244,6 +244,12 @@ class ReceiveJob(state.JobIdentity):
             self.reader, self.reading = tree.ManifestReader(), defer.succeed(None)
         reader, thread = self.reader, self.context.thread
         self.reading.addCallback(lambda _: thread(reader.feed, body))
+        self.reading.addCallback(self._counted, reader)
+
+    def _counted(self, _, reader: tree.ManifestReader) -> None:
+        """The files and bytes read so far: the status's totals until MANIFEST_END."""
+        if reader is self.reader and self.record.totals == state.WALKING:
+            self.record.files_total, self.record.bytes_total = reader.files, reader.bytes
 
     def _drop_reading(self) -> None:
         """Forget a manifest read by a session that ended before its MANIFEST_END."""
@@ -311,6 +317,7 @@ class ReceiveJob(state.JobIdentity):
         record = self.record
         record.bytes_total, record.files_total = table.bytes_total, len(table.files)
         record.bytes_done, record.files_done = table.bytes_done, table.files_done
+        record.totals = state.FINAL
         self.context.touch(record)
         if session != self.session or self.control is None:
             return

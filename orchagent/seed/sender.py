@@ -418,8 +418,8 @@ class SendJob(state.JobIdentity):
         reactor = self.context.reactor
         store, seed_id = self.context.store, self.seed_id
 
-        def packed(bodies: list[bytes]) -> None:  # worker thread
-            reactor.callFromThread(self._more_batches, bodies)
+        def packed(bodies: list[bytes], files: int, size: int) -> None:  # worker thread
+            reactor.callFromThread(self._more_batches, bodies, files, size)
 
         previous = await self.context.thread(store.read, seed_id, "pins")
         manifest, table, pins = await self.context.thread(
@@ -434,6 +434,7 @@ class SendJob(state.JobIdentity):
         self.files = SourceFiles(self.record.source_path, manifest, pins)
         self.manifest, self.table, self.walked = manifest, table, True
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
+        self.record.totals = state.FINAL
         self.context.touch(self.record)
         log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
                  seed=self.seed_id, bytes=self.table.bytes_total, files=len(self.table.files),
@@ -441,10 +442,13 @@ class SendJob(state.JobIdentity):
         if self.manifest_stream is not None:
             self._end_manifest(self.manifest_stream)
 
-    def _more_batches(self, bodies: list[bytes]) -> None:
-        """Batches packed by the walk (called in order, before the walk's result)."""
+    def _more_batches(self, bodies: list[bytes], files: int, size: int) -> None:
+        """Batches packed by the walk (called in order, before the walk's result), and the
+        files and bytes walked so far (the status's totals until the walk ends)."""
         if not self.active:
             return
+        if self.record.totals == state.WALKING:  # a restarted send's are final already
+            self.record.files_total, self.record.bytes_total = files, size
         self.batches += bodies
         stream = self.manifest_stream
         if stream is not None:
@@ -853,21 +857,24 @@ def tell_abort(stream: SenderStream | None, body: dict) -> None:
         stream.last_word = body
 
 
-def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes]], None],
+def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
             previous: bytes | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
-    grows; the manifest (with its digest), the chunk plan and the entries' identities.
+    grows, with the files and data bytes walked so far; the manifest (with its digest), the chunk plan and the entries' identities.
     ``previous``: the identities saved by this seed's walk before the agent restarted,
     which the files must still have (BadRequest naming the first that has not)."""
     packer = None
     pins = tree.Pins()
+    files = size = 0
 
     def grown(manifest: tree.Manifest) -> None:
-        nonlocal packer
+        nonlocal packer, files, size
         packer = packer or tree.ManifestPacker(manifest)
+        more_files, more_bytes = manifest.tally(packer.packed, len(manifest))
+        files, size = files + more_files, size + more_bytes
         bodies = packer.pack_new(MANIFEST_BATCH)
         if bodies:
-            packed(bodies)
+            packed(bodies, files, size)
 
     manifest = tree.walk(root, chunk_size, grown, pins)
     if previous is not None:

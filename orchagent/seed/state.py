@@ -35,6 +35,23 @@ CHECKING = "checking"
 #: ended (it may have completed it): the receiver's status is the truth.
 UNKNOWN = "unknown"
 TERMINAL = frozenset((COMPLETED, FAILED, ABORTED, UNKNOWN))
+
+# How far a side's BytesTotal and FilesTotal can be trusted: the status's ``Totals``
+# (orchagent's own field: /api/seed-status is not part of the v1 API).  A seed of a
+# million files spends its first seconds walking them, and an ETA or a percentage from
+# totals that are still growing is wrong in a way an operator cannot see: it falls toward
+# zero, then jumps back up when the walk finds more.
+#: The manifest is still being walked (sender) or received (receiver): the totals count
+#: what was found so far and only grow.  No ETA.
+WALKING = "walking"
+#: BytesTotal is a guess made before the data exists (a streamed hot seed: the source's
+#: datadir size); FilesTotal is unknown (0).  An ETA against the guess while BytesDone
+#: is below it, none past it.
+ESTIMATE = "estimate"
+#: Exact: the whole manifest is known, or the stream ended.
+FINAL = "final"
+#: Never known here: a seed command (SendSeedDataCommand...) moves the bytes.
+UNCOUNTED = "unknown"
 JOURNAL_RECORD = struct.Struct(">IQI32s")
 
 
@@ -71,6 +88,8 @@ class SeedRecord:
     #: A receiver's replication coordinates of the copy (orchagent.replica.coordinates:
     #: the status's ``Replication``), None while unknown.  Never a password.
     replication: dict | None = None
+    #: WALKING, ESTIMATE, FINAL or UNCOUNTED: what bytes_total and files_total are.
+    totals: str = WALKING
 
     @property
     def terminal(self) -> bool:
@@ -82,7 +101,10 @@ class SeedRecord:
     @classmethod
     def from_json(cls, data: dict) -> "SeedRecord":
         names = {f.name for f in attrs.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        if "totals" not in fields and fields.get("state") == COMPLETED:
+            fields["totals"] = FINAL  # saved before the field: a completed seed's were exact
+        return cls(**fields)
 
     def status(self, rate: float, eta: float | None) -> dict[str, Any]:
         return {
@@ -95,6 +117,7 @@ class SeedRecord:
             "FilesDone": self.files_done,
             "RateBytesPerSec": int(rate),
             "EtaSeconds": None if eta is None else int(round(eta)),
+            "Totals": self.totals,
             "Resumes": self.resumes,
             "Error": self.error,
             "StartedAt": _rfc3339(self.started_at or None),
@@ -149,9 +172,29 @@ class JobIdentity:
             self.done.callback(None)
 
     def progress(self) -> tuple[float, float | None]:
-        """Bytes per second lately, and the seconds left at that rate (None: unknown)."""
-        self.meter.sample(self.record.bytes_done)
-        return self.meter.rate(), self.meter.eta(self.record.bytes_total - self.record.bytes_done)
+        """Bytes per second lately, and the seconds left at that rate: None while no
+        honest figure exists (:func:`eta`: the totals still grow, or nothing moves)."""
+        record = self.record
+        self.meter.sample(record.bytes_done)
+        rate = self.meter.rate()
+        return rate, eta(record.totals, record.bytes_total - record.bytes_done, rate)
+
+
+def eta(totals: str, remaining: int, rate: float) -> float | None:
+    """Seconds left for ``remaining`` bytes at ``rate``, given what the totals are.
+
+    While the totals are WALKING no ETA is given: the remaining bytes are those walked
+    so far, so the figure would shrink toward zero and then jump back up each time the
+    walk finds more (an operator reads a falling ETA as "nearly done").  Extrapolating
+    the total is no better: a datadir's files come in directory order, not size order
+    (ibdata1, one database of large tables, ten thousand tiny ones), so the share walked
+    says little about the share left.  Against an ESTIMATE the ETA is given while the
+    bytes done are below it, and None past it (never 0 for a seed still moving)."""
+    if totals == FINAL and remaining <= 0:
+        return 0.0
+    if totals not in (FINAL, ESTIMATE) or remaining <= 0 or rate <= 0:
+        return None
+    return remaining / rate
 
 
 class StateStore:
@@ -216,7 +259,14 @@ def read_journal(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
 
 
 class RateMeter:
-    """Bytes per second over the last ``window`` seconds, and the time left at that rate."""
+    """Bytes per second over the last ``window`` seconds, and the time left at that rate.
+
+    The rate is measured from the first sample after which bytes moved, not from the
+    first sample: a seed's first seconds move no data (the sender walks the source, the
+    receiver checks the manifest and makes room: 15 s for a million files, or a resumed
+    seed waiting for its sender), and a window that counted them at 0 B/s would start
+    the ETA several times too long.  ``clock`` provides ``seconds()`` (the reactor, or a
+    ``task.Clock`` in tests)."""
 
     def __init__(self, clock, window: float = 10.0):
         self.clock = clock
@@ -225,6 +275,9 @@ class RateMeter:
 
     def sample(self, done: int) -> None:
         now = self.clock.seconds()
+        if len(self._samples) == 1 and self._samples[0][1] == done:
+            self._samples[0] = (now, done)  # nothing moved yet: measure from now
+            return
         self._samples.append((now, done))
         while len(self._samples) > 2 and now - self._samples[1][0] > self.window:
             self._samples.popleft()

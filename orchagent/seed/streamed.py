@@ -608,7 +608,7 @@ class StreamReceiveJob(ReceiveJob):
         finally:
             os.close(read_end)
         self.extractor.addBoth(self._extractor_ended)
-        self.record.bytes_total = estimate
+        self.record.bytes_total, self.record.totals = estimate, state.ESTIMATE
         self.context.touch(self.record)
         self.stream.send_frame(frames.seal(FrameType.READY, b"", self.stream.key))
         log.info("seed {seed}: extracting a {tool} {version} stream (about {estimate} bytes) into "
@@ -735,7 +735,7 @@ class StreamReceiveJob(ReceiveJob):
         manifest = await self.context.thread(tree.walk, root)
         table = plan.ChunkTable(manifest)
         record.bytes_total, record.files_total = self.written, manifest.file_count
-        record.files_done = record.files_total
+        record.files_done, record.totals = record.files_total, state.FINAL
         await self.context.thread(self.staging.finalize, manifest, table)
         self.steps += 1
         took("sync")

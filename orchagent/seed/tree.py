@@ -395,6 +395,18 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(self.data_sizes())
 
+    def tally(self, start: int, end: int) -> tuple[int, int]:
+        """Files and data bytes of entries ``start`` to ``end``: the totals of a manifest
+        still growing (a seed's progress while it is walked), equal in sum to
+        :attr:`file_count` and :attr:`total_bytes` (sparse files count their extents)."""
+        kinds = self.kinds[start:end]
+        files = map(_FILE.__eq__, kinds)
+        size = sum(compress(self.sizes[start:end], files))
+        extents = self.extents
+        for index in filter(extents.__contains__, range(start, end)) if extents else ():
+            size += sum(b - a for a, b in extents[index]) - self.sizes[index]
+        return kinds.count(_FILE), size
+
     @property
     def file_count(self) -> int:
         return self.kinds.count(_FILE)
@@ -871,6 +883,8 @@ class ManifestReader:
         import zstandard
 
         self.manifest = Manifest()
+        #: Files and data bytes read so far (the receiver's totals while they arrive).
+        self.files = self.bytes = 0
         self._hash = blake3.blake3()
         self._decompressor = zstandard.ZstdDecompressor()
         self._errors = (zstandard.ZstdError, ValueError, UnicodeDecodeError)
@@ -886,7 +900,10 @@ class ManifestReader:
         self._hash.update(text)
         self._hash.update(b"\n")
         del text
+        start = len(self.manifest)
         self.manifest.add_wire_many(items)
+        files, size = self.manifest.tally(start, len(self.manifest))
+        self.files, self.bytes = self.files + files, self.bytes + size
 
     def finish(self, chunk_size: int, count: int, digest: str) -> Manifest:
         if type(chunk_size) is not int or not 4096 <= chunk_size <= MAX_CHUNK:

@@ -59,6 +59,8 @@ class FakeSeedSide:
         self.resumes = 0
         self.error = ""
         self.started_at = started_at
+        #: What the totals are (orchagent.seed.state: walking, estimate, final, unknown).
+        self.totals = "final"
 
     def status(self) -> dict[str, Any]:
         left = self.bytes_total - self.bytes_done
@@ -67,8 +69,8 @@ class FakeSeedSide:
             "BytesTotal": self.bytes_total, "BytesDone": self.bytes_done,
             "FilesTotal": self.files_total, "FilesDone": self.files_done,
             "RateBytesPerSec": self.rate,
-            "EtaSeconds": int(left / self.rate) if self.rate else None,
-            "Resumes": self.resumes, "Error": self.error,
+            "EtaSeconds": int(left / self.rate) if self.rate and self.totals == "final" else None,
+            "Totals": self.totals, "Resumes": self.resumes, "Error": self.error,
             "StartedAt": "2024-01-01T00:00:00Z", "UpdatedAt": "2024-01-01T00:00:00Z",
         }
 
@@ -377,10 +379,13 @@ class _Dispatcher:
 class FakeNetwork:
     """The hosts by name (the URL host part) and the seed transfers between them."""
 
-    def __init__(self, clock: task.Clock, token: str = "fleet-token", bytes_per_second: int = 100):
+    def __init__(self, clock: task.Clock, token: str = "fleet-token", bytes_per_second: int = 100,
+                 walk_seconds: float = 0.0):
         self.clock = clock
         self.token = token
         self.bytes_per_second = bytes_per_second
+        #: Seconds a transfer spends walking its source first (its totals growing, no data).
+        self.walk_seconds = walk_seconds
         self.hosts: dict[str, FakeHost] = {}
         self._loops: dict[tuple[str, str], task.LoopingCall] = {}
 
@@ -420,17 +425,31 @@ class FakeNetwork:
         for side in (sender, receiver):
             side.state, side.bytes_total, side.files_total = "running", total, len(files)
             side.bytes_done = start
+        walked_at = self.clock.seconds() + self.walk_seconds
+        if self.walk_seconds:
+            for side in (sender, receiver):
+                side.totals, side.bytes_total, side.files_total = "walking", 0, 0
         self._stop(sender_host, seed_id)
-        loop = task.LoopingCall(self._tick, sender_host, receiver_host, seed_id, files)
+        loop = task.LoopingCall(self._tick, sender_host, receiver_host, seed_id, files, walked_at)
         loop.clock = self.clock
         self._loops[sender_host.name, seed_id] = loop
         loop.start(TICK, now=False)
 
-    def _tick(self, sender_host: FakeHost, receiver_host: FakeHost, seed_id: str, files: dict) -> None:
+    def _tick(self, sender_host: FakeHost, receiver_host: FakeHost, seed_id: str, files: dict,
+              walked_at: float = 0.0) -> None:
         sender, receiver = sender_host.seeds[seed_id], receiver_host.seeds[seed_id]
         if sender_host.down or sender.state != "running" or receiver.state != "running":
             self._stop(sender_host, seed_id)
             return
+        if self.clock.seconds() < walked_at:
+            share = 1 - (walked_at - self.clock.seconds()) / self.walk_seconds
+            for side in (sender, receiver):
+                side.files_total = int(len(files) * share)
+                side.bytes_total = int(sum(files.values()) * share)
+            return
+        if sender.totals == "walking":
+            for side in (sender, receiver):
+                side.totals, side.bytes_total, side.files_total = "final", sum(files.values()), len(files)
         step = int((sender.rate or self.bytes_per_second) * TICK)
         done = min(sender.bytes_total, receiver.bytes_done + step)
         for side in (sender, receiver):
