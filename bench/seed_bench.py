@@ -260,11 +260,14 @@ class PssSampler:
     RSS counts a shared page in full in every process that maps it, so the RSS of an
     agent's two interpreters counts their common libraries twice; PSS shares each page
     among the processes that map it, and summed over the agent it is the memory the
-    agent takes.  The kernel keeps no peak of it, hence the sampling."""
+    agent takes.  The kernel keeps no peak of it, hence the sampling.  With ``series``
+    every sample is kept too (:attr:`series`: ``(seconds since start, {group: MB})``), to
+    show how memory goes over a whole seed."""
 
-    def __init__(self, groups: dict[str, list[int]]):
+    def __init__(self, groups: dict[str, list[int]], series: bool = False):
         self.groups = groups
         self.peak = {name: 0.0 for name in groups}
+        self.series: list[tuple[float, dict[str, float]]] | None = [] if series else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -277,9 +280,13 @@ class PssSampler:
         self._thread.join()
 
     def _run(self) -> None:
+        started = time.monotonic()
         while True:
-            for name, pids in self.groups.items():
-                self.peak[name] = max(self.peak[name], sum(map(_pss_mb, pids)))
+            now = {name: sum(map(_pss_mb, pids)) for name, pids in self.groups.items()}
+            for name, value in now.items():
+                self.peak[name] = max(self.peak[name], value)
+            if self.series is not None:
+                self.series.append((time.monotonic() - started, now))
             if self._stop.wait(0.05):
                 return
 
@@ -303,7 +310,9 @@ def _is_python(pid: int) -> bool:
 
 
 def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: str = "",
-                  receiver_extra: dict | None = None) -> dict:
+                  receiver_extra: dict | None = None, series: bool = False) -> dict:
+    """One seed between two fresh agents; ``series`` adds ``pss_series``, every PSS
+    sample of the run (see :class:`PssSampler`)."""
     seed_port = free_port()
     a_prefix = ns.a.prefix if ns else ()
     b_prefix = ns.b.prefix if ns else ()
@@ -312,7 +321,7 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
     sender = Agent(os.path.join(work, "agent-s"), src, seed_port, a_prefix,
                    ns.a.address if ns else "127.0.0.1")
     try:
-        with PssSampler({"receiver": receiver.pids(), "sender": sender.pids()}) as pss:
+        with PssSampler({"receiver": receiver.pids(), "sender": sender.pids()}, series) as pss:
             assert receiver.get("/api/receive-mysql-seed-data/1" + (f"?key={key}" if key else "")) is True
             started = time.monotonic()
             assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
@@ -326,10 +335,13 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
         if status["State"] != "completed":
             raise RuntimeError(f"seed failed: {status['Error']}")
         rss_receiver, rss_sender = receiver.peak_rss_mb(), sender.peak_rss_mb()
-        return {"seconds": elapsed, "rss_receiver": sum(rss_receiver), "rss_sender": sum(rss_sender),
-                "rss_receiver_process": max(rss_receiver), "rss_sender_process": max(rss_sender),
-                "pss_receiver": pss.peak["receiver"], "pss_sender": pss.peak["sender"],
-                "bytes": status["BytesTotal"]}
+        result = {"seconds": elapsed, "rss_receiver": sum(rss_receiver), "rss_sender": sum(rss_sender),
+                  "rss_receiver_process": max(rss_receiver), "rss_sender_process": max(rss_sender),
+                  "pss_receiver": pss.peak["receiver"], "pss_sender": pss.peak["sender"],
+                  "bytes": status["BytesTotal"]}
+        if series:
+            result["pss_series"] = pss.series
+        return result
     finally:
         receiver.stop()
         sender.stop()
@@ -409,16 +421,17 @@ def median(values):
 
 
 def scenario(name: str, src: str, base: str, work: str, rounds: int, *, ns=None,
-             with_cat: bool = True, keyed: bool = False) -> dict:
+             with_cat: bool = True, keyed: bool = False, make_target=None) -> dict:
     """``keyed`` adds runs with a per-seed key and no TLS, the mode whose chunk digests are
-    BLAKE3 (the plain runs, like orchestrator's, use XXH3-128)."""
+    BLAKE3 (the plain runs, like orchestrator's, use XXH3-128).  ``make_target`` makes each
+    run's :class:`FreshTarget` (default: :func:`fresh_target` for the data's size)."""
     results = {"orchagent": [], "orchagent_keyed": [], "tar_nc": [], "cat": []}
     total = tree_bytes(src)
     kinds = ["orchagent"] + (["orchagent_keyed"] if keyed else []) + ["tar_nc"] + (["cat"] if with_cat else [])
     for round_ in range(rounds):
         order = kinds if round_ % 2 == 0 else kinds[::-1]
         for kind in order:
-            with fresh_target(base, total) as dst:
+            with (make_target() if make_target else fresh_target(base, total)) as dst:
                 if kind.startswith("orchagent"):
                     target = ns.b.address if ns else "127.0.0.1"
                     result = run_orchagent(work, src, dst, target=target, ns=ns,
