@@ -4,6 +4,12 @@
 ``python3 -m reliability.crashpoints --ops datadir_seed --points crash:53,error:96`` (single
 points of a run, by their number in its output, re-run)
 
+The operations here run in one world (an ext4 target, a copy snapshot); those that need a
+world of their own (a btrfs target; a real MariaDB with a mariabackup backup and a
+hot-seeding source) and the sending side's crashes are in :mod:`reliability.crashops`
+(restore_btrfs, backup_mount, restore_backup, hot_seed, sender_seed); ``--ops`` takes
+both, each world made in turn.
+
 For each operation, the target agent (its daemon and its seed engine, and any command they
 run) is traced once with ``strace -f`` while the operation runs from a known state.  The
 trace lists, in order, every call that decides what survives a crash, made on the
@@ -325,12 +331,15 @@ class World:
         self.cleanups: list = []
         self.seq = 0
 
+    #: Names on the target's file system that are fixtures, not leftovers.
+    FIXTURES = {"lost+found", "snapshots", "mnt", "mysql", "state"}
+
     async def start(self, btrfs: bool = False) -> None:
         self.token = os.path.join(self.base, "token")
         with open(self.token, "w") as fh:
             fh.write(os.urandom(16).hex())
         os.chmod(self.token, 0o600)
-        self.fs = self._mount("fs", "ext4", self.size_mib * 6 + 64)
+        self.fs = self.target_fs()
         self.datadir = os.path.join(self.fs, "mysql")
         self.state_dir = os.path.join(self.fs, "state")
         self.snapdir = os.path.join(self.fs, "snapshots")
@@ -342,7 +351,7 @@ class World:
         os.makedirs(os.path.join(self.fs, "mnt"))
         make_tree(self.src_datadir, self.size_mib, b"new")
         sh("cp", "-a", self.src_datadir, os.path.join(self.base, "src", "snapshots", "snap1"))
-        sh("cp", "-a", self.src_datadir, os.path.join(self.snapdir, "snap1"))
+        self.make_snapshot(self.src_datadir, os.path.join(self.snapdir, "snap1"))
         self.new = manifest(self.src_datadir)
         self.seed_port = free_port()
         common = {"TokenFile": self.token, "SeedTransferPort": self.seed_port,
@@ -360,9 +369,32 @@ class World:
                                SnapshotDirectory=self.snapdir,
                                SnapshotMountPoint=os.path.join(self.fs, "mnt"),
                                SnapshotVolumesFilter="snap", HTTPPort=free_port())
+        await self.more_fixtures()
         self.source = await self._daemon("source", self.src_config)
         self.target = await self._daemon("target", self.dst_config)
         self.btrfs = self._mount("btrfs", "btrfs", 256) if btrfs else None
+
+    # --- what a kind of world changes (reliability.crashops) -------------------------------
+
+    def target_fs(self) -> str:
+        """The target's file system, mounted: its mount point."""
+        return self._mount("fs", "ext4", self.size_mib * 6 + 64)
+
+    def make_snapshot(self, tree: str, path: str) -> None:
+        """The target's snapshot ``snap1`` of ``tree`` at ``path``."""
+        sh("cp", "-a", tree, path)
+
+    async def more_fixtures(self) -> None:
+        """More of the world, made before the agents start (configs may still change)."""
+
+    def make_datadir(self) -> None:
+        os.makedirs(self.datadir)
+
+    def remove_entry(self, path: str) -> None:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
     def _mount(self, name: str, fstype: str, mib: int) -> str:
         image = os.path.join(self.base, f"{name}.img")
@@ -423,22 +455,17 @@ class World:
             for name in files:
                 os.unlink(os.path.join(directory, name))
         for name in os.listdir(self.fs):
-            if name in ("lost+found", "snapshots", "mnt", "state"):
+            if name in self.FIXTURES - {"mysql"}:
                 continue
-            path = os.path.join(self.fs, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        os.makedirs(self.datadir)
+            self.remove_entry(os.path.join(self.fs, name))
+        self.make_datadir()
         if with_old:
             make_tree(self.datadir, 1, b"old")
         self.old = manifest(self.datadir)
 
     def leftovers(self) -> list[str]:
         """Names on the target's file system that are not the datadir or its fixtures."""
-        keep = {"lost+found", "snapshots", "mnt", "mysql", "state"}
-        names = [n for n in os.listdir(self.fs) if n not in keep]
+        names = [n for n in os.listdir(self.fs) if n not in self.FIXTURES]
         if os.path.isdir(self.datadir):
             names += [f"mysql/{n}" for n in os.listdir(self.datadir) if n.startswith(".")]
         for directory, _, files in os.walk(self.state_dir):
@@ -536,6 +563,8 @@ class Operation:
     name = ""
     #: The controller repeats the call after a crash (idempotent, not atomic operations).
     retried = False
+    #: The kind of world the operation runs in (a World subclass: reliability.crashops).
+    world_class: "type[World] | None" = None
 
     def __init__(self, world: World):
         self.world = world
@@ -563,9 +592,27 @@ class Operation:
     def expected_new(self) -> dict:
         return self.world.new
 
+    def is_new(self, got: dict | None) -> bool:
+        """Whether ``got`` (a datadir's manifest) is the operation's new tree."""
+        return got == self.expected_new()
+
     async def over(self, started: Any) -> bool:
         """Whether the operation has ended by itself."""
         return started["call"].called
+
+    # The agent traced, crashed and restarted: the target's, but for the sender's crashes.
+
+    def traced_pids(self) -> list[int]:
+        return self.world.target_pids()
+
+    def roots(self) -> tuple[tuple[str, ...], str]:
+        """The file systems whose calls are points, and the StateDir among them."""
+        return (self.world.fs,), self.world.state_dir
+
+    async def restart_agent(self, tracer: "Strace | None" = None) -> None:
+        """SIGKILL the traced agent (every process), start it again."""
+        self.world.target_pids_before = self.world.target_pids()
+        await self.world.restart_target(tracer)
 
     def check(self, end: dict, injected: Point | None, errno: str | None) -> Result:
         raise NotImplementedError
@@ -584,6 +631,11 @@ class DatadirSeed(Operation):
     name = "datadir_seed"
     source = "datadir"
 
+    @property
+    def sender(self) -> Daemon:
+        """The sending agent."""
+        return self.world.source
+
     def prepare(self) -> None:
         self.world.reset()
         self.world.seq += 1
@@ -601,17 +653,16 @@ class DatadirSeed(Operation):
         return None
 
     async def send(self) -> None:
-        w = self.world
         if self.source == "snapshot":
-            await _call(w.source, "/api/mountlv", lv="snap1")
-        code, body = await _call(w.source, f"/api/send-mysql-seed-data/127.0.0.1/{self.seed}",
+            await _call(self.sender, "/api/mountlv", lv="snap1")
+        code, body = await _call(self.sender, f"/api/send-mysql-seed-data/127.0.0.1/{self.seed}",
                                  source=self.source)
         self.sent = True
         if code != 200:
             self.refused = f"send: {body}"
 
     async def over(self, started: Any) -> bool:
-        s, r = await self.status(self.world.source), await self.status(self.world.target)
+        s, r = await self.status(self.sender), await self.status(self.world.target)
         return s.get("State") in ("completed", "failed", "aborted") and \
             r.get("State") in ("completed", "failed", "aborted")
 
@@ -634,7 +685,7 @@ class DatadirSeed(Operation):
         aborted = False
         end = {}
         while time.monotonic() < deadline:
-            s, r = await self.status(w.source), await self.status(w.target)
+            s, r = await self.status(self.sender), await self.status(w.target)
             s_end = s.get("State") in ("completed", "failed", "aborted")
             r_end = r.get("State") in ("completed", "failed", "aborted")
             if r_end and s_end:
@@ -649,16 +700,16 @@ class DatadirSeed(Operation):
                 await _call(w.target, f"/api/abort-seed/{self.seed}")  # as orchestrator does
                 aborted = True
             if r_end and r.get("State") != "completed" and not s_end and not aborted:
-                await _call(w.source, f"/api/abort-seed/{self.seed}")
+                await _call(self.sender, f"/api/abort-seed/{self.seed}")
                 aborted = True
             await pause(0.1)
         else:
             await _call(w.target, f"/api/abort-seed/{self.seed}")
-            await _call(w.source, f"/api/abort-seed/{self.seed}")
-            end = {"timeout": True, "sender": await self.status(w.source),
+            await _call(self.sender, f"/api/abort-seed/{self.seed}")
+            end = {"timeout": True, "sender": await self.status(self.sender),
                    "receiver": await self.status(w.target)}
         if self.source == "snapshot":
-            await _call(w.source, "/api/umount")
+            await _call(self.sender, "/api/umount")
         # The receiver removes staging after saving its end: give it that moment.
         for _ in range(100):
             if not w.leftovers() or end.get("receiver", {}).get("State") == "completed":
@@ -680,8 +731,9 @@ class DatadirSeed(Operation):
         left = w.leftovers()
         if state == "completed":
             aside = [n for n in left if "orchagent-previous" in n]
-            if got != w.new:
-                return Result("BROKEN", f"completed but the datadir is not the new tree: {_diff(got, w.new)}")
+            if not self.is_new(got):
+                return Result("BROKEN", f"completed but the datadir is not the new tree: "
+                                        f"{_diff(got, self.expected_new())}")
             if len(aside) != 1 or manifest(os.path.join(w.fs, aside[0])) != w.old:
                 return Result("BROKEN", f"the old datadir is not kept whole aside: {left}")
             record = os.path.join("state", "seeds", f"{self.seed}.promotion")
@@ -765,7 +817,7 @@ class CopyRestore(Operation):
             return Result("BROKEN", f"swap records left: {records}")
         if others:
             return Result("BROKEN", f"work copies left: {others}")
-        if got == w.new:
+        if self.is_new(got):
             if len(replaced) != 1 or manifest(os.path.join(w.fs, replaced[0])) != w.old:
                 return Result("BROKEN", f"the old datadir is not kept whole: {replaced}")
             if end["code"] not in (200, 0):
@@ -780,7 +832,7 @@ class CopyRestore(Operation):
             if end["code"] == 200:
                 return Result("BROKEN", "the restore answered success and the datadir is old")
             return Result("failed-clean", str(end["body"])[:200])
-        return Result("BROKEN", f"the datadir is neither old nor new: {_diff(got, w.new)}")
+        return Result("BROKEN", f"the datadir is neither old nor new: {_diff(got, self.expected_new())}")
 
 
 class EmptyDatadir(Operation):
@@ -847,6 +899,12 @@ class PostCopy(EmptyDatadir):
 OPERATIONS = {op.name: op for op in (DatadirSeed, CopyRestore, EmptyDatadir, PostCopy, SnapshotSeed)}
 
 
+def all_operations() -> dict:
+    """These operations and those of reliability.crashops (btrfs restore, backups, hot seed)."""
+    from reliability import crashops
+    return {**OPERATIONS, **crashops.OPERATIONS}
+
+
 # --- the runner --------------------------------------------------------------------------------
 
 @attrs.define
@@ -871,7 +929,7 @@ async def enumerate_points(world: World, op: Operation) -> tuple[list[Point], li
     prefix = os.path.join(world.base, "trace", op.name)
     shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
     os.makedirs(os.path.dirname(prefix))
-    tracer = Strace(world.target_pids(), ["-e", "trace=" + ",".join(TRACED)], prefix)
+    tracer = Strace(op.traced_pids(), ["-e", "trace=" + ",".join(TRACED)], prefix)
     op.tracer = tracer
     await tracer.attached()
     try:
@@ -881,9 +939,9 @@ async def enumerate_points(world: World, op: Operation) -> tuple[list[Point], li
         tracer.stop()
     result = op.check(end, None, None)
     calls = read_trace(prefix)
-    roots = (world.fs,)
-    return (points(calls, roots, world.state_dir, "crash", op.token),
-            points(calls, roots, world.state_dir, "error", op.token), result)
+    roots, state_dir = op.roots()
+    return (points(calls, roots, state_dir, "crash", op.token),
+            points(calls, roots, state_dir, "error", op.token), result)
 
 
 async def inject(world: World, op: Operation, point: Point, errno: str | None) -> Result:
@@ -893,11 +951,10 @@ async def inject(world: World, op: Operation, point: Point, errno: str | None) -
         spec = f"inject={point.name}:error={errno}:when={point.when}"
     else:
         spec = f"inject={point.name}:delay_enter={HOLD_US}:when={point.when}"
-    world.target_pids_before = world.target_pids()
     filters = []
     for path in expand(point.match, op.token, time.time()):
         filters += ["-P", path]
-    tracer = Strace(world.target_pids(), ["-e", f"trace={point.name}", *filters, "-e", spec], None)
+    tracer = Strace(op.traced_pids(), ["-e", f"trace={point.name}", *filters, "-e", spec], None)
     op.tracer = tracer
     await tracer.attached()
     crashed = False
@@ -910,7 +967,7 @@ async def inject(world: World, op: Operation, point: Point, errno: str | None) -
             hit = await _wait_held(world, op, point, beginning)
             if hit:
                 crashed = True
-                await world.restart_target(tracer)
+                await op.restart_agent(tracer)
             started = await beginning
             end = await op.finish(started, crashed=crashed)
     finally:
@@ -918,15 +975,13 @@ async def inject(world: World, op: Operation, point: Point, errno: str | None) -
     result = op.check(end, point, errno)
     if result.verdict == "recovering":
         # A record kept after a failure said: the fresh agent must settle it.
-        world.target_pids_before = world.target_pids()
-        await world.restart_target()
+        await op.restart_agent()
         again = op.check(await op.finish(started, crashed=True, restarted=True), point, errno)
         return Result(again.verdict if again.verdict != "recovering" else "BROKEN",
                       f"after a restart: {again.detail[:120]} ({result.detail})")
     if errno and not op.retried and result.verdict != "BROKEN":
         # The agent restarted after the failure must leave the outcome as it was.
-        world.target_pids_before = world.target_pids()
-        await world.restart_target()
+        await op.restart_agent()
         again = op.check(await op.finish(started, crashed=True, restarted=True), point, errno)
         if again.verdict != result.verdict:
             result = Result("BROKEN", f"{result.verdict} ({result.detail[:120]}), then after a "
@@ -942,7 +997,7 @@ async def _wait_held(world: World, op: Operation, point: Point, started: Any) ->
     deadline = time.monotonic() + SETTLE_TIMEOUT
     seen = None
     while time.monotonic() < deadline:
-        tid = held(world.target_pids(), point.name)
+        tid = held(op.traced_pids(), point.name)
         if tid is not None and tid == seen:
             return True
         seen = tid
@@ -1075,7 +1130,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python3 -m reliability.crashpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default="datadir_seed,restore_copy,delete_datadir,post_copy",
-                        help="comma-separated: " + ", ".join(OPERATIONS))
+                        help="comma-separated: " + ", ".join(all_operations()))
     parser.add_argument("--quick", action="store_true", help="a few points of each operation")
     parser.add_argument("--max-points", type=int, default=None, help="at most this many points of each kind")
     parser.add_argument("--errnos", default="rotate", help="rotate (one errno per point, in turn) or all")
@@ -1091,7 +1146,8 @@ def parse(argv):
 async def main(argv) -> int:
     args = parse(argv)
     names = args.ops.split(",")
-    unknown = [n for n in names if n not in OPERATIONS]
+    operations = all_operations()
+    unknown = [n for n in names if n not in operations]
     if unknown:
         raise SystemExit(f"unknown operations: {unknown}")
     chosen = parse_points(args.points) if args.points else None
@@ -1099,18 +1155,28 @@ async def main(argv) -> int:
         raise SystemExit("the crash-point enumerator needs root (strace, loop devices, mounts)")
     base = tempfile.mkdtemp(prefix="orchagent-crashpoints-")
     os.chmod(base, 0o755)
-    world = World(base, args.size_mib)
     tallies: list[Tally] = []
     started = time.monotonic()
+    world = None
     try:
-        await world.start()
         for name in names:
-            tally = await run_operation(world, OPERATIONS[name], args.quick, args.max_points,
+            cls = operations[name]
+            kind = cls.world_class or World
+            if type(world) is not kind:
+                # Each kind of world in turn (an ext4 target, a btrfs one, one with MariaDB).
+                if world is not None:
+                    await world.stop()
+                directory = os.path.join(base, f"w{len(tallies)}")
+                os.makedirs(directory, mode=0o755)
+                world = kind(directory, args.size_mib)
+                await world.start()
+            tally = await run_operation(world, cls, args.quick, args.max_points,
                                         all_errnos=args.errnos == "all",
                                         chosen=chosen)
             tallies.append(tally)
     finally:
-        await world.stop()
+        if world is not None:
+            await world.stop()
         shutil.rmtree(base, ignore_errors=True)
     print()
     print(table(tallies))
