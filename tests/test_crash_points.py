@@ -2,7 +2,9 @@
 
 The findings of ``python3 -m reliability.crashpoints``, each at unit level, then a fast
 slice of the enumerator itself (root, strace): a few crash points and I/O errors of a
-datadir seed and of a copy restore, none of which may end broken.
+datadir seed and of a copy restore, and one point of each operation of
+``reliability.crashops`` (btrfs restore, backup mountlv, restore from a backup, hot seed),
+none of which may end broken.
 """
 
 from __future__ import annotations
@@ -232,6 +234,29 @@ class SeedStateWriteTests(unittest.TestCase):
         self.assertEqual(store.read("s1", "manifest"), b"0123456789")
 
 
+class CutPromotionRecordWriteTests(unittest.TestCase):
+    """A crash while the promotion record was being written (the write or the rename of
+    ``<id>.promotion.tmp``) left that temporary file in StateDir/seeds for good when the
+    seed then failed instead of resuming: a streamed hot seed, which a restart fails
+    (hot_seed crash points #26 and #28), or any seed failed or aborted after its resume."""
+
+    async def test_a_failed_seed_leaves_no_promotion_record_write(self):
+        from tests import seed_support as S
+
+        base = os.path.abspath(self.mktemp())
+        datadir = os.path.join(base, "data")
+        write(os.path.join(datadir, "ibdata1"), b"old")
+        manager = S.make_manager(self, os.path.join(base, "r"), datadir, S.free_port())
+        await manager.receive("7")
+        cut = manager.store.path("7", promotion.SUFFIX) + ".tmp"
+        write(cut, b'{"datadir": "')  # what the crash left
+        await manager.abort("7")
+        await S.wait_for(lambda: manager.records["7"].terminal)
+        await S.wait_for(lambda: "7" not in manager.jobs)
+        self.assertFalse(os.path.exists(cut), os.listdir(manager.store.root))
+        self.assertEqual(tree_of(datadir), {"ibdata1": b"old"})
+
+
 class SeedVerdictTests(unittest.TestCase):
     """The enumerator's verdicts on a seed's end (no agent, no strace: a world of
     directories and a fake agent).  Its rerun of 2026-12-04 called broken a completed seed
@@ -322,3 +347,46 @@ class EnumeratorSliceTests(unittest.TestCase):
             self.assertEqual(tally.outcomes.get("BROKEN", 0), 0, tally.broken)
             self.assertGreater(tally.crash_points, 10)
         self.assertGreaterEqual(sum(t.crashes + t.errors for t in tallies), 5)
+
+
+class WorldsOfTheirOwnSliceTests(unittest.TestCase):
+    """One point of each operation of reliability.crashops, for real: a btrfs target, then
+    a real MariaDB, its mariabackup backup in BackupDirectories and a hot-seeding source
+    agent."""
+
+    timeout = 240
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (strace, loop devices, mounts)")
+        for tool in ("strace", "mkfs.ext4", "mkfs.btrfs", "mariabackup", "mbstream", "mariadbd"):
+            if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+                raise unittest.SkipTest(f"needs {tool}")
+
+    async def run_in(self, world_class, slices):
+        from reliability import crashpoints
+
+        base = tempfile.mkdtemp(prefix="orchagent-crashpoints-")
+        os.chmod(base, 0o755)
+        self.addCleanup(shutil.rmtree, base, True)
+        world = world_class(base, 1)
+        try:
+            await world.start()
+            tallies = [await crashpoints.run_operation(world, cls, quick=False, max_points=None,
+                                                       limits=limits)
+                       for cls, limits in slices]
+        finally:
+            await world.stop()
+        for tally in tallies:
+            self.assertEqual(tally.outcomes.get("BROKEN", 0), 0, tally.broken)
+            self.assertGreater(tally.crash_points, 10)
+            self.assertEqual(tally.crashes + tally.errors, 1, tally)
+        return tallies
+
+    async def test_one_point_of_each_is_never_broken(self):
+        from reliability import crashops
+
+        await self.run_in(crashops.BtrfsWorld, [(crashops.BtrfsRestore, (1, 0))])
+        await self.run_in(crashops.MariaWorld, [(crashops.BackupMount, (0, 1)),
+                                                (crashops.BackupRestore, (1, 0)),
+                                                (crashops.HotSeed, (1, 0))])

@@ -797,6 +797,9 @@ class ReceiveJob(state.JobIdentity):
         finally:
             self._close_journal()
             self.context.store.remove(self.seed_id, "journal", "manifest", "key")
+            # A write of the promotion record that a crash cut short (never the record).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.context.store.path(self.seed_id, promotion.SUFFIX) + ".tmp")
             self._settle()
 
     def _close_journal(self) -> None:
