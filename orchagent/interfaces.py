@@ -139,3 +139,81 @@ class ISeedJob(Interface):
         ``totals`` are FINAL or an ESTIMATE (orchagent.seed.state.eta): a job whose
         manifest is still walked or received reports its totals so far with ``totals``
         WALKING, and sets FINAL once they are exact."""
+
+
+class ISeedStream(Interface):
+    """One authenticated seed connection, as a job uses it: the target's
+    (orchagent.seed.listener.ReceiverStream) or the source's
+    (orchagent.seed.sender.SenderStream).  The stream owns its transport and its timers:
+    a job says what to send and when to read, and never touches either."""
+
+    peer = Attribute("The other agent's address.")
+    key = Attribute("The stream key from the handshake: frames sealed off the reactor use it.")
+    closed = Attribute("True once the connection is closed or closing.")
+    buffered = Attribute("Bytes received of a frame not yet whole.")
+
+    def send(frame_type, body):
+        """Seal ``body`` (bytes, or a dict sent as JSON) in a frame of ``frame_type`` with
+        the stream's key and send it."""
+
+    def write(pieces):
+        """Send frames sealed already (with :attr:`key`)."""
+
+    def pause(reason):
+        """Stop reading the connection for ``reason`` (the receiver's window, a rate
+        limit): TCP pushes back on the peer."""
+
+    def resume(reason):
+        """``reason`` to stop reading is gone; reading resumes once none is left."""
+
+    def later(delay, fn, *args):
+        """Call ``fn(*args)`` in ``delay`` seconds, instead of the call set before; never
+        once the stream closed."""
+
+    def close(abort=False):
+        """Close the connection (``abort``: at once, dropping what is unsent)."""
+
+
+class IReceivePayload(Interface):
+    """What a receive job (orchagent.seed.receiver) receives: a tree sent file by file
+    (orchagent.seed.tree_receive) or a backup tool's stream (orchagent.seed.stream_receive).
+    The job owns the record, staging, the promotion and the cleanup; the payload owns its
+    streams and what they carry, and calls the job's ``install`` once staging holds the
+    whole verified tree."""
+
+    RESUMES = Attribute("Whether the seed resumes after an agent restart (else it fails).")
+    STOPPED = Attribute("The error of a seed that cannot resume, at an agent stop.")
+
+    def attach(stream, hello):
+        """An admitted ISeedStream joins; raises Rejected if it may not."""
+
+    def frame(stream, frame):
+        """A frame from ``stream``."""
+
+    def flush(stream):
+        """The frames of one read of ``stream`` were handed over: write them."""
+
+    def stream_lost(stream):
+        """``stream``'s connection ended."""
+
+    def rate_changed():
+        """The job's rate limit changed."""
+
+    def tell(result):
+        """The seed ended: tell the sender ``result`` (RESULT's body) and let go of the
+        streams."""
+
+    def cancel():
+        """The seed failed: stop what runs for it (tools)."""
+
+    def drain():
+        """A Deferred fired once no write or tool of the payload runs."""
+
+    def let_go():
+        """Close the files the payload holds open (journal, pipe)."""
+
+    def close_streams():
+        """The agent stops: close the streams at once."""
+
+    def arriving():
+        """Bytes received and not yet counted as done (shown by /api/mysql-du)."""

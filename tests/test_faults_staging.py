@@ -124,18 +124,18 @@ class DroppedControlTests(unittest.TestCase):
     async def test_sender_reconnecting_after_completion_learns_the_success(self):
         from orchagent.seed import listener
 
-        real = listener.ReceiverStream.last_word
+        real = listener.ReceiverStream._last
         dropped = []
 
-        def drop_first_result(stream, data=None):
+        def drop_first_result(stream, data, wait=0.0):
             # The connection breaks just as the receiver finished: the RESULT is lost.
             if data is not None and stream.role == "control" and not dropped:
                 dropped.append(stream)
                 stream.close(abort=True)
                 return
-            real(stream, data)
+            real(stream, data, wait)
 
-        self.patch(listener.ReceiverStream, "last_word", drop_first_result)
+        self.patch(listener.ReceiverStream, "_last", drop_first_result)
         await self.seed("21")
         self.assertEqual(len(dropped), 1)
         # Once the sender has read the RESULT, nothing is kept and the seed port closes.
@@ -145,22 +145,22 @@ class DroppedControlTests(unittest.TestCase):
         from orchagent.seed import listener, sender
 
         S = self.S
-        real = listener.ReceiverStream.last_word
+        real = listener.ReceiverStream._last
 
-        def drop_result(stream, data=None):
+        def drop_result(stream, data, wait=0.0):
             if data is not None and stream.role == "control":
                 stream.close(abort=True)
                 return
-            real(stream, data)
+            real(stream, data, wait)
 
         # The RESULT is lost and the receiving agent restarts before the sender is back.
-        self.patch(listener.ReceiverStream, "last_word", drop_result)
+        self.patch(listener.ReceiverStream, "_last", drop_result)
         self.patch(sender, "BACKOFF_FIRST", 1.5)
         await self.r.receive("23", key="k")
         await self.s.send(self.target, "23", key="k", source="snapshot")
         await S.wait_for(lambda: self.r.records["23"].state == "completed")
         await self.r.stopService()
-        self.patch(listener.ReceiverStream, "last_word", real)
+        self.patch(listener.ReceiverStream, "_last", real)
         key_file = self.r.store.path("23", "key")
         self.assertTrue(os.path.exists(key_file), "the key went before the sender learned the result")
         restarted = S.make_manager(self, os.path.join(self.base, "r"), self.dst, self.port)
@@ -175,16 +175,16 @@ class DroppedControlTests(unittest.TestCase):
         self.assertFalse(os.path.exists(self.s.store.path("23", "key")))
 
     async def test_sender_reconnecting_while_the_receiver_verifies_waits_for_the_result(self):
-        from orchagent.seed import receiver
+        from orchagent.seed import tree_receive
 
-        real = receiver.ReceiveJob._finalize
+        real = tree_receive.TreeReceive._finalize
 
-        async def drop_then_finalize(job):
+        async def drop_then_finalize(payload, session):
             # The control stream breaks after FINISH; the sender's new control stream
             # arrives while the tree is still being verified.
-            job.control.close(abort=True)
-            await self.S.wait_for(lambda: job.waiting)
-            await real(job)
+            session.control.close(abort=True)
+            await self.S.wait_for(lambda: payload.waiting)
+            await real(payload, session)
 
-        self.patch(receiver.ReceiveJob, "_finalize", drop_then_finalize)
+        self.patch(tree_receive.TreeReceive, "_finalize", drop_then_finalize)
         await self.seed("22")

@@ -9,7 +9,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from orchagent.seed import receiver, sender, staging, tree
+from orchagent.seed import sender, staging, tree, tree_receive
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
 
@@ -136,7 +136,7 @@ class FullDiskTests(LoopFileSystemCase):
     async def test_running_out_of_inodes_fails_cleanly(self):
         # As if the inodes went to another writer after the check (which fails fast:
         # test_seed_of_more_files_than_free_inodes_fails_fast): the seed runs out part-way.
-        self.patch(receiver, "free_inodes", lambda path: None)
+        self.patch(tree_receive, "free_inodes", lambda path: None)
         mnt = self.loop_fs("ext4", 64, "-N", "64")
         datadir = os.path.join(mnt, "mysql")
         os.makedirs(datadir)

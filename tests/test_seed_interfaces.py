@@ -15,15 +15,20 @@ from zope.interface.verify import verifyClass, verifyObject
 import orchagent
 from orchagent.backups.hot import HotSeedJob
 from orchagent.config import Config
-from orchagent.interfaces import ISeedJob, ISeedSurface
+from orchagent.interfaces import IReceivePayload, ISeedJob, ISeedStream, ISeedSurface
 from orchagent.seed import channel, remote
 from orchagent.seed.command import CommandJob
 from orchagent.seed.receiver import ReceiveJob
 from orchagent.seed.sender import SendJob
-from orchagent.seed.streamed import StreamReceiveJob, StreamSendJob
+from orchagent.seed.listener import ReceiverStream
+from orchagent.seed.sender import SenderStream
+from orchagent.seed.stream_receive import StreamReceive
+from orchagent.seed.streamed import StreamSendJob
+from orchagent.seed.tree_receive import TreeReceive
 from tests import seed_support as S
 
 JOB_MODULES = ("seed/command.py", "seed/receiver.py", "seed/sender.py", "seed/streamed.py",
+               "seed/tree_receive.py", "seed/stream_receive.py",
                "backups/hot.py", "replica/seeded.py")
 
 
@@ -40,8 +45,16 @@ class SeedSurfaceTests(unittest.TestCase):
         self.assertIn("datadir_usage", channel.CALLS)
 
     def test_every_job_provides_the_job_interface(self):
-        for job in (ReceiveJob, StreamReceiveJob, SendJob, StreamSendJob, CommandJob, HotSeedJob):
+        for job in (ReceiveJob, SendJob, StreamSendJob, CommandJob, HotSeedJob):
             self.assertTrue(verifyClass(ISeedJob, job), job)
+
+    def test_both_payloads_of_a_receive_provide_the_payload_interface(self):
+        for payload in (TreeReceive, StreamReceive):
+            self.assertTrue(verifyClass(IReceivePayload, payload), payload)
+
+    def test_both_ends_of_a_connection_provide_the_stream_interface(self):
+        for stream in (ReceiverStream, SenderStream):
+            self.assertTrue(verifyClass(ISeedStream, stream), stream)
 
 
 class JobsSeeAContextTests(unittest.TestCase):

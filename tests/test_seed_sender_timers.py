@@ -33,8 +33,8 @@ class HandshakeDeadlineTests(unittest.TestCase):
         self.addCleanup(manager.stopService)
         await manager.send(f"127.0.0.1:{port.getHost().port}", "1", source="datadir")
         job = manager.jobs["1"]
-        await S.wait_for(lambda: job.control is not None and job.control.transport is not None)
-        control = job.control
+        await S.wait_for(lambda: job.session is not None and job.session.control.transport is not None)
+        control = job.session.control
         self.assertIsNotNone(control.timer, "the handshake has its deadline")
         await manager.set_rate_limit("1", 1000)
         clock.advance(sender.HANDSHAKE_TIMEOUT + 1)

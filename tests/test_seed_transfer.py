@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
-from orchagent.seed import auth, frames, receiver, sender, tree
+from orchagent.seed import auth, frames, sender, tree, tree_receive
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from orchagent.seed.staging import Staging
@@ -102,8 +102,8 @@ class HappyPathTests(SeedCase):
             finally:
                 running.pop()
 
-        self.patch(receiver, "WRITEBACK_BYTES", 256 << 10)
-        self.patch(receiver, "syncfs", counting_syncfs)
+        self.patch(tree_receive, "WRITEBACK_BYTES", 256 << 10)
+        self.patch(tree_receive, "syncfs", counting_syncfs)
         r = self.receiver()
         s = self.sender()
         await r.receive("wb")
@@ -490,9 +490,10 @@ class FailureTests(SeedCase):
         self.patch(tree, "WALK_BATCH", 4)
         self.patch(sender, "MANIFEST_BATCH", 3)
         batches = []
-        read_batch = receiver.ReceiveJob._read_batch
-        self.patch(receiver.ReceiveJob, "_read_batch",
-                   lambda job, body: (batches.append(body), read_batch(job, body)))
+        read_batch = tree_receive.TreeReceive._read_batch
+        self.patch(tree_receive.TreeReceive, "_read_batch",
+                   lambda payload, session, body: (batches.append(body),
+                                                   read_batch(payload, session, body)))
         proxy_port = self.proxy(times=1, flip_at=1500)
         r = self.receiver()
         s = self.sender(seed_streams=1)
@@ -667,9 +668,9 @@ class FailureTests(SeedCase):
         await r.receive("15")
         await s.send(f"127.0.0.1:{self.port}", "15", source="datadir")
         await S.wait_for(lambda: r.records["15"].bytes_done > 100_000)
-        job = r.jobs["15"]
-        self.assertGreater(len(job.streams), 1)
-        job.control.transport.stopReading()
+        session = r.jobs["15"].payload.session
+        self.assertGreater(len(session.streams), 1)
+        session.control.transport.stopReading()
         self.assertTrue(await s.abort("15"))
         got = await S.finished(r, "15", timeout=15)
         self.assertEqual(got["State"], "aborted", got["Error"])

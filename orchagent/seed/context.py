@@ -7,13 +7,13 @@ runner, the MySQL service, and the calls that publish a record or end the job.  
 jobs this context instead of the manager keeps them from reaching into the manager (and
 the seed modules from importing it), and says in one place what a job may use.
 
-``pool`` is set while the seed service runs (the manager starts and stops it).
-:class:`AcceptedStream` is what a receive job may use of an accepted connection.
+``pool`` is set while the seed service runs (the manager starts and stops it).  What a
+job may use of a connection is orchagent.interfaces.ISeedStream.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -54,32 +54,3 @@ class SeedContext:
     def thread(self, fn, *args, **kwargs) -> defer.Deferred:
         """``fn(*args, **kwargs)`` on a worker thread of the seed pool."""
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
-
-
-class AcceptedStream(Protocol):
-    """An accepted connection of a receive, as a job sees it (orchagent.seed.listener's
-    ReceiverStream): who sent it, its key, the frames it carries, and the bytes it has
-    handed to the worker threads, its rate-limit hold and its reading paused above the
-    job's window."""
-
-    peer: str
-    key: bytes | None
-    #: frames.FrameSplitter: ``buffered`` bytes of a frame not yet whole.
-    splitter: Any
-    role: str
-    session: str
-    queued: int
-    batch: list
-    hold: Any
-    paused: bool
-    closed: bool
-
-    def send_frame(self, data: bytes) -> None: ...
-
-    def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None: ...
-
-    def pause(self) -> None: ...
-
-    def unpause(self) -> None: ...
-
-    def close(self, abort: bool = False) -> None: ...

@@ -228,6 +228,11 @@ def seal_json(ftype: int, value: Any, key: bytes = ZERO_KEY) -> bytes:
     return seal(ftype, json.dumps(value, separators=(",", ":")).encode(), key)
 
 
+def seal_body(ftype: int, body: bytes | dict, key: bytes = ZERO_KEY) -> bytes:
+    """A control frame of ``body``: bytes as they are, a dict as JSON."""
+    return seal(ftype, body, key) if isinstance(body, bytes) else seal_json(ftype, body, key)
+
+
 def seal_packed(ftype: int, value: Any, key: bytes = ZERO_KEY) -> bytes:
     """A control frame whose body is zstd-compressed JSON (manifests, chunk lists)."""
     raw = json.dumps(value, separators=(",", ":")).encode()

@@ -5,9 +5,9 @@ that its sender may not know of yet) and closes it when none is left: :class:`Se
 Each accepted connection is a :class:`ReceiverStream`, which only cuts frames and runs the
 handshake (:mod:`orchagent.seed.auth`); :meth:`SeedListener.admission` says what it must
 prove (the seed's key, TLS, or for a plain v1 seed the source orchestrator names,
-:mod:`orchagent.seed.sources`).  Once admitted, the seed manager names the job it joins
-(a tree's control or data stream, or a hot seed's backup stream) and everything after
-goes to that job.  :class:`ReceiverFactory` bounds the connections still in their
+:mod:`orchagent.seed.sources`).  Once admitted, the connection joins its seed's receive
+job, which takes it as a tree's control or data stream or as a hot seed's backup stream
+(or refuses it), and everything after goes to that job.  :class:`ReceiverFactory` bounds the connections still in their
 handshake.
 """
 
@@ -22,6 +22,7 @@ from orchagent.errors import BadRequest
 from orchagent.seed import auth, frames, state
 from orchagent.seed.auth import REFUSED, Admission, Rejected, ServerHandshake, reject_frame
 from orchagent.seed.frames import FrameType, ProtocolError
+from orchagent.seed.stream import Stream
 
 log = Logger()
 
@@ -42,25 +43,17 @@ MAX_PENDING = 64
 LINGER = 10
 
 
-class ReceiverStream(protocol.Protocol):
+class ReceiverStream(Stream):
     """One accepted connection: frames in, handshake, then hand-off to the job."""
 
     def __init__(self, acceptor: "SeedListener"):
+        super().__init__(acceptor.clock)
         self.acceptor = acceptor
-        self.splitter = frames.FrameSplitter()
         self.handshake: ServerHandshake | None = None
         #: The receive job it joined (orchagent.seed.receiver), once admitted.
         self.job = None
         self.role = ""
         self.session = ""
-        self.key: bytes | None = None
-        self.queued = 0
-        self.paused = False
-        self.closed = False
-        self.batch: list = []
-        self.timer = None
-        #: The rate limit's timer while it holds this stream's reading.
-        self.hold = None
         self.lingering = False
         #: Our last word was a frame the peer was connected to read (RESULT, a refusal).
         self.told = False
@@ -76,13 +69,12 @@ class ReceiverStream(protocol.Protocol):
         self.peer = self.transport.getPeer().host
         self.handshake = ServerHandshake(self.acceptor.admission, self.peer)
         self.acceptor.streams.add(self)
-        self.timer = self.acceptor.clock.callLater(HANDSHAKE_TIMEOUT, self.fail,
-                                                  "no handshake within the time limit")
+        self.set_timer(HANDSHAKE_TIMEOUT, self.fail, "no handshake within the time limit")
 
     def dataReceived(self, data):
         if self.closed or self.lingering:
             return
-        self.frame_at = self.acceptor.clock.seconds()
+        self.frame_at = self.clock.seconds()
         try:
             for frame in self.splitter.feed(data):
                 if self.closed or self.lingering:
@@ -93,7 +85,7 @@ class ReceiverStream(protocol.Protocol):
                     self._handshake(frame)
                 else:
                     self.job.frame(self, frame)
-            if self.batch:
+            if self.key is not None:
                 self.job.flush(self)
         except Rejected as e:
             self.reject(str(e))
@@ -132,90 +124,62 @@ class ReceiverStream(protocol.Protocol):
 
     def _admitted(self) -> None:
         hello = self.handshake.hello
-        job = self.acceptor.job_for_stream(hello["seed"], hello["role"])
+        job = self.acceptor.receive_job(hello["seed"])
+        if job is None:
+            raise Rejected(f"this host is not receiving seed {hello['seed']}")
         job.attach(self, hello)
         if self.factory is not None:
             self.factory.handshake_done(self)
         self.job, self.role, self.session = job, hello["role"], hello["session"]
         self.key = self.handshake.key
-        self._stop_timer()
+        self.stop_timers()
         self.transport.write(self.handshake.accept())
         if job.record.state == state.COMPLETED:
             # The sender reconnected because it lost the control stream before our RESULT.
-            self.last_word(frames.seal_json(FrameType.RESULT, {"ok": True}, self.key))
-
-    def send_frame(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)
+            self.last_word(FrameType.RESULT, {"ok": True})
 
     def reject(self, message: str) -> None:
         """Refuse the stream: the reason goes to the log, the peer gets :data:`REFUSED`,
         REFUSAL_DELAY after the frame that decided it, whatever the reason was."""
         log.warn("seed connection from {peer} refused: {message}", peer=self.peer, message=message)
-        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.acceptor.clock.seconds())
-        self.last_word(reject_frame(REFUSED), wait)
+        wait = max(0.0, self.frame_at + REFUSAL_DELAY - self.clock.seconds())
+        self._last(reject_frame(REFUSED), wait)
 
-    def last_word(self, data: bytes | None = None, wait: float = 0.0) -> None:
-        """Send a final frame (after ``wait`` seconds) and let the sender close: closing
-        with its unread data in our socket would reset the connection and could destroy
-        that frame in flight.  Whatever still arrives is ignored; LINGER seconds after the
-        frame the connection is cut."""
+    def last_word(self, frame_type: int | None = None, body: bytes | dict = b"") -> None:
+        """Send a final frame (none without ``frame_type``) and let the sender close:
+        closing with its unread data in our socket would reset the connection and could
+        destroy that frame in flight.  Whatever still arrives is ignored; LINGER seconds
+        after the frame the connection is cut."""
+        self._last(None if frame_type is None else frames.seal_body(frame_type, body, self.key))
+
+    def _last(self, data: bytes | None, wait: float = 0.0) -> None:
         if self.closed or self.lingering:
             return
         self.lingering = True
         if wait > 0:
-            self._stop_timer()
-            self.timer = self.acceptor.clock.callLater(wait, self._say_last, data)
+            self.set_timer(wait, self._say_last, data)
             return
         self._say_last(data)
 
     def _say_last(self, data: bytes | None) -> None:
-        self.timer = None
         if self.closed:
             return
         if data:
             self.told = True
             self.transport.write(data)
-        if self.paused:
-            self.paused = False
+        if self.reasons:
+            self.reasons.clear()
             self.transport.resumeProducing()
-        self._stop_timer()
-        self.timer = self.acceptor.clock.callLater(LINGER, self.close, True)
+        self.stop_timers()
+        self.set_timer(LINGER, self.close, True)
 
     def fail(self, message: str) -> None:
         log.warn("seed stream from {peer} broken: {message}", peer=self.peer, message=message)
         self.close(abort=True)
 
-    def close(self, abort: bool = False) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
-
-    def pause(self) -> None:
-        if not self.paused and not self.closed:
-            self.paused = True
-            self.transport.pauseProducing()
-
-    def unpause(self) -> None:
-        if self.paused and not self.closed:
-            self.paused = False
-            self.transport.resumeProducing()
-
-    def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
     def connectionLost(self, reason=protocol.connectionDone):
         self.closed = True
-        self._stop_timer()
-        if self.hold is not None:
-            self.hold.cancel()
-            self.hold = None
+        self.stop_timers()
         if self.factory is not None:
             self.factory.handshake_done(self)
         self.acceptor.streams.discard(self)
@@ -277,19 +241,18 @@ class SeedListener:
     """The seed port and the connections on it (see the module docstring).
 
     ``receive_job(seed_id)``: the seed's receive job, running or lately completed, or
-    None; ``job_for_stream(seed_id, role)``: the job an admitted connection joins (the
-    manager's registry decides, Rejected when none may).  ``sources``: who may send a
+    None: an admitted connection joins it (the job takes it as a tree's or a hot seed's
+    stream, or refuses it).  ``sources``: who may send a
     plain v1 seed (orchagent.seed.sources.SeedSources)."""
 
     def __init__(self, config: Any, reactor: Any, clock: Any, tls: bool, sources: Any,
-                 receive_job: Callable[[str], Any], job_for_stream: Callable[[str, str], Any]):
+                 receive_job: Callable[[str], Any]):
         self.config = config
         self.reactor = reactor
         self.clock = clock
         self.tls = tls
         self.sources = sources
         self.receive_job = receive_job
-        self.job_for_stream = job_for_stream
         #: Every accepted connection still open (closed at stop).
         self.streams: set[ReceiverStream] = set()
         self.port = None

@@ -31,14 +31,13 @@ from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
 from orchagent.interfaces import ISeedSurface
 from orchagent.seed import auth, promotion, state, tree
-from orchagent.seed.auth import Rejected
 from orchagent.seed.command import CommandJob
 from orchagent.seed.context import SeedContext
 from orchagent.seed.listener import SeedListener
 from orchagent.seed.receiver import ReceiveJob
 from orchagent.seed.sender import SendJob
 from orchagent.seed.sources import SeedSources
-from orchagent.seed.streamed import StreamReceiveJob, StreamSendJob
+from orchagent.seed.streamed import StreamSendJob
 
 log = Logger()
 
@@ -112,7 +111,7 @@ class SeedManager(service.Service):
         self.watchers: list = []
         #: The seed port and the connections on it.
         self.listener = SeedListener(config, reactor, self.clock, self.tls, self.sources,
-                                     self.receive_job, self.job_for_stream)
+                                     self.receive_job)
         #: What the jobs are handed (orchagent.seed.context).
         self.context = SeedContext(
             reactor=reactor, clock=self.clock, config=config, store=self.store, runner=runner,
@@ -310,17 +309,6 @@ class SeedManager(service.Service):
         if isinstance(job, ReceiveJob):
             return job
         return self.completed_receives.get(seed_id, (None, None))[0]
-
-    def job_for_stream(self, seed_id: str, role: str) -> ReceiveJob:
-        """The receive job that takes an authenticated connection of ``role``: a tree
-        seed's control or data stream, or a hot seed's backup stream, which turns the
-        seed's receive job into a stream receive (Rejected when it is taken as a tree)."""
-        job = self.receive_job(seed_id)
-        if job is None:
-            raise Rejected(f"this host is not receiving seed {seed_id}")
-        if role == "stream":
-            job = self.jobs[seed_id] = StreamReceiveJob.take_over(job)
-        return job
 
     # --- listening -------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ import os
 import threading
 from array import array
 from collections import deque
+from functools import partial
+
+import attrs
 
 import zstandard
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -42,6 +45,8 @@ from orchagent.errors import BadRequest
 from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import ClientHandshake, Rejected, is_loopback, tls_client_options
 from orchagent.seed.frames import FrameType, ProtocolError
+from orchagent.seed.session import Session
+from orchagent.seed.stream import Stream
 
 if TYPE_CHECKING:
     from orchagent.seed.context import SeedContext
@@ -74,37 +79,31 @@ KEEP_OPEN = 8
 
 
 @implementer(IPushProducer)
-class SenderStream(protocol.Protocol):
-    """One connection to the receiver: handshake, then frames to/from the job."""
+class SenderStream(Stream):
+    """One connection to the receiver: handshake, then frames to/from the job.  It is
+    its transport's producer: while the transport's buffer is full it is ``blocked`` and
+    the job writes nothing to it."""
 
-    def __init__(self, job: "SendJob", role: str, index: int):
+    def __init__(self, job, role: str, index: int, session_id: str):
+        super().__init__(job.context.clock)
         self.job = job
         self.role = role
         self.index = index
-        self.splitter = frames.FrameSplitter()
-        self.handshake = ClientHandshake(job.seed_id, job.session, role, index, job.auth_key)
-        self.key: bytes | None = None
-        self.paused = False
-        self.reads = 0
-        #: Batches read while paused: (items, results), written on resume.
-        self.waiting: deque = deque()
-        #: The handshake's deadline, and apart from it the rate limit's wait before the
-        #: next read (a change of the limit reschedules that one, never the deadline).
-        self.timer = None
-        self.pace = None
-        self.closed = False
+        self.handshake = ClientHandshake(job.seed_id, session_id, role, index, job.auth_key)
+        self.blocked = False
         self.lost = defer.Deferred()
         self.accepted = defer.Deferred()
         self.connecting: defer.Deferred | None = None
-        #: The ABORT body of a seed that failed while this control stream was still in its
-        #: handshake: sent as its only frame once the handshake is done.
-        self.last_word: dict | None = None
+        #: The ABORT body of a seed that failed while this stream was still in its
+        #: handshake: sent as its only frame once the handshake is done (tell_abort).
+        self.abort_body: dict | None = None
 
     def connectionMade(self):
         if self.closed:
             self.transport.abortConnection()
             return
-        self.timer = self.job.context.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.peer = self.transport.getPeer().host
+        self.set_timer(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         self.transport.write(self.handshake.hello())
 
     def _handshake_timeout(self):
@@ -121,72 +120,76 @@ class SenderStream(protocol.Protocol):
                     if reply is not None:
                         self.transport.write(reply)
                     else:
-                        if self.timer is not None and self.timer.active():
-                            self.timer.cancel()
-                        self.timer = None
-                        self.key = self.handshake.key
-                        if self.last_word is not None:
-                            tell_abort(self, self.last_word)
-                            self.last_word = None
-                            self.close()
+                        self._accepted()
+                        if self.closed:
                             return
-                        self.transport.registerProducer(self, True)
-                        self.accepted.callback(self)
                 else:
                     self.job.frame(self, frame)
         except Rejected as e:
-            self.last_word = None
+            self.abort_body = None
             self.close()
             self.job.rejected(self, str(e))
         except ProtocolError as e:
             self.close(abort=True)
             self.job.broken(self, f"protocol error from the receiver: {e}")
 
+    def _accepted(self) -> None:
+        self._cancel("timer")
+        self.key = self.handshake.key
+        if self.abort_body is not None:
+            body, self.abort_body = self.abort_body, None
+            self.tell_abort(body)
+            self.close()
+            return
+        self.transport.registerProducer(self, True)
+        self.accepted.callback(self)
+
+    def tell_abort(self, body: dict) -> None:
+        """Tell the receiver that the seed is over (ABORT).
+
+        A stream still in its handshake (the seed failed at once: a source that cannot be
+        walked, an abort right after the call) says it as its only frame once the
+        handshake is done, and stays open until then: closed now, it would look to the
+        receiver like a broken connection, and the receiver would wait for the sender to
+        resume."""
+        if self.closed:
+            return
+        if self.key is not None:
+            self.send(FrameType.ABORT, body)
+        else:
+            self.abort_body = body
+
     def connectionLost(self, reason=protocol.connectionDone):
         self.closed = True
-        self._stop_timers()
+        self.stop_timers()
         if not self.accepted.called:
             self.accepted.errback(reason)
         self.job.stream_lost(self, reason)
         if not self.lost.called:
             self.lost.callback(None)
 
-    def _stop_timers(self) -> None:
-        for timer in (self.timer, self.pace):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.timer = self.pace = None
-
-    def stop_pacing(self) -> None:
-        if self.pace is not None and self.pace.active():
-            self.pace.cancel()
-        self.pace = None
-
     def close(self, abort: bool = False) -> None:
         """Close the connection; a stream that has an ABORT to say after its handshake
-        (:func:`tell_abort`) stays open for it unless ``abort``."""
-        if self.closed or (self.last_word is not None and not abort):
+        (:meth:`tell_abort`) stays open for it unless ``abort``."""
+        if self.closed or (self.abort_body is not None and not abort):
             return
+        if self.transport is not None:
+            super().close(abort)
+            return
+        # Still connecting: stop trying; nothing to wait for.
         self.closed = True
-        self._stop_timers()
-        if self.transport is None:
-            # Still connecting: stop trying; nothing to wait for.
-            if self.connecting is not None:
-                self.connecting.cancel()
-            if not self.lost.called:
-                self.lost.callback(None)
-            return
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        self.stop_timers()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if not self.lost.called:
+            self.lost.callback(None)
 
     # IPushProducer
     def pauseProducing(self):
-        self.paused = True
+        self.blocked = True
 
     def resumeProducing(self):
-        self.paused = False
+        self.blocked = False
         self.job.flush(self)
         self.job.pump(self)
 
@@ -352,6 +355,26 @@ class SourceFiles:
             os.close(victim)
 
 
+@attrs.define
+class _Outflow:
+    """A stream's reads in the worker threads, and the batches read waiting for it."""
+
+    reads: int = 0
+    waiting: deque = attrs.field(factory=deque)
+
+
+class _Attempt(Session):
+    """A session as the sender holds it: the chunks left to send, whether READY came and
+    the digests went, and the control stream while it is sent the manifest's batches."""
+
+    def __init__(self, session_id: str):
+        super().__init__(session_id)
+        self.queue = ChunkQueue()
+        self.ready = False
+        self.finishing = False
+        self.manifest_stream: SenderStream | None = None
+
+
 class SendJob(state.JobIdentity):
     """The sending side of one seed (engine mode)."""
 
@@ -364,11 +387,8 @@ class SendJob(state.JobIdentity):
         self.port = port
         self.manifest: tree.Manifest | None = None
         self.table: plan.ChunkTable | None = None
-        self.session = ""
-        self.streams: list[SenderStream] = []
-        self.control: SenderStream | None = None
-        self.queue = ChunkQueue()
-        self.finishing = False
+        #: The current attempt, None between two.
+        self.session: _Attempt | None = None
         self.attempts = 0
         self.retry_call = None
         #: An abort after the whole tree was sent, waiting for the receiver's RESULT.
@@ -381,13 +401,10 @@ class SendJob(state.JobIdentity):
                             else frames.Digest.XXH3)
         self.meter = state.RateMeter(context.clock)
         self.done = defer.Deferred()
-        self.ready = False
         #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
         #: goes), and whether the walk is over.
         self.batches: list[bytes] = []
         self.walked = False
-        #: The control stream that got every batch so far and is sent new ones.
-        self.manifest_stream: SenderStream | None = None
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -439,8 +456,8 @@ class SendJob(state.JobIdentity):
         log.info("seed {seed}: sending {bytes} bytes in {files} files from {source} to {target}",
                  seed=self.seed_id, bytes=self.table.bytes_total, files=len(self.table.files),
                  source=self.record.source_path, target=self.record.target)
-        if self.manifest_stream is not None:
-            self._end_manifest(self.manifest_stream)
+        if self.session is not None and self.session.manifest_stream is not None:
+            self._end_manifest(self.session.manifest_stream)
 
     def _more_batches(self, bodies: list[bytes], files: int, size: int) -> None:
         """Batches packed by the walk (called in order, before the walk's result), and the
@@ -450,10 +467,10 @@ class SendJob(state.JobIdentity):
         if self.record.totals == state.WALKING:  # a restarted send's are final already
             self.record.files_total, self.record.bytes_total = files, size
         self.batches += bodies
-        stream = self.manifest_stream
+        stream = self.session.manifest_stream if self.session is not None else None
         if stream is not None:
             for body in bodies:
-                stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
+                stream.send(FrameType.MANIFEST, body)
 
     def _crashed(self, failure) -> None:
         if not self.active:
@@ -473,42 +490,38 @@ class SendJob(state.JobIdentity):
         self.retry_call = None
         if not self.active:
             return
-        self.session = os.urandom(8).hex()
-        self.manifest_stream = None
-        self.finishing = False
-        self.ready = False
-        self.queue = ChunkQueue()
+        session = self.session = _Attempt(os.urandom(8).hex())
         self.record.state = state.RUNNING
-        defer.ensureDeferred(self._open_control(self.session)).addErrback(self._connect_failed, self.session)
+        session.run(self._open_control(session), partial(self._connect_failed, session))
 
-    async def _open_control(self, session: str) -> None:
-        stream = SenderStream(self, "control", 0)
-        self.streams = [stream]
-        self.control = stream
-        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
-        await stream.connecting
-        await stream.accepted
-        if session != self.session:
-            return
-        peer = stream.transport.getPeer().host
+    async def _open_control(self, session: "_Attempt") -> None:
+        stream = await self._open(session, "control", 0)
         setting = self.context.config.seed_compression
         self.compression = CompressionPolicy(
-            setting == "zstd" or (setting == "auto" and not is_loopback(peer)))
+            setting == "zstd" or (setting == "auto" and not is_loopback(stream.peer)))
         for body in self.batches:
-            stream.transport.write(frames.seal(FrameType.MANIFEST, body, stream.key))
-        self.manifest_stream = stream
+            stream.send(FrameType.MANIFEST, body)
+        session.manifest_stream = stream
         if self.walked:
             self._end_manifest(stream)
 
+    async def _open(self, session: "_Attempt", role: str, index: int) -> SenderStream:
+        """A stream of ``session``, connected and past its handshake."""
+        stream = SenderStream(self, role, index, session.id)
+        session.add(stream, _Outflow())
+        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
+        await stream.connecting
+        return await session.wait(stream.accepted)
+
     def _end_manifest(self, stream: SenderStream) -> None:
-        self.manifest_stream = None
-        stream.transport.write(frames.seal_json(FrameType.MANIFEST_END, {
+        self.session.manifest_stream = None
+        stream.send(FrameType.MANIFEST_END, {
             "count": len(self.manifest), "chunk_size": self.manifest.chunk_size,
             "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total,
-            "content_digest": self.digest_kind.label}, stream.key))
+            "content_digest": self.digest_kind.label})
 
-    def _connect_failed(self, failure, session) -> None:
-        if session != self.session or not self.active:
+    def _connect_failed(self, session: "_Attempt", failure) -> None:
+        if session.ended:
             return
         self._session_failed(f"cannot connect to {self.host}:{self.port}: "
                              f"{failure.getErrorMessage()}")
@@ -516,7 +529,8 @@ class SendJob(state.JobIdentity):
     # --- frames from the receiver ----------------------------------------------------------
 
     def frame(self, stream: SenderStream, frame: frames.Frame) -> None:
-        if stream.role != "control" or stream is not self.control:
+        session = self.session
+        if session is None or stream is not session.control:
             raise ProtocolError(f"frame type {frame.type} on a data stream")
         if frame.type == FrameType.READY:
             try:
@@ -524,7 +538,7 @@ class SendJob(state.JobIdentity):
                 have = plan.unpack_records(frames._decompressor().decompress(packed, max_output_size=1 << 30))
             except (ValueError, zstandard.ZstdError) as e:
                 raise ProtocolError(f"malformed READY: {e}") from None
-            defer.ensureDeferred(self._ready(have, self.session)).addErrback(self._crashed)
+            session.run(self._ready(have, session), self._crashed)
         elif frame.type == FrameType.RESULT:
             result = frames.open_json(frame, stream.key)
             self._stop_waiting_for_result()
@@ -536,7 +550,7 @@ class SendJob(state.JobIdentity):
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
 
-    async def _ready(self, have: Iterable[tuple[int, int, int, bytes]], session: str) -> None:
+    async def _ready(self, have: Iterable[tuple[int, int, int, bytes]], session: "_Attempt") -> None:
         table = self.table
         table.reset()
         recheck = plan.ChunkDigests()
@@ -550,61 +564,50 @@ class SendJob(state.JobIdentity):
             elif known == digest:
                 table.mark_done(cid, digest)
         if recheck:
-            good = await self.context.thread(_recheck_source, self.files, table, recheck,
-                                             self.digest_kind)
-            if session != self.session or not self.active:
-                return
+            good = await session.wait(self.context.thread(_recheck_source, self.files, table,
+                                                          recheck, self.digest_kind))
             for cid, digest in good:
                 table.mark_done(cid, digest)
-        if session != self.session or not self.active:
-            return
         if table.bytes_done > self.have_at_ready:
             self.attempts = 0
         self.have_at_ready = table.bytes_done
-        self.ready = True
-        self.queue = ChunkQueue(table.todo())
+        session.ready = True
+        session.queue = ChunkQueue(table.todo())
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
                  seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)
         for index in range(1, self.context.config.seed_streams):
-            defer.ensureDeferred(self._open_data(session, index)).addErrback(
-                self._connect_failed, session)
-        self.pump(self.control)
+            session.run(self._open_data(session, index), partial(self._connect_failed, session))
+        self.pump(session.control)
 
-    async def _open_data(self, session: str, index: int) -> None:
-        stream = SenderStream(self, "data", index)
-        self.streams.append(stream)
-        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
-        await stream.connecting
-        await stream.accepted
-        if session == self.session:
-            self.pump(stream)
+    async def _open_data(self, session: "_Attempt", index: int) -> None:
+        self.pump(await self._open(session, "data", index))
 
     # --- pumping -------------------------------------------------------------------------
 
     def pump(self, stream: SenderStream) -> None:
         """Start read tasks for ``stream`` while it may take more (the producer's loop)."""
-        while (self.active and stream.key is not None and not stream.closed
-               and stream.reads + len(stream.waiting) < AHEAD and self.queue
-               and stream in self.streams):
+        session = self.session
+        flow = session.flows.get(stream) if session is not None else None
+        while (self.active and flow is not None and stream.key is not None and not stream.closed
+               and flow.reads + len(flow.waiting) < AHEAD and session.queue):
             delay = self.bucket.delay()
             if delay > 0:
-                if stream.pace is None or not stream.pace.active():
-                    stream.pace = self.context.clock.callLater(delay, self.pump, stream)
+                stream.later(delay, self.pump, stream)
                 return
-            length = self.table.length
-            items = [self.queue.popleft()]
+            queue, length = session.queue, self.table.length
+            items = [queue.popleft()]
             size = length[items[0]]
-            while (self.queue and self._whole_file(self.queue[0]) and self._whole_file(items[0])
-                   and size + length[self.queue[0]] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
-                items.append(self.queue.popleft())
+            while (queue and self._whole_file(queue[0]) and self._whole_file(items[0])
+                   and size + length[queue[0]] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
+                items.append(queue.popleft())
                 size += length[items[-1]]
             self.bucket.take(size)
-            stream.reads += 1
+            flow.reads += 1
             compress = self.compression.should_try()
             d = self.context.thread(_read_chunks, self.files, [self.table.chunk(cid) for cid in items],
                                     stream.key, compress, self.digest_kind)
-            d.addBoth(self._read_done, stream, items, compress, self.session)
+            d.addBoth(self._read_done, stream, flow, items, compress, session)
             d.addErrback(self._crashed)
         self._maybe_finish()
 
@@ -612,9 +615,10 @@ class SendJob(state.JobIdentity):
         index = self.table.file[cid]
         return self.table.chunk_count(index) == 1 and self.manifest.is_dense(index)
 
-    def _read_done(self, result, stream: SenderStream, items, compress, session):
-        stream.reads -= 1
-        if session != self.session or not self.active:
+    def _read_done(self, result, stream: SenderStream, flow: "_Outflow", items, compress,
+                   session: "_Attempt"):
+        flow.reads -= 1
+        if session.ended:
             return None
         if isinstance(result, Failure):
             if result.check(BadRequest):
@@ -626,20 +630,21 @@ class SendJob(state.JobIdentity):
                 self.fail(f"reading the seed source failed: {result.value}")
             return None
         if stream.closed:
-            self.queue.push_front(items)
+            session.queue.push_front(items)
             return None
-        stream.waiting.append((items, result, compress))
+        flow.waiting.append((items, result, compress))
         self.flush(stream)
         self.pump(stream)
         return None
 
     def flush(self, stream: SenderStream) -> None:
         """Write batches read ahead, unless the transport asked us to pause."""
-        while stream.waiting and not stream.paused and not stream.closed:
-            items, result, compress = stream.waiting.popleft()
+        flow = self.session.flows.get(stream) if self.session is not None else None
+        while flow is not None and flow.waiting and not stream.blocked and not stream.closed:
+            items, result, compress = flow.waiting.popleft()
             pending = iter(items)
             for pieces, digests, compressed in result:
-                stream.transport.writeSequence(pieces)
+                stream.write(pieces)
                 self.compression.record(compress, compressed)
                 for digest in digests:
                     cid = next(pending)
@@ -652,29 +657,28 @@ class SendJob(state.JobIdentity):
             self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
 
     def _maybe_finish(self) -> None:
-        if (self.finishing or not self.ready or self.queue or self.control is None
-                or any(s.reads or s.waiting for s in self.streams) or not self.table.complete):
+        session = self.session
+        if (session is None or session.finishing or not session.ready or session.queue
+                or any(f.reads or f.waiting for f in session.flows.values())
+                or not self.table.complete):
             return
-        self.finishing = True
-        defer.ensureDeferred(self._finish(self.session)).addErrback(self._crashed)
+        session.finishing = True
+        session.run(self._finish(session), self._crashed)
 
-    async def _finish(self, session: str) -> None:
+    async def _finish(self, session: "_Attempt") -> None:
         """Everything is on its way: send the file digests and the tree digest."""
         table = self.table
-        await self.context.thread(self.files.check_held)
-        if session != self.session:
-            return
-        digests, tree_digest = await self.context.thread(_file_digests, table)
-        control = self.control
-        if session != self.session or control is None or control.closed:
+        await session.wait(self.context.thread(self.files.check_held))
+        digests, tree_digest = await session.wait(self.context.thread(_file_digests, table))
+        control = session.control
+        if control.closed:
             return
         # Each piece let go once framed: the transport holds the frames until they are
         # sent, and the pieces beside them would double that (36 bytes a file).
         digests.reverse()
         while digests:
-            control.transport.write(frames.seal(FrameType.DIGESTS, digests.pop(), control.key))
-        control.transport.write(frames.seal_json(
-            FrameType.FINISH, {"tree": tree_digest.hex()}, control.key))
+            control.send(FrameType.DIGESTS, digests.pop())
+        control.send(FrameType.FINISH, {"tree": tree_digest.hex()})
         self.record.state = state.VERIFYING
         self.context.touch(self.record)
 
@@ -688,7 +692,7 @@ class SendJob(state.JobIdentity):
         stream.close(abort=True)
 
     def stream_lost(self, stream: SenderStream, reason) -> None:
-        if not self.active or stream not in self.streams:
+        if not self.active or self.session is None or stream not in self.session.flows:
             return
         self._session_failed(f"connection to {self.host}:{self.port} lost: {reason.getErrorMessage()}")
 
@@ -696,14 +700,10 @@ class SendJob(state.JobIdentity):
         if self.result_wait is not None:
             self._no_result(message)
             return
-        if not self.active or not self.session:
+        if not self.active or self.session is None:
             return
-        self.session = ""
-        self.manifest_stream = None
-        for stream in list(self.streams):
-            stream.close()
-        self.streams = []
-        self.control = None
+        self.session.end()
+        self.session = None
         self.attempts += 1
         if self.attempts >= MAX_ATTEMPTS:
             self.fail(f"{message} (gave up after {self.attempts} attempts)", tell=False)
@@ -728,13 +728,14 @@ class SendJob(state.JobIdentity):
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
         if not self.active:
             return defer.succeed(None)
+        control = self.session.control if self.session is not None else None
         if (tell and self.record.state == state.VERIFYING and self.result_wait is None
-                and self.control is not None and not self.control.closed):
+                and control is not None and not control.closed):
             # The receiver has the whole tree and may be moving it into place, which an
             # abort no longer stops: tell it, and end as it says the seed ended.
             log.warn("seed {seed}: {message}; the receiver has the whole tree: waiting for it to "
                      "say how the seed ends", seed=self.seed_id, message=message)
-            tell_abort(self.control, {"message": message})
+            control.tell_abort({"message": message})
             self.result_wait = self.context.clock.callLater(RESULT_WAIT, self._no_result, message)
             ended = defer.Deferred()
             self.done.addBoth(lambda result: (ended.callback(None), result)[1])
@@ -771,7 +772,6 @@ class SendJob(state.JobIdentity):
         control stream's ABORT, and it would take that end for a broken session and wait
         for a resume that never comes.  Whichever stream it finds ending, the ABORT is
         just before that end."""
-        self.session = ""
         if self.mysql_watch is not None and self.mysql_watch.running:
             self.mysql_watch.stop()
         self.mysql_watch = None
@@ -780,17 +780,18 @@ class SendJob(state.JobIdentity):
         if self.retry_call is not None and self.retry_call.active():
             self.retry_call.cancel()
         self.retry_call = None
-        streams, self.streams = self.streams, []
-        self.control = self.manifest_stream = None
-        for stream in streams:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        for stream, flow in session.flows.items():
             if tell is not None:
-                stream.waiting.clear()
-                tell_abort(stream, tell)
-            stream.close()
+                flow.waiting.clear()
+                stream.tell_abort(tell)
+        session.end()
 
     async def stop(self) -> None:
         """Service stop: close streams (the next start resumes); wait for reads to end."""
-        streams = list(self.streams)
+        streams = list(self.session.streams) if self.session is not None else []
         self._close_all()
         for stream in streams:
             stream.close(abort=True)
@@ -821,8 +822,7 @@ class SendJob(state.JobIdentity):
 
     def set_rate_limit(self, rate: int) -> None:
         self.bucket.set_rate(rate)
-        for stream in self.streams:
-            stream.stop_pacing()
+        for stream in list(self.session.streams) if self.session is not None else ():
             self.pump(stream)
 
 
@@ -840,21 +840,6 @@ def receiver_endpoint(context: "SeedContext", host: str, port: int):
     if context.tls:
         endpoint = endpoints.wrapClientTLS(tls_client_options(context.config, host), endpoint)
     return endpoint
-
-
-def tell_abort(stream: SenderStream | None, body: dict) -> None:
-    """Tell the receiver, over ``stream``, that the seed is over (ABORT).
-
-    A stream still in its handshake (the seed failed at once: a source that cannot be
-    walked, an abort right after the call) says it as its only frame once the handshake
-    is done, and stays open until then: closed now, it would look to the receiver like a
-    broken connection, and the receiver would wait for the sender to resume."""
-    if stream is None or stream.closed:
-        return
-    if stream.key is not None:
-        stream.transport.write(frames.seal_json(FrameType.ABORT, body, stream.key))
-    else:
-        stream.last_word = body
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
