@@ -257,6 +257,61 @@ class CutPromotionRecordWriteTests(unittest.TestCase):
         self.assertEqual(tree_of(datadir), {"ibdata1": b"old"})
 
 
+class UnrecordedBackupWorkCopyTests(unittest.TestCase):
+    """mountlv whose record of the mounted copy could not be written (EIO at the write of
+    ``StateDir/backups/mounted.json.tmp``: backup_mount error point #488) failed with an
+    internal error and left the prepared work copy, a whole copy of the backup, under
+    StateDir, and the temporary record: umount found no record and removed nothing."""
+
+    async def test_the_work_copy_goes_when_its_record_cannot_be_written(self):
+        import errno
+
+        from orchagent import backups as backups_module
+        from orchagent.backups.prepare import Place
+        from orchagent.config import Config
+        from orchagent.errors import AgentError
+
+        base = os.path.abspath(self.mktemp())
+        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
+        os.makedirs(mnt)
+        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
+                        backup_directories=[os.path.join(base, "backups")])
+        backups = backups_module.Backups(config, runner=None, reactor=None, host=None, service=None)
+        root = os.path.join(state_dir, "backups", "mounted-full1")
+        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
+        backup.name = "full1"
+
+        async def usable(name):
+            return backup, [backup]
+
+        async def choose(chain, candidates, what):
+            return Place(root, False)
+
+        async def make(chain, place, owner_of):
+            write(os.path.join(place.root, "data", "ibdata1"), b"prepared")
+            return os.path.join(place.root, "data")
+
+        async def remove(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+        async def nothing():
+            return None
+
+        backups._usable, backups._datadir = usable, nothing
+        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
+        backups.mount_point.require_free = lambda: mnt
+
+        def failing(*args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+
+        with mock.patch.object(backups_module.json, "dump", failing):
+            with self.assertRaises(AgentError) as caught:
+                await backups.mount("full1")
+        self.assertIn("mounted.json.tmp", caught.exception.message)
+        self.assertFalse(os.path.exists(root))
+        self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
+
+
 class SeedVerdictTests(unittest.TestCase):
     """The enumerator's verdicts on a seed's end (no agent, no strace: a world of
     directories and a fake agent).  Its rerun of 2026-12-04 called broken a completed seed

@@ -26,6 +26,7 @@ Hot seeds (a fresh backup of the running server, sent by the seed engine) are in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -39,7 +40,7 @@ from orchagent.backups.hot import HotSeeds
 from orchagent.backups.model import Backup
 from orchagent.backups.prepare import Preparer
 from orchagent.backups.tools import Tools
-from orchagent.errors import AgentError, NotAvailable, NotFound, Refused
+from orchagent.errors import AgentError, NotAvailable, NotFound, Refused, StepFailed
 from orchagent.snapshots import mountinfo, naming
 from orchagent.snapshots.directory import identity
 from orchagent.snapshots.model import LogicalVolume, Mount
@@ -146,9 +147,16 @@ class Backups:
             return
         os.makedirs(os.path.dirname(self._record_path), mode=0o700, exist_ok=True)
         tmp = self._record_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, self._record_path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, self._record_path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, tmp) from e  # name the file written
+            raise
 
     def mounted(self) -> str | None:
         """The name of the backup whose work copy is on SnapshotMountPoint, else None."""
@@ -173,7 +181,15 @@ class Backups:
         beside = os.path.join(os.path.dirname(chain[0].path), f".orchagent-work-{backup.name}")
         place = await self.preparer.choose(chain, [(state_root, False), (beside, True)], "the work copy")
         data = await self.preparer.make(chain, place, await self._datadir())
-        self._write_record({"name": backup.name, "root": place.root, "data": data})
+        try:
+            self._write_record({"name": backup.name, "root": place.root, "data": data})
+        except OSError as e:
+            # Unrecorded, the work copy would be found by nothing but the next mountlv of
+            # this backup: it goes now.
+            await self.preparer.remove(place.root)
+            raise StepFailed(f"backup {backup.name}: step record failed: cannot write "
+                             f"{e.filename or self._record_path}: {e.strerror}; the work copy "
+                             "was removed") from e
         try:
             log.info("backup {name}: bind-mounting the prepared copy {data} read-only on {path}",
                      name=backup.name, data=data, path=path)
