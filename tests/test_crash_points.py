@@ -312,6 +312,41 @@ class UnrecordedBackupWorkCopyTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
 
 
+class SkippedAriaRecoveryTests(unittest.TestCase):
+    """``mariabackup --prepare`` that cannot open an Aria table (EDQUOT/EROFS at the openat
+    of the copy's ``bk`` directory: backup_mount error points #454 and #471) prints
+    ``***WARNING: ./bk/a could not be opened: Error: 122``, skips that table's recovery and
+    exits 0: the agent mounted (or would restore, or promote as a hot seed) a copy whose
+    Aria table differed from the prepared backup."""
+
+    async def test_a_table_the_recovery_could_not_open_fails_the_prepare(self):
+        from orchagent.backups.prepare import Preparer
+        from orchagent.errors import AgentError
+        from orchagent.process import CommandResult
+
+        output = (b"[00] 2026-12-05 02:59:59 Renaming ./bk/t.new to ./bk/t.ibd\n"
+                  b"***WARNING: ./bk/a could not be opened: Error: 122\n"
+                  b"[00] 2026-12-05 02:59:59 completed OK!\n")
+
+        class Runner:
+            async def run(self, argv, **kwargs):
+                return CommandResult(tuple(argv), 0, None, b"", output, 0.1)
+
+        class Tools:
+            def installed(self, tool):
+                return True
+
+            @staticmethod
+            def prepare_defaults(data):
+                return []
+
+        preparer = Preparer(None, Runner(), Tools(), None, thread=lambda f, *a: defer.succeed(f(*a)))
+        with self.assertRaises(AgentError) as caught:
+            await preparer.prepare("mariabackup", "/nowhere/data", [])
+        self.assertIn("./bk/a could not be opened: Error: 122", caught.exception.message)
+        self.assertIn("--prepare", caught.exception.message)
+
+
 class SeedVerdictTests(unittest.TestCase):
     """The enumerator's verdicts on a seed's end (no agent, no strace: a world of
     directories and a fake agent).  Its rerun of 2026-12-04 called broken a completed seed

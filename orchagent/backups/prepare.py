@@ -15,6 +15,10 @@ The steps, each named in the error when it fails (and then the work directory is
 removed, so a failure leaves nothing behind): copy, decrypt and decompress (when the
 backup is encoded), prepare (and apply each increment), verify, own.
 
+``--prepare`` exits 0 when its Aria recovery could not open a table (it prints a
+``***WARNING: ... could not be opened: Error: N`` line and leaves the table unrecovered):
+such a line fails the step.
+
 Verify: ``--prepare`` only reads the pages its redo log touches, so a page that rotted
 on disk after the backup was taken passes it unseen.  Every InnoDB file of the prepared
 copy is therefore read by ``innochecksum``, which checks each page's checksum; the
@@ -55,6 +59,9 @@ REFLINK_MARGIN = 64 << 20
 #: innochecksum processes run at once.
 VERIFY_PARALLEL = 2
 FSP_TRX_SYS_PAGE_NO = 5
+#: What ``--prepare``'s Aria recovery prints, exiting 0 all the same, for a table it could
+#: not open (an I/O error on the copy): that table is left unrecovered.
+ARIA_SKIPPED = re.compile(r"^\*\*\*WARNING: (.*(?:could not be opened|Error: \d+).*)$", re.MULTILINE)
 DOUBLEWRITE_MAGIC = 536853855
 
 
@@ -240,6 +247,11 @@ class Preparer:
         result = await self.runner.run([tool, *args], check=False, privileged=True, timeout=0)
         if not result.ok:
             raise CommandFailed(result.tool_failure(f"{tool} {what}"), result)
+        if "--prepare" in args:
+            skipped = ARIA_SKIPPED.findall((result.stdout + result.stderr).decode("utf-8", "replace"))
+            if skipped:
+                raise CommandFailed(f"{tool} {what} exited 0, but its Aria recovery left a table "
+                                    f"unrecovered: {' | '.join(skipped[:3])}", result)
 
     async def prepare(self, tool: str, data: str, increments: list[str]) -> None:
         """``--prepare`` of ``data``, then each increment applied on it.  xtrabackup needs
