@@ -347,6 +347,55 @@ class SkippedAriaRecoveryTests(unittest.TestCase):
         self.assertIn("--prepare", caught.exception.message)
 
 
+class SkippedAriaRecoveryHotSeedTests(unittest.TestCase):
+    """The same ``--prepare`` of a streamed hot seed, in the target's staging: the seed
+    was promoted with the table unrecovered.  Real servers and managers
+    (tests.test_backups_hot_stream), the target's mariabackup wrapped to print that
+    warning after a real, successful prepare."""
+
+    timeout = 180
+
+    def setUp(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests
+
+        StreamedHotSeedTests.setUp(self)
+        real = shutil.which("mariabackup")
+        wrapped = os.path.join(self.home, "bin")
+        os.makedirs(wrapped)
+        with open(os.path.join(wrapped, "mariabackup"), "w") as fh:
+            fh.write(f"""#!/bin/sh
+case " $* " in
+*" --prepare "*) {real} "$@"; code=$?
+    echo '***WARNING: ./bk/a could not be opened: Error: 122' >&2; exit $code ;;
+esac
+exec {real} "$@"
+""")
+        os.chmod(os.path.join(wrapped, "mariabackup"), 0o755)
+        path = os.environ["PATH"]
+        os.environ["PATH"] = f"{wrapped}:{path}"
+        self.addCleanup(os.environ.__setitem__, "PATH", path)
+
+    def our_processes(self, seed: str) -> list[str]:
+        from tests.test_backups_hot_stream import StreamedHotSeedTests
+
+        return StreamedHotSeedTests.our_processes(self, seed)
+
+    async def test_the_hot_seed_fails_and_the_datadir_is_untouched(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests as T
+
+        T.servers(self)
+        self.source = T.manager(self, "source", self.source_db)
+        self.target = T.manager(self, "target", self.target_db)
+        await T.start_seed(self, "s9")
+        sent, received = await T.ended(self, "s9")
+        self.assertEqual(received["State"], "failed", received)
+        self.assertIn("hot seed s9: step prepare failed: mariabackup --prepare exited 0, but its "
+                      "Aria recovery left a table unrecovered: ./bk/a could not be opened: Error: 122",
+                      received["Error"])
+        self.assertNotEqual(sent["State"], "completed")
+        await T.assert_target_untouched(self, "s9")
+
+
 class SeedVerdictTests(unittest.TestCase):
     """The enumerator's verdicts on a seed's end (no agent, no strace: a world of
     directories and a fake agent).  Its rerun of 2026-12-04 called broken a completed seed

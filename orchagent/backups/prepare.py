@@ -59,9 +59,6 @@ REFLINK_MARGIN = 64 << 20
 #: innochecksum processes run at once.
 VERIFY_PARALLEL = 2
 FSP_TRX_SYS_PAGE_NO = 5
-#: What ``--prepare``'s Aria recovery prints, exiting 0 all the same, for a table it could
-#: not open (an I/O error on the copy): that table is left unrecovered.
-ARIA_SKIPPED = re.compile(r"^\*\*\*WARNING: (.*(?:could not be opened|Error: \d+).*)$", re.MULTILINE)
 DOUBLEWRITE_MAGIC = 536853855
 
 
@@ -248,10 +245,10 @@ class Preparer:
         if not result.ok:
             raise CommandFailed(result.tool_failure(f"{tool} {what}"), result)
         if "--prepare" in args:
-            skipped = ARIA_SKIPPED.findall((result.stdout + result.stderr).decode("utf-8", "replace"))
+            skipped = Tools.unrecovered(result.stdout + result.stderr)
             if skipped:
                 raise CommandFailed(f"{tool} {what} exited 0, but its Aria recovery left a table "
-                                    f"unrecovered: {' | '.join(skipped[:3])}", result)
+                                    f"unrecovered: {skipped}", result)
 
     async def prepare(self, tool: str, data: str, increments: list[str]) -> None:
         """``--prepare`` of ``data``, then each increment applied on it.  xtrabackup needs

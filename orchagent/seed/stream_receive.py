@@ -306,9 +306,13 @@ class StreamReceive:
         await self._step("extract", self.extractor, f"{EXTRACTORS[self.tool]} -x")
         took("extract")
         job.steps += 1
-        await self._step("prepare", self.children.run(
+        prepared = await self._step("prepare", self.children.run(
             [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"],
             **TOOL), f"{self.tool} --prepare")
+        unrecovered = self.tools.unrecovered(prepared.stdout + prepared.stderr)
+        if unrecovered:  # --prepare exits 0 all the same (orchagent.backups.tools.ARIA_SKIPPED)
+            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
+                             f"exited 0, but its Aria recovery left a table unrecovered: {unrecovered}")
         took("prepare")
         job.steps += 1
         await self._own(root)
@@ -339,6 +343,7 @@ class StreamReceive:
             raise defer.CancelledError()  # stopped by fail()
         if not result.ok and self.job.active:
             raise StepFailed(f"hot seed {self.seed_id}: step {step} failed: {result.tool_failure(what)}")
+        return result
 
     async def _own(self, root: str) -> None:
         """The datadir's owner for the prepared files: mysqld must open them."""
