@@ -312,6 +312,69 @@ class UnrecordedBackupWorkCopyTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
 
 
+class MountAnsweredFailedTests(unittest.TestCase):
+    """mountlv whose answer could not be made once the copy was mounted (ENOSPC, EDQUOT,
+    EROFS at the openat of the mount point, reading its disk usage: backup_mount error
+    point #491 in a run with every errno) failed, and left the backup's copy mounted
+    and its work copy in place."""
+
+    async def test_a_failed_answer_unmounts_and_removes_the_copy(self):
+        from orchagent import backups as backups_module
+        from orchagent.backups.prepare import Place
+        from orchagent.config import Config
+        from orchagent.errors import AgentError
+
+        base = os.path.abspath(self.mktemp())
+        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
+        os.makedirs(mnt)
+        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
+                        backup_directories=[os.path.join(base, "backups")])
+        mounted = []
+
+        class Runner:
+            async def run(self, argv, **kwargs):
+                mounted.append(argv[-2])
+
+        backups = backups_module.Backups(config, runner=Runner(), reactor=None, host=None, service=None)
+        root = os.path.join(state_dir, "backups", "mounted-full1")
+        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
+        backup.name = "full1"
+
+        async def usable(name):
+            return backup, [backup]
+
+        async def choose(chain, candidates, what):
+            return Place(root, False)
+
+        async def make(chain, place, owner_of):
+            write(os.path.join(place.root, "data", "ibdata1"), b"prepared")
+            return os.path.join(place.root, "data")
+
+        async def remove(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+        async def nothing():
+            return None
+
+        async def unmount():
+            mounted.clear()
+
+        async def state(lv_path=""):
+            raise AgentError(f"cannot read directory {mnt}: No space left on device")
+
+        backups._usable, backups._datadir = usable, nothing
+        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
+        backups.mount_point.require_free = lambda: mnt
+        backups.mount_point.entry = lambda: mock.Mock(read_only=True) if mounted else None
+        backups.mount_point.unmount, backups.mount_point.state = unmount, state
+        with self.assertRaises(AgentError) as caught:
+            await backups.mount("full1")
+        self.assertIn("cannot read directory", caught.exception.message)
+        self.assertEqual(mounted, [], "unmounted")
+        self.assertFalse(os.path.exists(root))
+        self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
+
+
 class SkippedAriaRecoveryTests(unittest.TestCase):
     """``mariabackup --prepare`` that cannot open an Aria table (EDQUOT/EROFS at the openat
     of the copy's ``bk`` directory: backup_mount error points #454 and #471) prints

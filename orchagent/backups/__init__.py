@@ -197,6 +197,8 @@ class Backups:
             entry = self.mount_point.entry()
             if entry is None or not entry.read_only:
                 raise Refused(f"mounting {data} on {path} did not give a read-only mount")
+            # Its answer too: a mountlv that fails leaves nothing mounted.
+            return await self.mount_state()
         except Exception as e:
             await self.mount_point.unmount()
             await self._discard_stale()
@@ -204,7 +206,6 @@ class Backups:
                 raise type(e)(f"backup {backup.name}: step mount failed: {e.message}; "
                               "the work copy was removed") from e
             raise
-        return await self.mount_state()
 
     async def unmount(self) -> Mount:
         """Unmount the backup's work copy and remove it."""
