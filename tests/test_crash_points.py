@@ -2,9 +2,8 @@
 
 The findings of ``python3 -m reliability.crashpoints``, each at unit level, then a fast
 slice of the enumerator itself (root, strace): a few crash points and I/O errors of a
-datadir seed and of a copy restore, and one point of each operation of
-``reliability.crashops`` (btrfs restore, backup mountlv, restore from a backup, hot seed),
-none of which may end broken.
+datadir seed and of a copy restore, and one point of the btrfs restore, of backup mountlv
+and of a restore from a backup (``reliability.crashops``), none of which may end broken.
 """
 
 from __future__ import annotations
@@ -552,9 +551,10 @@ class EnumeratorSliceTests(unittest.TestCase):
 
 
 class WorldsOfTheirOwnSliceTests(unittest.TestCase):
-    """One point of each operation of reliability.crashops, for real: a btrfs target, then
-    a real MariaDB, its mariabackup backup in BackupDirectories and a hot-seeding source
-    agent."""
+    """One point of the btrfs restore, of mountlv of a backup and of a restore from it
+    (reliability.crashops), for real: a btrfs target, then a real MariaDB and its
+    mariabackup backup in BackupDirectories.  (The hot seed and the sender's crashes, at
+    10-20 s a point, are left to the command.)"""
 
     timeout = 240
 
@@ -590,5 +590,4 @@ class WorldsOfTheirOwnSliceTests(unittest.TestCase):
 
         await self.run_in(crashops.BtrfsWorld, [(crashops.BtrfsRestore, (1, 0))])
         await self.run_in(crashops.MariaWorld, [(crashops.BackupMount, (0, 1)),
-                                                (crashops.BackupRestore, (1, 0)),
-                                                (crashops.HotSeed, (1, 0))])
+                                                (crashops.BackupRestore, (0, 1))])
