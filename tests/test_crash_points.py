@@ -311,6 +311,57 @@ class UnrecordedBackupWorkCopyTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
 
 
+class FailedWorkCopyRemovalTests(unittest.TestCase):
+    """A failed mountlv whose work copy could not be removed either (backup_mount error
+    point #485 with every errno: strace counts per process, so the error that failed
+    ``cp`` hit the ``rm -rf`` of the copy too) left the copy under StateDir with no
+    record: umount did not know of it."""
+
+    async def test_umount_removes_a_copy_the_failed_mountlv_could_not(self):
+        from orchagent import backups as backups_module
+        from orchagent.backups.prepare import Place
+        from orchagent.config import Config
+        from orchagent.errors import CommandFailed
+
+        base = os.path.abspath(self.mktemp())
+        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
+        os.makedirs(mnt)
+        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
+                        backup_directories=[os.path.join(base, "backups")])
+        backups = backups_module.Backups(config, runner=None, reactor=None, host=None, service=None)
+        root = os.path.join(state_dir, "backups", "mounted-full1")
+        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
+        backup.name = "full1"
+
+        async def usable(name):
+            return backup, [backup]
+
+        async def choose(chain, candidates, what):
+            return Place(root, False)
+
+        async def make(chain, place, owner_of):
+            write(os.path.join(place.root, "data", "bk", "t.ibd"), b"half copied")
+            raise CommandFailed("command rm exited with status 1: cannot remove ...")
+
+        async def remove(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+        async def nothing(*args):
+            return None
+
+        backups._usable, backups._datadir = usable, nothing
+        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
+        backups.mount_point.require_free = lambda: mnt
+        backups.mount_point.entry = lambda: None
+        backups.mount_point.unmount, backups.mount_point.state = nothing, nothing
+        with self.assertRaises(CommandFailed):
+            await backups.mount("full1")
+        self.assertTrue(os.path.exists(root))
+        await backups.unmount()
+        self.assertFalse(os.path.exists(root))
+        self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
+
+
 class MountAnsweredFailedTests(unittest.TestCase):
     """mountlv whose answer could not be made once the copy was mounted (ENOSPC, EDQUOT,
     EROFS at the openat of the mount point, reading its disk usage: backup_mount error

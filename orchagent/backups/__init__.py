@@ -180,16 +180,21 @@ class Backups:
         state_root = os.path.join(self.config.state_dir, "backups", f"mounted-{backup.name}")
         beside = os.path.join(os.path.dirname(chain[0].path), f".orchagent-work-{backup.name}")
         place = await self.preparer.choose(chain, [(state_root, False), (beside, True)], "the work copy")
-        data = await self.preparer.make(chain, place, await self._datadir())
+        data = os.path.join(place.root, "data")
+        # Recorded before it is made: a copy that a crash, or a removal that failed after
+        # a failed step, leaves behind is then umount's (or the next mountlv's) to remove.
         try:
             self._write_record({"name": backup.name, "root": place.root, "data": data})
         except OSError as e:
-            # Unrecorded, the work copy would be found by nothing but the next mountlv of
-            # this backup: it goes now.
-            await self.preparer.remove(place.root)
             raise StepFailed(f"backup {backup.name}: step record failed: cannot write "
-                             f"{e.filename or self._record_path}: {e.strerror}; the work copy "
-                             "was removed") from e
+                             f"{e.filename or self._record_path}: {e.strerror}; nothing was "
+                             "copied") from e
+        try:
+            data = await self.preparer.make(chain, place, await self._datadir())
+        except BaseException:
+            if not os.path.lexists(place.root):
+                self._write_record(None)
+            raise
         try:
             log.info("backup {name}: bind-mounting the prepared copy {data} read-only on {path}",
                      name=backup.name, data=data, path=path)
