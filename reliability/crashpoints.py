@@ -1024,7 +1024,8 @@ def parse_points(spec: str) -> list[tuple[str, int, str | None]]:
 async def run_operation(world: World, cls, quick: bool, max_points: int | None,
                         errnos: tuple = ERRNOS, all_errnos: bool = False,
                         limits: tuple[int, int] | None = None,
-                        chosen: list[tuple[str, int, str | None]] | None = None) -> Tally:
+                        chosen: list[tuple[str, int, str | None]] | None = None,
+                        listing: bool = False) -> Tally:
     """Enumerate the operation's points, inject at each (or at a spread of them: ``quick``,
     ``max_points``, ``limits`` = (crashes, errors); or at the ``chosen`` ones, see
     :func:`parse_points`) and tally the outcomes."""
@@ -1035,6 +1036,11 @@ async def run_operation(world: World, cls, quick: bool, max_points: int | None,
     tally.crash_points, tally.error_points = len(crash_points), len(error_points)
     print(f"\n== {cls.name}: {len(crash_points)} crash points, {len(error_points)} error points "
           f"(clean run: {first.verdict} {first.detail[:80]})", flush=True)
+    if listing:
+        for point in crash_points + error_points:
+            mark = "" if point.exact else "~"
+            print(f"  {point.kind:5} #{point.number:<3}{mark} {point.shown} [when={point.when}]", flush=True)
+        chosen = []
     if first.verdict == "BROKEN":
         tally.broken.append(("clean run", first.detail))
         tally.add("BROKEN")
@@ -1138,6 +1144,8 @@ def parse(argv):
                         help="only these points, by their number in the enumeration: "
                              "crash:N, error:N (the errno a full run gives it) or error:N:ERRNO, "
                              "comma-separated (to re-run single points of a run)")
+    parser.add_argument("--list", action="store_true",
+                        help="print each operation's points (for --points) and inject none")
     parser.add_argument("--size-mib", type=int, default=3)
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
@@ -1172,7 +1180,7 @@ async def main(argv) -> int:
                 await world.start()
             tally = await run_operation(world, cls, args.quick, args.max_points,
                                         all_errnos=args.errnos == "all",
-                                        chosen=chosen)
+                                        chosen=chosen, listing=args.list)
             tallies.append(tally)
     finally:
         if world is not None:
