@@ -77,3 +77,54 @@ class KeptUsageTests(unittest.TestCase):
         staging.root = os.path.join(datadir, ".orchagent-seed-5")
         self.write(os.path.join(staging.root, "ibdata1"), 1 << 20)
         self.assertEqual(staging.kept_usage(), os.lstat(datadir).st_size + 7000)
+
+
+class ManifestPhaseTests(unittest.TestCase):
+    """While the sender still walks the source (minutes for millions of files), the
+    target's mysql-du must grow between orchestrator's polls, or each poll counts a stall
+    that is never forgiven: it grows with the manifest's bytes as they arrive."""
+
+    timeout = 60
+
+    async def test_mysql_du_grows_while_the_manifest_arrives(self):
+        import time
+
+        from twisted.internet import reactor, task
+
+        from orchagent.seed import state, tree
+        from tests import seed_support as S
+
+        base = os.path.abspath(self.mktemp())
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(dst)
+        for i in range(400):
+            path = os.path.join(src, f"db{i // 100}", f"t{i:04d}.ibd")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(os.urandom(16384))
+        self.patch(tree, "WALK_BATCH", 20)
+        pack_new = tree.ManifestPacker.pack_new
+
+        def slowly(packer, batch=4096):
+            time.sleep(0.05)  # the walk's worker thread: a walk that takes a while
+            return pack_new(packer, batch)
+
+        self.patch(tree.ManifestPacker, "pack_new", slowly)
+        port = S.free_port()
+        r = S.make_manager(self, os.path.join(base, "r"), dst, port)
+        s = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src, chunk_size=64 * 1024)
+        await r.receive("m1")
+        await s.send(f"127.0.0.1:{port}", "m1", source="datadir")
+        walking = []
+        deadline = time.monotonic() + 30
+        while not r.records["m1"].terminal:
+            self.assertLess(time.monotonic(), deadline)
+            if r.records["m1"].totals == state.WALKING:
+                walking.append(await r.datadir_usage())
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(r.records["m1"].state, state.COMPLETED, r.records["m1"].error)
+        kept = walking[0] if walking else None
+        grown = sorted(set(walking))
+        self.assertGreater(len(grown), 3, f"mysql-du while the manifest arrived: {walking}")
+        self.assertEqual(walking, sorted(walking), "it only grows while the manifest arrives")
+        self.assertLess(grown[-1] - kept, 400 * 16384, "never the data itself")

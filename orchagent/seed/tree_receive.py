@@ -66,6 +66,7 @@ class _Attempt(Session):
         #: MANIFEST bodies (packed batches) until MANIFEST_END, and the manifest being
         #: read from them as they come (see _read_batch).
         self.batches: list[bytes] = []
+        self.manifest_bytes = 0
         self.reader: tree.ManifestReader | None = None
         self.reading: defer.Deferred | None = None
         #: The sender's file digests as they come (DIGESTS frames of 3.6 MB: a bytearray
@@ -179,9 +180,16 @@ class TreeReceive:
         pass  # nothing runs but writes, which the job's cleanup waits for (drain)
 
     def arriving(self) -> int:
-        if self.session is None:
+        """Data bytes that arrived and wait to be written; before READY, the manifest's
+        bytes as they come (orchestrator counts a stall at every poll with the same
+        mysql-du, and a walk of millions of files takes minutes)."""
+        session = self.session
+        if session is None:
             return 0
-        return sum(flow.queued + stream.buffered for stream, flow in self.session.flows.items())
+        buffered = sum(stream.buffered for stream in session.streams)
+        if not session.ready:
+            return session.manifest_bytes + buffered
+        return buffered + sum(flow.queued for flow in session.flows.values())
 
     # --- frames --------------------------------------------------------------------------
 
@@ -219,6 +227,7 @@ class TreeReceive:
         """A MANIFEST batch: parsed in a worker thread at once, after the batch before it,
         while the sender's walk goes on (the sender sends batches as it walks)."""
         session.batches.append(body)
+        session.manifest_bytes += len(body)
         if session.reader is None:
             session.reader, session.reading = tree.ManifestReader(), defer.succeed(None)
         reader, thread = session.reader, self.context.thread

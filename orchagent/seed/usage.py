@@ -17,7 +17,9 @@ So while an engine seed is being received into the datadir, mysql-du is
   directory entry, ``lost+found``, and when staging is inside the datadir everything else
   there (the previous contents are moved aside inside it); never the staging directory.
 * ``progress`` (:func:`visible_progress`): the seed's data bytes verified and written,
-  plus those that arrived and wait to be written, then a small step for each final phase
+  plus those that arrived and wait to be written (before the receiver is ready, the
+  manifest's bytes as they arrive: the sender walks the source meanwhile, minutes for
+  millions of files), then a small step for each final phase
   (verified, synced, moved aside ...), so that the figure grows whenever the seed
   moves at all.  It never runs ahead of the data that arrived, and stays below the
   tree's total, so it never exceeds what the promoted datadir holds: after the seed,
