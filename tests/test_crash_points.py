@@ -256,6 +256,47 @@ class CutPromotionRecordWriteTests(unittest.TestCase):
         self.assertEqual(tree_of(datadir), {"ibdata1": b"old"})
 
 
+def stubbed_backups(case: unittest.TestCase, make, runner=None):
+    """orchagent.backups.Backups over a temporary StateDir whose backup "full1" needs no
+    tool: its work copy goes to StateDir/backups/mounted-full1 and ``make`` makes it.
+    Returns the backups, StateDir, the work copy's root and the mount point."""
+    from orchagent import backups as backups_module
+    from orchagent.backups.prepare import Place
+    from orchagent.config import Config
+
+    base = os.path.abspath(case.mktemp())
+    state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
+    os.makedirs(mnt)
+    config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
+                    backup_directories=[os.path.join(base, "backups")])
+    backups = backups_module.Backups(config, runner=runner, reactor=None, host=None, service=None)
+    root = os.path.join(state_dir, "backups", "mounted-full1")
+    backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
+    backup.name = "full1"
+
+    async def usable(name):
+        return backup, [backup]
+
+    async def choose(chain, candidates, what):
+        return Place(root, False)
+
+    async def remove(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+    async def nothing(*args):
+        return None
+
+    backups._usable, backups._datadir = usable, nothing
+    backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
+    backups.mount_point.require_free = lambda: mnt
+    return backups, state_dir, root, mnt
+
+
+async def make_prepared(chain, place, owner_of):
+    write(os.path.join(place.root, "data", "ibdata1"), b"prepared")
+    return os.path.join(place.root, "data")
+
+
 class UnrecordedBackupWorkCopyTests(unittest.TestCase):
     """mountlv whose record of the mounted copy could not be written (EIO at the write of
     ``StateDir/backups/mounted.json.tmp``: backup_mount error point #488) failed with an
@@ -266,39 +307,9 @@ class UnrecordedBackupWorkCopyTests(unittest.TestCase):
         import errno
 
         from orchagent import backups as backups_module
-        from orchagent.backups.prepare import Place
-        from orchagent.config import Config
         from orchagent.errors import AgentError
 
-        base = os.path.abspath(self.mktemp())
-        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
-        os.makedirs(mnt)
-        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
-                        backup_directories=[os.path.join(base, "backups")])
-        backups = backups_module.Backups(config, runner=None, reactor=None, host=None, service=None)
-        root = os.path.join(state_dir, "backups", "mounted-full1")
-        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
-        backup.name = "full1"
-
-        async def usable(name):
-            return backup, [backup]
-
-        async def choose(chain, candidates, what):
-            return Place(root, False)
-
-        async def make(chain, place, owner_of):
-            write(os.path.join(place.root, "data", "ibdata1"), b"prepared")
-            return os.path.join(place.root, "data")
-
-        async def remove(path):
-            shutil.rmtree(path, ignore_errors=True)
-
-        async def nothing():
-            return None
-
-        backups._usable, backups._datadir = usable, nothing
-        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
-        backups.mount_point.require_free = lambda: mnt
+        backups, state_dir, root, _ = stubbed_backups(self, make_prepared)
 
         def failing(*args, **kwargs):
             raise OSError(errno.EIO, "Input/output error")
@@ -318,40 +329,16 @@ class FailedWorkCopyRemovalTests(unittest.TestCase):
     record: umount did not know of it."""
 
     async def test_umount_removes_a_copy_the_failed_mountlv_could_not(self):
-        from orchagent import backups as backups_module
-        from orchagent.backups.prepare import Place
-        from orchagent.config import Config
         from orchagent.errors import CommandFailed
-
-        base = os.path.abspath(self.mktemp())
-        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
-        os.makedirs(mnt)
-        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
-                        backup_directories=[os.path.join(base, "backups")])
-        backups = backups_module.Backups(config, runner=None, reactor=None, host=None, service=None)
-        root = os.path.join(state_dir, "backups", "mounted-full1")
-        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
-        backup.name = "full1"
-
-        async def usable(name):
-            return backup, [backup]
-
-        async def choose(chain, candidates, what):
-            return Place(root, False)
 
         async def make(chain, place, owner_of):
             write(os.path.join(place.root, "data", "bk", "t.ibd"), b"half copied")
             raise CommandFailed("command rm exited with status 1: cannot remove ...")
 
-        async def remove(path):
-            shutil.rmtree(path, ignore_errors=True)
-
         async def nothing(*args):
             return None
 
-        backups._usable, backups._datadir = usable, nothing
-        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
-        backups.mount_point.require_free = lambda: mnt
+        backups, state_dir, root, _ = stubbed_backups(self, make)
         backups.mount_point.entry = lambda: None
         backups.mount_point.unmount, backups.mount_point.state = nothing, nothing
         with self.assertRaises(CommandFailed):
@@ -369,42 +356,15 @@ class MountAnsweredFailedTests(unittest.TestCase):
     and its work copy in place."""
 
     async def test_a_failed_answer_unmounts_and_removes_the_copy(self):
-        from orchagent import backups as backups_module
-        from orchagent.backups.prepare import Place
-        from orchagent.config import Config
         from orchagent.errors import AgentError
 
-        base = os.path.abspath(self.mktemp())
-        state_dir, mnt = os.path.join(base, "state"), os.path.join(base, "mnt")
-        os.makedirs(mnt)
-        config = Config(state_dir=state_dir, snapshot_mount_point=mnt,
-                        backup_directories=[os.path.join(base, "backups")])
         mounted = []
 
         class Runner:
             async def run(self, argv, **kwargs):
                 mounted.append(argv[-2])
 
-        backups = backups_module.Backups(config, runner=Runner(), reactor=None, host=None, service=None)
-        root = os.path.join(state_dir, "backups", "mounted-full1")
-        backup = mock.Mock(path=os.path.join(base, "backups", "full1"))
-        backup.name = "full1"
-
-        async def usable(name):
-            return backup, [backup]
-
-        async def choose(chain, candidates, what):
-            return Place(root, False)
-
-        async def make(chain, place, owner_of):
-            write(os.path.join(place.root, "data", "ibdata1"), b"prepared")
-            return os.path.join(place.root, "data")
-
-        async def remove(path):
-            shutil.rmtree(path, ignore_errors=True)
-
-        async def nothing():
-            return None
+        backups, state_dir, root, mnt = stubbed_backups(self, make_prepared, Runner())
 
         async def unmount():
             mounted.clear()
@@ -412,9 +372,6 @@ class MountAnsweredFailedTests(unittest.TestCase):
         async def state(lv_path=""):
             raise AgentError(f"cannot read directory {mnt}: No space left on device")
 
-        backups._usable, backups._datadir = usable, nothing
-        backups.preparer.choose, backups.preparer.make, backups.preparer.remove = choose, make, remove
-        backups.mount_point.require_free = lambda: mnt
         backups.mount_point.entry = lambda: mock.Mock(read_only=True) if mounted else None
         backups.mount_point.unmount, backups.mount_point.state = unmount, state
         with self.assertRaises(AgentError) as caught:
