@@ -527,6 +527,39 @@ class SeedVerdictTests(unittest.TestCase):
         self.assertEqual(op.check({"refused": op.refused}, None, "ENOSPC").verdict, "failed-clean")
 
 
+class UnreadableSavedIdentitiesTests(unittest.TestCase):
+    """The identities a sender's walk saved (``<id>.pins`` in its StateDir) unreadable
+    when the seed is sent again (sender_seed error points at their ``openat``): the seed
+    failed saying "cannot read the seed source", blaming the source for a file of the
+    agent's own."""
+
+    async def test_the_error_names_the_saved_identities_not_the_source(self):
+        from twisted.internet import reactor
+
+        from tests import seed_support as S
+
+        base = os.path.abspath(self.mktemp())
+        src = os.path.join(base, "src")
+        S.make_tree(src, files=3)
+        port = S.free_port()  # nothing listens: the send walks, saves and keeps trying
+        sender = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+        pins = sender.store.path("p1", "pins")
+        await sender.send(f"127.0.0.1:{port}", "p1", key="k", source="datadir")
+        await S.wait_for(lambda: os.path.exists(pins))
+        await sender.stopService()
+        os.unlink(pins)
+        os.makedirs(pins)  # reading it fails: EISDIR
+        again = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
+        status = await S.finished(again, "p1")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("cannot read the source's identities that this seed's walk saved", status["Error"])
+        self.assertIn(pins, status["Error"])
+        self.assertNotIn("cannot read the seed source", status["Error"])
+        # The connection attempt the failure cancelled lets go of its timer a moment later.
+        await S.wait_for(lambda: not [c for c in reactor.getDelayedCalls()
+                                      if "HostnameEndpoint" in repr(c)])
+
+
 class EnumeratorSliceTests(unittest.TestCase):
     """A few points of the enumerator, for real: agents on loopback, strace, a loop ext4."""
 

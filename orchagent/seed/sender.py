@@ -438,7 +438,11 @@ class SendJob(state.JobIdentity):
         def packed(bodies: list[bytes], files: int, size: int) -> None:  # worker thread
             reactor.callFromThread(self._more_batches, bodies, files, size)
 
-        previous = await self.context.thread(store.read, seed_id, "pins")
+        try:
+            previous = await self.context.thread(store.read, seed_id, "pins")
+        except OSError as e:
+            raise BadRequest(f"cannot read the source's identities that this seed's walk saved "
+                             f"before the agent restarted: {e}") from None
         manifest, table, pins = await self.context.thread(
             _survey, self.record.source_path, self.context.chunk_size, packed, previous)
         if not self.active:
