@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -233,6 +234,19 @@ class Agent:
     def pids(self) -> list[int]:
         return self._pids()
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds the agent's processes used so far, in the interpreter and its
+        libraries (user) and in the kernel (system), with the commands they waited for."""
+        user = system = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self._pids():
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the name.
+            user += (int(fields[11]) + int(fields[13])) / tick
+            system += (int(fields[12]) + int(fields[14])) / tick
+        return user, system
+
     def peak_rss_mb(self) -> list[float]:
         """Peak resident memory of each of the agent's processes (daemon, seed engine)."""
         peaks = []
@@ -323,6 +337,7 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
     try:
         with PssSampler({"receiver": receiver.pids(), "sender": sender.pids()}, series) as pss:
             assert receiver.get("/api/receive-mysql-seed-data/1" + (f"?key={key}" if key else "")) is True
+            cpu_before = receiver.cpu_seconds(), sender.cpu_seconds()
             started = time.monotonic()
             assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
                               + (f"&key={key}" if key else "")) is True
@@ -332,13 +347,16 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
                     break
                 time.sleep(0.02)
             elapsed = time.monotonic() - started
+            cpu = {f"cpu_{side}_{kind}": round(after - before, 2)
+                   for side, agent, was in zip(("receiver", "sender"), (receiver, sender), cpu_before)
+                   for kind, after, before in zip(("user", "sys"), agent.cpu_seconds(), was)}
         if status["State"] != "completed":
             raise RuntimeError(f"seed failed: {status['Error']}")
         rss_receiver, rss_sender = receiver.peak_rss_mb(), sender.peak_rss_mb()
         result = {"seconds": elapsed, "rss_receiver": sum(rss_receiver), "rss_sender": sum(rss_sender),
                   "rss_receiver_process": max(rss_receiver), "rss_sender_process": max(rss_sender),
                   "pss_receiver": pss.peak["receiver"], "pss_sender": pss.peak["sender"],
-                  "bytes": status["BytesTotal"]}
+                  "bytes": status["BytesTotal"], **cpu}
         if series:
             result["pss_series"] = pss.series
         return result
@@ -353,12 +371,17 @@ def run_tar_nc(src: str, dst: str, *, address: str = "127.0.0.1", ns=None) -> di
     b_prefix = list(ns.b.prefix) if ns else []
     listener = subprocess.Popen(b_prefix + ["sh", "-c", f"nc -l {address} {port} | tar -xf - -C {dst}"])
     time.sleep(0.3)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     subprocess.run(a_prefix + ["sh", "-c", f"tar -cf - -C {src} . | nc -N {address} {port}"], check=True)
     listener.wait()
     elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(["sync"], check=True)
-    return {"seconds": elapsed, "seconds_synced": time.monotonic() - started}
+    # Both pipelines together (tar and nc on each side): user / system CPU seconds.
+    return {"seconds": elapsed, "seconds_synced": time.monotonic() - started,
+            "cpu_both_user": round(after.ru_utime - before.ru_utime, 2),
+            "cpu_both_sys": round(after.ru_stime - before.ru_stime, 2)}
 
 
 def run_cat(src: str, dst: str) -> dict:
@@ -441,8 +464,11 @@ def scenario(name: str, src: str, base: str, work: str, rounds: int, *, ns=None,
                 else:
                     result = run_cat(src, dst)
             results[kind].append(result)
+            cpu = "".join(f", CPU {side} user / sys {result[f'cpu_{side}_user']:.2f} / "
+                          f"{result[f'cpu_{side}_sys']:.2f} s" for side in ("receiver", "sender", "both")
+                          if f"cpu_{side}_user" in result)
             print(f"  {name} round {round_ + 1} {kind}: {result['seconds']:.2f}s "
-                  f"({total / result['seconds'] / 1e6:.0f} MB/s)", flush=True)
+                  f"({total / result['seconds'] / 1e6:.0f} MB/s){cpu}", flush=True)
     summary = {"bytes": total}
     for kind, runs in results.items():
         if runs:
