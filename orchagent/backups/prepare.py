@@ -19,7 +19,13 @@ backup is encoded), prepare (and apply each increment), verify, own.
 ``***WARNING: ... could not be opened: Error: N`` line and leaves the table unrecovered):
 such a line fails the step.
 
-Verify: ``--prepare`` only reads the pages its redo log touches, so a page that rotted
+Verify, first the Aria tables: ``--prepare``'s Aria recovery also exits 0, with no
+message, when a write of a table fails (an I/O error on the copy): the table is left
+"not closed properly", as the backup copied it.  ``aria_chk --check --read-only`` of
+every ``.MAI`` of the prepared copy tells (``Tools.aria_damage``; skipped, with a
+warning in the log, where aria_chk is not installed).
+
+Then the InnoDB pages: ``--prepare`` only reads the pages its redo log touches, so a page that rotted
 on disk after the backup was taken passes it unseen.  Every InnoDB file of the prepared
 copy is therefore read by ``innochecksum``, which checks each page's checksum; the
 system tablespace's doublewrite buffer (two extents whose pages are scratch copies with
@@ -264,7 +270,14 @@ class Preparer:
             await self.remove(increment)
 
     async def verify(self, data: str) -> None:
-        """Every page checksum of every InnoDB file (see the module docstring)."""
+        """Every Aria table of the copy as a correct prepare leaves it
+        (:meth:`Tools.aria_damage`), then every page checksum of every InnoDB file (see
+        the module docstring)."""
+        damage = await self.tools.aria_damage(data)
+        if damage:
+            raise Refused(f"the prepare left an Aria table damaged ({damage}); its Aria "
+                          "recovery exits 0 when a write of a table fails: an I/O error on "
+                          "the copy's file system?")
         if not self.tools.installed(INNOCHECKSUM):
             raise NotAvailable(f"{INNOCHECKSUM} is not installed (it checks the pages of the copy)")
         ranges = await self.thread(innodb_files, data)

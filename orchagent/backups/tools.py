@@ -18,9 +18,14 @@ import re
 import shutil
 from typing import Callable
 
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
 from orchagent.backups.discovery import MARIABACKUP, XTRABACKUP
 from orchagent.host.mysql_options import (DEFAULT_OPTION_FILES, OptionFileError, ServerOptions,
                                           load_server_options, read_options)
+
+log = Logger()
 
 #: The tools in the order a hot backup prefers them.
 TOOLS = (MARIABACKUP, XTRABACKUP)
@@ -35,12 +40,47 @@ INNOCHECKSUM = "innochecksum"
 #: not open (an I/O error on the copy): that table is left unrecovered.
 ARIA_SKIPPED = re.compile(r"^\*\*\*WARNING: (.*(?:could not be opened|Error: \d+).*)$", re.MULTILINE)
 _VERSION = re.compile(r"\b(\d+\.\d+)\.\d+")
+ARIA_CHK = "aria_chk"
+#: Aria tables per aria_chk process (argv stays far below the kernel's limit).
+ARIA_CHK_BATCH = 256
 
 
 def major_version(text: str) -> str:
     """``X.Y`` of a version text (``10.11.19-MariaDB`` -> ``10.11``), or ""."""
     match = _VERSION.search(text or "")
     return match.group(1) if match else ""
+
+
+def aria_tables(data: str) -> list[str]:
+    """The Aria tables (``.MAI`` index files) of a datadir, relative, sorted (blocking)."""
+    found = []
+    for directory, dirs, files in os.walk(data):
+        dirs.sort()
+        found.extend(os.path.relpath(os.path.join(directory, name), data)
+                     for name in sorted(files) if name.endswith(".MAI"))
+    return found
+
+
+def _aria_findings(stderr: bytes, data: str) -> list[str]:
+    """aria_chk's error output, one entry per table it spoke of: ``bk/a.MAI: warning: ...``."""
+    findings: list[str] = []
+    table = ""
+    prefix = data.rstrip("/") + "/"
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("aria_chk: "):
+            line = line[len("aria_chk: "):]
+        if not line:
+            continue
+        if line.startswith("Aria file "):
+            table = line[len("Aria file "):].replace(prefix, "", 1)
+            continue
+        line = line.replace(prefix, "")
+        if findings and table and findings[-1].startswith(f"{table}: "):
+            findings[-1] += f"; {line}"
+        else:
+            findings.append(f"{table}: {line}" if table else line)
+    return findings
 
 
 class Tools:
@@ -150,6 +190,59 @@ class Tools:
         """The tables a ``--prepare`` (that exited 0) left unrecovered, from its output
         (see ARIA_SKIPPED); "" when none."""
         return " | ".join(ARIA_SKIPPED.findall(output.decode("utf-8", "replace"))[:3])
+
+    async def aria_damage(self, data: str, run: Callable | None = None, **kwargs) -> str:
+        """What ``aria_chk --check`` finds wrong with the Aria tables of a prepared copy,
+        "" when nothing (or when the copy has no Aria table).
+
+        ``--prepare``'s Aria recovery ignores a failed write of a table (the ``pwrite64``
+        of ``bk/a.MAI``'s state header failing with EIO, ENOSPC, EDQUOT or EROFS): no
+        message, exit status 0, and the table is left as the backup copied it, "not
+        closed properly" (open count 1), where a correct prepare closes every table.
+        ``aria_chk --check --read-only`` (it writes nothing, not even the checked mark)
+        of every ``.MAI`` of the copy says so on its error output, exiting 0 for a
+        warning: any line there, or a non-zero exit, is a finding.  A correct prepare
+        leaves no line (tables with and without recovery work, the mysql schema's
+        Aria tables).  ``--datadir`` is the copy, so each table is checked against
+        the copy's own ``aria_log_control`` (a table whose LSNs or transaction ids are
+        ahead of it is reported too).
+
+        ``run`` (the caller's runner's ``run``, default this one's) and ``kwargs`` start
+        each aria_chk (privileged, like the backup tools); a run answering None (stopped
+        by its owner) raises CancelledError.  When aria_chk is not installed (it comes
+        with the server package, which a host restoring backups may lack) the check is
+        skipped with a warning in the log, once per process."""
+        tables = await threads.deferToThread(aria_tables, data)
+        if not tables:
+            return ""
+        path = self.path(ARIA_CHK)
+        if path is None:
+            if not Tools._aria_chk_missing_said:
+                Tools._aria_chk_missing_said = True
+                log.warn("{tool} is not installed: the Aria tables of prepared backups are "
+                         "not checked (mariabackup --prepare ignores a failed write of one); "
+                         "install the MariaDB server package for it", tool=ARIA_CHK)
+            return ""
+        run = run or self.runner.run
+        options = {"check": False, "privileged": True, "timeout": 0, **kwargs}
+        found: list[str] = []
+        for start in range(0, len(tables), ARIA_CHK_BATCH):
+            batch = tables[start:start + ARIA_CHK_BATCH]
+            result = await run([path, "--check", "--read-only", "--silent", f"--datadir={data}",
+                                *(os.path.join(data, t) for t in batch)], **options)
+            if result is None:
+                raise defer.CancelledError()
+            said = _aria_findings(result.stderr, data)
+            if said:
+                found.extend(said)
+            elif not result.ok:
+                found.append(result.tool_failure(ARIA_CHK))
+        if not found:
+            return ""
+        return (f"{ARIA_CHK} --check of the {len(tables)} Aria table(s) of the prepared copy: "
+                + " | ".join(found[:3]) + (f" (and {len(found) - 3} more)" if len(found) > 3 else ""))
+
+    _aria_chk_missing_said = False
 
     @staticmethod
     def prepare_defaults(data_dir: str) -> list[str]:

@@ -313,6 +313,10 @@ class StreamReceive:
         if unrecovered:  # --prepare exits 0 all the same (orchagent.backups.tools.ARIA_SKIPPED)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
                              f"exited 0, but its Aria recovery left a table unrecovered: {unrecovered}")
+        damage = await self.tools.aria_damage(root, self.children.run, **TOOL)
+        if damage:  # a failed write of a table: exit 0 and no message (Tools.aria_damage)
+            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
+                             f"exited 0, but left an Aria table damaged: {damage}")
         took("prepare")
         job.steps += 1
         await self._own(root)

@@ -1,0 +1,158 @@
+"""The Aria tables of a prepared copy (issue #17, backup_mount error points at the
+``pwrite64`` of ``bk/a.MAI`` inside ``mariabackup --prepare``).
+
+``--prepare``'s Aria recovery ignores a failed write of a table: no message, exit
+status 0, the table left "not closed properly" as the backup copied it.  The agent's
+verify step checks every Aria table of the copy with ``aria_chk --check --read-only``
+(``Tools.aria_damage``).  One real backup of a real MariaDB (an InnoDB and an Aria
+table in ``bk``, plus the mysql schema's Aria tables) per class; each test prepares its
+own copy of it, for real, with the agent's runner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from orchagent.backups.prepare import Place, Preparer
+from orchagent.backups.tools import Tools, aria_tables
+from orchagent.config import Config
+from orchagent.errors import StepFailed
+from orchagent.process import ProcessRunner
+from tests.support import mariadb as mariadb_support
+
+
+class _Cleanups:
+    def __init__(self):
+        self.calls = []
+
+    def addCleanup(self, function, *args, **kwargs):
+        self.calls.append((function, args, kwargs))
+
+    def run(self):
+        for function, args, kwargs in reversed(self.calls):
+            function(*args, **kwargs)
+
+
+class _FailingAriaWrites(ProcessRunner):
+    """The agent's runner, with ``--prepare`` run under ``strace`` failing every
+    ``pwrite64`` of ``bk/a.MAI`` with ``errno`` (what the enumerator injects)."""
+
+    errno = "EIO"
+
+    def run(self, argv, **kwargs):
+        if "--prepare" in argv:
+            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
+            argv = ["strace", "-f", "-o", "/dev/null", "-e", f"inject=pwrite64:error={self.errno}",
+                    "-P", os.path.join(target, "bk", "a.MAI"), *argv]
+        return super().run(argv, **kwargs)
+
+
+_made: dict[str, str] = {}
+
+
+def _backup_unavailable() -> str | None:
+    reason = mariadb_support.unavailable_reason()
+    for tool in ("mariabackup", "aria_chk", "innochecksum", "strace"):
+        if reason is None and shutil.which(tool) is None:
+            reason = f"{tool} is not installed"
+    return reason
+
+
+def _shared_backup() -> str:
+    """The backup, made once per process (its server destroyed at once, the backup
+    removed when the process exits)."""
+    if "backup" not in _made:
+        cleanups = _Cleanups()
+        base = tempfile.mkdtemp(prefix="aria-damage-")
+        atexit.register(shutil.rmtree, base, True)
+        try:
+            db = mariadb_support.MariaDB.create(cleanups)
+            db.sql("CREATE DATABASE bk")
+            db.sql("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=InnoDB; "
+                   "INSERT INTO t SELECT seq, MD5(seq) FROM seq_1_to_300; "
+                   "CREATE TABLE a (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=Aria; "
+                   "INSERT INTO a SELECT seq, MD5(seq) FROM seq_1_to_300", "bk")
+            backup = os.path.join(base, "full1")
+            result = subprocess.run(["mariabackup", f"--defaults-file={db.option_file}", "--backup",
+                                     f"--target-dir={backup}"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, timeout=120)
+        finally:
+            cleanups.run()
+        if result.returncode:
+            raise RuntimeError("mariabackup --backup failed: " + result.stdout.decode(errors="replace")[-2000:])
+        _made["backup"] = backup
+    return _made["backup"]
+
+
+class AriaDamageTests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        reason = _backup_unavailable()
+        if reason:
+            raise unittest.SkipTest(reason)
+        self.backup = _shared_backup()
+        self.home = os.path.abspath(self.mktemp())
+        os.makedirs(self.home)
+
+    def preparer(self, runner: ProcessRunner) -> Preparer:
+        return Preparer(Config(), runner, Tools(Config(), runner), host=None)
+
+    async def make(self, runner: ProcessRunner) -> str:
+        chain = [types.SimpleNamespace(name="full1", path=self.backup, tool="mariabackup",
+                                       encrypted=False, compressed=None)]
+        return await self.preparer(runner).make(chain, Place(os.path.join(self.home, "work"), False), None)
+
+    async def test_a_failed_write_of_an_aria_table_fails_the_verify_step(self):
+        runner = _FailingAriaWrites(reactor)
+        # The tool says nothing and exits 0 (why the agent checks the tables itself).
+        copy = os.path.join(self.home, "by-hand")
+        subprocess.run(["cp", "-a", "-T", self.backup, copy], check=True)
+        result = await runner.run(["mariabackup", f"--defaults-file={copy}/backup-my.cnf", "--prepare",
+                                   f"--target-dir={copy}"], check=False, timeout=120)
+        self.assertTrue(result.ok, result.tool_failure("mariabackup --prepare"))
+        self.assertEqual(Tools.unrecovered(result.stdout + result.stderr), "")
+        damage = await Tools(Config(), runner).aria_damage(copy)
+        self.assertIn("bk/a.MAI: warning: 1 client is using or hasn't closed the table properly", damage)
+
+        with self.assertRaises(StepFailed) as caught:
+            await self.make(runner)
+        message = caught.exception.message
+        self.assertIn("backup full1: step verify failed", message)
+        self.assertIn("aria_chk --check", message)
+        self.assertIn("bk/a.MAI", message)
+        self.assertIn("hasn't closed the table properly", message)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "work")))  # the copy removed
+
+    async def test_a_correct_prepare_passes(self):
+        """Every Aria table of a correct prepare passes: bk/a (recovered) and the mysql
+        schema's (no recovery work)."""
+        runner = ProcessRunner(reactor)
+        data = await self.make(runner)
+        tables = aria_tables(data)
+        self.assertIn("bk/a.MAI", tables)
+        self.assertGreater(len([t for t in tables if t.startswith("mysql/")]), 10)
+        self.assertEqual(await Tools(Config(), runner).aria_damage(data), "")
+
+    async def test_no_aria_chk_warns_once_and_skips(self):
+        runner = ProcessRunner(reactor)
+        copy = os.path.join(self.home, "copy")
+        subprocess.run(["cp", "-a", "-T", self.backup, copy], check=True)
+        tools = Tools(Config(), runner)
+        tools.path = lambda tool: None
+        said = []
+        from orchagent.backups import tools as tools_module
+        self.patch(tools_module.log, "warn", lambda text, **kw: said.append(text.format(**kw)))
+        self.patch(Tools, "_aria_chk_missing_said", False)
+        self.assertEqual(await tools.aria_damage(copy), "")
+        self.assertEqual(await tools.aria_damage(copy), "")
+        self.assertEqual(len(said), 1)
+        self.assertIn("aria_chk is not installed", said[0])
