@@ -156,3 +156,59 @@ class AriaDamageTests(unittest.TestCase):
         self.assertEqual(await tools.aria_damage(copy), "")
         self.assertEqual(len(said), 1)
         self.assertIn("aria_chk is not installed", said[0])
+
+
+class HotSeedAriaDamageTests(unittest.TestCase):
+    """The same failed write inside a streamed hot seed's ``--prepare`` in the target's
+    staging: the seed fails at its prepare step, the datadir untouched.  Real servers and
+    managers (tests.test_backups_hot_stream), the target's mariabackup run under strace
+    failing the ``pwrite64`` of ``bk/a.MAI`` in its ``--target-dir``."""
+
+    timeout = 180
+
+    def setUp(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests
+
+        if shutil.which("strace") is None or shutil.which("aria_chk") is None:
+            raise unittest.SkipTest("strace and aria_chk are needed")
+        StreamedHotSeedTests.setUp(self)
+        real = shutil.which("mariabackup")
+        wrapped = os.path.join(self.home, "bin")
+        os.makedirs(wrapped)
+        with open(os.path.join(wrapped, "mariabackup"), "w") as fh:
+            fh.write(f"""#!/bin/sh
+case " $* " in
+*" --prepare "*)
+    for arg; do case $arg in --target-dir=*) dir=${{arg#--target-dir=}} ;; esac; done
+    exec strace -f -o /dev/null -e inject=pwrite64:error=EIO -P "$dir/bk/a.MAI" {real} "$@" ;;
+esac
+exec {real} "$@"
+""")
+        os.chmod(os.path.join(wrapped, "mariabackup"), 0o755)
+        path = os.environ["PATH"]
+        os.environ["PATH"] = f"{wrapped}:{path}"
+        self.addCleanup(os.environ.__setitem__, "PATH", path)
+
+    def our_processes(self, seed: str) -> list[str]:
+        from tests.test_backups_hot_stream import StreamedHotSeedTests
+
+        return StreamedHotSeedTests.our_processes(self, seed)
+
+    async def test_the_hot_seed_fails_and_the_datadir_is_untouched(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests as T
+
+        T.servers(self)
+        self.source_db.sql("CREATE DATABASE IF NOT EXISTS bk")
+        self.source_db.sql("CREATE TABLE a (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=Aria; "
+                           "INSERT INTO a SELECT seq, MD5(seq) FROM seq_1_to_300", "bk")
+        self.source = T.manager(self, "source", self.source_db)
+        self.target = T.manager(self, "target", self.target_db)
+        await T.start_seed(self, "s7")
+        sent, received = await T.ended(self, "s7")
+        self.assertEqual(received["State"], "failed", received)
+        self.assertIn("hot seed s7: step prepare failed: mariabackup --prepare exited 0, but left "
+                      "an Aria table damaged: aria_chk --check", received["Error"])
+        self.assertIn("bk/a.MAI: warning: 1 client is using or hasn't closed the table properly",
+                      received["Error"])
+        self.assertNotEqual(sent["State"], "completed")
+        await T.assert_target_untouched(self, "s7")
