@@ -167,27 +167,13 @@ class HotSeedAriaDamageTests(unittest.TestCase):
     timeout = 180
 
     def setUp(self):
-        from tests.test_backups_hot_stream import StreamedHotSeedTests
+        from tests.test_backups_hot_stream import StreamedHotSeedTests, wrap_mariabackup
 
         if shutil.which("strace") is None or shutil.which("aria_chk") is None:
             raise unittest.SkipTest("strace and aria_chk are needed")
         StreamedHotSeedTests.setUp(self)
-        real = shutil.which("mariabackup")
-        wrapped = os.path.join(self.home, "bin")
-        os.makedirs(wrapped)
-        with open(os.path.join(wrapped, "mariabackup"), "w") as fh:
-            fh.write(f"""#!/bin/sh
-case " $* " in
-*" --prepare "*)
-    for arg; do case $arg in --target-dir=*) dir=${{arg#--target-dir=}} ;; esac; done
-    exec strace -f -o /dev/null -e inject=pwrite64:error=EIO -P "$dir/bk/a.MAI" {real} "$@" ;;
-esac
-exec {real} "$@"
-""")
-        os.chmod(os.path.join(wrapped, "mariabackup"), 0o755)
-        path = os.environ["PATH"]
-        os.environ["PATH"] = f"{wrapped}:{path}"
-        self.addCleanup(os.environ.__setitem__, "PATH", path)
+        wrap_mariabackup(self, 'exec strace -f -o /dev/null -e inject=pwrite64:error=EIO '
+                               '-P "$dir/bk/a.MAI" {real} "$@"')
 
     def our_processes(self, seed: str) -> list[str]:
         from tests.test_backups_hot_stream import StreamedHotSeedTests

@@ -33,6 +33,28 @@ KEY = "streamed-hot-seed-key"
 TERMINAL = ("completed", "failed", "aborted")
 
 
+def wrap_mariabackup(case: unittest.TestCase, on_prepare: str) -> None:
+    """Put first on PATH, for the rest of ``case``, a ``mariabackup`` that runs the shell
+    line ``on_prepare`` for a ``--prepare`` (``$dir``: its ``--target-dir``; ``{real}``:
+    the real tool) and the real tool for everything else."""
+    real = shutil.which("mariabackup")
+    wrapped = os.path.join(case.mktemp(), "bin")
+    os.makedirs(wrapped)
+    with open(os.path.join(wrapped, "mariabackup"), "w") as fh:
+        fh.write(f"""#!/bin/sh
+case " $* " in
+*" --prepare "*)
+    for arg; do case $arg in --target-dir=*) dir=${{arg#--target-dir=}} ;; esac; done
+    {on_prepare.format(real=real)} ;;
+esac
+exec {real} "$@"
+""")
+    os.chmod(os.path.join(wrapped, "mariabackup"), 0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{wrapped}:{path}"
+    case.addCleanup(os.environ.__setitem__, "PATH", path)
+
+
 class _Proxy(FlippingProxy):
     """The flipping proxy, closing what it still holds when the test ends."""
 

@@ -426,24 +426,12 @@ class SkippedAriaRecoveryHotSeedTests(unittest.TestCase):
     timeout = 180
 
     def setUp(self):
-        from tests.test_backups_hot_stream import StreamedHotSeedTests
+        from tests.test_backups_hot_stream import StreamedHotSeedTests, wrap_mariabackup
 
         StreamedHotSeedTests.setUp(self)
-        real = shutil.which("mariabackup")
-        wrapped = os.path.join(self.home, "bin")
-        os.makedirs(wrapped)
-        with open(os.path.join(wrapped, "mariabackup"), "w") as fh:
-            fh.write(f"""#!/bin/sh
-case " $* " in
-*" --prepare "*) {real} "$@"; code=$?
-    echo '***WARNING: ./bk/a could not be opened: Error: 122' >&2; exit $code ;;
-esac
-exec {real} "$@"
-""")
-        os.chmod(os.path.join(wrapped, "mariabackup"), 0o755)
-        path = os.environ["PATH"]
-        os.environ["PATH"] = f"{wrapped}:{path}"
-        self.addCleanup(os.environ.__setitem__, "PATH", path)
+        wrap_mariabackup(self, '{real} "$@"; code=$?; '
+                               "echo '***WARNING: ./bk/a could not be opened: Error: 122' >&2; "
+                               "exit $code")
 
     def our_processes(self, seed: str) -> list[str]:
         from tests.test_backups_hot_stream import StreamedHotSeedTests
