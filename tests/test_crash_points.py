@@ -522,8 +522,11 @@ class UnreadableSavedIdentitiesTests(unittest.TestCase):
     agent's own."""
 
     async def test_the_error_names_the_saved_identities_not_the_source(self):
+        import errno
+
         from twisted.internet import reactor
 
+        from orchagent.seed import state
         from tests import seed_support as S
 
         base = os.path.abspath(self.mktemp())
@@ -535,8 +538,14 @@ class UnreadableSavedIdentitiesTests(unittest.TestCase):
         await sender.send(f"127.0.0.1:{port}", "p1", key="k", source="datadir")
         await S.wait_for(lambda: os.path.exists(pins))
         await sender.stopService()
-        os.unlink(pins)
-        os.makedirs(pins)  # reading it fails: EISDIR
+        read = state.StateStore.read
+
+        def failing(store, seed_id, suffix):
+            if suffix == "pins":  # as the enumerator's EIO at its openat
+                raise OSError(errno.EIO, "Input/output error", store.path(seed_id, suffix))
+            return read(store, seed_id, suffix)
+
+        self.patch(state.StateStore, "read", failing)
         again = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src)
         status = await S.finished(again, "p1")
         self.assertEqual(status["State"], "failed")
