@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from typing import Any
@@ -361,16 +360,7 @@ class SenderCrash(DatadirSeed):
 
     async def restart_agent(self, tracer=None) -> None:
         w = self.world
-        before = tree(w.source.pid)
-        for pid in reversed(before):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if tracer is not None:
-            tracer.stop()
-        await w.source.wait_exit()
-        await w._wait_gone(before)
+        await w.kill(w.source, tree(w.source.pid), tracer)
         w.source = await w._daemon("source", w.src_config)
 
     def check(self, end: dict, injected: Point | None, errno: str | None) -> Result:

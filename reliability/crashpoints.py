@@ -415,18 +415,23 @@ class World:
         return daemon
 
     async def restart_target(self, tracer: "Strace | None" = None) -> None:
-        """SIGKILL every process of the target agent, then start a fresh one.  The tracer
-        holding a thread is stopped after the kill: a held tracee dies once let go."""
-        for pid in reversed(tree(self.target.pid)):
+        """SIGKILL every process of the target agent, then start a fresh one."""
+        await self.kill(self.target, self.target_pids_before, tracer)
+        self.target = await self._daemon("target", self.dst_config)
+
+    async def kill(self, daemon, before: list[int], tracer: "Strace | None" = None) -> None:
+        """SIGKILL every process of ``daemon`` and wait until ``before`` (its processes as
+        they were) are gone.  The tracer holding a thread is stopped after the kill: a
+        held tracee dies once let go."""
+        for pid in reversed(tree(daemon.pid)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         if tracer is not None:
             tracer.stop()
-        await self.target.wait_exit()
-        await self._wait_gone(self.target_pids_before)
-        self.target = await self._daemon("target", self.dst_config)
+        await daemon.wait_exit()
+        await self._wait_gone(before)
 
     async def _wait_gone(self, pids: list[int]) -> None:
         for _ in range(200):

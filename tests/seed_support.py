@@ -60,6 +60,23 @@ def make_manager(test, base: str, datadir: str, port: int, start: bool = True,
     return manager
 
 
+def slow_walk(test, batch: int, pause: float) -> None:
+    """Make a source walk take a while: ``batch`` entries a batch of the manifest, the
+    walk's worker thread waiting ``pause`` seconds before packing each."""
+    import time
+
+    from orchagent.seed import tree
+
+    test.patch(tree, "WALK_BATCH", batch)
+    pack_new = tree.ManifestPacker.pack_new
+
+    def slowly(packer, size=4096):
+        time.sleep(pause)
+        return pack_new(packer, size)
+
+    test.patch(tree.ManifestPacker, "pack_new", slowly)
+
+
 async def wait_for(predicate, timeout: float = 30.0, step: float = 0.02):
     deadline = reactor.seconds() + timeout
     while not predicate():

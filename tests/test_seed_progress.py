@@ -158,14 +158,7 @@ class SeedTotalsTests(unittest.TestCase):
             with open(os.path.join(directory, f"t{i:04d}.frm"), "wb") as fh:
                 fh.write(os.urandom(1 + i % 3000))
         walked = tree.walk(src)
-        self.patch(tree, "WALK_BATCH", 50)
-        pack_new = tree.ManifestPacker.pack_new
-
-        def slowly(packer, batch=4096):
-            time.sleep(0.03)  # the walk's worker thread: a walk that takes a while
-            return pack_new(packer, batch)
-
-        self.patch(tree.ManifestPacker, "pack_new", slowly)
+        S.slow_walk(self, 50, 0.03)
         port = S.free_port()
         r = S.make_manager(self, os.path.join(base, "r"), dst, port)
         s = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src, chunk_size=64 * 1024)

@@ -91,7 +91,7 @@ class ManifestPhaseTests(unittest.TestCase):
 
         from twisted.internet import reactor, task
 
-        from orchagent.seed import state, tree
+        from orchagent.seed import state
         from tests import seed_support as S
 
         base = os.path.abspath(self.mktemp())
@@ -102,14 +102,7 @@ class ManifestPhaseTests(unittest.TestCase):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as fh:
                 fh.write(os.urandom(16384))
-        self.patch(tree, "WALK_BATCH", 20)
-        pack_new = tree.ManifestPacker.pack_new
-
-        def slowly(packer, batch=4096):
-            time.sleep(0.05)  # the walk's worker thread: a walk that takes a while
-            return pack_new(packer, batch)
-
-        self.patch(tree.ManifestPacker, "pack_new", slowly)
+        S.slow_walk(self, 20, 0.05)
         port = S.free_port()
         r = S.make_manager(self, os.path.join(base, "r"), dst, port)
         s = S.make_manager(self, os.path.join(base, "s"), src, port, snapshot=src, chunk_size=64 * 1024)
