@@ -79,6 +79,7 @@ BEGIN
     INSERT INTO w (k, note) VALUES (i, CONCAT('row ', i));
     UPDATE t1 SET n = n + 1 WHERE id = 1 + (i * 37) % 120000;
     SET i = i + 1;
+    DO SLEEP(0.001);
   END WHILE;
 END //
 DELIMITER ;
