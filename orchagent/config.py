@@ -89,6 +89,7 @@ FIELDS: tuple[Field, ...] = (
     _f("HTTPBindAddress", "http_bind_address", str, "", "Address the API listens on; empty = all.", ours=True),
     _f("TokenFile", "token_file", str, "", "Read the token from this file instead of making a random one.", ours=True),
     _f("CommandTimeoutSeconds", "command_timeout_seconds", int, 300, "Time limit of one OS command; the process group is killed after it.", ours=True),
+    _f("ToolStallSeconds", "tool_stall_seconds", int, 600, "The backup tools that run as long as they need (mariabackup --prepare, --decompress, the copies and checks of a backup's work copy, a hot seed's prepare on the target) are stopped, and their step fails, once their process group used no CPU time and did no I/O for this long: they hung. 0 = never.", ours=True),
     _f("MySQLOptionsFile", "mysql_options_file", str, "", "MySQL option file to read instead of /etc/mysql/my.cnf and /etc/my.cnf.", ours=True),
     _f("MySQLServiceName", "mysql_service_name", str, "", "systemd unit for the built-in service commands; empty = mariadb or mysql, whichever exists.", ours=True),
     _f("SnapshotBackend", "snapshot_backend", str, "auto", "lvm, btrfs, copy or auto (by the datadir's file system).", ours=True),

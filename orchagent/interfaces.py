@@ -13,7 +13,7 @@ class ICommandRunner(Interface):
     """
 
     def run(argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
-            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None):
+            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None, stall=0):
         """Run ``argv`` (a list: never shell text) in a process group of its own.
 
         :param timeout: seconds before the whole process group is killed; None = the
@@ -28,6 +28,8 @@ class ICommandRunner(Interface):
         :param exited: a Deferred fired (with None) once the child has really exited;
             cancelling the returned Deferred stops the process group at once, and this
             says when it is gone.
+        :param stall: seconds the process group may use no CPU time and do no I/O before
+            it is stopped (a hung tool run with no time limit); 0 = no limit.
         :return: Deferred firing with a CommandResult; cancelling it stops the command.
         """
 

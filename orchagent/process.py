@@ -3,7 +3,8 @@
 :class:`_CollectingProtocol` only collects output (bounded) and reports the exit.  The
 :class:`ProcessRunner` owns the decisions: argv construction (setsid, sudo, bash for
 configured shell text), the timeout with SIGTERM then SIGKILL of the whole process group,
-and turning the outcome into a :class:`CommandResult` or a :class:`CommandFailed`.
+the stall limit of a command that runs without one (:class:`_StallWatch`), and turning
+the outcome into a :class:`CommandResult` or a :class:`CommandFailed`.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ class CommandResult:
     duration: float
     timed_out: bool = False
     output_overflow: bool = False
+    #: The stall limit (seconds) that stopped the command, if one did.
+    stalled: float | None = None
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and not self.output_overflow
+        return (self.exit_code == 0 and not self.timed_out and not self.output_overflow
+                and self.stalled is None)
 
     @property
     def name(self) -> str:
@@ -54,6 +58,8 @@ class CommandResult:
         """How the command ended, as words that follow its name ("exited with status 2")."""
         if self.timed_out:
             return f"timed out after {self.duration:.0f}s and was killed"
+        if self.stalled is not None:
+            return f"made no progress (no CPU time, no I/O) for {self.stalled:g}s and was killed"
         if self.output_overflow:
             return "produced too much output and was killed"
         if self.signal is not None:
@@ -157,13 +163,16 @@ class ProcessRunner:
     def run(self, argv: Sequence[str], timeout=None, stdin: bytes | None = None, env=None,
             privileged: bool = False, check: bool = True, max_output: int | None = None,
             cwd: str | None = None, stdin_fd: int | None = None,
-            stdout_fd: int | None = None, exited: defer.Deferred | None = None) -> defer.Deferred:
+            stdout_fd: int | None = None, exited: defer.Deferred | None = None,
+            stall: float = 0) -> defer.Deferred:
         """``stdin_fd``/``stdout_fd``: a descriptor of ours the child reads its standard
         input from / writes its standard output to (the read or write end of a pipe whose
         other end a worker thread serves with large blocking reads or writes) instead of
         the pipes the reactor serves; the caller closes its copy after the call.
         ``exited`` is fired (with None) when the child has really exited: cancelling the
-        returned Deferred fires it at once, while the process group is still dying."""
+        returned Deferred fires it at once, while the process group is still dying.
+        ``stall``: seconds the process group may go without CPU time or I/O before it is
+        stopped (see :class:`_StallWatch`); 0 = no limit."""
         argv = [str(a) for a in argv]
         if not argv:
             raise ValueError("empty argv")
@@ -189,12 +198,15 @@ class ProcessRunner:
             killer.stop()
 
         timer = self.reactor.callLater(timeout, on_timeout) if timeout else None
+        watch = _StallWatch(self.reactor, killer, stall) if stall else None
         self._running.add(killer)
 
         def finished(status):
             exit_code, sig = status
             if timer is not None and timer.active():
                 timer.cancel()
+            if watch is not None:
+                watch.cancel()
             killer.ended()
             self._running.discard(killer)
             if exited is not None and not exited.called:
@@ -203,7 +215,7 @@ class ProcessRunner:
                 argv=tuple(full), exit_code=exit_code, signal=sig,
                 stdout=b"".join(proto.out), stderr=bytes(proto.err),
                 duration=time.monotonic() - started, timed_out=state["timed_out"],
-                output_overflow=proto.overflow,
+                output_overflow=proto.overflow, stalled=watch.stalled if watch is not None else None,
             )
             for observer in self.observers:
                 observer(result)
@@ -266,6 +278,77 @@ class _GroupKiller:
             except (ProcessLookupError, PermissionError, TypeError):
                 pass
         self._done = True
+
+
+def group_activity(pgid: int) -> int | None:
+    """A count that grows while process group ``pgid`` works: the CPU ticks (user and
+    system) of its processes, every thread's included, plus the bytes they passed to
+    read and write calls (``/proc/PID/io``, when we may read it); None when the group
+    has no process left.  Read from procfs, which never waits for a disk."""
+    total, found = 0, False
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(b")") + 2:].split()  # from field 3, the state
+        if int(fields[2]) != pgid:
+            continue
+        found = True
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        try:
+            with open(f"/proc/{name}/io", "rb") as f:
+                io = dict(line.split(b": ") for line in f.read().splitlines())
+            total += int(io[b"rchar"]) + int(io[b"wchar"])
+        except (OSError, KeyError, ValueError):
+            pass  # another user's process (sudo), or gone meanwhile
+    return total if found else None
+
+
+class _StallWatch:
+    """Stops a command that runs without a time limit once it has made no progress
+    for ``limit`` seconds: its process group used no CPU time and read and wrote
+    nothing.
+
+    A tool that works on local files (``mariabackup --prepare``, a copy, aria_chk) is
+    never idle that long; one that is has hung, as ``mariabackup --prepare`` does when
+    the first write of its Aria log fails (its threads wait on each other forever), and
+    the call that waits for it would wait with it.  Not for tools that wait on a peer
+    (a stream's backup tool blocks on a full pipe while the target is slow)."""
+
+    def __init__(self, reactor, killer: "_GroupKiller", limit: float):
+        self.reactor = reactor
+        self.killer = killer
+        self.limit = limit
+        self.stalled: float | None = None
+        self.seen: int | None = None
+        self.since = reactor.seconds()
+        self.call = reactor.callLater(self._interval(), self._sample)
+
+    def _interval(self) -> float:
+        return min(max(self.limit / 4, 0.1), 30.0)
+
+    def _sample(self) -> None:
+        now = self.reactor.seconds()
+        activity = group_activity(self.killer.pid)
+        if activity is None or activity != self.seen:
+            self.seen, self.since = activity, now
+        elif now - self.since >= self.limit:
+            log.warn("command in process group {pgid} made no progress for {seconds:.0f}s: "
+                     "stopping it", pgid=self.killer.pid, seconds=now - self.since)
+            self.stalled = self.limit
+            self.call = None
+            self.killer.stop()
+            return
+        self.call = self.reactor.callLater(self._interval(), self._sample)
+
+    def cancel(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
 
 
 class CommandGroup:

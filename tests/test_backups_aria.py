@@ -55,6 +55,19 @@ class _FailingAriaWrites(ProcessRunner):
         return super().run(argv, **kwargs)
 
 
+class _FailingAriaLog(ProcessRunner):
+    """The agent's runner, with ``--prepare`` run under ``strace`` failing the first
+    ``pwrite64`` of its Aria log ``aria_log.00000001`` with EIO: the tool's threads then
+    wait on each other forever (no CPU time, no I/O)."""
+
+    def run(self, argv, **kwargs):
+        if "--prepare" in argv:
+            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
+            argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=pwrite64:error=EIO:when=1",
+                    "-P", os.path.join(target, "aria_log.00000001"), *argv]
+        return super().run(argv, **kwargs)
+
+
 _made: dict[str, str] = {}
 
 
@@ -132,6 +145,24 @@ class AriaDamageTests(unittest.TestCase):
         self.assertIn("hasn't closed the table properly", message)
         self.assertFalse(os.path.exists(os.path.join(self.home, "work")))  # the copy removed
 
+    async def test_a_prepare_that_hangs_is_stopped_and_its_step_fails(self):
+        """``mariabackup --prepare`` whose first write of its Aria log fails never ends;
+        the agent runs it with no time limit, so mountlv (or a restore) waited with it.
+        Stopped once it made no progress for ToolStallSeconds: the step fails saying so,
+        the work copy and the tool are gone."""
+        runner = _FailingAriaLog(reactor)
+        preparer = Preparer(Config(tool_stall_seconds=2), runner,
+                            Tools(Config(tool_stall_seconds=2), runner), host=None)
+        chain = [types.SimpleNamespace(name="full1", path=self.backup, tool="mariabackup",
+                                       encrypted=False, compressed=None)]
+        work = os.path.join(self.home, "work")
+        with self.assertRaises(StepFailed) as caught:
+            await preparer.make(chain, Place(work, False), None)
+        self.assertIn("backup full1: step prepare failed: mariabackup --prepare made no progress "
+                      "(no CPU time, no I/O) for 2s and was killed", caught.exception.message)
+        self.assertFalse(os.path.exists(work))
+        self.assertNotIn(work.encode(), subprocess.run(["ps", "-eo", "args"], stdout=subprocess.PIPE).stdout)
+
     async def test_a_correct_prepare_passes(self):
         """Every Aria table of a correct prepare passes: bk/a (recovered) and the mysql
         schema's (no recovery work)."""
@@ -198,3 +229,43 @@ class HotSeedAriaDamageTests(unittest.TestCase):
                       received["Error"])
         self.assertNotEqual(sent["State"], "completed")
         await T.assert_target_untouched(self, "s7")
+
+
+class HotSeedHungPrepareTests(unittest.TestCase):
+    """A hot seed's ``--prepare`` in the target's staging that hangs (the first write of
+    its Aria log failing, as in AriaDamageTests) is stopped after ToolStallSeconds: the
+    seed fails at its prepare step saying so, the datadir untouched, no tool left."""
+
+    timeout = 180
+
+    def setUp(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests, wrap_mariabackup
+
+        if shutil.which("strace") is None:
+            raise unittest.SkipTest("strace is needed")
+        StreamedHotSeedTests.setUp(self)
+        wrap_mariabackup(self, 'exec strace -f -o /dev/null -e inject=pwrite64:error=EIO:when=1 '
+                               '-P "$dir/aria_log.00000001" {real} "$@"')
+
+    def our_processes(self, seed: str) -> list[str]:
+        from tests.test_backups_hot_stream import StreamedHotSeedTests
+
+        return StreamedHotSeedTests.our_processes(self, seed)
+
+    async def test_the_hot_seed_fails_at_its_prepare_and_the_datadir_is_untouched(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests as T
+
+        T.servers(self)
+        self.source_db.sql("CREATE DATABASE IF NOT EXISTS bk")
+        self.source_db.sql("CREATE TABLE a (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=Aria; "
+                           "INSERT INTO a SELECT seq, MD5(seq) FROM seq_1_to_300", "bk")
+        self.source = T.manager(self, "source", self.source_db)
+        self.target = T.manager(self, "target", self.target_db, tool_stall_seconds=2)
+        await T.start_seed(self, "s8")
+        sent, received = await T.ended(self, "s8")
+        self.assertEqual(received["State"], "failed", received)
+        self.assertIn("hot seed s8: step prepare failed: mariabackup --prepare made no progress "
+                      "(no CPU time, no I/O) for 2s and was killed", received["Error"])
+        self.assertNotEqual(sent["State"], "completed")
+        await T.assert_target_untouched(self, "s8")
+        self.assertEqual(self.our_processes("s8"), [])

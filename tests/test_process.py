@@ -50,6 +50,31 @@ class RunnerTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 10)
         self.assertNotIn(marker.encode(), _process_list())
 
+    async def test_a_command_that_makes_no_progress_is_stopped(self):
+        """A group that uses no CPU time and does no I/O for the stall limit (a hung
+        tool) is stopped, the grandchild too, and its outcome says why."""
+        marker = f"orchagent-test-stall-{os.getpid()}"
+        started = time.monotonic()
+        result = await self.runner.run(["bash", "-c", f"exec -a {marker} sleep 60 & wait"],
+                                       timeout=0, stall=0.5, check=False)
+        self.assertFalse(result.ok)
+        self.assertEqual(result.stalled, 0.5)
+        self.assertEqual(result.outcome(), "made no progress (no CPU time, no I/O) for 0.5s and was killed")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertNotIn(marker.encode(), _process_list())
+
+    async def test_a_working_command_outlives_the_stall_limit(self):
+        """Busy on the CPU, or writing now and then while its children come and go: not
+        stopped, however long it runs past the limit."""
+        spin = "import time\nend = time.monotonic() + 2\nwhile time.monotonic() < end: pass"
+        result = await self.runner.run(["python3", "-c", spin], timeout=0, stall=0.5)
+        self.assertTrue(result.ok)
+        self.assertIsNone(result.stalled)
+        result = await self.runner.run(["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do echo $i; sleep 0.3; done"],
+                                       timeout=0, stall=0.5)
+        self.assertTrue(result.ok)
+        self.assertEqual(result.stdout.split(), [b"%d" % i for i in range(1, 9)])
+
     async def test_output_is_bounded(self):
         with self.assertRaises(CommandFailed) as caught:
             await self.runner.run(["yes"], max_output=1024 * 1024)

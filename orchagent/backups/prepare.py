@@ -141,6 +141,9 @@ class Preparer:
         self.tools = tools
         self.host = host
         self.thread = thread
+        #: How the copies, tools and checks of a work copy run: as root, as long as they
+        #: need, unless they hang (ToolStallSeconds; see orchagent.process._StallWatch).
+        self.unbounded = {"privileged": True, "timeout": 0, "stall": config.tool_stall_seconds}
 
     # --- where -----------------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ class Preparer:
         targets = [os.path.join(root, "data")] + self._increments(chain, root)
         for backup, target in zip(chain, targets):
             await self.runner.run(["cp", "-a", "--reflink=auto", "-T", "--", backup.path, target],
-                                  privileged=True, timeout=0)
+                                  **self.unbounded)
 
     async def _decode(self, chain: list[Backup], root: str) -> None:
         """Decrypt, then decompress, each copy that needs it (the tool's own options)."""
@@ -247,7 +250,7 @@ class Preparer:
     async def _tool(self, tool: str, args: list[str], what: str) -> None:
         if not self.tools.installed(tool):
             raise NotAvailable(f"{tool} is not installed")
-        result = await self.runner.run([tool, *args], check=False, privileged=True, timeout=0)
+        result = await self.runner.run([tool, *args], check=False, **self.unbounded)
         if not result.ok:
             raise CommandFailed(result.tool_failure(f"{tool} {what}"), result)
         if "--prepare" in args:
@@ -290,7 +293,7 @@ class Preparer:
                 argv += ["-s", str(first)]
             if last is not None:
                 argv += ["-e", str(last)]
-            result = await self.runner.run([*argv, path], check=False, privileged=True, timeout=0)
+            result = await self.runner.run([*argv, path], check=False, **self.unbounded)
             if not result.ok:
                 relative = os.path.relpath(path, data)
                 bad.append(f"{relative} ({output_tail(result.stdout + result.stderr, 2) or 'failed'})")
@@ -307,15 +310,15 @@ class Preparer:
         if os.geteuid() != 0 and not self.config.exec_with_sudo:
             return
         if owner_of and os.path.exists(owner_of):
-            await self.runner.run(["chown", "-R", f"--reference={owner_of}", "--", data], privileged=True, timeout=0)
+            await self.runner.run(["chown", "-R", f"--reference={owner_of}", "--", data], **self.unbounded)
             await self.runner.run(["chmod", f"--reference={owner_of}", "--", data], privileged=True)
             return
         try:
             pwd.getpwnam("mysql")
         except KeyError:
             return
-        await self.runner.run(["chown", "-R", "mysql:mysql", "--", data], privileged=True, timeout=0)
+        await self.runner.run(["chown", "-R", "mysql:mysql", "--", data], **self.unbounded)
 
     async def remove(self, path: str) -> None:
         if os.path.lexists(path):
-            await self.runner.run(["rm", "-rf", "--one-file-system", "--", path], privileged=True, timeout=0)
+            await self.runner.run(["rm", "-rf", "--one-file-system", "--", path], **self.unbounded)

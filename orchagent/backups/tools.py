@@ -224,7 +224,8 @@ class Tools:
                          "install the MariaDB server package for it", tool=ARIA_CHK)
             return ""
         run = run or self.runner.run
-        options = {"check": False, "privileged": True, "timeout": 0, **kwargs}
+        options = {"check": False, "privileged": True, "timeout": 0,
+                   "stall": self.config.tool_stall_seconds, **kwargs}
         found: list[str] = []
         for start in range(0, len(tables), ARIA_CHK_BATCH):
             batch = tables[start:start + ARIA_CHK_BATCH]

@@ -308,12 +308,12 @@ class StreamReceive:
         job.steps += 1
         prepared = await self._step("prepare", self.children.run(
             [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"],
-            **TOOL), f"{self.tool} --prepare")
+            **self._local()), f"{self.tool} --prepare")
         unrecovered = self.tools.unrecovered(prepared.stdout + prepared.stderr)
         if unrecovered:  # --prepare exits 0 all the same (orchagent.backups.tools.ARIA_SKIPPED)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
                              f"exited 0, but its Aria recovery left a table unrecovered: {unrecovered}")
-        damage = await self.tools.aria_damage(root, self.children.run, **TOOL)
+        damage = await self.tools.aria_damage(root, self.children.run, **self._local())
         if damage:  # a failed write of a table: exit 0 and no message (Tools.aria_damage)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
                              f"exited 0, but left an Aria table damaged: {damage}")
@@ -341,6 +341,11 @@ class StreamReceive:
                  datadir=record.datadir, steps=took)
         await job.completed()
 
+    def _local(self) -> dict:
+        """How the tools that work on the staged files alone run: as TOOL, stopped if
+        they hang (ToolStallSeconds); not the extractor, which waits for the stream."""
+        return dict(TOOL, stall=self.context.config.tool_stall_seconds)
+
     async def _step(self, step: str, running: defer.Deferred, what: str) -> None:
         result = await running
         if result is None:
@@ -354,7 +359,7 @@ class StreamReceive:
         if os.geteuid() != 0 and not self.context.config.exec_with_sudo:
             return
         result = await self.children.run(["chown", "-R", f"--reference={self.record.datadir}",
-                                          "--", root], **TOOL)
+                                          "--", root], **self._local())
         if not result.ok and self.job.active:
             raise StepFailed(f"hot seed {self.seed_id}: step own failed: {result.tool_failure('chown')}")
 

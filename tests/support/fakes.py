@@ -85,7 +85,7 @@ class FakeRunner:
         return ("bash", "-c", text, "orchagent", *[str(a) for a in args])
 
     def run(self, argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
-            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None):
+            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None, stall=0):
         if exited is not None:
             exited.callback(None)  # a fake command has no process to outlive its answer
         argv = tuple(str(a) for a in argv)
@@ -223,7 +223,7 @@ class FailingRunner:
         self.failed: list[tuple[str, ...]] = []
 
     def run(self, argv, timeout=None, stdin=None, env=None, privileged=False, check=True,
-            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None):
+            max_output=None, cwd=None, stdin_fd=None, stdout_fd=None, exited=None, stall=0):
         argv = tuple(str(a) for a in argv)
         if self.fails(argv):
             if exited is not None:
@@ -236,7 +236,7 @@ class FailingRunner:
             return defer.succeed(result)
         return self.runner.run(argv, timeout=timeout, stdin=stdin, env=env,
                                privileged=privileged, check=check, max_output=max_output, cwd=cwd,
-                               stdin_fd=stdin_fd, stdout_fd=stdout_fd, exited=exited)
+                               stdin_fd=stdin_fd, stdout_fd=stdout_fd, exited=exited, stall=stall)
 
     def shell(self, text, args=(), timeout=None, stdin=None, check=True, max_output=None,
               exited=None):
