@@ -26,6 +26,7 @@ from orchagent.backups.tools import Tools, aria_tables
 from orchagent.config import Config
 from orchagent.errors import StepFailed
 from orchagent.process import ProcessRunner
+from tests.support import lossy_disk
 from tests.support import mariadb as mariadb_support
 
 
@@ -65,6 +66,18 @@ class _FailingAriaLog(ProcessRunner):
             target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
             argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=pwrite64:error=EIO:when=1",
                     "-P", os.path.join(target, "aria_log.00000001"), *argv]
+        return super().run(argv, **kwargs)
+
+
+class _LosingPrepareWrites(ProcessRunner):
+    """The agent's runner; before ``--prepare`` runs, the lossy disk at ``mount`` has
+    no room left for a new block (tests.support.lossy_disk.limit)."""
+
+    mount = ""
+
+    def run(self, argv, **kwargs):
+        if "--prepare" in argv:
+            lossy_disk.limit(self.mount, 0)
         return super().run(argv, **kwargs)
 
 
@@ -162,6 +175,26 @@ class AriaDamageTests(unittest.TestCase):
                       "(no CPU time, no I/O) for 2s and was killed", caught.exception.message)
         self.assertFalse(os.path.exists(work))
         self.assertNotIn(work.encode(), subprocess.run(["ps", "-eo", "args"], stdout=subprocess.PIPE).stdout)
+
+    async def test_a_prepare_whose_writes_are_lost_fails_its_sync_step(self):
+        """The copy made, then every new block the prepare writes lost on its way to the
+        disk (a real writeback error: tests.support.lossy_disk): mariabackup exits 0
+        and every check passes, reading the page cache; the sync step, through a
+        descriptor opened before the copy began, is what sees it."""
+        mount = lossy_disk.make_lossy_disk(self, 64 << 20)
+        runner = _LosingPrepareWrites(reactor)
+        runner.mount = mount
+        preparer = Preparer(Config(), runner, Tools(Config(), runner), host=None)
+        chain = [types.SimpleNamespace(name="full1", path=self.backup, tool="mariabackup",
+                                       encrypted=False, compressed=None)]
+        work = os.path.join(mount, "work")
+        with self.assertRaises(StepFailed) as caught:
+            await preparer.make(chain, Place(work, False), None)
+        self.assertRegex(caught.exception.message,
+                         r"^backup full1: step sync failed: the file system of .* reported a write "
+                         r"error \((EIO|ENOSPC): .*\) while the copy .*/work was written: it may "
+                         "not be on disk; the backup is unchanged and its work copy was removed$")
+        self.assertFalse(os.path.exists(work))
 
     async def test_a_correct_prepare_passes(self):
         """Every Aria table of a correct prepare passes: bk/a (recovered) and the mysql

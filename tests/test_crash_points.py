@@ -391,6 +391,7 @@ class SkippedAriaRecoveryTests(unittest.TestCase):
 
     async def test_a_table_the_recovery_could_not_open_fails_the_prepare(self):
         from orchagent.backups.prepare import Preparer
+        from orchagent.config import Config
         from orchagent.errors import AgentError
         from orchagent.process import CommandResult
 
@@ -410,7 +411,7 @@ class SkippedAriaRecoveryTests(unittest.TestCase):
             def prepare_defaults(data):
                 return []
 
-        preparer = Preparer(None, Runner(), Tools(), None, thread=lambda f, *a: defer.succeed(f(*a)))
+        preparer = Preparer(Config(), Runner(), Tools(), None, thread=lambda f, *a: defer.succeed(f(*a)))
         with self.assertRaises(AgentError) as caught:
             await preparer.prepare("mariabackup", "/nowhere/data", [])
         self.assertIn("./bk/a could not be opened: Error: 122", caught.exception.message)

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from orchagent.seed import sender, staging, tree, tree_receive
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
+from tests.support import lossy_disk
 
 CHUNK = 256 * 1024
 
@@ -150,6 +151,37 @@ class FullDiskTests(LoopFileSystemCase):
         self.assertEqual(status["State"], "failed")
         self.assertIn("No space left on device while writing t", status["Error"])
         await S.wait_for(lambda: "3" not in r.jobs)
+        self.assertEqual(S.snapshot_tree(datadir), before)
+        self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
+
+
+class LostWriteTests(LoopFileSystemCase):
+    """Staging on a disk whose writes are lost on their way to it (a real writeback
+    error: tests.support.lossy_disk): the seed fails naming it, the datadir as it was.
+    The kernel reports a writeback error to one syncfs only: the background write-back
+    must fail the seed on it too (tests.test_seed_transfer,
+    test_a_write_error_that_a_background_pass_met_fails_the_seed)."""
+
+    async def test_a_seed_onto_a_disk_losing_writes_fails(self):
+        self.patch(tree_receive, "WRITEBACK_BYTES", 256 << 10)
+        mnt = lossy_disk.make_lossy_disk(self, 16 << 20)
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        with open(os.path.join(datadir, "keep"), "w") as fh:
+            fh.write("old")
+        lossy_disk.limit(mnt, 0)
+        before = S.snapshot_tree(datadir)
+        for i in range(100):
+            self.write(f"t{i:03}.frm", 32 << 10)
+        r, s = self.managers(datadir)
+        await r.receive("4")
+        await s.send(f"127.0.0.1:{self.port}", "4", source="datadir")
+        status = await S.finished(r, "4")
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], r"the file system of .*/\.mysql\.orchagent-seed-4 reported "
+                         r"a write error \((EIO|ENOSPC): .*\) while the seed's staged copy was "
+                         "written: it may not be on disk")
+        await S.wait_for(lambda: "4" not in r.jobs)
         self.assertEqual(S.snapshot_tree(datadir), before)
         self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
 

@@ -9,16 +9,19 @@ import subprocess
 import tempfile
 import time
 
+import attrs
 from twisted.internet import reactor
 from twisted.trial import unittest
 
 from orchagent.config import Config
+from orchagent.durable import NotDurable
 from orchagent.errors import CommandFailed, NotAvailable, NotFound, Refused
 from orchagent.host.facts import MySQLHost
 from orchagent.process import ProcessRunner
 from orchagent.snapshots import mountinfo
 from orchagent.snapshots.copy import CopyBackend
 from orchagent.snapshots.restore import RestoreFailed
+from tests.support import lossy_disk
 from tests.support.btrfs import make_btrfs
 from tests.support.fakes import FailingRunner, FakeService
 
@@ -104,6 +107,23 @@ class CreateTests(CopyCase):
             await self.backend.create_snapshot()
         self.assertEqual(os.listdir(self.snapshot_dir), [])
         self.assertEqual(await self.backend.list_snapshots(), [])
+
+    async def test_a_copy_whose_writes_are_lost_is_no_snapshot(self):
+        """``cp`` syncs nothing: a copy whose writeback fails (a real writeback error,
+        tests.support.lossy_disk) was a listed snapshot, in the page cache only.  Now
+        the copy is synced, and a write error reported for its file system since the
+        copy began fails it, leaving nothing."""
+        snapshots = os.path.join(lossy_disk.make_lossy_disk(self, 1 << 20), "snapshots")
+        os.mkdir(snapshots)
+        write(os.path.join(self.datadir, "big"), "y" * 4 * 1024 * 1024)
+        backend = CopyBackend(attrs.evolve(self.config, snapshot_directory=snapshots),
+                              self.runner, reactor, self.host, self.service)
+        with self.assertRaises(NotDurable) as caught:
+            await backend.create_snapshot()
+        self.assertRegex(caught.exception.message, rf"^the file system of {snapshots} reported a "
+                         r"write error \((EIO|ENOSPC): .*\) while the copy .*\.partial was "
+                         "written: it may not be on disk$")
+        self.assertEqual(os.listdir(snapshots), [])
 
     async def test_mysql_started_during_the_copy(self):
         service = self.service
@@ -227,6 +247,28 @@ class RestoreTests(CopyCase):
         self.assertEqual(read(os.path.join(self.datadir, "db", "t.ibd")), "row 1\nrow 2\n")
         self.assertEqual(self.leftovers(), [])
         self.assertTrue(self.service.running)
+
+    async def test_a_copy_whose_writes_are_lost_is_never_put_in_place(self):
+        """The datadir on a disk whose new blocks stop reaching it: the restore's copy
+        beside it is lost on its way to the disk, so the restore fails at its copy,
+        the datadir as it was and MySQL never stopped (it put a copy held in the page
+        cache only in the datadir's place, and started MySQL on it)."""
+        name = await self.prepare()
+        disk = lossy_disk.make_lossy_disk(self, 64 << 20)
+        datadir = os.path.join(disk, "mysql")
+        subprocess.run(["cp", "-a", "-T", self.datadir, datadir], check=True)
+        write(os.path.join(self.snapshot_dir, name, "big"), "y" * 4 * 1024 * 1024)
+        lossy_disk.limit(disk, 0)
+        config = attrs.evolve(self.config, mysql_datadir_command=f"echo {shlex.quote(datadir)}")
+        host = MySQLHost(config, self.runner, reactor, self.service)
+        backend = CopyBackend(config, self.runner, reactor, host, self.service)
+        with self.assertRaises(RestoreFailed) as caught:
+            await backend.restore(name)
+        self.assertIn("step 1/5 (copy ", caught.exception.message)
+        self.assertIn("reported a write error", caught.exception.message)
+        self.assertEqual(sorted(os.listdir(disk)), ["lost+found", "mysql"])
+        self.assertEqual(read(os.path.join(datadir, "db", "t.ibd")), "row 1\nrow 2\n")
+        self.assertEqual(self.service.calls, [])
 
     async def test_refuses_a_datadir_that_is_a_mount_point(self):
         name = await self.prepare()

@@ -13,7 +13,7 @@ is checked before anything is copied.
 
 The steps, each named in the error when it fails (and then the work directory is
 removed, so a failure leaves nothing behind): copy, decrypt and decompress (when the
-backup is encoded), prepare (and apply each increment), verify, own.
+backup is encoded), prepare (and apply each increment), verify, own, sync.
 
 ``--prepare`` exits 0 when its Aria recovery could not open a table (it prints a
 ``***WARNING: ... could not be opened: Error: N`` line and leaves the table unrecovered):
@@ -35,6 +35,12 @@ copy it, and fail the backup on a bad one.
 
 Own: the copy gets the owner (and, at its top, the mode) of the MySQL datadir, so that
 ``mysqld`` can open what is mounted, restored or sent.
+
+Sync: the copy on disk, through a descriptor opened before it was made
+(:class:`orchagent.durable.Writes`): no tool syncs all it writes (``cp`` nothing, and
+``--prepare`` goes on after a failed ``fdatasync`` of an Aria table), and a restore puts
+the copy in the datadir's place.  A write error reported for its file system since the
+copy began fails the step: what the checks read came from the page cache.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from twisted.logger import Logger
 from orchagent.backups.discovery import CHECKPOINTS_FILES, COMPRESSORS, XTRABACKUP, checkpoints_file
 from orchagent.backups.model import Backup
 from orchagent.backups.tools import INNOCHECKSUM, Tools
+from orchagent.durable import Writes
 from orchagent.errors import AgentError, CommandFailed, NotAvailable, Refused, StepFailed
 from orchagent.host.diskusage import free_bytes
 from orchagent.host.mysql_options import read_options
@@ -200,11 +207,15 @@ class Preparer:
         increments to apply) in ``place``; returns its data directory."""
         backup = chain[-1]
         data = os.path.join(place.root, "data")
+        # Opened before the copy is made: the sync step reports any write of it that
+        # failed, whichever tool wrote it and whether or not it looked (orchagent.durable).
+        writes = await self.thread(Writes, os.path.dirname(place.root), f"the copy {place.root}")
         steps = [("copy", self._copy, (chain, place.root)),
                  ("decode", self._decode, (chain, place.root)),
                  ("prepare", self.prepare, (chain[0].tool, data, self._increments(chain, place.root))),
                  ("verify", self.verify, (data,)),
-                 ("own", self.own, (data, owner_of))]
+                 ("own", self.own, (data, owner_of)),
+                 ("sync", self.thread, (writes.sync,))]
         try:
             await self.thread(os.makedirs, place.root, 0o700)
             for step, function, args in steps:
@@ -219,6 +230,8 @@ class Preparer:
         except BaseException:
             await self.remove(place.root)
             raise
+        finally:
+            writes.close()
         return data
 
     @staticmethod

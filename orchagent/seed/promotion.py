@@ -39,7 +39,8 @@ import os
 
 import attrs
 
-from orchagent.seed.staging import Staging, fsync_dir
+from orchagent.durable import fsync_dir
+from orchagent.seed.staging import Staging
 from orchagent.swap import remove_durably, write_durably
 
 FORWARD = "forward"

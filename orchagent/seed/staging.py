@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import compress, islice
 from operator import eq
 
+from orchagent.durable import NotDurable, syncfs
 from orchagent.host.diskusage import disk_usage
 from orchagent.seed import frames, plan
 from orchagent.seed.state import JOURNAL_RECORD
@@ -100,25 +101,6 @@ def _allocate(fd: int, size: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
-
-
-def syncfs(path: str) -> None:
-    """Flush every dirty file and directory of the file system holding ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StagedDamage(Exception):
@@ -409,8 +391,17 @@ class Staging:
         self.sync()
 
     def sync(self) -> None:
-        """Sync the whole file system staging is on (every file and directory at once)."""
-        syncfs(self.root)
+        """Sync the whole file system staging is on (every file and directory at once);
+        NotDurable when it reports a write error (orchagent.durable): each error is
+        reported once, so every sync of staging must fail the seed on it."""
+        try:
+            syncfs(self.root)
+        except OSError as e:
+            raise NotDurable.of(e, self.root, "the seed's staged copy") from None
+
+    #: A tree receive's background pass (TreeReceive._write_back): the same sync, named
+    #: apart so that tests can count the passes.
+    write_back = sync
 
     def complete(self, manifest: Manifest, table) -> None:
         """Create what had no data (empty and hole-only files), symlinks, directory

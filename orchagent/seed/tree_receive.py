@@ -33,7 +33,7 @@ from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.session import Session
-from orchagent.seed.staging import StagedDamage, syncfs
+from orchagent.seed.staging import StagedDamage
 
 log = Logger()
 
@@ -466,15 +466,18 @@ class TreeReceive:
         on file creation, and ext4 never nears a full file system counting dirty data
         (measured: 3.1 s instead of 2.7 s for the whole seed on a file system sized for
         the data, 3.0 s instead of 2.8 s on one eight times larger; BENCHMARKS.md).
-        Durability is still the final syncfs's (Staging.finalize), which also reports a
-        write error a pass here met."""
+        Durability is still the final syncfs's (Staging.finalize).  A write error fails
+        the seed here: the kernel reports it to one syncfs only, this one."""
         self.written_back = self.staging.buffered_bytes
         self.writing_back = True
 
-        def done(_):
+        def done(result):
             self.writing_back = False
+            if isinstance(result, Failure) and self.job.active:
+                self.job.fail(result.value.message if result.check(AgentError) else
+                              f"cannot write staging back: {result.getErrorMessage()}")
 
-        self.context.thread(syncfs, self.staging.root).addBoth(done)
+        self.context.thread(self.staging.write_back).addBoth(done)
 
     def _crashed(self, failure) -> None:
         """A bug, not a condition: fail the seed rather than leave it hanging."""

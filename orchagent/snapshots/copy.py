@@ -4,8 +4,8 @@ A snapshot is ``cp -a --reflink=auto`` of the datadir into ``SnapshotDirectory``
 system that shares blocks (btrfs, XFS with reflink) it is nearly free, elsewhere it is a
 full copy.  A copy is only consistent when nothing writes the datadir while it is made,
 so the backend refuses while MySQL runs, and checks again once the copy is done.  The copy
-is made under a hidden name (``.<name>.partial``) and renamed when complete: a failed or
-interrupted copy never looks like a snapshot.  Removal renames to a hidden name first for
+is made under a hidden name (``.<name>.partial``), synced, and renamed when complete: a
+failed or interrupted copy never looks like a snapshot.  Removal renames to a hidden name first for
 the same reason.
 
 Restore copies the snapshot next to the datadir (hidden name, while MySQL still runs, so
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet import threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from orchagent.durable import Writes
 from orchagent.errors import Refused
 from orchagent.interfaces import ISnapshotBackend
 from orchagent.snapshots import mountinfo, naming
@@ -63,14 +65,20 @@ class CopyBackend(DirectorySnapshots):
         return times
 
     async def copy_tree(self, source: str, target: str) -> None:
-        """Copy ``source`` to the new directory ``target``; on failure remove what was
+        """Copy ``source`` to the new directory ``target``, on disk before this returns
+        (``cp`` syncs nothing; a write error reported for the file system since the copy
+        began fails it: :class:`orchagent.durable.Writes`); on failure remove what was
         copied.  No time limit: a large datadir takes as long as it takes."""
+        writes = await threads.deferToThread(Writes, os.path.dirname(target), f"the copy {target}")
         try:
             await self.runner.run(["cp", "-a", "--reflink=auto", "-T", "--", source, target],
                                   privileged=True, timeout=0)
+            await threads.deferToThread(writes.sync)
         except Exception:
             await self.remove_tree(target)
             raise
+        finally:
+            writes.close()
 
     async def remove_tree(self, path: str) -> None:
         if os.path.lexists(path):
