@@ -484,25 +484,14 @@ class World:
         listens up to COMPLETED_GRACE for a sender that has not read the result yet."""
         deadline = time.monotonic() + 20
         port_deadline = time.monotonic() + COMPLETED_GRACE + 5
+        agents = [("", self.target, self.fs)]
+        if getattr(self, "source", None) is not None:
+            # The sending agent too: no tool left, no descriptor into what it sends.
+            agents.append(("source ", self.source, os.path.join(self.base, "src")))
         while True:
             problems = []
-            pids = self.target_pids()
-            for pid in pids:
-                try:
-                    comm = open(f"/proc/{pid}/comm").read().strip()
-                except FileNotFoundError:
-                    continue
-                if pid != self.target.pid and "seed" not in comm and "python" not in comm:
-                    problems.append(f"process {pid} {comm}")
-                try:
-                    for fd in os.listdir(f"/proc/{pid}/fd"):
-                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                        if link.startswith(self.fs + "/") or link == self.fs:
-                            problems.append(f"pid {pid} fd {fd} -> {link}")
-                except FileNotFoundError:
-                    pass
-            if len(pids) > 2:
-                problems.append(f"agent processes: {pids}")
+            for who, daemon, root in agents:
+                problems += _agent_leaks(who, daemon.pid, tree(daemon.pid), root)
             listening = sh("ss", "-ltnH", check=False)
             if f":{self.seed_port} " in listening:
                 problems.append(f"seed port {self.seed_port} listening")
@@ -520,6 +509,29 @@ class World:
             if now > (port_deadline if port_only else deadline):
                 return problems
             await pause(0.5)
+
+
+def _agent_leaks(who: str, leader: int, pids: list[int], root: str) -> list[str]:
+    """An agent's processes (``leader`` and its tree ``pids``) beyond its daemon and
+    seed engine, and their descriptors into ``root``."""
+    problems = []
+    for pid in pids:
+        try:
+            comm = open(f"/proc/{pid}/comm").read().strip()
+        except FileNotFoundError:
+            continue
+        if pid != leader and "seed" not in comm and "python" not in comm:
+            problems.append(f"{who}process {pid} {comm}")
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith(root + "/") or link == root:
+                    problems.append(f"{who}pid {pid} fd {fd} -> {link}")
+        except FileNotFoundError:
+            pass
+    if len(pids) > 2:
+        problems.append(f"{who}agent processes: {pids}")
+    return problems
 
 
 def _is_strace(pid: str) -> bool:
