@@ -379,4 +379,15 @@ class SenderCrash(DatadirSeed):
         return await super().finish(started, crashed=False, restarted=restarted)
 
 
-OPERATIONS = {op.name: op for op in (BtrfsRestore, BackupMount, BackupRestore, HotSeed, SenderCrash)}
+class SenderSnapshotCrash(SenderCrash):
+    """sender_seed from a snapshot: the source's copy snapshot mounted (``mountlv``) and
+    sent; after the source agent's crash the mount is still there (kernel state), the
+    controller's ``mountlv`` again is answered as it may be, and the restarted send's
+    walk must find the files the first one saw."""
+
+    name = "sender_snapshot_seed"
+    source = "snapshot"
+
+
+OPERATIONS = {op.name: op for op in (BtrfsRestore, BackupMount, BackupRestore, HotSeed, SenderCrash,
+                                     SenderSnapshotCrash)}
