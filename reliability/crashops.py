@@ -339,6 +339,36 @@ class HotSeed(DatadirSeed):
             self.world.hot_new = shape(got, sizes=False)
         return shape(got, sizes=False) == self.world.hot_new
 
+    def check(self, end: dict, injected: Point | None, errno: str | None) -> Result:
+        result = super().check(end, injected, errno)
+        if result.verdict == "verified":
+            damage = self.damage()
+            if damage:
+                return Result("BROKEN", f"completed, and the new datadir's bytes are damaged: {damage}")
+        return result
+
+    def damage(self) -> str:
+        """What is wrong with the bytes of the promoted datadir (which differ run to run,
+        so they are checked, not compared): every page checksum of every InnoDB file
+        (innochecksum, the doublewrite buffer left out as the product's verify does) and
+        every Aria table as a clean shutdown leaves it (aria_chk --check --read-only)."""
+        from orchagent.backups.prepare import innodb_files
+        from orchagent.backups.tools import aria_tables
+
+        data = self.world.datadir
+        for path, first, last in innodb_files(data):
+            argv = ["innochecksum", *(["-s", str(first)] if first else []),
+                    *(["-e", str(last)] if last is not None else []), path]
+            result = subprocess.run(argv, capture_output=True, text=True)
+            if result.returncode:
+                return f"{' '.join(argv)}: {(result.stdout + result.stderr).strip()[-200:]}"
+        tables = aria_tables(data)
+        result = subprocess.run(["aria_chk", "--check", "--read-only", "--silent", f"--datadir={data}",
+                                 *(os.path.join(data, t) for t in tables)], capture_output=True, text=True)
+        if tables and (result.returncode or result.stderr.strip()):
+            return f"aria_chk: {result.stderr.strip()[-200:]}"
+        return ""
+
 
 class SenderCrash(DatadirSeed):
     """A datadir seed with the faults on the sending side: the source agent (daemon, seed
