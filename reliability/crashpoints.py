@@ -354,9 +354,11 @@ class World:
         self.make_snapshot(self.src_datadir, os.path.join(self.snapdir, "snap1"))
         self.new = manifest(self.src_datadir)
         self.seed_port = free_port()
+        # A tool that hangs (mariabackup --prepare when the first write of its Aria log
+        # fails) is stopped well within SETTLE_TIMEOUT.
         common = {"TokenFile": self.token, "SeedTransferPort": self.seed_port,
                   "MySQLServiceStatusCommand": "false", "CommandTimeoutSeconds": 60,
-                  "SeedCompression": "none"}
+                  "SeedCompression": "none", "ToolStallSeconds": 20}
         self.src_config = dict(common, MySQLDatadirCommand=f"echo {self.src_datadir}",
                                SnapshotBackend="copy",
                                SnapshotDirectory=os.path.join(self.base, "src", "snapshots"),
