@@ -200,7 +200,15 @@ class Swap:
         await self.journal.thread(self.journal.write, self.path, data)
 
     async def _forget(self) -> None:
-        await self.journal.thread(remove_durably, self.path)
+        """Remove the record, settled.  A removal not known durable (its directory's
+        fsync failed) fails nothing: a record that comes back after a crash describes a
+        swap already made or undone, which the next recovery finds so and removes."""
+        try:
+            await self.journal.thread(remove_durably, self.path)
+        except OSError as e:
+            log.warn("{what}: settled, but the removal of its record {path} is not known "
+                     "durable ({error}); if it comes back, the next start settles it again",
+                     what=self.what, path=self.path, error=e.strerror or e)
 
     # --- in-process ----------------------------------------------------------------------
 

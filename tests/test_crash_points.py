@@ -203,6 +203,36 @@ class UnsyncedSwapTests(unittest.TestCase):
         self.assertTrue(os.path.exists(opened.path))
 
 
+    async def test_a_record_removal_not_known_durable_fails_nothing(self):
+        """ENOSPC at the fsync of StateDir/restores once the record of a complete swap
+        was removed (restore_copy error point #67): the restore answered "internal
+        error: [Errno 28] No space left on device" with the datadir already new.  A
+        record that came back would be settled again: the restore succeeded, said with
+        a warning."""
+        base = os.path.abspath(self.mktemp())
+        journal = swap.SwapJournal(os.path.join(base, "restores"), runner=None,
+                                   thread=defer.maybeDeferred)
+        opened = journal.swap("restore-20260101T000000Z", "restore of s1",
+                              [(os.path.join(base, "data", "d"), os.path.join(base, "data", "d.old"))])
+        await opened.open()
+        opened.begun = 1
+        os.makedirs(os.path.join(base, "data"))
+        real, said = swap._fsync_dir, []
+
+        def failing_for_the_journal(path):
+            if path == journal.directory:
+                raise OSError(28, "No space left on device")
+            real(path)
+
+        self.patch(swap.log, "warn", lambda text, **kw: said.append(text.format(**kw)))
+        with mock.patch.object(swap, "_fsync_dir", failing_for_the_journal):
+            await opened.close()
+        self.assertEqual(os.listdir(journal.directory), [])
+        self.assertEqual(len(said), 1)
+        self.assertIn("restore of s1: settled, but the removal of its record", said[0])
+        self.assertIn("No space left on device", said[0])
+
+
 class SeedStateWriteTests(unittest.TestCase):
     """EIO at the write of ``<seed>.manifest.tmp`` (ENOSPC at its rename) failed the seed
     cleanly but left the temporary file in StateDir/seeds for good, the write's error
