@@ -375,8 +375,15 @@ class _Attempt(Session):
         self.manifest_stream: SenderStream | None = None
 
 
-class SendJob(state.JobIdentity):
-    """The sending side of one seed (engine mode)."""
+class SenderJob(state.JobIdentity):
+    """What both sending jobs share: :class:`SendJob` (a tree, in sessions that resume)
+    and :class:`~orchagent.seed.streamed.StreamSendJob` (a backup tool's output, on one
+    stream that cannot).  Either connects :class:`SenderStream` s to the receiver
+    (:meth:`_endpoint`), and ends as the receiver's RESULT says (:meth:`_result`) or as
+    :meth:`fail` says; ending closes every stream (``_close``, each job's own)."""
+
+    #: What the receiver's RESULT ok=true confirmed, in the log line of a success.
+    CONFIRMED = "{bytes} bytes verified"
 
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int):
@@ -385,6 +392,63 @@ class SendJob(state.JobIdentity):
         self.auth_key = auth_key
         self.host = host
         self.port = port
+        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
+        self.meter = state.RateMeter(context.clock)
+        self.done = defer.Deferred()
+
+    def _endpoint(self):
+        """Where a stream connects to the receiving agent: TCP, in TLS when seed TLS is on."""
+        context = self.context
+        endpoint = endpoints.HostnameEndpoint(context.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
+        if context.tls:
+            endpoint = endpoints.wrapClientTLS(tls_client_options(context.config, self.host), endpoint)
+        return endpoint
+
+    def _result(self, stream: SenderStream, frame: frames.Frame, complete: bool = True) -> None:
+        """RESULT: the receiver says how the seed ended; ``ok`` completes it only when
+        ``complete`` (a streamed seed: once its FINISH went)."""
+        result = frames.open_json(frame, stream.key)
+        if result.get("ok") is True and complete:
+            self._succeeded()
+        else:
+            final = state.ABORTED if result.get("state") == state.ABORTED else state.FAILED
+            self.fail(f"the receiver reports: {result.get('message', 'failed')}", final, tell=False)
+
+    def rejected(self, stream: SenderStream, message: str) -> None:
+        self.fail(f"the receiver refused the seed: {message}", tell=False)
+
+    def _succeeded(self) -> None:
+        record = self.record
+        record.state = state.COMPLETED
+        record.bytes_done, record.files_done = record.bytes_total, record.files_total
+        log.info("seed {seed}: {target} confirmed " + self.CONFIRMED + " and in place",
+                 seed=self.seed_id, target=record.target, bytes=record.bytes_total)
+        self._end()
+
+    def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
+        """End the seed ``final_state`` with ``message``; every stream tells the receiver
+        (an ABORT) as its last frame unless ``tell`` is false (the receiver ended or
+        refused the seed, or cannot be told)."""
+        if not self.active:
+            return defer.succeed(None)
+        self.end_record(message, final_state, log)
+        self._end({"message": message, "state": final_state} if tell else None)
+        return defer.succeed(None)
+
+    def _end(self, tell: dict | None = None) -> None:
+        """The record says how the seed ended: close the streams (with ``tell``, the
+        ABORT they say), save it, and let the manager forget the job."""
+        self._close(tell)
+        self.context.touch(self.record, force=True)
+        self._settle()
+
+
+class SendJob(SenderJob):
+    """The sending side of one tree seed (engine mode)."""
+
+    def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
+                 host: str, port: int):
+        super().__init__(context, record, auth_key, host, port)
         self.manifest: tree.Manifest | None = None
         self.table: plan.ChunkTable | None = None
         #: The current attempt, None between two.
@@ -393,14 +457,11 @@ class SendJob(state.JobIdentity):
         self.retry_call = None
         #: An abort after the whole tree was sent, waiting for the receiver's RESULT.
         self.result_wait = None
-        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
         self.compression = CompressionPolicy(False)
         #: Chunk contents need a digest a forger can't match only when the frames are the
         #: stream's sole authentication (see frames.Digest).
         self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not context.tls
                             else frames.Digest.XXH3)
-        self.meter = state.RateMeter(context.clock)
-        self.done = defer.Deferred()
         #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
         #: goes), and whether the walk is over.
         self.batches: list[bytes] = []
@@ -487,9 +548,6 @@ class SendJob(state.JobIdentity):
             log.failure("seed {seed}: sender crashed", failure, seed=self.seed_id)
             self.fail(f"sending failed: {failure.value}")
 
-    def _endpoint(self):
-        return receiver_endpoint(self.context, self.host, self.port)
-
     def _connect(self) -> None:
         self.retry_call = None
         if not self.active:
@@ -544,13 +602,7 @@ class SendJob(state.JobIdentity):
                 raise ProtocolError(f"malformed READY: {e}") from None
             session.run(self._ready(have, session), self._crashed)
         elif frame.type == FrameType.RESULT:
-            result = frames.open_json(frame, stream.key)
-            self._stop_waiting_for_result()
-            if result.get("ok") is True:
-                self._succeeded()
-            else:
-                final = state.ABORTED if result.get("state") == state.ABORTED else state.FAILED
-                self.fail(f"the receiver reports: {result.get('message', 'failed')}", final, tell=False)
+            self._result(stream, frame)
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
 
@@ -688,9 +740,6 @@ class SendJob(state.JobIdentity):
 
     # --- endings -------------------------------------------------------------------------
 
-    def rejected(self, stream: SenderStream, message: str) -> None:
-        self.fail(f"the receiver refused the seed: {message}", tell=False)
-
     def broken(self, stream: SenderStream, message: str) -> None:
         log.warn("seed {seed}: {message}", seed=self.seed_id, message=message)
         stream.close(abort=True)
@@ -719,37 +768,22 @@ class SendJob(state.JobIdentity):
         self.record.state = state.RUNNING
         self.retry_call = self.context.clock.callLater(delay, self._connect)
 
-    def _succeeded(self) -> None:
-        self.record.state = state.COMPLETED
-        self.record.bytes_done = self.record.bytes_total
-        self.record.files_done = self.record.files_total
-        log.info("seed {seed}: {target} confirmed {bytes} bytes verified and in place",
-                 seed=self.seed_id, target=self.record.target, bytes=self.record.bytes_total)
-        self._close_all()
-        self.context.touch(self.record, force=True)
-        self._settle()
-
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
-        if not self.active:
-            return defer.succeed(None)
+        """See :meth:`SenderJob.fail`; once the receiver has the whole tree, it is told
+        and the seed ends as it says (the Deferred fires then)."""
         control = self.session.control if self.session is not None else None
-        if (tell and self.record.state == state.VERIFYING and self.result_wait is None
+        if (self.active and tell and self.record.state == state.VERIFYING and self.result_wait is None
                 and control is not None and not control.closed):
             # The receiver has the whole tree and may be moving it into place, which an
             # abort no longer stops: tell it, and end as it says the seed ended.
             log.warn("seed {seed}: {message}; the receiver has the whole tree: waiting for it to "
                      "say how the seed ends", seed=self.seed_id, message=message)
-            control.tell_abort({"message": message})
+            control.tell_abort({"message": message, "state": final_state})
             self.result_wait = self.context.clock.callLater(RESULT_WAIT, self._no_result, message)
             ended = defer.Deferred()
             self.done.addBoth(lambda result: (ended.callback(None), result)[1])
             return ended
-        self._stop_waiting_for_result()
-        self.end_record(message, final_state, log)
-        self._close_all(tell={"message": message} if tell else None)
-        self.context.touch(self.record, force=True)
-        self._settle()
-        return defer.succeed(None)
+        return super().fail(message, final_state, tell)
 
     def _stop_waiting_for_result(self) -> None:
         if self.result_wait is not None and self.result_wait.active():
@@ -764,11 +798,9 @@ class SendJob(state.JobIdentity):
             return
         self.end_record(f"{message}; the receiver had the whole tree and did not say how the seed "
                         "ended: it may have completed it; its seed-status tells", state.UNKNOWN, log)
-        self._close_all()
-        self.context.touch(self.record, force=True)
-        self._settle()
+        self._end()
 
-    def _close_all(self, tell: dict | None = None) -> None:
+    def _close(self, tell: dict | None = None) -> None:
         """Close every stream; with ``tell``, each says it (an ABORT) as its last frame.
 
         Every stream, not the control stream alone: the receiver reads a stream only while
@@ -776,6 +808,7 @@ class SendJob(state.JobIdentity):
         control stream's ABORT, and it would take that end for a broken session and wait
         for a resume that never comes.  Whichever stream it finds ending, the ABORT is
         just before that end."""
+        self._stop_waiting_for_result()
         if self.mysql_watch is not None and self.mysql_watch.running:
             self.mysql_watch.stop()
         self.mysql_watch = None
@@ -796,7 +829,7 @@ class SendJob(state.JobIdentity):
     async def stop(self) -> None:
         """Service stop: close streams (the next start resumes); wait for reads to end."""
         streams = list(self.session.streams) if self.session is not None else []
-        self._close_all()
+        self._close()
         for stream in streams:
             stream.close(abort=True)
         await defer.DeferredList([s.lost for s in streams if not s.lost.called], consumeErrors=True)
@@ -836,14 +869,6 @@ def _read_exact(fd: int, length: int, offset: int, path: str):
         raise BadRequest(f"seed source file {path} changed while it was being sent "
                          f"(short read at offset {offset})")
     return data
-
-
-def receiver_endpoint(context: "SeedContext", host: str, port: int):
-    """Where a sender connects to the receiving agent: TCP, in TLS when seed TLS is on."""
-    endpoint = endpoints.HostnameEndpoint(context.reactor, host, port, timeout=CONNECT_TIMEOUT)
-    if context.tls:
-        endpoint = endpoints.wrapClientTLS(tls_client_options(context.config, host), endpoint)
-    return endpoint
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],

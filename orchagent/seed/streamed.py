@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from orchagent.process import CommandGroup
 from orchagent.seed import frames, state
 from orchagent.seed.frames import FrameType, ProtocolError
-from orchagent.seed.sender import SenderStream, receiver_endpoint
+from orchagent.seed.sender import SenderJob, SenderStream
 
 if TYPE_CHECKING:
     from orchagent.seed.context import SeedContext
@@ -134,18 +134,16 @@ class _PipeReader:
         return framed, have
 
 
-class StreamSendJob(state.JobIdentity):
+class StreamSendJob(SenderJob):
     """The source of a streamed seed: runs ``command``, sends its output (see the module
     docstring).  ``announce`` (tool, version, estimate) goes to the target first."""
+
+    CONFIRMED = "the hot backup prepared"
 
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int, command: list[str], what: str, announce: dict,
                  cwd: str | None = None):
-        self.context = context
-        self.record = record
-        self.auth_key = auth_key
-        self.host = host
-        self.port = port
+        super().__init__(context, record, auth_key, host, port)
         self.command = command
         self.what = what
         self.announce = dict(announce, stream=FORMAT)
@@ -159,9 +157,6 @@ class StreamSendJob(state.JobIdentity):
         self.waiting: deque = deque()
         self.tool_result = None
         self.finishing = False
-        self.bucket = state.TokenBucket(context.clock, record.rate_limit)
-        self.meter = state.RateMeter(context.clock)
-        self.done = defer.Deferred()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -185,7 +180,7 @@ class StreamSendJob(state.JobIdentity):
         defer.ensureDeferred(self._connect()).addErrback(self._crashed)
 
     async def _connect(self) -> None:
-        endpoint = receiver_endpoint(self.context, self.host, self.port)
+        endpoint = self._endpoint()
         stream = self.stream = SenderStream(self, ROLE, 0, os.urandom(8).hex())
         stream.connecting = endpoints.connectProtocol(endpoint, stream)
         try:
@@ -272,17 +267,9 @@ class StreamSendJob(state.JobIdentity):
             frames.open_control(frame, stream.key)
             self._ready()
         elif frame.type == FrameType.RESULT:
-            result = frames.open_json(frame, stream.key)
-            if result.get("ok") is True and self.finishing:
-                self._succeeded()
-            else:
-                final = state.ABORTED if result.get("state") == state.ABORTED else state.FAILED
-                self.fail(f"the receiver reports: {result.get('message', 'failed')}", final, tell=False)
+            self._result(stream, frame, complete=self.finishing)
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
-
-    def rejected(self, stream: SenderStream, message: str) -> None:
-        self.fail(f"the receiver refused the seed: {message}", tell=False)
 
     def broken(self, stream: SenderStream, message: str) -> None:
         stream.close(abort=True)
@@ -315,33 +302,21 @@ class StreamSendJob(state.JobIdentity):
         log.info("seed {seed}: {what} done, {bytes} bytes sent; the target prepares them",
                  seed=self.seed_id, what=self.what, bytes=self.reader.position)
 
-    def _succeeded(self) -> None:
-        self.record.state = state.COMPLETED
-        log.info("seed {seed}: {target} confirmed the hot backup prepared and in place",
-                 seed=self.seed_id, target=self.record.target)
-        self._close()
-        self.context.touch(self.record, force=True)
-        self._settle()
-
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
-        """Stop the tool (its process group), tell the target unless it told us, end."""
-        if not self.active:
-            return defer.succeed(None)
-        self.end_record(message, final_state, log)
-        if tell and self.stream is not None:
-            self.stream.tell_abort({"message": message, "state": final_state})
+        """See :meth:`SenderJob.fail`; the tool is stopped (its process group), and the
+        Deferred fires once it has exited."""
+        super().fail(message, final_state, tell)
+        return defer.ensureDeferred(self.children.ended())
+
+    def _close(self, tell: dict | None = None) -> None:
+        self.waiting.clear()
+        if self.stream is not None:
+            if tell is not None:
+                self.stream.tell_abort(tell)
+            self.stream.close()
         self.children.cancel()
         if self.reader is not None:
             self.reader.stopping = True
-        self._close()
-        self.context.touch(self.record, force=True)
-        self._settle()
-        return defer.ensureDeferred(self.children.ended())
-
-    def _close(self) -> None:
-        self.waiting.clear()
-        if self.stream is not None:
-            self.stream.close()
 
     def _close_reader(self) -> None:
         if self.reader is not None and self.reader.fd >= 0 and not self.reading:
