@@ -324,10 +324,27 @@ class SeedManager(service.Service):
 
     def _new_record(self, seed_id: str, role: str, **fields) -> state.SeedRecord:
         now = self.clock.seconds()
-        record = state.SeedRecord(seed_id=seed_id, role=role, started_at=now, updated_at=now, **fields)
+        record = state.SeedRecord(seed_id=seed_id, role=role, **{"started_at": now, "updated_at": now, **fields})
         self.records[seed_id] = record
         self._prune()
         return record
+
+    def _engine_record(self, seed_id: str, role: str, key: str | None, keep_key: bool = True,
+                       **fields) -> tuple[state.SeedRecord, bytes | None]:
+        """A new record of an engine seed, saved, and the seed's key derived from ``key``
+        (None without one), kept in StateDir for a resume unless ``keep_key`` is false."""
+        auth_key = auth.derive_auth_key(key, seed_id) if key else None
+        record = self._new_record(seed_id, role, keyed=auth_key is not None, **fields)
+        if auth_key is not None and keep_key:
+            self.store.write(seed_id, "key", auth_key)
+        self.save(record)
+        return record, auth_key
+
+    def _start(self, job) -> bool:
+        """Register ``job`` (the manager alone does) and start it."""
+        self.jobs[job.seed_id] = job
+        job.start()
+        return True
 
     def _active(self, seed_id: str):
         job = self.jobs.get(seed_id)
@@ -370,21 +387,13 @@ class SeedManager(service.Service):
         if self.config.receive_seed_data_command:
             record = self._new_record(seed_id, "receiver", mode="command", datadir=datadir,
                                       totals=state.UNCOUNTED)
-            job = CommandJob(self.context, record, self.config.receive_seed_data_command,
-                             [datadir, str(self.config.seed_transfer_port)])
-            self.jobs[seed_id] = job
-            job.start()
-            return True
+            return self._start(CommandJob(self.context, record, self.config.receive_seed_data_command,
+                                          [datadir, str(self.config.seed_transfer_port)]))
         if not os.path.isdir(datadir):
             raise Refused(f"datadir {datadir} of seed {seed_id} is not a directory")
-        auth_key = auth.derive_auth_key(key, seed_id) if key else None
-        record = self._new_record(seed_id, "receiver", datadir=datadir, keyed=auth_key is not None)
         self.store.remove(seed_id, "journal", "manifest")
-        if auth_key is not None:
-            self.store.write(seed_id, "key", auth_key)
-        job = ReceiveJob(self.context, record, auth_key)
-        self.jobs[seed_id] = job
-        self.save(record)
+        record, auth_key = self._engine_record(seed_id, "receiver", key, datadir=datadir)
+        job = self.jobs[seed_id] = ReceiveJob(self.context, record, auth_key)
         try:
             await self._listen()
         except Exception as e:
@@ -446,55 +455,37 @@ class SeedManager(service.Service):
         if self.config.send_seed_data_command:
             record = self._new_record(seed_id, "sender", mode="command", target=target,
                                       source=source, source_path=path, totals=state.UNCOUNTED)
-            job = CommandJob(self.context, record, self.config.send_seed_data_command, [path, host, str(port)])
-            self.jobs[seed_id] = job
-            job.start()
-            return True
+            return self._start(CommandJob(self.context, record, self.config.send_seed_data_command,
+                                          [path, host, str(port)]))
         if not path or not os.path.isdir(path):
             raise Refused(f"seed source {path!r} is not a directory")
         previous = self.records.get(seed_id)
-        auth_key = auth.derive_auth_key(key, seed_id) if key else None
-        record = self._new_record(seed_id, "sender", target=target, source=source, source_path=path,
-                                  keyed=auth_key is not None,
-                                  rate_limit=self.config.seed_rate_limit_bytes_per_sec)
+        fields = {"target": target, "source": source, "source_path": path,
+                  "rate_limit": self.config.seed_rate_limit_bytes_per_sec}
         if previous is not None and previous.role == "sender":
-            record.resumes = previous.resumes + 1
-            record.rate_limit = previous.rate_limit
-            record.started_at = previous.started_at
-        if auth_key is not None:
-            self.store.write(seed_id, "key", auth_key)
-        self.save(record)
-        job = SendJob(self.context, record, auth_key, host, port)
-        self.jobs[seed_id] = job
-        job.start()
-        return True
+            fields.update(resumes=previous.resumes + 1, rate_limit=previous.rate_limit,
+                          started_at=previous.started_at)
+        record, auth_key = self._engine_record(seed_id, "sender", key, **fields)
+        return self._start(SendJob(self.context, record, auth_key, host, port))
 
     async def _send_hot(self, target: str, seed_id: str, key: str | None, host: str,
                         port: int) -> bool:
         """A hot seed (orchagent.backups.hot): the tool's stream sent as it is made, or a
         backup directory made first (HotBackupCommand), then sent like a snapshot."""
         made = await self.hot.source(seed_id, self.jobs)
-        auth_key = auth.derive_auth_key(key, seed_id) if key else None
-        fields = {"target": target, "source": "hot", "keyed": auth_key is not None,
-                  "rate_limit": self.config.seed_rate_limit_bytes_per_sec}
+        fields = {"target": target, "source": "hot", "rate_limit": self.config.seed_rate_limit_bytes_per_sec}
         if isinstance(made, StreamedBackup):
-            record = self._new_record(seed_id, "sender", bytes_total=made.estimate,
-                                      totals=state.ESTIMATE, **fields)
-            self.save(record)  # a stream cannot resume: its key is never kept
-            job = StreamSendJob(self.context, record, auth_key, host, port, made.command,
-                                made.what, made.announce, cwd=made.cwd)
-        else:
-            record = self._new_record(seed_id, "sender", **fields)
-            if auth_key is not None:
-                self.store.write(seed_id, "key", auth_key)
-            self.save(record)
-            job = HotSeedJob(self.context, record, self.hot)
-            job.ready.addCallback(self._send_backup, job, auth_key, host, port)
-            job.ready.addErrback(lambda f: log.failure("hot seed {seed}: cannot send the backup", f,
-                                                       seed=seed_id))
-        self.jobs[seed_id] = job
-        job.start()
-        return True
+            # A stream cannot resume: its key is never kept.
+            record, auth_key = self._engine_record(seed_id, "sender", key, keep_key=False,
+                                                   bytes_total=made.estimate, totals=state.ESTIMATE, **fields)
+            return self._start(StreamSendJob(self.context, record, auth_key, host, port, made.command,
+                                             made.what, made.announce, cwd=made.cwd))
+        record, auth_key = self._engine_record(seed_id, "sender", key, **fields)
+        job = HotSeedJob(self.context, record, self.hot)
+        job.ready.addCallback(self._send_backup, job, auth_key, host, port)
+        job.ready.addErrback(lambda f: log.failure("hot seed {seed}: cannot send the backup", f,
+                                                   seed=seed_id))
+        return self._start(job)
 
     def _send_backup(self, data: str, made: HotSeedJob, auth_key: bytes | None, host: str,
                      port: int) -> None:
@@ -504,8 +495,7 @@ class SeedManager(service.Service):
         record.source_path = data
         job = SendJob(self.context, record, auth_key, host, port)
         job.done.addBoth(self.hot.discard_after, record.seed_id)
-        self.jobs[record.seed_id] = job
-        job.start()
+        self._start(job)
 
     async def _source_path(self, source: str, seed_id: str) -> str:
         if source == "snapshot":
