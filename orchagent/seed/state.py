@@ -17,11 +17,12 @@ from collections import deque
 from typing import Any, Iterator
 
 import attrs
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from orchagent.errors import Refused
-from orchagent.interfaces import ISeedJob
+from orchagent.interfaces import IReceivePayload, ISeedJob
 from orchagent.swap import replace_file
 
 log = Logger()
@@ -178,6 +179,26 @@ class JobIdentity:
         self.meter.sample(record.bytes_done)
         rate = self.meter.rate()
         return rate, eta(record.totals, record.bytes_total - record.bytes_done, rate)
+
+
+@implementer(IReceivePayload)
+class ReceivePayload:
+    """What both payloads of a receive job share (a tree, orchagent.seed.tree_receive,
+    or a stream, orchagent.seed.stream_receive): ``job``, the seed's
+    orchagent.seed.receiver.ReceiveJob, with its context, record and staging; and the
+    worker-thread writes in flight, which :meth:`drain` waits for."""
+
+    def __init__(self, job):
+        self.job = job
+        self.context = job.context
+        self.record = job.record
+        self.staging = job.staging
+        self.seed_id = job.seed_id
+        self.inflight: set[defer.Deferred] = set()
+
+    async def drain(self) -> None:
+        while self.inflight:
+            await defer.DeferredList(list(self.inflight), consumeErrors=True)
 
 
 def eta(totals: str, remaining: int, rate: float) -> float | None:

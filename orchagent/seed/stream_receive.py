@@ -17,17 +17,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Any
 
 import blake3
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from orchagent.errors import AgentError, BadRequest, StepFailed
 from orchagent.host.diskusage import free_bytes
-from orchagent.interfaces import IReceivePayload
 from orchagent.process import CommandGroup
 from orchagent.replica.control import ThisServersMaster
 from orchagent.seed import frames, plan, state, tree
@@ -66,19 +63,13 @@ class _Stopwatch:
         return ", ".join(self.steps)
 
 
-@implementer(IReceivePayload)
-class StreamReceive:
+class StreamReceive(state.ReceivePayload):
     RESUMES = False
     STOPPED = ("the agent stopped while receiving a streamed hot seed; it cannot resume: "
                "start the seed again")
 
-    def __init__(self, job: Any):
-        """``job``: the seed's orchagent.seed.receiver.ReceiveJob."""
-        self.job = job
-        self.context = job.context
-        self.record = job.record
-        self.staging = job.staging
-        self.seed_id = job.seed_id
+    def __init__(self, job):
+        super().__init__(job)
         self.children = CommandGroup(job.context.runner)
         self.stream = None
         #: DATA frames of the current read; bytes handed to the workers.
@@ -92,7 +83,6 @@ class StreamReceive:
         self.hasher = blake3.blake3()
         self.pending: list = []
         self.writing = False
-        self.inflight: set[defer.Deferred] = set()
         self.writeback = _Writeback(self.staging.root)
         self.synced = 0
         self.syncing = False
@@ -381,8 +371,7 @@ class StreamReceive:
         self.children.cancel()
 
     async def drain(self) -> None:
-        while self.inflight:
-            await defer.DeferredList(list(self.inflight), consumeErrors=True)
+        await super().drain()
         self.let_go()
         await self.children.ended()
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
 
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from orchagent.errors import AgentError, BadRequest
 from orchagent.host.diskusage import block_size, free_bytes, free_inodes
-from orchagent.interfaces import IReceivePayload
 from orchagent.seed import frames, plan, state, tree
 from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
@@ -75,18 +72,12 @@ class _Attempt(Session):
         self.finish: dict | None = None
 
 
-@implementer(IReceivePayload)
-class TreeReceive:
+class TreeReceive(state.ReceivePayload):
     RESUMES = True
     STOPPED = ""
 
-    def __init__(self, job: Any):
-        """``job``: the seed's orchagent.seed.receiver.ReceiveJob."""
-        self.job = job
-        self.context = job.context
-        self.record = job.record
-        self.staging = job.staging
-        self.seed_id = job.seed_id
+    def __init__(self, job):
+        super().__init__(job)
         self.manifest: tree.Manifest | None = None
         self.table: plan.ChunkTable | None = None
         #: How the staged chunks' contents were digested (announced by the sender).
@@ -94,7 +85,6 @@ class TreeReceive:
         self.session: _Attempt | None = None
         #: Control streams of a sender that reconnected while we verified: told RESULT.
         self.waiting: set = set()
-        self.inflight: set[defer.Deferred] = set()
         self.failures: dict[tuple[int, int], int] = {}
         self.journal_fd: int | None = None
         self.recheck_journal = False
@@ -503,10 +493,6 @@ class TreeReceive:
             self._end_session()
 
     # --- the end -------------------------------------------------------------------------
-
-    async def drain(self) -> None:
-        while self.inflight:
-            await defer.DeferredList(list(self.inflight), consumeErrors=True)
 
     def _maybe_finish(self) -> None:
         session = self.session
