@@ -64,7 +64,7 @@ from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed
 from orchagent.host.diskusage import free_bytes
 from orchagent.process import CommandGroup
 from orchagent.replica.control import ThisServersMaster, master_of_this_server
-from orchagent.seed.state import JobIdentity
+from orchagent.seed.state import FAILED, RUNNING, JobIdentity
 
 log = Logger()
 
@@ -301,9 +301,7 @@ class HotSeedJob(JobIdentity):
         return not self.record.terminal and not self.handed_over
 
     def start(self) -> None:
-        from orchagent.seed import state
-
-        self.record.state = state.RUNNING
+        self.record.state = RUNNING
         self.context.touch(self.record, force=True)
         defer.ensureDeferred(self._run()).addErrback(self._crashed)
 
@@ -327,16 +325,9 @@ class HotSeedJob(JobIdentity):
 
     def fail(self, message: str, final_state: str | None = None) -> defer.Deferred:
         """Stop the backup or prepare that runs, remove the work directory, and end."""
-        from orchagent.seed import state
-
         if self.record.terminal or self.handed_over:
             return defer.succeed(None)
-        self.record.state = final_state or state.FAILED
-        self.record.error = message
-        if self.record.state == state.FAILED:
-            log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
-        else:
-            log.warn("seed {seed} aborted: {message}", seed=self.seed_id, message=message)
+        self.end_record(message, final_state or FAILED, log)
         self.runner.cancel()
         self.context.touch(self.record, force=True)
         return defer.ensureDeferred(self._clean_up())
@@ -349,9 +340,7 @@ class HotSeedJob(JobIdentity):
             log.failure("hot seed {seed}: removing the work directory failed", seed=self.seed_id)
         finally:
             self.context.store.remove(self.seed_id, "key")
-            self.context.job_ended(self)
-            if not self.done.called:
-                self.done.callback(None)
+            self._settle()
 
     async def stop(self) -> None:
         """Service stop during steps 1-2: they cannot resume, so the seed fails."""
