@@ -39,7 +39,6 @@ COMPRESSORS = {".qp": "qpress", ".zst": "zstd", ".lz4": "lz4"}
 ENCRYPTED_SUFFIX = ".xbcrypt"
 _ENCODED = tuple(COMPRESSORS) + (ENCRYPTED_SUFFIX,)
 MARIABACKUP, XTRABACKUP = "mariabackup", "xtrabackup"
-PREPARED_TYPES = ("full-prepared", "log-applied")
 
 
 def read_key_values(path: str) -> dict[str, str]:

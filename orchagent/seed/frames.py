@@ -50,7 +50,6 @@ BUNDLE_HEAD = struct.Struct(">IBI")
 BUNDLE_ITEM = struct.Struct(">II32s")
 MAX_BUNDLE_ITEMS = 4096
 TAG_SIZE = 16
-DIGEST_SIZE = 32
 ZERO_KEY = bytes(32)
 #: The largest raw chunk; bodies are at most this plus the chunk head.
 MAX_CHUNK = 8 << 20

@@ -111,9 +111,6 @@ class ChunkTable:
         cid = self.chunk_id(index, offset)
         return None if cid is None else self.length[cid]
 
-    def is_done(self, cid: int) -> bool:
-        return bool(self.done[cid])
-
     def known(self, cid: int) -> bytes | None:
         """The digest last recorded for chunk ``cid`` (this session or an earlier one)."""
         digest = bytes(self.digests[cid * DIGEST:(cid + 1) * DIGEST])

@@ -362,9 +362,6 @@ class SeedEngineProcess(service.Service):
             raise channel.error_from_wire(result["error"])
         return result["ok"]
 
-    def _known(self, seed_id: str) -> dict | None:
-        return self.statuses.get(seed_id)
-
     # --- the seed manager's public surface -----------------------------------------------------
 
     async def receive(self, seed_id: str, key: str | None = None, **options: Any) -> bool:
@@ -413,19 +410,19 @@ class SeedEngineProcess(service.Service):
         return await self.call("reading_sources")
 
     async def completed(self, seed_id: str) -> bool:
-        known = self._known(seed_id)
+        known = self.statuses.get(seed_id)
         if known is None:
             return await self.call("completed", seed_id)
         return known["State"] in state.TERMINAL
 
     async def succeeded(self, seed_id: str) -> bool:
-        known = self._known(seed_id)
+        known = self.statuses.get(seed_id)
         if known is None:
             return await self.call("succeeded", seed_id)
         return known["State"] == state.COMPLETED
 
     async def status(self, seed_id: str) -> dict:
-        known = self._known(seed_id)
+        known = self.statuses.get(seed_id)
         if known is None:
             return await self.call("status", seed_id)
         return dict(known)

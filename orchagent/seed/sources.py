@@ -90,10 +90,6 @@ class SeedSources:
         #: answer that failed is dropped, to be asked again.
         self._asked: dict[str, Any] = {}
 
-    @property
-    def asks_orchestrator(self) -> bool:
-        return bool(self.url)
-
     def forget(self, seed_id: str) -> None:
         self._asked.pop(seed_id, None)
 
