@@ -288,13 +288,11 @@ class HotSeedJob(JobIdentity):
     hands the seed to a SendJob of that directory (step 3).  This job is then done."""
 
     def __init__(self, context: Any, record: Any, hot: HotSeeds):
-        self.context = context
-        self.record = record
+        super().__init__(context, record)
         self.hot = hot
         self.runner = CommandGroup(hot.runner)
         self.handed_over = False
         self.ready = defer.Deferred()
-        self.done = defer.Deferred()
 
     @property
     def active(self) -> bool:
@@ -346,6 +344,3 @@ class HotSeedJob(JobIdentity):
         """Service stop during steps 1-2: they cannot resume, so the seed fails."""
         await self.fail("the agent stopped while the hot backup ran; a hot backup cannot "
                         "resume: start the seed again")
-
-    def progress(self) -> tuple[float, float | None]:
-        return 0.0, None

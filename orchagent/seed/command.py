@@ -24,12 +24,10 @@ log = Logger()
 
 class CommandJob(state.JobIdentity):
     def __init__(self, context: "SeedContext", record: state.SeedRecord, command: str, args: list[str]):
-        self.context = context
-        self.record = record
+        super().__init__(context, record)
         self.command = command
         self.args = args
         self.running: defer.Deferred | None = None
-        self.done = defer.Deferred()
 
     def start(self) -> None:
         self.record.state = state.RUNNING
@@ -63,9 +61,6 @@ class CommandJob(state.JobIdentity):
     def _settle(self) -> None:
         self.context.touch(self.record, force=True)
         super()._settle()
-
-    def progress(self) -> tuple[float, float | None]:
-        return 0.0, None  # the command moves the bytes; the agent does not see them
 
     def fail(self, message: str, final_state: str = state.FAILED) -> defer.Deferred:
         if not self.active:

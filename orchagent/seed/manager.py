@@ -367,9 +367,7 @@ class SeedManager(service.Service):
         except AgentError as e:
             now = self.records.get(seed_id)
             if now is before and (now is None or now.terminal):
-                record = self._new_record(seed_id, role, state=state.FAILED,
-                                          error=f"refused: {e.message}")
-                self.save(record)
+                self.save(self._new_record(seed_id, role, state=state.FAILED, error=f"refused: {e.message}"))
             raise
 
     async def _receive(self, seed_id: str, key: str | None) -> bool:

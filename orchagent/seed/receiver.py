@@ -37,8 +37,7 @@ class ReceiveJob(state.JobIdentity):
     """The receiving side of one seed (engine mode)."""
 
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None):
-        self.context = context
-        self.record = record
+        super().__init__(context, record)
         self.auth_key = auth_key
         self.staging = Staging(record.datadir, record.seed_id)
         #: TreeReceive or StreamReceive, from the first stream that joined (or a restart).
@@ -49,7 +48,6 @@ class ReceiveJob(state.JobIdentity):
         self.making: set[defer.Deferred] = set()
         self.bucket = state.TokenBucket(context.clock, record.rate_limit)
         self.meter = state.RateMeter(context.clock)
-        self.done = defer.Deferred()
         #: Everything arrived; the payload checks it and installs it.
         self.finalizing = False
         #: Final phases done after the transfer (each shows in /api/mysql-du, see

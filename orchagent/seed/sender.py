@@ -379,7 +379,7 @@ class SenderJob(state.JobIdentity):
     """What both sending jobs share: :class:`SendJob` (a tree, in sessions that resume)
     and :class:`~orchagent.seed.streamed.StreamSendJob` (a backup tool's output, on one
     stream that cannot).  Either connects :class:`SenderStream` s to the receiver
-    (:meth:`_endpoint`), and ends as the receiver's RESULT says (:meth:`_result`) or as
+    (:meth:`_dial`), and ends as the receiver's RESULT says (:meth:`_result`) or as
     :meth:`fail` says; ending closes every stream (``_close``, each job's own)."""
 
     #: What the receiver's RESULT ok=true confirmed, in the log line of a success.
@@ -387,22 +387,21 @@ class SenderJob(state.JobIdentity):
 
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int):
-        self.context = context
-        self.record = record
+        super().__init__(context, record)
         self.auth_key = auth_key
         self.host = host
         self.port = port
         self.bucket = state.TokenBucket(context.clock, record.rate_limit)
         self.meter = state.RateMeter(context.clock)
-        self.done = defer.Deferred()
 
-    def _endpoint(self):
-        """Where a stream connects to the receiving agent: TCP, in TLS when seed TLS is on."""
+    def _dial(self, stream: SenderStream) -> defer.Deferred:
+        """Connect ``stream`` to the receiver: TCP, in TLS when seed TLS is on (fires once connected)."""
         context = self.context
         endpoint = endpoints.HostnameEndpoint(context.reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         if context.tls:
             endpoint = endpoints.wrapClientTLS(tls_client_options(context.config, self.host), endpoint)
-        return endpoint
+        stream.connecting = endpoints.connectProtocol(endpoint, stream)
+        return stream.connecting
 
     def _result(self, stream: SenderStream, frame: frames.Frame, complete: bool = True) -> None:
         """RESULT: the receiver says how the seed ended; ``ok`` completes it only when
@@ -571,8 +570,7 @@ class SendJob(SenderJob):
         """A stream of ``session``, connected and past its handshake."""
         stream = SenderStream(self, role, index, session.id)
         session.add(stream, _Outflow())
-        stream.connecting = endpoints.connectProtocol(self._endpoint(), stream)
-        await stream.connecting
+        await self._dial(stream)
         return await session.wait(stream.accepted)
 
     def _end_manifest(self, stream: SenderStream) -> None:

@@ -140,11 +140,17 @@ def refuse_while_receiving(statuses, action: str) -> None:
 @implementer(ISeedJob)
 class JobIdentity:
     """What every seed job shows the manager: its seed id, whether it still runs, its
-    rate and ETA; and how it ends (:meth:`end_record`, :meth:`_settle`).  A job has a
-    ``record``, a ``context`` (orchagent.seed.context), a ``done`` Deferred and, where it
-    measures its rate, a ``meter`` (:class:`RateMeter`)."""
+    rate and ETA; and how it ends (:meth:`end_record`, :meth:`_settle`, then ``done``
+    fires).  ``context``: what a job may use of the agent (orchagent.seed.context)."""
 
-    record: SeedRecord
+    #: Its rate (:class:`RateMeter`), or None where the job sees no bytes move (a seed
+    #: command moves them; a hot backup being made has none yet to send): no rate, no ETA.
+    meter: "RateMeter | None" = None
+
+    def __init__(self, context, record: SeedRecord):
+        self.context = context
+        self.record = record
+        self.done = defer.Deferred()
 
     @property
     def seed_id(self) -> str:
@@ -175,6 +181,8 @@ class JobIdentity:
     def progress(self) -> tuple[float, float | None]:
         """Bytes per second lately, and the seconds left at that rate: None while no
         honest figure exists (:func:`eta`: the totals still grow, or nothing moves)."""
+        if self.meter is None:
+            return 0.0, None
         record = self.record
         self.meter.sample(record.bytes_done)
         rate = self.meter.rate()

@@ -52,7 +52,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import blake3
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -180,11 +180,10 @@ class StreamSendJob(SenderJob):
         defer.ensureDeferred(self._connect()).addErrback(self._crashed)
 
     async def _connect(self) -> None:
-        endpoint = self._endpoint()
         stream = self.stream = SenderStream(self, ROLE, 0, os.urandom(8).hex())
-        stream.connecting = endpoints.connectProtocol(endpoint, stream)
+        connected = self._dial(stream)
         try:
-            await stream.connecting
+            await connected
             await stream.accepted
         except Exception as e:
             if self.active:
