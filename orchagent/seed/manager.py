@@ -190,15 +190,13 @@ class SeedManager(service.Service):
                                 f"{record.datadir} and has no record of what moved: check it")
                 self.store.save(record)
                 return
-            job = ReceiveJob(self.context, record, key)
-            self.jobs[record.seed_id] = job
+            job = self.jobs[record.seed_id] = ReceiveJob(self.context, record, key)
             job.restore()
             defer.ensureDeferred(self._listen()).addErrback(self._listen_failed, job)
         else:
             record.resumes += 1
             host, port = self._parse_target(record.target)
-            job = SendJob(self.context, record, key, host, port)
-            self.jobs[record.seed_id] = job
+            job = self.jobs[record.seed_id] = SendJob(self.context, record, key, host, port)
             defer.ensureDeferred(self._restart_send(job)).addErrback(
                 lambda f: job.fail(f"cannot resume after a restart: {f.getErrorMessage()}"))
 
@@ -207,8 +205,7 @@ class SeedManager(service.Service):
         record is there): finish it, or undo it, before anything else touches the
         datadir; a seed that completed so listens again for its sender to learn it."""
         key = self.store.read(record.seed_id, "key") if record.keyed else None
-        job = ReceiveJob(self.context, record, key)
-        self.jobs[record.seed_id] = job
+        job = self.jobs[record.seed_id] = ReceiveJob(self.context, record, key)
         log.warn("seed {seed}: the agent stopped while it moved the seed into {datadir}; settling "
                  "that first", seed=record.seed_id, datadir=record.datadir)
 
