@@ -71,13 +71,19 @@ class _FailingAriaLog(ProcessRunner):
 
 class _LosingPrepareWrites(ProcessRunner):
     """The agent's runner; before ``--prepare`` runs, the lossy disk at ``mount`` has
-    no room left for a new block (tests.support.lossy_disk.limit)."""
+    no room left for a new block (tests.support.lossy_disk.limit), and after it a MiB
+    is written into the copy, as a tool's last write.  (The prepare's own new blocks are
+    lost too, but how many it needs varies: the allocator may give a file it rewrites
+    the blocks it just freed.)"""
 
     mount = ""
 
     def run(self, argv, **kwargs):
         if "--prepare" in argv:
             lossy_disk.limit(self.mount, 0)
+            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
+            argv = ["sh", "-c", '"$@"; code=$?; head -c 1048576 /dev/urandom > "$0/last-write"; '
+                    'exit $code', target, *argv]
         return super().run(argv, **kwargs)
 
 
@@ -177,10 +183,10 @@ class AriaDamageTests(unittest.TestCase):
         self.assertNotIn(work.encode(), subprocess.run(["ps", "-eo", "args"], stdout=subprocess.PIPE).stdout)
 
     async def test_a_prepare_whose_writes_are_lost_fails_its_sync_step(self):
-        """The copy made, then every new block the prepare writes lost on its way to the
-        disk (a real writeback error: tests.support.lossy_disk): mariabackup exits 0
-        and every check passes, reading the page cache; the sync step, through a
-        descriptor opened before the copy began, is what sees it."""
+        """The copy made, then every new block the prepare and the tool after it write
+        lost on their way to the disk (a real writeback error: tests.support.lossy_disk):
+        mariabackup exits 0 and every check passes, reading the page cache; the sync
+        step, through a descriptor opened before the copy began, is what sees it."""
         mount = lossy_disk.make_lossy_disk(self, 64 << 20)
         runner = _LosingPrepareWrites(reactor)
         runner.mount = mount

@@ -70,10 +70,14 @@ def make_lossy_disk(case, room: int, size: int = 256 << 20) -> str:
 
 
 def limit(mount_point: str, room: int) -> None:
-    """From now on, ``room`` more bytes of new blocks reach the disk under
-    ``mount_point`` (a disk of :func:`make_lossy_disk`); writes in place of blocks
-    written before still do.  What is in the page cache now is written first."""
+    """From now on, ``room`` more bytes of newly allocated blocks reach the disk under
+    ``mount_point`` (a disk of :func:`make_lossy_disk`); writes in place of blocks in
+    use still do.  What is in the page cache now is written first."""
     subprocess.run(["sync", "-f", mount_point], check=True)
+    # The file system's free blocks become holes in the backing file (the loop device
+    # punches them for a discard): every block it allocates from now on needs room, none
+    # is one written before and freed since.
+    subprocess.run(["fstrim", mount_point], check=True)
     backing = os.path.join(os.path.dirname(mount_point), "backing")
     filler = os.path.join(backing, "filler")
     if os.path.exists(filler):
