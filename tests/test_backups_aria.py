@@ -228,13 +228,13 @@ class AriaDamageTests(unittest.TestCase):
         self.assertIn("aria_chk is not installed", said[0])
 
 
-class HotSeedAriaDamageTests(unittest.TestCase):
-    """The same failed write inside a streamed hot seed's ``--prepare`` in the target's
-    staging: the seed fails at its prepare step, the datadir untouched.  Real servers and
-    managers (tests.test_backups_hot_stream), the target's mariabackup run under strace
-    failing the ``pwrite64`` of ``bk/a.MAI`` in its ``--target-dir``."""
+class _HotSeedWithWrappedPrepare(unittest.TestCase):
+    """Real servers and managers (tests.test_backups_hot_stream) whose target runs its
+    ``--prepare`` as ``PREPARE`` says (tests.test_backups_hot_stream.wrap_mariabackup),
+    and a source with an Aria table (``bk.a``) for its Aria recovery to work on."""
 
     timeout = 180
+    PREPARE = ""
 
     def setUp(self):
         from tests.test_backups_hot_stream import StreamedHotSeedTests, wrap_mariabackup
@@ -242,15 +242,15 @@ class HotSeedAriaDamageTests(unittest.TestCase):
         if shutil.which("strace") is None or shutil.which("aria_chk") is None:
             raise unittest.SkipTest("strace and aria_chk are needed")
         StreamedHotSeedTests.setUp(self)
-        wrap_mariabackup(self, 'exec strace -f -o /dev/null -e inject=pwrite64:error=EIO '
-                               '-P "$dir/bk/a.MAI" {real} "$@"')
+        wrap_mariabackup(self, self.PREPARE)
 
     def our_processes(self, seed: str) -> list[str]:
         from tests.test_backups_hot_stream import StreamedHotSeedTests
 
         return StreamedHotSeedTests.our_processes(self, seed)
 
-    async def test_the_hot_seed_fails_and_the_datadir_is_untouched(self):
+    async def seed(self, seed: str, **target_overrides) -> tuple[dict, dict]:
+        """Both sides' status once the hot seed ``seed`` ended."""
         from tests.test_backups_hot_stream import StreamedHotSeedTests as T
 
         T.servers(self)
@@ -258,9 +258,23 @@ class HotSeedAriaDamageTests(unittest.TestCase):
         self.source_db.sql("CREATE TABLE a (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=Aria; "
                            "INSERT INTO a SELECT seq, MD5(seq) FROM seq_1_to_300", "bk")
         self.source = T.manager(self, "source", self.source_db)
-        self.target = T.manager(self, "target", self.target_db)
-        await T.start_seed(self, "s7")
-        sent, received = await T.ended(self, "s7")
+        self.target = T.manager(self, "target", self.target_db, **target_overrides)
+        await T.start_seed(self, seed)
+        return await T.ended(self, seed)
+
+
+class HotSeedAriaDamageTests(_HotSeedWithWrappedPrepare):
+    """The same failed write inside a streamed hot seed's ``--prepare`` in the target's
+    staging: the seed fails at its prepare step, the datadir untouched.  The target's
+    mariabackup runs under strace failing the ``pwrite64`` of ``bk/a.MAI`` in its
+    ``--target-dir``."""
+
+    PREPARE = 'exec strace -f -o /dev/null -e inject=pwrite64:error=EIO -P "$dir/bk/a.MAI" {real} "$@"'
+
+    async def test_the_hot_seed_fails_and_the_datadir_is_untouched(self):
+        from tests.test_backups_hot_stream import StreamedHotSeedTests as T
+
+        sent, received = await self.seed("s7")
         self.assertEqual(received["State"], "failed", received)
         self.assertIn("hot seed s7: step prepare failed: mariabackup --prepare exited 0, but left "
                       "an Aria table damaged: aria_chk --check", received["Error"])
@@ -270,38 +284,18 @@ class HotSeedAriaDamageTests(unittest.TestCase):
         await T.assert_target_untouched(self, "s7")
 
 
-class HotSeedHungPrepareTests(unittest.TestCase):
+class HotSeedHungPrepareTests(_HotSeedWithWrappedPrepare):
     """A hot seed's ``--prepare`` in the target's staging that hangs (the first write of
     its Aria log failing, as in AriaDamageTests) is stopped after ToolStallSeconds: the
     seed fails at its prepare step saying so, the datadir untouched, no tool left."""
 
-    timeout = 180
-
-    def setUp(self):
-        from tests.test_backups_hot_stream import StreamedHotSeedTests, wrap_mariabackup
-
-        if shutil.which("strace") is None:
-            raise unittest.SkipTest("strace is needed")
-        StreamedHotSeedTests.setUp(self)
-        wrap_mariabackup(self, 'exec strace -f -o /dev/null -e inject=pwrite64:error=EIO:when=1 '
-                               '-P "$dir/aria_log.00000001" {real} "$@"')
-
-    def our_processes(self, seed: str) -> list[str]:
-        from tests.test_backups_hot_stream import StreamedHotSeedTests
-
-        return StreamedHotSeedTests.our_processes(self, seed)
+    PREPARE = ('exec strace -f -o /dev/null -e inject=pwrite64:error=EIO:when=1 '
+               '-P "$dir/aria_log.00000001" {real} "$@"')
 
     async def test_the_hot_seed_fails_at_its_prepare_and_the_datadir_is_untouched(self):
         from tests.test_backups_hot_stream import StreamedHotSeedTests as T
 
-        T.servers(self)
-        self.source_db.sql("CREATE DATABASE IF NOT EXISTS bk")
-        self.source_db.sql("CREATE TABLE a (id INT PRIMARY KEY, v VARCHAR(40)) ENGINE=Aria; "
-                           "INSERT INTO a SELECT seq, MD5(seq) FROM seq_1_to_300", "bk")
-        self.source = T.manager(self, "source", self.source_db)
-        self.target = T.manager(self, "target", self.target_db, tool_stall_seconds=2)
-        await T.start_seed(self, "s8")
-        sent, received = await T.ended(self, "s8")
+        sent, received = await self.seed("s8", tool_stall_seconds=2)
         self.assertEqual(received["State"], "failed", received)
         self.assertIn("hot seed s8: step prepare failed: mariabackup --prepare made no progress "
                       "(no CPU time, no I/O) for 2s and was killed", received["Error"])

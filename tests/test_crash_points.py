@@ -183,14 +183,19 @@ class UnsyncedSwapTests(unittest.TestCase):
     answered "internal error: [Errno 5] Input/output error": no file, no call, nothing
     said of the datadir already swapped or of the record kept."""
 
-    async def test_a_failed_fsync_at_close_names_it_and_keeps_the_record(self):
+    async def renamed(self) -> tuple[str, "swap.SwapJournal", "swap.Swap"]:
+        """A swap whose one rename is made (by hand: no runner here), not yet closed."""
         base = os.path.abspath(self.mktemp())
         journal = swap.SwapJournal(os.path.join(base, "restores"), runner=None,
                                    thread=defer.maybeDeferred)
         opened = journal.swap("restore-20260101T000000Z", "restore of s1",
                               [(os.path.join(base, "data", "d"), os.path.join(base, "data", "d.old"))])
         await opened.open()
-        opened.begun = 1  # the rename made (by hand: no runner here)
+        opened.begun = 1
+        return base, journal, opened
+
+    async def test_a_failed_fsync_at_close_names_it_and_keeps_the_record(self):
+        base, _, opened = await self.renamed()
 
         def failing(path):
             raise OSError(5, "Input/output error")
@@ -202,20 +207,13 @@ class UnsyncedSwapTests(unittest.TestCase):
         self.assertIn("fsync", caught.exception.message)
         self.assertTrue(os.path.exists(opened.path))
 
-
     async def test_a_record_removal_not_known_durable_fails_nothing(self):
         """ENOSPC at the fsync of StateDir/restores once the record of a complete swap
         was removed (restore_copy error point #67): the restore answered "internal
         error: [Errno 28] No space left on device" with the datadir already new.  A
         record that came back would be settled again: the restore succeeded, said with
         a warning."""
-        base = os.path.abspath(self.mktemp())
-        journal = swap.SwapJournal(os.path.join(base, "restores"), runner=None,
-                                   thread=defer.maybeDeferred)
-        opened = journal.swap("restore-20260101T000000Z", "restore of s1",
-                              [(os.path.join(base, "data", "d"), os.path.join(base, "data", "d.old"))])
-        await opened.open()
-        opened.begun = 1
+        base, journal, opened = await self.renamed()
         os.makedirs(os.path.join(base, "data"))
         real, said = swap._fsync_dir, []
 
