@@ -729,9 +729,11 @@ class DatadirSeed(Operation):
                    "receiver": await self.status(w.target)}
         if self.source == "snapshot":
             await _call(self.sender, "/api/umount")
-        # The receiver removes staging after saving its end: give it that moment.
+        # The receiver removes staging after saving its end, and a restarted one settles
+        # a promotion record after reporting the seed completed: give it that moment (the
+        # previous datadir kept aside stays).
         for _ in range(100):
-            if not w.leftovers() or end.get("receiver", {}).get("State") == "completed":
+            if not [n for n in w.leftovers() if "orchagent-previous" not in n]:
                 break
             await pause(0.05)
         return end
