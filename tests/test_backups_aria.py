@@ -56,6 +56,20 @@ class _FailingAriaWrites(ProcessRunner):
         return super().run(argv, **kwargs)
 
 
+class _FailingPrepareWrite(ProcessRunner):
+    """The agent's runner, with ``--prepare`` run under ``strace`` failing every write
+    of the file ``name`` in its target directory with EIO."""
+
+    name = ""
+
+    def run(self, argv, **kwargs):
+        if "--prepare" in argv:
+            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
+            argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=write:error=EIO",
+                    "-P", os.path.join(target, self.name), *argv]
+        return super().run(argv, **kwargs)
+
+
 class _FailingAriaLog(ProcessRunner):
     """The agent's runner, with ``--prepare`` run under ``strace`` failing the first
     ``pwrite64`` of its Aria log ``aria_log.00000001`` with EIO: the tool's threads then
@@ -201,6 +215,22 @@ class AriaDamageTests(unittest.TestCase):
                          r"error \((EIO|ENOSPC): .*\) while the copy .*/work was written: it may "
                          "not be on disk; the backup is unchanged and its work copy was removed$")
         self.assertFalse(os.path.exists(work))
+
+    async def test_a_prepare_that_could_not_write_its_own_files_fails(self):
+        """``--prepare`` whose write of ``xtrabackup_checkpoints`` or of
+        ``xtrabackup_binlog_pos_innodb`` fails leaves the file empty and exits 0
+        (backup_mount error points #448 and #452, every errno): the copy was mounted
+        saying it was not prepared, its binlog position gone."""
+        for name, said in (("xtrabackup_checkpoints", "its checkpoints file xtrabackup_checkpoints "
+                                                      "says 'nothing', not prepared"),
+                           ("xtrabackup_binlog_pos_innodb", "it left xtrabackup_binlog_pos_innodb empty")):
+            runner = _FailingPrepareWrite(reactor)
+            runner.name = name
+            with self.assertRaises(StepFailed) as caught:
+                await self.make(runner)
+            self.assertIn(f"backup full1: step prepare failed: mariabackup --prepare exited 0, but {said}: "
+                          "a write of it failed", caught.exception.message)
+            self.assertFalse(os.path.exists(os.path.join(self.home, "work")))
 
     async def test_a_correct_prepare_passes(self):
         """Every Aria table of a correct prepare passes: bk/a (recovered) and the mysql

@@ -303,6 +303,12 @@ class StreamReceive(state.ReceivePayload):
         if unrecovered:  # --prepare exits 0 all the same (orchagent.backups.tools.ARIA_SKIPPED)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
                              f"exited 0, but its Aria recovery left a table unrecovered: {unrecovered}")
+        from orchagent.backups.prepare import unprepared
+
+        problem = await self.context.thread(unprepared, root, self.tool)
+        if problem:
+            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
+                             f"exited 0, but {problem}: a write of it failed")
         damage = await self.tools.aria_damage(root, self.children.run, **self._local())
         if damage:  # a failed write of a table: exit 0 and no message (Tools.aria_damage)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
