@@ -354,10 +354,12 @@ class FailedWorkCopyRemovalTests(unittest.TestCase):
     """A failed mountlv whose work copy could not be removed either (backup_mount error
     point #485 with every errno: strace counts per process, so the error that failed
     ``cp`` hit the ``rm -rf`` of the copy too) left the copy under StateDir with no
-    record: umount did not know of it."""
+    record: umount did not know of it.  Then, recorded, it was still left: umount goes
+    to the backups only while a backup is mounted."""
 
     async def test_umount_removes_a_copy_the_failed_mountlv_could_not(self):
         from orchagent.errors import CommandFailed
+        from orchagent.snapshots import Snapshots
 
         async def make(chain, place, owner_of):
             write(os.path.join(place.root, "data", "bk", "t.ibd"), b"half copied")
@@ -366,13 +368,21 @@ class FailedWorkCopyRemovalTests(unittest.TestCase):
         async def nothing(*args):
             return None
 
+        class Backend:
+            unmount = staticmethod(nothing)
+
         backups, state_dir, root, _ = stubbed_backups(self, make)
         backups.mount_point.entry = lambda: None
         backups.mount_point.unmount, backups.mount_point.state = nothing, nothing
         with self.assertRaises(CommandFailed):
             await backups.mount("full1")
         self.assertTrue(os.path.exists(root))
-        await backups.unmount()
+        # /api/umount, with no backup mounted: the snapshot backend's unmount, and the
+        # stale copy removed (it went to the backend alone: backup_mount error points
+        # #489-#491 with every errno, the copy left after umount answered success).
+        snapshots = Snapshots(backups.config, runner=None, backends={"copy": Backend()},
+                              detect=lambda: defer.succeed("copy"), backups=backups)
+        await snapshots.unmount()
         self.assertFalse(os.path.exists(root))
         self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
 

@@ -176,7 +176,7 @@ class Backups:
         """Prepare backup ``name`` on a work copy, bind-mount it read-only."""
         path = self.mount_point.require_free()
         backup, chain = await self._usable(name)
-        await self._discard_stale()
+        await self.discard_stale()
         state_root = os.path.join(self.config.state_dir, "backups", f"mounted-{backup.name}")
         beside = os.path.join(os.path.dirname(chain[0].path), f".orchagent-work-{backup.name}")
         place = await self.preparer.choose(chain, [(state_root, False), (beside, True)], "the work copy")
@@ -206,7 +206,7 @@ class Backups:
             return await self.mount_state()
         except Exception as e:
             await self.mount_point.unmount()
-            await self._discard_stale()
+            await self.discard_stale()
             if isinstance(e, AgentError):
                 raise type(e)(f"backup {backup.name}: step mount failed: {e.message}; "
                               "the work copy was removed") from e
@@ -216,10 +216,10 @@ class Backups:
         """Unmount the backup's work copy and remove it."""
         if self.mounted() is not None:
             await self.mount_point.unmount()
-        await self._discard_stale()
+        await self.discard_stale()
         return await self.mount_state()
 
-    async def _discard_stale(self) -> None:
+    async def discard_stale(self) -> None:
         """Remove the work copy of the record when it is no longer mounted."""
         record = self._record()
         if record is None or self.mounted() is not None:

@@ -133,7 +133,11 @@ class Snapshots:
             await self.refuse_while_sent("unmount the snapshot mount point")
             if self.backups is not None and self.backups.mounted() is not None:
                 return await self.backups.unmount()
-            return await (await self.backend()).unmount()
+            answer = await (await self.backend()).unmount()
+            if self.backups is not None:
+                # A backup's work copy that a failed mountlv could not remove.
+                await self.backups.discard_stale()
+            return answer
 
     async def remove(self, name: str) -> bool:
         async with self.lock:
