@@ -9,6 +9,7 @@ import subprocess
 
 from twisted.trial import unittest
 
+from orchagent import durable
 from orchagent.seed import sender, staging, tree, tree_receive
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
@@ -185,6 +186,38 @@ class LostWriteTests(LoopFileSystemCase):
         self.assertEqual(S.snapshot_tree(datadir), before)
         self.assertEqual(sorted(os.listdir(mnt)), ["lost+found", "mysql"])
 
+    async def test_a_write_error_another_process_met_first_still_fails_the_seed(self):
+        """A syncfs of the same file system by someone else (here `sync -f`) between
+        the writes and the seed's last sync: the kernel reports the error to a descriptor
+        opened before it, and to that caller; a descriptor opened after would hear nothing.
+        So staging counts the errors from the moment it is made."""
+        self.patch(tree_receive, "WRITEBACK_BYTES", 1 << 40)  # no background pass
+        mnt = lossy_disk.make_lossy_disk(self, 16 << 20)
+        datadir = os.path.join(mnt, "mysql")
+        os.makedirs(datadir)
+        lossy_disk.limit(mnt, 0)
+        before = S.snapshot_tree(datadir)
+        for i in range(100):
+            self.write(f"t{i:03}.frm", 32 << 10)
+        met = []
+        last_sync = staging.Staging.sync
+
+        def someone_syncs_first(staged):
+            met.append(subprocess.run(["sync", "-f", staged.root], capture_output=True).returncode)
+            last_sync(staged)
+
+        self.patch(staging.Staging, "sync", someone_syncs_first)
+        r, s = self.managers(datadir)
+        await r.receive("4")
+        await s.send(f"127.0.0.1:{self.port}", "4", source="datadir")
+        status = await S.finished(r, "4")
+        self.assertEqual(met, [1])  # the other process was told of the error
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], r"reported a write error \((EIO|ENOSPC): .*\) while the "
+                         "seed's staged copy was written")
+        await S.wait_for(lambda: "4" not in r.jobs)
+        self.assertEqual(S.snapshot_tree(datadir), before)
+
 
 class MovedIntoPlaceTests(LoopFileSystemCase):
     async def _seed_into(self, datadir: str):
@@ -231,7 +264,7 @@ class NeededSpaceTests(LoopFileSystemCase):
                 fh.write(os.urandom(4096))
 
         def used() -> int:
-            staging.syncfs(mnt)
+            durable.syncfs(mnt)
             st = os.statvfs(mnt)
             return (st.f_blocks - st.f_bfree) * st.f_frsize
 

@@ -11,12 +11,12 @@ import time
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
+from orchagent import durable
 from orchagent.errors import NotAvailable, NotFound, Refused
 from orchagent.process import ProcessRunner
 from orchagent.seed import auth, frames, sender, tree, tree_receive
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
-from orchagent.seed import staging as staging_module
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
 from tests.support.certs import TestCA, seed_tls
@@ -449,16 +449,16 @@ class FailureTests(SeedCase):
         staging, as tests.test_seed_disk's lossy disk cannot be made to stop failing
         at the right moment.)"""
         S.make_tree(self.src, files=30)
-        real, calls = staging_module.syncfs, []
+        real, calls = durable._syncfs, []
 
-        def reported_once(path):
+        def reported_once(fd, path):
             calls.append(path)
             if len(calls) == 1:
                 raise OSError(errno.EIO, "Input/output error", path)
-            real(path)
+            real(fd, path)
 
         self.patch(tree_receive, "WRITEBACK_BYTES", 256 << 10)
-        self.patch(staging_module, "syncfs", reported_once)
+        self.patch(durable, "_syncfs", reported_once)
         before = S.snapshot_tree(self.dst)
         r = self.receiver()
         s = self.sender()

@@ -337,6 +337,7 @@ class ReceiveJob(state.JobIdentity):
     def _let_go(self) -> None:
         if self.payload is not None:
             self.payload.let_go()
+        self.staging.unwatch()
 
     async def stop(self) -> None:
         """Service stop: keep staging and journal so a restarted agent resumes; a seed that

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import compress, islice
 from operator import eq
 
-from orchagent.durable import NotDurable, syncfs
+from orchagent.durable import Writes
 from orchagent.host.diskusage import disk_usage
 from orchagent.seed import frames, plan
 from orchagent.seed.state import JOURNAL_RECORD
@@ -136,6 +136,10 @@ class Staging:
         self.buffered_bytes = 0
         self._owners: dict[tuple, tuple[int, int]] = {}
         self._column_owners: dict[tuple, tuple[int, int]] = {}
+        #: The file system's write errors, counted from the moment staging is made
+        #: (orchagent.durable.Writes): a sync reports each one, even one that another
+        #: process's syncfs met first (a fresh descriptor would not).
+        self._writes: Writes | None = None
 
     # --- preparing -----------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class Staging:
 
     def prepare(self, manifest: Manifest) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.watch()
         for index in range(len(manifest)):
             if manifest.kind(index) == DIR:
                 path = os.path.join(self.root, manifest.paths[index])
@@ -152,6 +157,23 @@ class Staging:
                 except FileExistsError:
                     if not stat.S_ISDIR(os.lstat(path).st_mode):
                         raise
+
+    def make_empty(self) -> None:
+        """Staging empty and watched, for a tool to fill (a hot seed's extraction)."""
+        self.discard()
+        os.makedirs(self.root, mode=0o700)
+        self.watch()
+
+    def watch(self) -> Writes:
+        """Count the write errors of staging's file system from now on (see _writes)."""
+        if self._writes is None:
+            self._writes = Writes(self.root, "the seed's staged copy")
+        return self._writes
+
+    def unwatch(self) -> None:
+        writes, self._writes = self._writes, None
+        if writes is not None:
+            writes.close()
 
     def _path(self, entry: Entry) -> str:
         return os.path.join(self.root, entry.path)
@@ -392,12 +414,10 @@ class Staging:
 
     def sync(self) -> None:
         """Sync the whole file system staging is on (every file and directory at once);
-        NotDurable when it reports a write error (orchagent.durable): each error is
-        reported once, so every sync of staging must fail the seed on it."""
-        try:
-            syncfs(self.root)
-        except OSError as e:
-            raise NotDurable.of(e, self.root, "the seed's staged copy") from None
+        NotDurable when it reports a write error met since staging was made
+        (orchagent.durable): each error is reported once to a descriptor, so every sync
+        of staging must fail the seed on it."""
+        self.watch().sync()
 
     #: A tree receive's background pass (TreeReceive._write_back): the same sync, named
     #: apart so that tests can count the passes.
@@ -515,6 +535,7 @@ class Staging:
 
     def discard(self) -> None:
         self.close_files()
+        self.unwatch()
         self._created = bytearray()
         shutil.rmtree(self.root, ignore_errors=True)
         if os.path.exists(self.root):

@@ -170,8 +170,7 @@ class StreamReceive(state.ReceivePayload):
         if estimate > free:
             raise BadRequest(f"not enough space for seed {self.seed_id} in {self.record.datadir}: "
                              f"the source's datadir holds {estimate} bytes, {free} bytes are free")
-        await self.context.thread(self.staging.discard)
-        await self.context.thread(os.makedirs, self.staging.root, 0o700)
+        await self.context.thread(self.staging.make_empty)
         if not self.job.active:
             return
         read_end, self.pipe = pipe()
