@@ -273,7 +273,7 @@ def _all_traced(pid: int) -> bool:
                 if "TracerPid:\t0\n" in fh.read():
                     return False
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going
         return True
 
 
@@ -318,7 +318,7 @@ def held(pids: list[int], name: str) -> int | None:
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone, or going
             continue
         for tid in tids:
             try:

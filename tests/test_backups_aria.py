@@ -18,13 +18,13 @@ import subprocess
 import tempfile
 import types
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from orchagent.backups.prepare import Place, Preparer
 from orchagent.backups.tools import Tools, aria_tables
 from orchagent.config import Config
-from orchagent.errors import StepFailed
+from orchagent.errors import CommandFailed, StepFailed
 from orchagent.process import ProcessRunner
 from tests.support import lossy_disk
 from tests.support import mariadb as mariadb_support
@@ -138,6 +138,17 @@ def _shared_backup() -> str:
     return _made["backup"]
 
 
+class _FailingRemoval(ProcessRunner):
+    """The agent's runner, whose ``rm`` of a work copy fails (the error that failed a step
+    often fails the removal too: backup_mount error points #491-#544 and #717-#744)."""
+
+    def run(self, argv, **kwargs):
+        if argv[0] == "rm":
+            return defer.fail(CommandFailed(f"command rm exited with status 1: rm: cannot remove "
+                                            f"'{argv[-1]}/data': Input/output error"))
+        return super().run(argv, **kwargs)
+
+
 class AriaDamageTests(unittest.TestCase):
     timeout = 120
 
@@ -177,6 +188,25 @@ class AriaDamageTests(unittest.TestCase):
         self.assertIn("bk/a.MAI", message)
         self.assertIn("hasn't closed the table properly", message)
         self.assertFalse(os.path.exists(os.path.join(self.home, "work")))  # the copy removed
+
+    async def test_a_work_copy_that_cannot_be_removed_keeps_the_steps_reason(self):
+        """A failed step whose work copy could not be removed either answered the
+        removal's error alone ("command rm exited with status 1"), the step's own reason
+        lost; both are said now, and where the copy is."""
+        class Both(_FailingRemoval, _FailingAriaWrites):
+            pass
+
+        runner = Both(reactor)
+        work = os.path.join(self.home, "work")
+        with self.assertRaises(StepFailed) as caught:
+            await self.make(runner)
+        message = caught.exception.message
+        self.assertIn("backup full1: step verify failed: the prepare left an Aria table damaged", message)
+        self.assertIn(f"the backup is unchanged and its work copy {work} could not be removed "
+                      f"(command rm exited with status 1: rm: cannot remove '{work}/data': "
+                      "Input/output error); it is recorded and removed by the agent's next attempt",
+                      message)
+        self.assertTrue(os.path.exists(work))
 
     async def test_a_prepare_that_hangs_is_stopped_and_its_step_fails(self):
         """``mariabackup --prepare`` whose first write of its Aria log fails never ends;

@@ -8,6 +8,7 @@ and of a restore from a backup (``reliability.crashops``), none of which may end
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -385,6 +386,37 @@ class FailedWorkCopyRemovalTests(unittest.TestCase):
         await snapshots.unmount()
         self.assertFalse(os.path.exists(root))
         self.assertEqual(os.listdir(os.path.join(state_dir, "backups")), [])
+
+
+class UnreadableMountRecordTests(unittest.TestCase):
+    """umount when the record of the mounted copy cannot be read (EIO, EDQUOT at its
+    openat: backup_mount error points #729, #731) took it for no record: it answered
+    success, the backup still mounted and its copy in place."""
+
+    async def test_umount_fails_naming_the_record(self):
+        import builtins
+        import errno
+
+        from orchagent.errors import AgentError
+
+        backups, state_dir, root, _ = stubbed_backups(self, make_prepared)
+        record = os.path.join(state_dir, "backups", "mounted.json")
+        write(record, json.dumps({"name": "full1", "root": root, "data": os.path.join(root, "data")}).encode())
+        write(os.path.join(root, "data", "ibdata1"), b"prepared")
+        real_open = builtins.open
+
+        def failing(path, *args, **kwargs):
+            if path == record:
+                raise OSError(errno.EIO, "Input/output error", path)
+            return real_open(path, *args, **kwargs)
+
+        with mock.patch.object(builtins, "open", failing):
+            with self.assertRaises(AgentError) as caught:
+                await backups.unmount()
+        self.assertEqual(caught.exception.message, f"cannot read {record}, the record of the mounted "
+                                                   "backup's work copy: Input/output error")
+        self.assertTrue(os.path.exists(os.path.join(root, "data", "ibdata1")))
+        self.assertTrue(os.path.exists(record))
 
 
 class MountAnsweredFailedTests(unittest.TestCase):

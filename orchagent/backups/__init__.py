@@ -131,10 +131,18 @@ class Backups:
         return os.path.join(self.config.state_dir, "backups", "mounted.json")
 
     def _record(self) -> dict | None:
+        """The record of the work copy; None when there is none.  One that cannot be read
+        is an error, never "none": umount would answer success and leave the backup
+        mounted and its copy in place (backup_mount error points #729, #731)."""
         try:
             with open(self._record_path, encoding="utf-8") as fh:
                 record = json.load(fh)
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise AgentError(f"cannot read {self._record_path}, the record of the mounted backup's "
+                             f"work copy: {e.strerror or e}") from e
+        except ValueError:
             return None
         return record if isinstance(record, dict) and {"name", "root", "data"} <= set(record) else None
 

@@ -249,14 +249,31 @@ class Preparer:
                     await function(*args)
                 except Exception as e:
                     reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
+                    copy = await self._discard(place.root)
                     raise StepFailed(f"backup {backup.name}: step {step} failed: {reason}; "
-                                     "the backup is unchanged and its work copy was removed") from e
+                                     f"the backup is unchanged and {copy}") from e
+        except StepFailed:
+            raise
         except BaseException:
             await self.remove(place.root)
             raise
         finally:
             writes.close()
         return data
+
+    async def _discard(self, root: str) -> str:
+        """Remove a failed step's work copy; what became of it, said in the step's error.
+        A removal that fails too (the error that failed the step often fails ``rm`` as
+        well) does not hide the step's reason.  The copy is recorded before it is made:
+        mountlv's record, which the next umount or mountlv reads; a restore's journal,
+        whose roll-back tries again and, failing, stays for the next start to settle."""
+        try:
+            await self.remove(root)
+        except Exception as e:
+            reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
+            return (f"its work copy {root} could not be removed ({reason}); it is recorded and "
+                    "removed by the agent's next attempt")
+        return "its work copy was removed"
 
     @staticmethod
     def _increments(chain: list[Backup], root: str) -> list[str]:
