@@ -16,7 +16,8 @@ removed, so a failure leaves nothing behind): copy, decrypt and decompress (when
 backup is encoded), prepare (and apply each increment), verify, own, sync.
 
 ``--prepare`` exits 0 when its Aria recovery could not open a table (it prints a
-``***WARNING: ... could not be opened: Error: N`` line and leaves the table unrecovered):
+``***WARNING: ... could not be opened: Error: N`` line and leaves the table unrecovered),
+and when a sync of a file it wrote fails after its first (``Can't sync file ... to disk``):
 such a line fails the step.
 
 Verify, first the Aria tables: ``--prepare``'s Aria recovery also exits 0, with no
@@ -308,10 +309,9 @@ class Preparer:
         if not result.ok:
             raise CommandFailed(result.tool_failure(f"{tool} {what}"), result)
         if "--prepare" in args:
-            skipped = Tools.unrecovered(result.stdout + result.stderr)
-            if skipped:
-                raise CommandFailed(f"{tool} {what} exited 0, but its Aria recovery left a table "
-                                    f"unrecovered: {skipped}", result)
+            ignored = Tools.ignored_failure(result.stdout + result.stderr)
+            if ignored:
+                raise CommandFailed(f"{tool} {what} exited 0, but {ignored}", result)
 
     async def prepare(self, tool: str, data: str, increments: list[str]) -> None:
         """``--prepare`` of ``data``, then each increment applied on it.  xtrabackup needs

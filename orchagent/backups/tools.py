@@ -39,6 +39,10 @@ INNOCHECKSUM = "innochecksum"
 #: What ``--prepare``'s Aria recovery prints, exiting 0 all the same, for a table it could
 #: not open (an I/O error on the copy): that table is left unrecovered.
 ARIA_SKIPPED = re.compile(r"^\*\*\*WARNING: (.*(?:could not be opened|Error: \d+).*)$", re.MULTILINE)
+#: What it prints, exiting 0 all the same, when a sync of a file it wrote fails (mysys;
+#: the second ``fdatasync`` of ``aria_log.00000001`` failing: backup_mount error point
+#: #471): what that file held may be gone from the page cache.
+SYNC_FAILED = re.compile(r"^\W*(\S+: Can't sync file .*)$", re.MULTILINE)
 _VERSION = re.compile(r"\b(\d+\.\d+)\.\d+")
 ARIA_CHK = "aria_chk"
 #: Aria tables per aria_chk process (argv stays far below the kernel's limit).
@@ -186,10 +190,17 @@ class Tools:
         return "", f"no encrypt and encrypt-key-file in {where}"
 
     @staticmethod
-    def unrecovered(output: bytes) -> str:
-        """The tables a ``--prepare`` (that exited 0) left unrecovered, from its output
-        (see ARIA_SKIPPED); "" when none."""
-        return " | ".join(ARIA_SKIPPED.findall(output.decode("utf-8", "replace"))[:3])
+    def ignored_failure(output: bytes) -> str:
+        """What a ``--prepare`` that exited 0 says failed and went on after, from its
+        output; "" when nothing: a table its Aria recovery left unrecovered
+        (ARIA_SKIPPED), a file it could not sync (SYNC_FAILED)."""
+        text = output.decode("utf-8", "replace")
+        for found, said in ((ARIA_SKIPPED, "its Aria recovery left a table unrecovered"),
+                            (SYNC_FAILED, "it could not sync a file it wrote")):
+            lines = found.findall(text)[:3]
+            if lines:
+                return f"{said}: {' | '.join(lines)}"
+        return ""
 
     async def aria_damage(self, data: str, run: Callable | None = None, **kwargs) -> str:
         """What ``aria_chk --check`` finds wrong with the Aria tables of a prepared copy,

@@ -298,10 +298,10 @@ class StreamReceive(state.ReceivePayload):
         prepared = await self._step("prepare", self.children.run(
             [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"],
             **self._local()), f"{self.tool} --prepare")
-        unrecovered = self.tools.unrecovered(prepared.stdout + prepared.stderr)
-        if unrecovered:  # --prepare exits 0 all the same (orchagent.backups.tools.ARIA_SKIPPED)
+        ignored = self.tools.ignored_failure(prepared.stdout + prepared.stderr)
+        if ignored:  # --prepare exits 0 all the same (orchagent.backups.tools)
             raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
-                             f"exited 0, but its Aria recovery left a table unrecovered: {unrecovered}")
+                             f"exited 0, but {ignored}")
         from orchagent.backups.prepare import unprepared
 
         problem = await self.context.thread(unprepared, root, self.tool)
