@@ -68,13 +68,6 @@ class Entry:
     target: str = ""
     extents: tuple[tuple[int, int], ...] | None = None
 
-    def data_extents(self) -> tuple[tuple[int, int], ...]:
-        if self.kind != FILE:
-            return ()
-        if self.extents is None:
-            return ((0, self.size),) if self.size else ()
-        return self.extents
-
     def to_wire(self) -> list:
         return [self.path, self.kind, self.size, self.mode, self.mtime_ns, self.user,
                 self.group, self.uid, self.gid, self.target,
@@ -82,24 +75,10 @@ class Entry:
 
     @classmethod
     def from_wire(cls, item) -> "Entry":
-        try:
-            path, kind, size, mode, mtime_ns, user, group, uid, gid, target, extents = item
-            entry = cls(path=path, kind=kind, size=size, mode=mode, mtime_ns=mtime_ns,
-                        user=user, group=group, uid=uid, gid=gid, target=target,
-                        extents=None if extents is None else tuple((a, b) for a, b in extents))
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"malformed manifest entry {item!r:.200}") from e
-        for name, low, high in (("size", 0, 2**63), ("mode", 0, 0o7777), ("mtime_ns", -2**63, 2**63),
-                                ("uid", 0, 2**32), ("gid", 0, 2**32)):
-            value = getattr(entry, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
-                raise BadRequest(f"manifest entry {path!r:.200}: bad {name} {value!r:.40}")
-        for name in ("path", "kind", "user", "group", "target"):
-            if not isinstance(getattr(entry, name), str):
-                raise BadRequest(f"manifest entry {path!r:.200}: bad {name}")
-        if entry.kind not in (DIR, FILE, LINK):
-            raise BadRequest(f"unknown entry kind {entry.kind!r:.20} in the seed manifest")
-        return entry
+        """An entry from its wire form, checked as :meth:`Manifest.add_wire` checks it."""
+        manifest = Manifest()
+        manifest.add_wire(item)
+        return manifest.entry(0)
 
 
 def _encode(path: str) -> bytes:
@@ -193,8 +172,8 @@ class Manifest:
     """The tree as columns rather than objects, so that 50,000 entries cost a few MB.
 
     Built entry by entry (:meth:`add`, :meth:`add_wire`), or from entries at once
-    (``Manifest(entries, chunk_size)``); :attr:`entries` gives :class:`Entry` values back
-    on demand.  The digest covers the chunk size and the JSON text of the batches the
+    (``Manifest(entries, chunk_size)``); :attr:`entries` gives them back as :class:`Entry`
+    values.  The digest covers the chunk size and the JSON text of the batches the
     manifest travels in (see :func:`pack_batches`), so neither side serialises an entry
     twice; a manifest that never travelled digests as one batch.
     """
@@ -336,8 +315,8 @@ class Manifest:
                 sparse)
 
     def wire_rows(self, start: int, end: int) -> list[tuple]:
-        """Entries ``start`` to ``end`` in wire form, as JSON writes them the same as
-        :meth:`wire`'s lists; built column by column (C loops), not entry by entry."""
+        """Entries ``start`` to ``end`` in wire form (tuples: JSON writes them as lists);
+        built column by column (C loops), not entry by entry."""
         names = self.names.__getitem__
         indexes = range(start, end)
         extents = [None if e is None else [list(x) for x in e]
@@ -349,11 +328,7 @@ class Manifest:
                         map(self.targets.get, indexes, repeat("")), extents))
 
     def wire(self, index: int) -> list:
-        extents = self.extents.get(index)
-        return [self.paths[index], chr(self.kinds[index]), self.sizes[index], self.modes[index],
-                self.mtimes[index], self.names[self.users[index]], self.names[self.groups[index]],
-                self.uids[index], self.gids[index], self.targets.get(index, ""),
-                None if extents is None else [list(e) for e in extents]]
+        return list(self.wire_rows(index, index + 1)[0])
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -366,8 +341,8 @@ class Manifest:
                      target=self.targets.get(index, ""), extents=self.extents.get(index))
 
     @property
-    def entries(self) -> "_Entries":
-        return _Entries(self)
+    def entries(self) -> list[Entry]:
+        return [self.entry(i) for i in range(len(self))]
 
     def kind(self, index: int) -> str:
         return chr(self.kinds[index])
@@ -413,7 +388,7 @@ class Manifest:
 
     def digest(self) -> bytes:
         if self.wire_digest is None:
-            text = json.dumps([self.wire(i) for i in range(len(self))], separators=(",", ":"))
+            text = json.dumps(self.wire_rows(0, len(self)), separators=(",", ":"))
             self.wire_digest = batches_digest(self.chunk_size, [text.encode()])
         return self.wire_digest
 
@@ -433,25 +408,6 @@ class Manifest:
         rounded = sum(-(-data // block) for data in self.data_sizes())
         directories = self.kinds.count(_KINDS[DIR])
         return (rounded + directories) * block + len(self) * ENTRY_OVERHEAD
-
-
-class _Entries(Sequence):
-    """The manifest's entries as a read-only sequence of :class:`Entry` (made on access)."""
-
-    def __init__(self, manifest: Manifest):
-        self._manifest = manifest
-
-    def __len__(self) -> int:
-        return len(self._manifest)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self._manifest.entry(i) for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self._manifest.entry(index)
 
 
 _FILE = ord(FILE)
