@@ -277,19 +277,31 @@ def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
         raise ValueError(f"chunk of {length} bytes is larger than {MAX_CHUNK}")
     if digest is None:
         digest = content_digest(raw, kind)
-    payload = raw
-    encoding = Encoding.RAW
-    if compress and length:
+    packed = _packed(raw, compress)
+    chunk_head = CHUNK_HEAD.pack(file, offset, length, _encoding(packed), digest)
+    return _sealed(FrameType.DATA, chunk_head, raw, packed, key), digest, packed is not None
+
+
+def _packed(raw, compress: bool) -> bytes | None:
+    """``raw`` compressed, when asked and when that saves at least 1/MIN_SAVING."""
+    if compress and len(raw):
         packed = _compressor().compress(raw)
-        if len(packed) <= length - length // MIN_SAVING:
-            payload, encoding = packed, Encoding.ZSTD
-    chunk_head = CHUNK_HEAD.pack(file, offset, length, encoding, digest)
-    head = HEADER.pack(FrameType.DATA, 0, CHUNK_HEAD.size + len(payload))
-    if encoding == Encoding.ZSTD:
-        tag = _tag(key, head, chunk_head, payload)
-    else:
-        tag = _tag(key, head, chunk_head)
-    return [head, chunk_head, payload, tag], digest, encoding == Encoding.ZSTD
+        if len(packed) <= len(raw) - len(raw) // MIN_SAVING:
+            return packed
+    return None
+
+
+def _encoding(packed: bytes | None) -> int:
+    return Encoding.RAW if packed is None else Encoding.ZSTD
+
+
+def _sealed(ftype: int, head_body: bytes, raw, packed: bytes | None, key: bytes) -> list:
+    """A DATA or BUNDLE frame's pieces: its tag covers the header and ``head_body``, and
+    a compressed payload too (a raw one is bound to the tag through its digests)."""
+    payload = raw if packed is None else packed
+    head = HEADER.pack(ftype, 0, len(head_body) + len(payload))
+    tag = _tag(key, head, head_body) if packed is None else _tag(key, head, head_body, payload)
+    return [head, head_body, payload, tag]
 
 
 @attrs.frozen
@@ -322,22 +334,12 @@ def seal_bundle(files: list, raw, key: bytes, compress: bool,
     for _, length in files:
         digests.append(content_digest(view[position:position + length], kind))
         position += length
-    raw_length = len(raw)
-    payload, encoding = None, Encoding.RAW
-    if compress and raw_length:
-        packed = _compressor().compress(raw)
-        if len(packed) <= raw_length - raw_length // MIN_SAVING:
-            payload, encoding = packed, Encoding.ZSTD
-    if payload is None:
-        payload = bytes(raw)  # transports take bytes only (a copy made only when sent raw)
-    head_body = BUNDLE_HEAD.pack(len(files), encoding, raw_length) + b"".join(
+    packed = _packed(raw, compress)
+    head_body = BUNDLE_HEAD.pack(len(files), _encoding(packed), len(raw)) + b"".join(
         BUNDLE_ITEM.pack(index, length, digest) for (index, length), digest in zip(files, digests))
-    head = HEADER.pack(FrameType.BUNDLE, 0, len(head_body) + len(payload))
-    if encoding == Encoding.ZSTD:
-        tag = _tag(key, head, head_body, payload)
-    else:
-        tag = _tag(key, head, head_body)
-    return [head, head_body, payload, tag], digests, encoding == Encoding.ZSTD
+    # Transports take bytes only (a copy made only when sent raw).
+    raw = bytes(raw) if packed is None else raw
+    return _sealed(FrameType.BUNDLE, head_body, raw, packed, key), digests, packed is not None
 
 
 def open_bundle(frame: Frame, key: bytes, kind: int = Digest.BLAKE3) -> Bundle:
@@ -350,16 +352,13 @@ def open_bundle(frame: Frame, key: bytes, kind: int = Digest.BLAKE3) -> Bundle:
     if not 0 < count <= MAX_BUNDLE_ITEMS or frame.size < end + TAG_SIZE or raw_length > MAX_CHUNK \
             or encoding not in (Encoding.RAW, Encoding.ZSTD):
         raise ProtocolError("BUNDLE frame has an impossible head")
-    head = b"".join(_slice(frame.parts, 0, end))
+    head, payload, tag = _split(frame, end)
     items = tuple(BUNDLE_ITEM.unpack_from(head, start + i * BUNDLE_ITEM.size) for i in range(count))
-    tag = b"".join(_slice(frame.parts, frame.size - TAG_SIZE, frame.size))
-    payload = tuple(_slice(frame.parts, end, frame.size - TAG_SIZE))
     if encoding == Encoding.RAW and _tag(key, head) != tag:
         raise IntegrityError(f"BUNDLE frame starting with file #{items[0][0]} failed its integrity check",
                              where=(items[0][0], 0))
-    payload_size = frame.size - end - TAG_SIZE
     if sum(length for _, length, _ in items) != raw_length or (
-            encoding == Encoding.RAW and payload_size != raw_length):
+            encoding == Encoding.RAW and frame.size - end - TAG_SIZE != raw_length):
         raise ProtocolError("BUNDLE frame lengths do not add up")
     return Bundle(items, encoding, raw_length, payload, frame.size, head, tag, key, kind)
 
@@ -370,20 +369,8 @@ def unpack_bundle(bundle: Bundle) -> list:
     parts = list(bundle.payload)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     if bundle.encoding == Encoding.ZSTD:
-        first = bundle.items[0][0]
-        if _tag(bundle.key, bundle.head, data) != bundle.tag:
-            raise IntegrityError(f"BUNDLE frame starting with file #{first} failed its integrity check",
-                                 where=(first, 0))
-        try:
-            if zstandard.frame_content_size(data) != bundle.raw_length:
-                raise zstandard.ZstdError("wrong declared size")
-            data = _decompressor().decompress(data, max_output_size=bundle.raw_length)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"BUNDLE frame starting with file #{first} does not decompress: {e}",
-                                 where=(first, 0)) from None
-        if len(data) != bundle.raw_length:
-            raise IntegrityError(f"BUNDLE frame starting with file #{first} has the wrong length",
-                                 where=(first, 0))
+        name = f"BUNDLE frame starting with file #{bundle.items[0][0]}"
+        data = _decompress(bundle, data, bundle.raw_length, bundle.where, name, name)
     view = memoryview(data)
     out = []
     position = 0
@@ -405,18 +392,40 @@ def open_data(frame: Frame, key: bytes, kind: int = Digest.BLAKE3) -> Chunk:
     end = HEADER.size + CHUNK_HEAD.size
     if frame.size < end + TAG_SIZE:
         raise ProtocolError("DATA frame shorter than its chunk head")
-    head = b"".join(_slice(frame.parts, 0, end))
+    head, payload, tag = _split(frame, end)
     file, offset, length, encoding, digest = CHUNK_HEAD.unpack_from(head, HEADER.size)
-    tag = b"".join(_slice(frame.parts, frame.size - TAG_SIZE, frame.size))
-    payload = tuple(_slice(frame.parts, end, frame.size - TAG_SIZE))
     if encoding != Encoding.ZSTD and _tag(key, head) != tag:
         raise IntegrityError(f"DATA frame for file #{file} offset {offset} failed its integrity check",
                              where=(file, offset))
-    payload_size = frame.size - end - TAG_SIZE
     if length > MAX_CHUNK or encoding not in (Encoding.RAW, Encoding.ZSTD) or (
-            encoding == Encoding.RAW and payload_size != length):
+            encoding == Encoding.RAW and frame.size - end - TAG_SIZE != length):
         raise ProtocolError(f"DATA frame for file #{file} offset {offset} has an impossible chunk head")
     return Chunk(file, offset, length, encoding, digest, payload, frame.size, head, tag, key, kind)
+
+
+def _split(frame: Frame, end: int) -> tuple[bytes, tuple, bytes]:
+    """A DATA or BUNDLE frame's head (``end`` bytes), its payload's buffers, its tag."""
+    size = frame.size
+    return (b"".join(_slice(frame.parts, 0, end)), tuple(_slice(frame.parts, end, size - TAG_SIZE)),
+            b"".join(_slice(frame.parts, size - TAG_SIZE, size)))
+
+
+def _decompress(framed: Chunk | Bundle, packed, length: int, where, frame: str, content: str):
+    """A zstd payload, authenticated first (nothing unauthenticated reaches the
+    decompressor), then decompressed to exactly ``length`` bytes.  Its declared size is
+    checked first: decompress() would allocate what a corrupt header claims."""
+    if _tag(framed.key, framed.head, packed) != framed.tag:
+        raise IntegrityError(f"{frame} failed its integrity check", where=where)
+    try:
+        declared = zstandard.frame_content_size(packed)
+        if declared != length:
+            raise zstandard.ZstdError(f"frame declares {declared} bytes")
+        data = _decompressor().decompress(packed, max_output_size=length)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{content} does not decompress: {e}", where=where) from None
+    if len(data) != length:
+        raise IntegrityError(f"{content} decompressed to {len(data)} bytes, not {length}", where=where)
+    return data
 
 
 def unpack_chunk(chunk: Chunk) -> list:
@@ -425,24 +434,9 @@ def unpack_chunk(chunk: Chunk) -> list:
     parts = list(chunk.payload)
     if chunk.encoding == Encoding.ZSTD:
         packed = parts[0] if len(parts) == 1 else b"".join(parts)
-        if _tag(chunk.key, chunk.head, packed) != chunk.tag:
-            raise IntegrityError(f"DATA frame for file #{chunk.file} offset {chunk.offset} failed "
-                                 "its integrity check", where=chunk.where)
-        try:
-            # The declared size is checked first: decompress() would allocate what a
-            # corrupt header claims.
-            declared = zstandard.frame_content_size(packed)
-            if declared != chunk.length:
-                raise zstandard.ZstdError(f"frame declares {declared} bytes")
-            data = _decompressor().decompress(packed, max_output_size=chunk.length)
-        except zstandard.ZstdError as e:
-            raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
-                                 f"does not decompress: {e}", where=chunk.where) from None
-        if len(data) != chunk.length:
-            raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
-                                 f"decompressed to {len(data)} bytes, not {chunk.length}",
-                                 where=chunk.where)
-        parts = [data]
+        parts = [_decompress(chunk, packed, chunk.length, chunk.where,
+                             f"DATA frame for file #{chunk.file} offset {chunk.offset}",
+                             f"chunk of file #{chunk.file} at offset {chunk.offset}")]
     h = hasher(chunk.kind)
     for part in parts:
         h.update(part)
