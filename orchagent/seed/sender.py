@@ -330,14 +330,19 @@ class SourceFiles:
         self.pins.check(self.manifest, index, os.fstat(fd),
                         os.path.join(self.root, self.manifest.paths[index]))
 
+    def _let_go_idle(self, closing: bool = False) -> list[tuple[int, int]]:
+        """Forget every file no read holds: ``[(entry index, descriptor)]`` to close."""
+        with self._lock:
+            self._closed = self._closed or closing
+            idle = [i for i, (_, users) in self._open.items() if not users]
+            return [(i, self._open.pop(i)[0]) for i in idle]
+
     def check_held(self) -> None:
         """Check and close every file held open (worker thread, no read running: every
         chunk was read), so that nothing of the source stays open while the sender only
         waits for the receiver's verdict; BadRequest naming the first that changed since
         it was opened."""
-        with self._lock:
-            idle = [i for i, (_, users) in self._open.items() if not users]
-            victims = [(i, self._open.pop(i)[0]) for i in idle]
+        victims = self._let_go_idle()
         try:
             for index, fd in victims:
                 self._check_fd(index, fd)
@@ -347,12 +352,8 @@ class SourceFiles:
 
     def close(self) -> None:
         """Close what no read holds; what reads hold is closed when they release it."""
-        with self._lock:
-            self._closed = True
-            idle = [i for i, (_, users) in self._open.items() if not users]
-            victims = [self._open.pop(i)[0] for i in idle]
-        for victim in victims:
-            os.close(victim)
+        for _, fd in self._let_go_idle(closing=True):
+            os.close(fd)
 
 
 @attrs.define
@@ -509,7 +510,7 @@ class SendJob(SenderJob):
             return
         if previous is None:
             # Kept for a restart of the agent, whose new walk must find the same files.
-            self.context.thread(_save_pins, store, seed_id, pins, manifest).addErrback(
+            self.context.thread(lambda: store.write(seed_id, "pins", pins.pack(manifest))).addErrback(
                 lambda f: log.warn("seed {seed}: cannot save the source's identities: {error}",
                                    seed=seed_id, error=f.getErrorMessage()))
         self.files = SourceFiles(self.record.source_path, manifest, pins)
@@ -537,15 +538,9 @@ class SendJob(SenderJob):
                 stream.send(FrameType.MANIFEST, body)
 
     def _crashed(self, failure) -> None:
-        if not self.active:
-            return
-        if failure.check(BadRequest):
-            self.fail(failure.value.message)
-        elif failure.check(OSError):
-            self.fail(f"cannot read the seed source {self.record.source_path}: {failure.value}")
-        else:
-            log.failure("seed {seed}: sender crashed", failure, seed=self.seed_id)
-            self.fail(f"sending failed: {failure.value}")
+        if self.active:
+            self.fail(state.failure_message(failure, self.seed_id, "sending",
+                                            f"cannot read the seed source {self.record.source_path}"))
 
     def _connect(self) -> None:
         self.retry_call = None
@@ -675,13 +670,8 @@ class SendJob(SenderJob):
         if session.ended:
             return None
         if isinstance(result, Failure):
-            if result.check(BadRequest):
-                self.fail(result.value.message)
-            elif result.check(OSError):
-                self.fail(f"cannot read the seed source: {result.value}")
-            else:
-                log.failure("seed {seed}: read failed", result, seed=self.seed_id)
-                self.fail(f"reading the seed source failed: {result.value}")
+            self.fail(state.failure_message(result, self.seed_id, "reading the seed source",
+                                            "cannot read the seed source"))
             return None
         if stream.closed:
             session.queue.push_front(items)
@@ -901,10 +891,6 @@ def _file_digests(table: plan.ChunkTable) -> tuple[list[bytes], bytes]:
     return pieces, table.tree_digest(pieces)
 
 
-def _save_pins(store: state.StateStore, seed_id: str, pins: tree.Pins, manifest: tree.Manifest) -> None:
-    store.write(seed_id, "pins", pins.pack(manifest))
-
-
 def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:
     """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``.
 
@@ -935,17 +921,15 @@ def _read_range(files: SourceFiles, index: int, offset: int, length: int) -> byt
     """``length`` bytes of entry ``index`` at ``offset``, through a checked descriptor
     (kept open when the file has more chunks)."""
     manifest = files.manifest
-    if manifest.sizes[index] <= manifest.chunk_size:
-        fd = files.open_checked(index)
-        try:
-            return _read_exact(fd, length, offset, manifest.paths[index])
-        finally:
-            os.close(fd)
-    fd = files.acquire(index)
+    whole = manifest.sizes[index] <= manifest.chunk_size
+    fd = files.open_checked(index) if whole else files.acquire(index)
     try:
         return _read_exact(fd, length, offset, manifest.paths[index])
     finally:
-        files.release(index, fd)
+        if whole:
+            os.close(fd)
+        else:
+            files.release(index, fd)
 
 
 def _recheck_source(files: SourceFiles, table: plan.ChunkTable, claimed: plan.ChunkDigests,

@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from orchagent.errors import Refused
+from orchagent.errors import AgentError, Refused
 from orchagent.interfaces import IReceivePayload, ISeedJob
 from orchagent.swap import replace_file
 
@@ -125,6 +125,18 @@ class SeedRecord:
             "UpdatedAt": _rfc3339(self.updated_at or None),
             **({"Replication": self.replication} if self.role == "receiver" else {}),
         }
+
+
+def failure_message(failure, seed_id: str, what: str, oserror: str | None = None) -> str:
+    """What a seed fails with for ``failure``: an AgentError's own message; with
+    ``oserror``, an OSError after it; anything else is a bug, logged with its traceback
+    and said as ``what`` failed."""
+    if failure.check(AgentError):
+        return failure.value.message
+    if oserror is not None and failure.check(OSError):
+        return f"{oserror}: {failure.value}"
+    log.failure("seed {seed}: {what} failed", failure, seed=seed_id, what=what)
+    return f"{what} failed: {failure.value}"
 
 
 def refuse_while_receiving(statuses, action: str) -> None:

@@ -187,11 +187,8 @@ class TreeReceive(state.ReceivePayload):
         session = self.session
         if session is None or stream not in session.flows:
             return
-        if frame.type == FrameType.DATA:
+        if frame.type in (FrameType.DATA, FrameType.BUNDLE):
             self._data(stream, frame)
-            return
-        if frame.type == FrameType.BUNDLE:
-            self._bundle(stream, frame)
             return
         if frame.type == FrameType.ABORT:
             message = frames.open_json(frame, stream.key).get("message", "")
@@ -294,15 +291,9 @@ class TreeReceive(state.ReceivePayload):
                  have=table.bytes_done)
 
     def _prepare_failed(self, failure) -> None:
-        if not self.job.active:
-            return
-        if failure.check(AgentError):
-            self.job.fail(failure.value.message)
-        elif failure.check(OSError):
-            self.job.fail(f"cannot prepare staging in {self.staging.root}: {failure.value}")
-        else:
-            log.failure("seed {seed}: preparing failed", failure, seed=self.seed_id)
-            self.job.fail(f"preparing the seed failed: {failure.value}")
+        if self.job.active:
+            self.job.fail(state.failure_message(failure, self.seed_id, "preparing the seed",
+                                                f"cannot prepare staging in {self.staging.root}"))
 
     async def _reset_staging(self) -> None:
         await self.context.thread(self.staging.discard)
@@ -336,42 +327,31 @@ class TreeReceive(state.ReceivePayload):
                 f"{entries} files and directories, {inodes} inodes are free")
 
     def _data(self, stream, frame: frames.Frame) -> None:
+        """A DATA or BUNDLE frame: its tag checked, its chunks in the plan; queued for
+        :meth:`flush` (a chunk that failed its check is sent again)."""
+        bundled = frame.type == FrameType.BUNDLE
         if not self.session.ready:
-            raise ProtocolError("DATA before READY")
+            raise ProtocolError(f"{'BUNDLE' if bundled else 'DATA'} before READY")
         try:
-            chunk = frames.open_data(frame, stream.key, self.digest_kind)
+            item = (frames.open_bundle if bundled else frames.open_data)(frame, stream.key, self.digest_kind)
         except frames.IntegrityError as e:
             if e.where is None or self.table.expected_length(*e.where) is None:
                 raise
             self._chunk_failed(stream, e.where, e)
             return
         table = self.table
-        cid = table.chunk_id(chunk.file, chunk.offset)
-        if cid is None or table.length[cid] != chunk.length:
-            raise ProtocolError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
-                                "is not in the plan")
-        self._queue(stream, frame, (chunk, self._whole_file(chunk.file)))
-
-    def _bundle(self, stream, frame: frames.Frame) -> None:
-        if not self.session.ready:
-            raise ProtocolError("BUNDLE before READY")
-        try:
-            bundle = frames.open_bundle(frame, stream.key, self.digest_kind)
-        except frames.IntegrityError as e:
-            if self.table.expected_length(*e.where) is None:
-                raise
-            self._chunk_failed(stream, e.where, e)
-            return
-        table = self.table
-        for index, length, _digest in bundle.items:
-            cid = table.chunk_id(index, 0)
-            if cid is None or table.length[cid] != length or not self._whole_file(index):
-                raise ProtocolError(f"file #{index} in a bundle is not a whole small file of the plan")
-        self._queue(stream, frame, (bundle, None))
-
-    def _queue(self, stream, frame: frames.Frame, item: tuple) -> None:
+        if bundled:
+            for index, length, _digest in item.items:
+                cid = table.chunk_id(index, 0)
+                if cid is None or table.length[cid] != length or not self._whole_file(index):
+                    raise ProtocolError(f"file #{index} in a bundle is not a whole small file of the plan")
+        else:
+            cid = table.chunk_id(item.file, item.offset)
+            if cid is None or table.length[cid] != item.length:
+                raise ProtocolError(f"chunk of file #{item.file} at offset {item.offset} "
+                                    "is not in the plan")
         flow = self.session.flows[stream]
-        flow.batch.append(item)
+        flow.batch.append((item, None if bundled else self._whole_file(item.file)))
         flow.queued += frame.size
 
     def _whole_file(self, index: int) -> bool:
@@ -563,13 +543,8 @@ class TreeReceive(state.ReceivePayload):
 
     def _finalize_failed(self, failure) -> None:
         self.job.finalizing = False
-        if not self.job.active:
-            return
-        if failure.check(AgentError):
-            self.job.fail(failure.value.message)
-        else:
-            log.failure("seed {seed}: finishing failed", failure, seed=self.seed_id)
-            self.job.fail(f"finishing the seed failed: {failure.value}")
+        if self.job.active:
+            self.job.fail(state.failure_message(failure, self.seed_id, "finishing the seed"))
 
     def let_go(self) -> None:
         if self.journal_fd is not None:
