@@ -52,6 +52,11 @@ from orchagent.swap import Work
 log = Logger()
 
 
+def _named(backups: list[Backup], name: str) -> Backup | None:
+    wanted = name.rstrip("/") or name
+    return next((b for b in backups if wanted in (b.name, b.path)), None)
+
+
 class Backups:
     """The backups of this host; see the module docstring."""
 
@@ -99,19 +104,13 @@ class Backups:
 
     async def find(self, name: str) -> Backup | None:
         """The backup called ``name`` (or in directory ``name``), None if there is none."""
-        if not self.directories:
-            return None
-        wanted = name.rstrip("/") or name
-        for backup in await self.list():
-            if wanted in (backup.name, backup.path):
-                return backup
-        return None
+        return _named(await self.list(), name)
 
     async def _usable(self, name: str) -> tuple[Backup, list[Backup]]:
         """The backup ``name`` and its chain (full backup first), or why not."""
         backups = await self.list()
         by_name = {b.name: b for b in backups}
-        backup = next((b for b in backups if name.rstrip("/") in (b.name, b.path)), None)
+        backup = _named(backups, name)
         if backup is None:
             raise NotFound(f"no backup {name!r} in BackupDirectories")
         if not backup.usable:
@@ -148,10 +147,8 @@ class Backups:
 
     def _write_record(self, record: dict | None) -> None:
         if record is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._record_path)
-            except FileNotFoundError:
-                pass
             return
         os.makedirs(os.path.dirname(self._record_path), mode=0o700, exist_ok=True)
         tmp = self._record_path + ".tmp"

@@ -64,7 +64,7 @@ from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed
 from orchagent.host.diskusage import free_bytes
 from orchagent.process import CommandGroup
 from orchagent.replica.control import ThisServersMaster, master_of_this_server
-from orchagent.seed.state import FAILED, RUNNING, JobIdentity
+from orchagent.seed.state import FAILED, RUNNING, JobIdentity, failure_message
 
 log = Logger()
 
@@ -313,13 +313,8 @@ class HotSeedJob(JobIdentity):
         self.done.callback(None)
 
     def _crashed(self, failure) -> None:
-        if self.record.terminal:
-            return
-        message = failure.value.message if failure.check(AgentError) else \
-            f"hot seed {self.seed_id} failed: {failure.getErrorMessage()}"
-        if not failure.check(AgentError):
-            log.failure("hot seed {seed}: crashed", failure, seed=self.seed_id)
-        self.fail(message)
+        if not self.record.terminal:
+            self.fail(failure_message(failure, self.seed_id, f"hot seed {self.seed_id}"))
 
     def fail(self, message: str, final_state: str | None = None) -> defer.Deferred:
         """Stop the backup or prepare that runs, remove the work directory, and end."""

@@ -21,7 +21,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -102,7 +101,6 @@ class SeedManager(service.Service):
         self.jobs: dict[str, Any] = {}
         #: Receive jobs that completed within COMPLETED_GRACE, with their expiry call.
         self.completed_receives: dict[str, tuple[ReceiveJob, Any]] = {}
-        self.keys: dict[str, bytes] = {}
         self.pool: ThreadPool | None = None
         self._ticker: task.LoopingCall | None = None
         self._saved_at: dict[str, float] = {}
@@ -248,9 +246,6 @@ class SeedManager(service.Service):
 
     # --- helpers the jobs use ----------------------------------------------------------------
 
-    def thread(self, fn, *args, **kwargs) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
-
     def touch(self, record: state.SeedRecord, force: bool = False) -> None:
         record.updated_at = self.clock.seconds()
         for watcher in self.watchers:
@@ -273,7 +268,6 @@ class SeedManager(service.Service):
     def job_ended(self, job) -> None:
         if self.jobs.get(job.seed_id) is job:
             del self.jobs[job.seed_id]
-        self.keys.pop(job.seed_id, None)
         if not (isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED):
             # A finished seed is never resumed: its key has no use left on disk.
             self.store.remove(job.seed_id, "key")
@@ -392,8 +386,9 @@ class SeedManager(service.Service):
         try:
             await self._listen()
         except Exception as e:
-            job.fail(f"cannot listen on seed port {self.config.seed_transfer_port}: {e}")
-            raise NotAvailable(f"cannot listen on seed port {self.config.seed_transfer_port}: {e}") from None
+            message = f"cannot listen on seed port {self.config.seed_transfer_port}: {e}"
+            job.fail(message)
+            raise NotAvailable(message) from None
         if auth_key is None and not self.tls:
             where = ", ".join(self.config.seed_allowed_networks) or "ANY address"
             log.warn("seed {seed}: waiting for an UNAUTHENTICATED stream from {where} on port {port} "

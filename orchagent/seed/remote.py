@@ -87,6 +87,15 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+def _fire(waiting: list[defer.Deferred], result: Any) -> None:
+    """Fire every Deferred of ``waiting`` not fired yet with ``result`` (an exception:
+    errback), and empty the list."""
+    waiting[:], fired = [], list(waiting)
+    for d in fired:
+        if not d.called:
+            (d.errback if isinstance(result, Exception) else d.callback)(result)
+
+
 @attrs.frozen
 class ForwardedCommand:
     """An OS command the engine ran, as the agent's command observers (metrics) see it."""
@@ -212,10 +221,7 @@ class SeedEngineProcess(service.Service):
     async def _stop(self) -> None:
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.errback(NotAvailable("the agent is stopping"))
+        _fire(self._waiters, NotAvailable("the agent is stopping"))
         if self.process is None:
             return
         for sig, grace in (("TERM", STOP_GRACE), ("KILL", STOP_GRACE)):
@@ -272,10 +278,7 @@ class SeedEngineProcess(service.Service):
             return
         self.ready = True
         log.info("seed engine process {pid} is ready", pid=pid)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.called:
-                waiter.callback(agent_channel)
+        _fire(self._waiters, agent_channel)
 
     def _take_statuses(self, changed: list, removed: list, replace: bool) -> None:
         if replace:
@@ -315,10 +318,7 @@ class SeedEngineProcess(service.Service):
         self.channel = None
         if not self.running:
             log.info("seed engine process {pid} {how}", pid=pid, how=how)
-        exits, self._exits = self._exits, []
-        for exited in exits:
-            if not exited.called:
-                exited.callback(None)
+        _fire(self._exits, None)
         if not self.running:
             return
         self._delay = RESTART_DELAY if ran >= STABLE_SECONDS else self._delay
@@ -392,40 +392,34 @@ class SeedEngineProcess(service.Service):
     async def set_rate_limit(self, seed_id: str, bytes_per_sec: int, **options: Any) -> bool:
         return await self.call("set_rate_limit", seed_id, bytes_per_sec, **options)
 
+    def _running(self, role: str) -> bool:
+        return any(s["Role"] == role and s["State"] not in state.TERMINAL
+                   for s in self.statuses.values())
+
     async def datadir_usage(self) -> int | None:
         """Asked of the engine at every read: a pushed status may be seconds old, and
         orchestrator takes a figure equal to the last one for a stalled seed."""
-        if not any(s["Role"] == "receiver" and s["State"] not in state.TERMINAL
-                   for s in self.statuses.values()):
-            return None
-        return await self.call("datadir_usage")
+        return await self.call("datadir_usage") if self._running("receiver") else None
 
     async def reading_sources(self) -> list[dict]:
         """Asked of the engine when the pushed statuses show a send running (the engine
         pushes them before it answers the call that started one, and before it answers
         an abort): none running, none read."""
-        if not any(s["Role"] == "sender" and s["State"] not in state.TERMINAL
-                   for s in self.statuses.values()):
-            return []
-        return await self.call("reading_sources")
+        return await self.call("reading_sources") if self._running("sender") else []
+
+    async def _known(self, method: str, seed_id: str, answer: Callable[[dict], Any]) -> Any:
+        """``answer`` from the seed's pushed status; a seed the copy lacks is asked of the engine."""
+        known = self.statuses.get(seed_id)
+        return await self.call(method, seed_id) if known is None else answer(known)
 
     async def completed(self, seed_id: str) -> bool:
-        known = self.statuses.get(seed_id)
-        if known is None:
-            return await self.call("completed", seed_id)
-        return known["State"] in state.TERMINAL
+        return await self._known("completed", seed_id, lambda s: s["State"] in state.TERMINAL)
 
     async def succeeded(self, seed_id: str) -> bool:
-        known = self.statuses.get(seed_id)
-        if known is None:
-            return await self.call("succeeded", seed_id)
-        return known["State"] == state.COMPLETED
+        return await self._known("succeeded", seed_id, lambda s: s["State"] == state.COMPLETED)
 
     async def status(self, seed_id: str) -> dict:
-        known = self.statuses.get(seed_id)
-        if known is None:
-            return await self.call("status", seed_id)
-        return dict(known)
+        return await self._known("status", seed_id, dict)
 
     def all_status(self) -> list[dict]:
         """Every seed's status as last pushed (treat them as read-only)."""
