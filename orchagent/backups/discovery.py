@@ -28,8 +28,6 @@ import os
 import threading
 import time
 
-import attrs
-
 from orchagent.backups.model import Backup
 
 CHECKPOINTS_FILES = ("mariadb_backup_checkpoints", "xtrabackup_checkpoints")
@@ -84,14 +82,8 @@ def normalize_tool(name: str) -> str:
     return name
 
 
-@attrs.frozen
-class _Walk:
-    size: int
-    compressed: str
-    encrypted: bool
-
-
-def _walk(path: str) -> _Walk:
+def _walk(path: str) -> tuple[int, str, bool]:
+    """The backup's size, its compressor (or ""), whether it holds encrypted files."""
     size = 0
     compressed = ""
     encrypted = False
@@ -107,7 +99,7 @@ def _walk(path: str) -> _Walk:
                 compressed = COMPRESSORS[suffix]
             elif suffix == ENCRYPTED_SUFFIX:
                 encrypted = True
-    return _Walk(size, compressed, encrypted)
+    return size, compressed, encrypted
 
 
 def read_backup(path: str, name: str) -> Backup:
@@ -115,7 +107,7 @@ def read_backup(path: str, name: str) -> Backup:
     disk; the checks that need more than the backup itself come later
     (:func:`orchagent.backups.assess.assess`)."""
     found = checkpoints_file(path)
-    walked = _walk(path)
+    size, compressed, encrypted = _walk(path)
     checkpoints: dict[str, str] = {}
     info: dict[str, str] = {}
     problem = ""
@@ -124,7 +116,7 @@ def read_backup(path: str, name: str) -> Backup:
             checkpoints = read_key_values(os.path.join(path, found))
         except OSError as e:
             problem = f"its checkpoints file {found} cannot be read: {e.strerror}"
-    elif found is not None and not (walked.compressed or walked.encrypted):
+    elif found is not None and not (compressed or encrypted):
         problem = f"its checkpoints file {found} is encoded"
     for info_name in INFO_FILES:
         info_path = os.path.join(path, info_name)
@@ -152,15 +144,14 @@ def read_backup(path: str, name: str) -> Backup:
             created = os.stat(os.path.join(path, found or "")).st_mtime
         except OSError:
             created = None
-    compressed = walked.compressed
     if not compressed and info.get("compressed", "N").upper() not in ("N", "NO", "0", ""):
         compressed = "qpress" if tool == MARIABACKUP else info["compressed"]
     backup = Backup(
         name=name, path=path, tool=tool, backup_type=backup_type, prepared=prepared,
         from_lsn=_int(checkpoints, "from_lsn"), to_lsn=_int(checkpoints, "to_lsn"),
-        created_at=created, size_bytes=walked.size, tool_version=info.get("tool_version", ""),
+        created_at=created, size_bytes=size, tool_version=info.get("tool_version", ""),
         compressed=compressed,
-        encrypted=walked.encrypted or info.get("encrypted", "N").upper() in ("Y", "YES", "1"),
+        encrypted=encrypted or info.get("encrypted", "N").upper() in ("Y", "YES", "1"),
         partial=info.get("partial", "N").upper() in ("Y", "YES", "1"),
     )
     if problem:

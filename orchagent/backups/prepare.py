@@ -237,7 +237,7 @@ class Preparer:
         writes = await self.thread(Writes, os.path.dirname(place.root), f"the copy {place.root}")
         steps = [("copy", self._copy, (chain, place.root)),
                  ("decode", self._decode, (chain, place.root)),
-                 ("prepare", self.prepare, (chain[0].tool, data, self._increments(chain, place.root))),
+                 ("prepare", self.prepare, (chain[0].tool, data, self._targets(chain, place.root)[1:])),
                  ("verify", self.verify, (data,)),
                  ("own", self.own, (data, owner_of)),
                  ("sync", self.thread, (writes.sync,))]
@@ -277,19 +277,18 @@ class Preparer:
         return "its work copy was removed"
 
     @staticmethod
-    def _increments(chain: list[Backup], root: str) -> list[str]:
-        return [os.path.join(root, f"inc-{i}") for i in range(1, len(chain))]
+    def _targets(chain: list[Backup], root: str) -> list[str]:
+        """Where each backup of ``chain`` is copied: ``data``, then ``inc-1``, ``inc-2``..."""
+        return [os.path.join(root, "data")] + [os.path.join(root, f"inc-{i}") for i in range(1, len(chain))]
 
     async def _copy(self, chain: list[Backup], root: str) -> None:
-        targets = [os.path.join(root, "data")] + self._increments(chain, root)
-        for backup, target in zip(chain, targets):
+        for backup, target in zip(chain, self._targets(chain, root)):
             await self.runner.run(["cp", "-a", "--reflink=auto", "-T", "--", backup.path, target],
                                   **self.unbounded)
 
     async def _decode(self, chain: list[Backup], root: str) -> None:
         """Decrypt, then decompress, each copy that needs it (the tool's own options)."""
-        targets = [os.path.join(root, "data")] + self._increments(chain, root)
-        for backup, target in zip(chain, targets):
+        for backup, target in zip(chain, self._targets(chain, root)):
             if backup.encrypted:
                 algorithm, where = self.tools.decryption(backup.tool)
                 if not algorithm:

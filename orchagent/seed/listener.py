@@ -72,25 +72,31 @@ class ReceiverStream(Stream):
         self.set_timer(HANDSHAKE_TIMEOUT, self.fail, "no handshake within the time limit")
 
     def dataReceived(self, data):
-        if self.closed or self.lingering:
-            return
-        self.frame_at = self.clock.seconds()
+        if not (self.closed or self.lingering):
+            self.frame_at = self.clock.seconds()
+            self._refusing(self._frames, data)
+
+    def _refusing(self, fn, *args) -> None:
+        """``fn(*args)``: a Rejected refuses the stream, a broken protocol breaks it."""
         try:
-            for frame in self.splitter.feed(data):
-                if self.closed or self.lingering:
-                    return
-                if self.checking:
-                    raise ProtocolError("a frame before the handshake's answer")
-                if self.key is None:
-                    self._handshake(frame)
-                else:
-                    self.job.frame(self, frame)
-            if self.key is not None:
-                self.job.flush(self)
+            fn(*args)
         except Rejected as e:
             self.reject(str(e))
         except (ProtocolError, BadRequest) as e:
             self.fail(str(e))
+
+    def _frames(self, data) -> None:
+        for frame in self.splitter.feed(data):
+            if self.closed or self.lingering:
+                return
+            if self.checking:
+                raise ProtocolError("a frame before the handshake's answer")
+            if self.key is None:
+                self._handshake(frame)
+            else:
+                self.job.frame(self, frame)
+        if self.key is not None:
+            self.job.flush(self)
 
     def _handshake(self, frame):
         reply = self.handshake.receive(frame)
@@ -106,14 +112,8 @@ class ReceiverStream(Stream):
 
     def _peer_checked(self, _=None) -> None:
         self.checking = False
-        if self.closed or self.lingering:
-            return
-        try:
-            self._admitted()
-        except Rejected as e:
-            self.reject(str(e))
-        except (ProtocolError, BadRequest) as e:
-            self.fail(str(e))
+        if not (self.closed or self.lingering):
+            self._refusing(self._admitted)
 
     def _peer_refused(self, failure) -> None:
         self.checking = False
@@ -272,8 +272,7 @@ class SeedListener:
     async def listen(self, unkeyed: list[str] = ()) -> None:
         """Open the port unless it is open; ``unkeyed``: the plain v1 seeds received, whose
         sources to look up now (orchestrator is asked before their sender connects)."""
-        await self._lock.acquire()
-        try:
+        async with self._lock:
             if self.port is None:
                 port = self.config.seed_transfer_port
                 interface = self.config.seed_bind_address
@@ -285,21 +284,16 @@ class SeedListener:
                 self.port = await endpoint.listen(ReceiverFactory(self))
                 log.info("listening for seed streams on {address}:{port}",
                          address=interface or "*", port=port)
-        finally:
-            self._lock.release()
         if not self.tls:
             for seed_id in unkeyed:
                 self.sources.prefetch(seed_id)
 
     async def close(self) -> None:
         """Stop listening (the connections accepted stay until they end)."""
-        await self._lock.acquire()
-        try:
+        async with self._lock:
             port, self.port = self.port, None
             if port is not None:
                 await port.stopListening()
-        finally:
-            self._lock.release()
 
     def close_streams(self) -> None:
         for stream in list(self.streams):

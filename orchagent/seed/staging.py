@@ -17,6 +17,7 @@ removes staging.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -114,12 +115,9 @@ class Staging:
         self.datadir = os.path.abspath(datadir)
         parent, name = os.path.split(self.datadir.rstrip("/") or "/")
         self.inside = os.stat(parent).st_dev != os.stat(self.datadir).st_dev
-        if self.inside:
-            self.root = os.path.join(self.datadir, f".orchagent-seed-{seed_id}")
-            self.aside = os.path.join(self.datadir, f".orchagent-previous-{seed_id}")
-        else:
-            self.root = os.path.join(parent, f".{name}.orchagent-seed-{seed_id}")
-            self.aside = os.path.join(parent, f".{name}.orchagent-previous-{seed_id}")
+        where, prefix = (self.datadir, ".") if self.inside else (parent, f".{name}.")
+        self.root = os.path.join(where, f"{prefix}orchagent-seed-{seed_id}")
+        self.aside = os.path.join(where, f"{prefix}orchagent-previous-{seed_id}")
         self._fds: dict[int, int] = {}
         #: Files this process created (or found) in staging, never created again: a byte
         #: per entry up to the last such file (a set took 60-90 bytes a file).
@@ -432,20 +430,13 @@ class Staging:
         chunkless = map(eq, first, islice(first, 1, None))  # no copies of the column
         special = map(lambda kind, none: (kind == _FILE and none) or kind == _LINK, kinds, chunkless)
         for index in compress(range(len(manifest)), special):
+            entry = manifest.entry(index)
             if kinds[index] == _FILE:
-                entry = manifest.entry(index)
-                fd = self._open(index, entry)
-                try:
-                    self._apply_meta(fd, entry)
-                finally:
-                    os.close(fd)
+                self.finish_file(index, entry)
             else:
-                entry = manifest.entry(index)
                 path = self._path(entry)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass
                 os.symlink(entry.target, path)
                 if _IS_ROOT:
                     os.chown(path, *self._owner(entry), follow_symlinks=False)

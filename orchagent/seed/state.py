@@ -9,6 +9,7 @@ journal is trusted only after re-hashing the staged bytes it names, so it needs 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -267,10 +268,8 @@ class StateStore:
         """Remove the files (and a write of theirs a crash cut short)."""
         for suffix in suffixes:
             for path in (self.path(seed_id, suffix), self.path(seed_id, suffix) + ".tmp"):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass
 
     def save(self, record: SeedRecord) -> None:
         self.write(record.seed_id, "json", json.dumps(record.to_json(), indent=1).encode())

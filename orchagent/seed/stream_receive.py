@@ -298,20 +298,18 @@ class StreamReceive(state.ReceivePayload):
         prepared = await self._step("prepare", self.children.run(
             [self.tool, *self.tools.prepare_defaults(root), "--prepare", f"--target-dir={root}"],
             **self._local()), f"{self.tool} --prepare")
+        failed = f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare exited 0, but"
         ignored = self.tools.ignored_failure(prepared.stdout + prepared.stderr)
         if ignored:  # --prepare exits 0 all the same (orchagent.backups.tools)
-            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
-                             f"exited 0, but {ignored}")
+            raise StepFailed(f"{failed} {ignored}")
         from orchagent.backups.prepare import unprepared
 
         problem = await self.context.thread(unprepared, root, self.tool)
         if problem:
-            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
-                             f"exited 0, but {problem}: a write of it failed")
+            raise StepFailed(f"{failed} {problem}: a write of it failed")
         damage = await self.tools.aria_damage(root, self.children.run, **self._local())
         if damage:  # a failed write of a table: exit 0 and no message (Tools.aria_damage)
-            raise StepFailed(f"hot seed {self.seed_id}: step prepare failed: {self.tool} --prepare "
-                             f"exited 0, but left an Aria table damaged: {damage}")
+            raise StepFailed(f"{failed} left an Aria table damaged: {damage}")
         took("prepare")
         job.steps += 1
         await self._own(root)
@@ -351,12 +349,9 @@ class StreamReceive(state.ReceivePayload):
 
     async def _own(self, root: str) -> None:
         """The datadir's owner for the prepared files: mysqld must open them."""
-        if os.geteuid() != 0 and not self.context.config.exec_with_sudo:
-            return
-        result = await self.children.run(["chown", "-R", f"--reference={self.record.datadir}",
-                                          "--", root], **self._local())
-        if not result.ok and self.job.active:
-            raise StepFailed(f"hot seed {self.seed_id}: step own failed: {result.tool_failure('chown')}")
+        if os.geteuid() == 0 or self.context.config.exec_with_sudo:
+            await self._step("own", self.children.run(
+                ["chown", "-R", f"--reference={self.record.datadir}", "--", root], **self._local()), "chown")
 
     def _step_failed(self, failure, step: str) -> None:
         self.job.finalizing = False

@@ -387,9 +387,11 @@ class Manifest:
         return self.kinds.count(_FILE)
 
     def digest(self) -> bytes:
+        """BLAKE3 over each batch's JSON text and a newline, then the chunk size (last:
+        the receiver learns it from MANIFEST_END, after the batches)."""
         if self.wire_digest is None:
-            text = json.dumps(self.wire_rows(0, len(self)), separators=(",", ":"))
-            self.wire_digest = batches_digest(self.chunk_size, [text.encode()])
+            text = json.dumps(self.wire_rows(0, len(self)), separators=(",", ":")).encode()
+            self.wire_digest = blake3.blake3(text + b"\n" + _digest_tail(self.chunk_size)).digest()
         return self.wire_digest
 
     def chunks(self) -> Iterator[tuple[int, int, int]]:
@@ -413,17 +415,6 @@ class Manifest:
 _FILE = ord(FILE)
 _FILE_RUNS = re.compile(re.escape(FILE.encode()) + b"+")
 _KINDS = {DIR: ord(DIR), FILE: ord(FILE), LINK: ord(LINK)}
-
-
-def batches_digest(chunk_size: int, texts: Iterable[bytes]) -> bytes:
-    """BLAKE3 over each batch's JSON text and a newline, then the chunk size: the chunk
-    size comes last because the receiver learns it from MANIFEST_END, after the batches."""
-    h = blake3.blake3()
-    for text in texts:
-        h.update(text)
-        h.update(b"\n")
-    h.update(_digest_tail(chunk_size))
-    return h.digest()
 
 
 def _digest_tail(chunk_size: int) -> bytes:
