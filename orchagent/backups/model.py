@@ -7,21 +7,13 @@ backup that appears, disappears or gets prepared by an operator shows at once.
 
 from __future__ import annotations
 
-import datetime
-
 import attrs
 
+from orchagent.seed.state import rfc3339
 from orchagent.snapshots.model import LogicalVolume
 
 #: The GroupName backups have among the v1 volumes, so orchestrator's UI tells them apart.
 GROUP_NAME = "backup"
-
-
-def rfc3339(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    when = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @attrs.frozen

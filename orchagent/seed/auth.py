@@ -212,16 +212,16 @@ def peer_allowed(host: str, networks: tuple) -> bool:
     """Empty list = any peer (the original's behaviour, warned about by the caller)."""
     if not networks:
         return True
-    address = _address(host)
+    address = address_of(host)
     return address is not None and any(address in network for network in networks)
 
 
 def is_loopback(host: str) -> bool:
-    address = _address(host)
+    address = address_of(host)
     return address is not None and address.is_loopback
 
 
-def _address(host: str):
+def address_of(host: str):
     """The IP address ``host`` is (an IPv4-mapped IPv6 address as its IPv4 one), or None
     for a name."""
     try:

@@ -16,7 +16,6 @@ Only the receiver's log says why a stream was refused (see :data:`orchagent.seed
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import socket
 from typing import Any, Callable
@@ -36,13 +35,8 @@ SEED_DETAILS = "/api/agent-seed-details/"
 
 
 def _normal(host: str) -> str:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
+    address = auth.address_of(host.split("%", 1)[0])
+    return host if address is None else str(address)
 
 
 def resolve(name: str) -> frozenset[str]:
@@ -89,9 +83,6 @@ class SeedSources:
         #: while asked.  An
         #: answer that failed is dropped, to be asked again.
         self._asked: dict[str, Any] = {}
-
-    def forget(self, seed_id: str) -> None:
-        self._asked.pop(seed_id, None)
 
     def prefetch(self, seed_id: str) -> None:
         """Ask orchestrator now, before any stream of the seed arrives."""

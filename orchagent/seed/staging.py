@@ -247,7 +247,7 @@ class Staging:
                 # overlap (one lock per bundle was 0.4 s slower on 50,000 files).
                 for (index, outcome), (_, length, digest) in zip(files, item.items):
                     if not isinstance(outcome, frames.IntegrityError):
-                        self._write_small(manifest, index, outcome)
+                        self._write_small(manifest, index, [outcome], length)
                         buffered += length
                         records.append(JOURNAL_RECORD.pack(index, 0, length, digest))
                         outcome = digest
@@ -269,9 +269,10 @@ class Staging:
                 self.buffered_bytes += buffered
         return results
 
-    def _write_small(self, manifest: Manifest, index: int, data) -> None:
-        """:meth:`_write_whole` for a bundled file, straight from the manifest's columns
-        (this runs once per small file: no Entry object, as few system calls as can be)."""
+    def _write_small(self, manifest: Manifest, index: int, data: list, length: int) -> None:
+        """A small file (bundled, or a whole file's one chunk) in one go: create (with its
+        mode), write, owner, times, close; straight from the manifest's columns (this runs
+        once per small file: no Entry object, as few system calls as can be)."""
         path = manifest.paths[index]
         mode = manifest.modes[index]
         key = (manifest.users[index], manifest.groups[index], manifest.uids[index], manifest.gids[index])
@@ -281,8 +282,7 @@ class Staging:
                 owner = self._column_owners[key] = local_owner(manifest.entry(index))
             fd = os.open(os.path.join(self.root, path), _OPEN_FLAGS | os.O_TRUNC, mode & 0o777)
             try:
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.EIO, "short write")
+                _pwrite_all(fd, data, 0, length)
                 if owner != _SELF and _IS_ROOT:
                     os.fchown(fd, *owner)
                 if mode & (_UMASK | 0o7000) or owner != _SELF:
@@ -297,11 +297,12 @@ class Staging:
     def _write(self, manifest: Manifest, index: int, offset: int, length: int, data: list,
                whole: bool) -> bool:
         """Write a chunk; True when it went through the page cache (not O_DIRECT)."""
+        if whole:
+            self._write_small(manifest, index, data, length)
+            return True
         entry = manifest.entry(index)
         try:
-            if whole:
-                self._write_whole(entry, data, length)
-            elif length >= DIRECT_MIN and offset % DIRECT_ALIGN == 0 and self.direct \
+            if length >= DIRECT_MIN and offset % DIRECT_ALIGN == 0 and self.direct \
                     and self._write_direct(index, entry, data, offset, length):
                 return False
             else:
@@ -356,15 +357,6 @@ class Staging:
         finally:
             os.close(fd)
 
-    def _write_whole(self, entry: Entry, data: list, length: int) -> None:
-        """A small file in one go: create (with its mode), write, owner, times, close."""
-        fd = os.open(self._path(entry), _OPEN_FLAGS | os.O_TRUNC, entry.mode & 0o777)
-        try:
-            _pwrite_all(fd, data, 0, length)
-            self._apply_meta(fd, entry, created=True)
-        finally:
-            os.close(fd)
-
     def _owner(self, entry: Entry) -> tuple[int, int]:
         key = (entry.user, entry.group, entry.uid, entry.gid)
         owner = self._owners.get(key)
@@ -372,14 +364,12 @@ class Staging:
             owner = self._owners[key] = local_owner(entry)
         return owner
 
-    def _apply_meta(self, fd: int, entry: Entry, created: bool = False) -> None:
-        """Owner, mode and times; the syscalls that would change nothing are skipped
-        (a file created with its mode, by the user it belongs to)."""
+    def _apply_meta(self, fd: int, entry: Entry) -> None:
+        """Owner, mode and times of a file made earlier (its mode as the umask left it)."""
         owner = self._owner(entry)
         if _IS_ROOT and owner != _SELF:
             os.fchown(fd, *owner)
-        if not created or entry.mode & (_UMASK | 0o7000) or owner != _SELF:
-            os.fchmod(fd, entry.mode)
+        os.fchmod(fd, entry.mode)
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def close_files(self) -> None:

@@ -57,7 +57,8 @@ UNCOUNTED = "unknown"
 JOURNAL_RECORD = struct.Struct(">IQI32s")
 
 
-def _rfc3339(ts: float | None) -> str | None:
+def rfc3339(ts: float | None) -> str | None:
+    """``ts`` (Unix seconds) as an RFC 3339 UTC time, to the second; None stays None."""
     if ts is None:
         return None
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -122,8 +123,8 @@ class SeedRecord:
             "Totals": self.totals,
             "Resumes": self.resumes,
             "Error": self.error,
-            "StartedAt": _rfc3339(self.started_at or None),
-            "UpdatedAt": _rfc3339(self.updated_at or None),
+            "StartedAt": rfc3339(self.started_at or None),
+            "UpdatedAt": rfc3339(self.updated_at or None),
             **({"Replication": self.replication} if self.role == "receiver" else {}),
         }
 

@@ -1,14 +1,10 @@
 """Streamed seeds: a backup tool's output sent while the tool produces it (hot seeds).
 This module is the source's side; the target's is :mod:`orchagent.seed.stream_receive`.
 
-A hot seed from a running server need not wait for a whole backup before sending a byte:
-the source runs ``mariabackup --backup --stream=xbstream`` (or xtrabackup), sends its
-standard output as it comes, and the target extracts it (``mbstream -x``) into the
-seed's staging directory at the same time; then the target prepares the extracted backup
-there, gives it the datadir's owner, syncs it and moves it into the datadir exactly like
-every seed (:class:`~orchagent.seed.staging.Staging`).  Backup, transfer and extraction
-overlap, as in ``mariabackup --stream | nc`` / ``nc -l | mbstream -x``, with the seed's
-authentication and verification on.
+The source sends the standard output of ``mariabackup --backup --stream=xbstream`` (or
+xtrabackup) as it comes, and the target extracts it as it arrives, as ``mariabackup
+--stream | nc`` / ``nc -l | mbstream -x`` would, with the seed's authentication and
+verification on (what the target does then, and why: :mod:`orchagent.backups.hot`).
 
 The wire is the seed engine's: the same handshake (:mod:`orchagent.seed.auth`, role
 ``stream``), the same frames (:mod:`orchagent.seed.frames`), on one connection::
@@ -29,9 +25,8 @@ without a second hash pass over the data on either side.
 Chunks must arrive in order (their offsets follow each other); a chunk that fails
 verification, a gap, a short or different stream (FINISH's length and digest), a tool
 exiting non-zero or a lost connection fail the seed on both sides: the target's datadir
-is untouched, staging and the tools' processes go away.  Nothing is resent: a stream
-cannot be rewound, and the backup it came from no longer exists.  A new seed takes a
-new backup (see README, "Hot seeds", for what resumes).
+is untouched, staging and the tools' processes go away.  Nothing is resent (a stream
+cannot be rewound): a new seed takes a new backup.
 
 Data path and backpressure: the tool writes into a pipe (1 MiB) that a worker thread
 reads in chunks of :data:`CHUNK` bytes, hashes and frames, one read at a time and at
