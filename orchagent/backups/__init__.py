@@ -168,9 +168,8 @@ class Backups:
         if not self.config.snapshot_mount_point:
             return None
         record = self._record()
-        if record is None or self.mount_point.entry() is None:
-            return None
-        if identity(self.mount_point.path) != identity(record["data"]):
+        if (record is None or self.mount_point.entry() is None
+                or identity(self.mount_point.path) != identity(record["data"])):
             return None
         return record["name"]
 

@@ -228,13 +228,10 @@ class ReceiverFactory(protocol.Factory):
     def handshake_done(self, stream: ReceiverStream) -> None:
         """The stream passed its handshake, or is gone: it no longer counts as pending."""
         host = self.pending.pop(stream, None)
-        if host is None:
-            return
-        left = self.per_peer[host] - 1
-        if left:
-            self.per_peer[host] = left
-        else:
-            del self.per_peer[host]
+        if host is not None:
+            self.per_peer[host] -= 1
+            if not self.per_peer[host]:
+                del self.per_peer[host]
 
 
 class SeedListener:

@@ -1,13 +1,11 @@
 """The seed manager: the one object the API and the service tree see for seeds.
 
 It owns the seed jobs (by id: it alone makes and registers them, and names the job an
-admitted connection joins), the listener on SeedTransferPort (:mod:`orchagent.seed.listener`:
-open while this host is receiving any seed, or completed one lately that its sender may
-not know of yet, and accepting streams only for those seeds), the worker thread pool for
-disk, hashing and compression work, the persisted state under StateDir, and the progress
-log.  Engine mode is the default; when
-ReceiveSeedDataCommand / SendSeedDataCommand are set the original command mode runs
-instead (see :mod:`orchagent.seed.command`).
+admitted connection joins), the listener on SeedTransferPort (:mod:`orchagent.seed.listener`),
+the worker thread pool for disk, hashing and compression work, the persisted state under
+StateDir, and the progress log.  Engine mode is the default; when ReceiveSeedDataCommand /
+SendSeedDataCommand are set the original command mode runs instead
+(:mod:`orchagent.seed.command`).
 
 On restart every seed that was pending or running is picked up again: a receiver
 listens again (its staging and journal are kept), a sender reconnects, and the

@@ -107,6 +107,10 @@ class ChunkTable:
     def chunk_count(self, index: int) -> int:
         return self.first[index + 1] - self.first[index]
 
+    def whole_file(self, index: int) -> bool:
+        """A dense file of one chunk: read, or written and closed, in one go."""
+        return self.chunk_count(index) == 1 and self.manifest.is_dense(index)
+
     def expected_length(self, index: int, offset: int) -> int | None:
         cid = self.chunk_id(index, offset)
         return None if cid is None else self.length[cid]

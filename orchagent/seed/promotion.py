@@ -102,8 +102,7 @@ def remove_record(path: str) -> None:
     remove_durably(path)
 
 
-def _exists(path: str) -> bool:
-    return os.path.lexists(path)
+_exists = os.path.lexists
 
 
 def _rename(source: str, target: str) -> None:

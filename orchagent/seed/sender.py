@@ -236,19 +236,15 @@ class CompressionPolicy:
         self._backoff = 1
 
     def should_try(self) -> bool:
-        if not self.enabled:
-            return False
-        if self._skip:
+        if self.enabled and self._skip:
             self._skip -= 1
             return False
-        return True
+        return self.enabled
 
     def record(self, tried: bool, compressed: bool) -> None:
-        if not tried:
-            return
-        if compressed:
+        if tried and compressed:
             self._backoff = 1
-        else:
+        elif tried:
             self._skip = self._backoff
             self._backoff = min(self._backoff * 2, 64)
 
@@ -644,10 +640,11 @@ class SendJob(SenderJob):
             if delay > 0:
                 stream.later(delay, self.pump, stream)
                 return
-            queue, length = session.queue, self.table.length
+            queue, table, length = session.queue, self.table, self.table.length
             items = [queue.popleft()]
             size = length[items[0]]
-            while (queue and self._whole_file(queue[0]) and self._whole_file(items[0])
+            while (queue and table.whole_file(table.file[queue[0]])
+                   and table.whole_file(table.file[items[0]])
                    and size + length[queue[0]] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
                 items.append(queue.popleft())
                 size += length[items[-1]]
@@ -659,10 +656,6 @@ class SendJob(SenderJob):
             d.addBoth(self._read_done, stream, flow, items, compress, session)
             d.addErrback(self._crashed)
         self._maybe_finish()
-
-    def _whole_file(self, cid: int) -> bool:
-        index = self.table.file[cid]
-        return self.table.chunk_count(index) == 1 and self.manifest.is_dense(index)
 
     def _read_done(self, result, stream: SenderStream, flow: "_Outflow", items, compress,
                    session: "_Attempt"):

@@ -231,15 +231,10 @@ class StreamSendJob(SenderJob):
 
     def _read_done(self, result) -> None:
         self.reading = False
-        if not self.active:
-            self._close_reader()
-            return
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and self.active:
             self.fail(f"reading the output of {self.what} failed: {result.getErrorMessage()}")
-            self._close_reader()
-            return
-        if result is None:
-            self.eof = True
+        if result is None or isinstance(result, Failure) or not self.active:
+            self.eof = self.eof or result is None
             self._close_reader()
             self._maybe_finish()
             return

@@ -464,9 +464,9 @@ class Pins:
         self.inodes.append(st.st_ino)
         self.ctimes.append(st.st_ctime_ns)
 
-    def changed(self, manifest: Manifest, index: int, st: os.stat_result) -> str:
-        """What differs between ``st`` (entry ``index`` as it is now) and the walk: ""
-        when nothing does."""
+    def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
+        """BadRequest naming ``path`` when entry ``index`` (``st``: as it is now) is no
+        longer what the walk saw, and what differs."""
         what = ["removed or replaced"] if st.st_nlink == 0 else []
         if st.st_dev != self.devices[index] or st.st_ino != self.inodes[index]:
             what.append(f"device/inode {st.st_dev}/{st.st_ino}, was "
@@ -477,13 +477,9 @@ class Pins:
             what.append(f"mtime {st.st_mtime_ns}, was {manifest.mtimes[index]}")
         if st.st_ctime_ns != self.ctimes[index]:
             what.append(f"ctime {st.st_ctime_ns}, was {self.ctimes[index]}")
-        return "; ".join(what)
-
-    def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
-        """BadRequest naming ``path`` when entry ``index`` is no longer what the walk saw."""
-        what = self.changed(manifest, index, st)
         if what:
-            raise BadRequest(f"seed source file {path} changed while it was being sent ({what})")
+            raise BadRequest(f"seed source file {path} changed while it was being sent "
+                             f"({'; '.join(what)})")
 
     def _columns(self, manifest: Manifest) -> tuple[array, ...]:
         """The columns :meth:`pack` keeps, whole (every entry, not only the files)."""
@@ -524,12 +520,9 @@ class Pins:
                              f"(device/inode {self.root[0]}/{self.root[1]}, was "
                              f"{head['root'][0]}/{head['root'][1]}): it changed while the agent was down")
         count, position = head["count"], 4 + size
-        columns = []
-        for code in _PIN_CODES:
-            column = array(code)
-            column.frombytes(body[position:position + 8 * count])
-            columns.append(column)
-            position += 8 * count
+        columns = [array(code, body[position + 8 * count * n:position + 8 * count * (n + 1)])
+                   for n, code in enumerate(_PIN_CODES)]
+        position += 8 * count * len(_PIN_CODES)
         files = _files(manifest)
         same = len(files) == count and b"".join(_file_paths(manifest)) == body[position:]
         if same and all(array(code, map(column.__getitem__, files)) == was for code, column, was
@@ -611,45 +604,44 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
         try:
             with os.scandir(fd) as it:
                 items = sorted(it, key=lambda d: d.name)
-            visit_items(rel, path, fd, items)
+            for item in items:
+                if len(rows) >= WALK_BATCH:
+                    flush()
+                child_rel = f"{rel}/{item.name}" if rel else item.name
+                st = item.stat(follow_symlinks=False)
+                if st.st_uid not in users:
+                    users[st.st_uid] = _name_of(pwd.getpwuid, st.st_uid)
+                if st.st_gid not in groups:
+                    groups[st.st_gid] = _name_of(grp.getgrgid, st.st_gid)
+                mode = stat.S_IMODE(st.st_mode)
+                user, group = users[st.st_uid], groups[st.st_gid]
+                if stat.S_ISDIR(st.st_mode):
+                    add([child_rel, DIR, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid, "",
+                         None])
+                    pin(st)
+                    visit(child_rel, os.path.join(path, item.name))
+                elif stat.S_ISREG(st.st_mode):
+                    extents = None
+                    if st.st_size and st.st_blocks * 512 < st.st_size:
+                        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        file_fd = os.open(item.name, flags, dir_fd=fd)
+                        try:
+                            found = data_extents(file_fd, st.st_size)
+                        finally:
+                            os.close(file_fd)
+                        if found != ((0, st.st_size),):
+                            extents = found
+                    add([child_rel, FILE, st.st_size, mode, st.st_mtime_ns, user, group, st.st_uid,
+                         st.st_gid, "", extents])
+                    pin(st)
+                elif stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(item.name, dir_fd=fd)
+                    check_link(child_rel, target)
+                    add([child_rel, LINK, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid,
+                         target, None])
+                    pin(st)
         finally:
             os.close(fd)
-
-    def visit_items(rel: str, path: str, fd: int, items: list) -> None:
-        for item in items:
-            if len(rows) >= WALK_BATCH:
-                flush()
-            child_rel = f"{rel}/{item.name}" if rel else item.name
-            st = item.stat(follow_symlinks=False)
-            if st.st_uid not in users:
-                users[st.st_uid] = _name_of(pwd.getpwuid, st.st_uid)
-            if st.st_gid not in groups:
-                groups[st.st_gid] = _name_of(grp.getgrgid, st.st_gid)
-            mode = stat.S_IMODE(st.st_mode)
-            user, group = users[st.st_uid], groups[st.st_gid]
-            if stat.S_ISDIR(st.st_mode):
-                add([child_rel, DIR, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid, "", None])
-                pin(st)
-                visit(child_rel, os.path.join(path, item.name))
-            elif stat.S_ISREG(st.st_mode):
-                extents = None
-                if st.st_size and st.st_blocks * 512 < st.st_size:
-                    file_fd = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    try:
-                        found = data_extents(file_fd, st.st_size)
-                    finally:
-                        os.close(file_fd)
-                    if found != ((0, st.st_size),):
-                        extents = found
-                add([child_rel, FILE, st.st_size, mode, st.st_mtime_ns, user, group, st.st_uid,
-                     st.st_gid, "", extents])
-                pin(st)
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(item.name, dir_fd=fd)
-                check_link(child_rel, target)
-                add([child_rel, LINK, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid,
-                     target, None])
-                pin(st)
 
     visit("", root)
     flush(last=True)
@@ -670,20 +662,17 @@ def _paths_safe(paths: PathColumn) -> bool:
 
 
 def check_path(path: str) -> None:
-    """A manifest path must be relative, normalised, and stay inside the tree."""
-    if not path or path.startswith("/") or "\x00" in path:
-        raise BadRequest(f"unsafe path {path!r:.200} in the seed manifest")
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
+    """A manifest path must be relative, normalised, and stay inside the tree (an empty
+    path, or one starting with ``/``, has an empty part)."""
+    if "\x00" in path or any(p in ("", ".", "..") for p in path.split("/")):
         raise BadRequest(f"unsafe path {path!r:.200} in the seed manifest")
 
 
 def check_link(path: str, target: str) -> None:
     """A symlink's target must be relative and resolve inside the tree."""
-    if not target or target.startswith("/") or "\x00" in target:
-        raise BadRequest(f"symlink {path!r:.200} points outside the seeded tree ({target!r:.200})")
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    if resolved == ".." or resolved.startswith("../"):
+    if (not target or target.startswith("/") or "\x00" in target
+            or resolved == ".." or resolved.startswith("../")):
         raise BadRequest(f"symlink {path!r:.200} points outside the seeded tree ({target!r:.200})")
 
 

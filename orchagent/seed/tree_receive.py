@@ -343,7 +343,7 @@ class TreeReceive(state.ReceivePayload):
         if bundled:
             for index, length, _digest in item.items:
                 cid = table.chunk_id(index, 0)
-                if cid is None or table.length[cid] != length or not self._whole_file(index):
+                if cid is None or table.length[cid] != length or not table.whole_file(index):
                     raise ProtocolError(f"file #{index} in a bundle is not a whole small file of the plan")
         else:
             cid = table.chunk_id(item.file, item.offset)
@@ -351,12 +351,8 @@ class TreeReceive(state.ReceivePayload):
                 raise ProtocolError(f"chunk of file #{item.file} at offset {item.offset} "
                                     "is not in the plan")
         flow = self.session.flows[stream]
-        flow.batch.append((item, None if bundled else self._whole_file(item.file)))
+        flow.batch.append((item, None if bundled else table.whole_file(item.file)))
         flow.queued += frame.size
-
-    def _whole_file(self, index: int) -> bool:
-        """A dense file of one chunk: written, given its metadata and closed in one go."""
-        return self.table.chunk_count(index) == 1 and self.manifest.is_dense(index)
 
     def flush(self, stream) -> None:
         """Write the chunks of one read of ``stream`` (a worker thread)."""
@@ -415,7 +411,7 @@ class TreeReceive(state.ReceivePayload):
                 self._chunk_failed(stream, where, outcome)
                 continue
             index = where[0]
-            if table.mark_done(table.chunk_id(*where), outcome) and not self._whole_file(index):
+            if table.mark_done(table.chunk_id(*where), outcome) and not table.whole_file(index):
                 entry = self.manifest.entry(index)
                 self.job.on_staging(self.staging.finish_file, index, entry).addErrback(
                     self._finish_file_failed, entry)
