@@ -57,7 +57,7 @@ class ReceiverDecoder(RuleBasedStateMachine):
                         frames.unpack_chunk(frames.open_data(frame, self.server.key))
                     elif frame.type == FrameType.MANIFEST:
                         entries = [tree.Entry.from_wire(e) for e in frames.open_packed(frame, self.server.key)]
-                        tree.validate_entries(tuple(entries), 1 << 20)
+                        tree.validate(tree.Manifest(tuple(entries), 1 << 20))
                     else:
                         frames.open_control(frame, self.server.key)
                     continue

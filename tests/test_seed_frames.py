@@ -212,23 +212,23 @@ class ManifestTests(unittest.TestCase):
     def test_unsafe_paths_are_rejected(self):
         for path in ("/etc/passwd", "../x", "a/../../x", "a//b", "./a", ""):
             with self.assertRaises(BadRequest, msg=path):
-                tree.validate_entries(self._entries({"path": path, "kind": "f"}), 65536)
+                tree.validate(tree.Manifest(self._entries({"path": path, "kind": "f"}), 65536))
 
     def test_entry_under_a_symlink_is_rejected(self):
         entries = self._entries({"path": "d", "kind": "l", "target": "x"},
                                 {"path": "d/f", "kind": "f"})
         with self.assertRaises(BadRequest) as caught:
-            tree.validate_entries(entries, 65536)
+            tree.validate(tree.Manifest(entries, 65536))
         self.assertIn("not under a directory", caught.exception.message)
 
     def test_symlinks_leaving_the_tree_are_rejected(self):
         for target in ("/etc/passwd", "../../x", "x/../../../y"):
             entries = self._entries({"path": "d", "kind": "d"}, {"path": "d/l", "kind": "l", "target": target})
             with self.assertRaises(BadRequest, msg=target) as caught:
-                tree.validate_entries(entries, 65536)
+                tree.validate(tree.Manifest(entries, 65536))
             self.assertIn("points outside", caught.exception.message)
-        tree.validate_entries(self._entries({"path": "d", "kind": "d"},
-                                            {"path": "d/l", "kind": "l", "target": "../d"}), 65536)
+        tree.validate(tree.Manifest(self._entries({"path": "d", "kind": "d"},
+                                                  {"path": "d/l", "kind": "l", "target": "../d"}), 65536))
 
     def test_walk_refuses_a_symlink_out_of_the_source(self):
         root = self.mktemp()

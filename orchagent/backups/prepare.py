@@ -21,10 +21,7 @@ and when a sync of a file it wrote fails after its first (``Can't sync file ... 
 such a line fails the step.
 
 Verify, first the Aria tables: ``--prepare``'s Aria recovery also exits 0, with no
-message, when a write of a table fails (an I/O error on the copy): the table is left
-"not closed properly", as the backup copied it.  ``aria_chk --check --read-only`` of
-every ``.MAI`` of the prepared copy tells (``Tools.aria_damage``; skipped, with a
-warning in the log, where aria_chk is not installed).
+message, when a write of a table fails; ``aria_chk`` tells (:meth:`Tools.aria_damage`).
 
 Then the InnoDB pages: ``--prepare`` only reads the pages its redo log touches, so a page that rotted
 on disk after the backup was taken passes it unseen.  Every InnoDB file of the prepared

@@ -290,10 +290,9 @@ class ReceiveJob(state.JobIdentity):
             direction, why = promotion.BACK, str(e)
         except (promotion.PromotionError, OSError) as e:
             self.committed = False
-            record.state, record.error = state.FAILED, (
-                f"the agent restarted while moving seed {self.seed_id} into {record.datadir} and "
-                f"can neither finish nor undo it ({e}); settle {path} by hand")
-            log.error("seed {seed}: {error}", seed=self.seed_id, error=record.error)
+            self.end_record(f"the agent restarted while moving seed {self.seed_id} into "
+                            f"{record.datadir} and can neither finish nor undo it ({e}); settle "
+                            f"{path} by hand", state.FAILED, log)
             self.context.touch(record, force=True)
             self._settle()
             return

@@ -7,21 +7,15 @@ succeeded, status, all_status, set_rate_limit``), so the API does not know where
 run.  Seeds' socket I/O, hashing and disk work then have a reactor and a GIL of their
 own, and a flood of API requests no longer starves them.
 
-What crosses the channel (:mod:`orchagent.seed.channel`), and why:
-
-* Commands (receive, send, abort, rate limit) are calls to the child; its errors come
-  back as the same :mod:`orchagent.errors` types with the same messages, so the API
-  answers the same v1 error body.  Keyword arguments are forwarded as they are, so a new
-  option of the manager needs no change here.
-* Status reads (seed-status, seeds, seed-command-completed/succeeded, /metrics) are
-  answered from a copy the child keeps current: it pushes what changed every
-  :data:`~orchagent.seed.engine_process.PUSH_INTERVAL` and at once on a change of state,
-  and before answering any call.  A controller polling seed-status under load then costs
-  the engine nothing, and a completed seed is seen as soon as it completes.  Before the
-  first push (agent start) the copy is what StateDir holds; a seed the copy does not know
-  is asked of the child, so "no seed" is always the manager's own answer.
-* The child's log events are published to the agent's observers (text or JSON, masked
-  the same way), and its OS commands are counted in ``/metrics``.
+What crosses the channel, and how, is :mod:`orchagent.seed.channel`'s.  Commands
+(receive, send, abort, rate limit) are calls to the child, their keyword arguments
+forwarded as they are (a new option of the manager needs no change here).  Status reads
+(seed-status, seeds, seed-command-completed/succeeded, /metrics) are answered from the
+copy the child keeps current (every :data:`~orchagent.seed.engine_process.PUSH_INTERVAL`
+and at once on a change of state), so a controller polling seed-status under load costs
+the engine nothing; before the first push (agent start) the copy is what StateDir holds,
+and a seed the copy does not know is asked of the child, so "no seed" is always the
+manager's own answer.
 
 When the child dies, the agent logs how, and starts a new one (after a short, growing
 delay if it keeps dying); the manager resumes the seeds from StateDir as after an agent

@@ -8,7 +8,7 @@ with SEEK_DATA/SEEK_HOLE.  Sockets, FIFOs and devices cannot be copied and are l
 entry's device, inode and ctime (:class:`Pins`, never sent), against which every file it
 opens later is checked.
 
-The receiver trusts none of it: :func:`validate_entries` rejects absolute paths, ``..``,
+The receiver trusts none of it: :func:`validate` rejects absolute paths, ``..``,
 duplicate names, entries under anything but a directory of the manifest, and symlinks
 that lead out of the tree, followed through the tree's other links as the kernel would
 (:func:`check_links`; the sender's walk refuses them too) — before anything is written.
@@ -802,10 +802,6 @@ def validate(manifest: Manifest) -> None:
             if not (type(start) is int and type(end) is int and last <= start < end <= size):
                 raise BadRequest(f"bad extents for {paths[index]!r:.200} in the seed manifest")
             last = end
-
-
-def validate_entries(entries, chunk_size: int) -> None:
-    validate(Manifest(entries, chunk_size))
 
 
 class ManifestReader:
