@@ -73,9 +73,7 @@ def _find_base(backup: Backup, candidates: list[Backup]) -> Backup | None:
                and c.to_lsn == backup.from_lsn and c.backup_type in FULL_TYPES + ("incremental",)
                and (c.created_at is None or backup.created_at is None
                     or c.created_at <= backup.created_at)]
-    if not matches:
-        return None
-    return max(matches, key=lambda c: (c.created_at or 0.0, c.name))
+    return max(matches, key=lambda c: (c.created_at or 0.0, c.name)) if matches else None
 
 
 def assess(found: list[tuple[str, Backup]], host: HostTools) -> list[Backup]:

@@ -50,9 +50,7 @@ class Backup:
 
     def unusable(self, reason: str) -> "Backup":
         """This backup marked not usable; the first reason found is kept."""
-        if not self.usable:
-            return self
-        return attrs.evolve(self, usable=False, reason=reason)
+        return attrs.evolve(self, usable=False, reason=reason) if self.usable else self
 
     def to_json(self) -> dict:
         return {

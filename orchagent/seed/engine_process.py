@@ -40,6 +40,7 @@ from twisted.protocols import amp
 
 from orchagent.errors import AgentError
 from orchagent.seed import channel
+from orchagent.seed.state import cancelled
 
 #: Named for the module even when it runs as ``__main__``.
 log = Logger(namespace="orchagent.seed.engine_process")
@@ -115,8 +116,7 @@ class Engine:
     async def stop(self) -> None:
         if self._pusher is not None and self._pusher.running:
             self._pusher.stop()
-        if self._soon is not None and self._soon.active():
-            self._soon.cancel()
+        cancelled(self._soon)
         if self.manager.running:
             await self.manager.stopService()
         self.push()

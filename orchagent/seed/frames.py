@@ -161,9 +161,7 @@ class Frame:
 
     @property
     def raw(self) -> memoryview:
-        if len(self.parts) == 1:
-            return self.parts[0]
-        return memoryview(b"".join(self.parts))
+        return self.parts[0] if len(self.parts) == 1 else memoryview(b"".join(self.parts))
 
     @property
     def body(self) -> memoryview:

@@ -271,9 +271,7 @@ class SeedManager(service.Service):
             self.store.remove(job.seed_id, "key")
         self.store.remove(job.seed_id, "pins")
         if isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED and self.running:
-            _, earlier = self.completed_receives.pop(job.seed_id, (None, None))
-            if earlier is not None and earlier.active():
-                earlier.cancel()
+            state.cancelled(self.completed_receives.pop(job.seed_id, (None, None))[1])
             expiry = self.clock.callLater(COMPLETED_GRACE, self.forget_completed, job.seed_id)
             self.completed_receives[job.seed_id] = (job, expiry)
         self._close_port_if_idle()

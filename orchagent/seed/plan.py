@@ -97,9 +97,7 @@ class ChunkTable:
             return None
         lo, hi = self.first[index], self.first[index + 1]
         cid = bisect.bisect_left(self.offset, offset, lo, hi)
-        if cid < hi and self.offset[cid] == offset:
-            return cid
-        return None
+        return cid if cid < hi and self.offset[cid] == offset else None
 
     def chunk(self, cid: int) -> tuple[int, int, int]:
         return self.file[cid], self.offset[cid], self.length[cid]

@@ -26,6 +26,7 @@ agent itself is killed, the kernel kills the child (see the engine's module docs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -213,18 +214,15 @@ class SeedEngineProcess(service.Service):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._restart_call is not None and self._restart_call.active():
-            self._restart_call.cancel()
+        state.cancelled(self._restart_call)
         _fire(self._waiters, NotAvailable("the agent is stopping"))
         if self.process is None:
             return
         for sig, grace in (("TERM", STOP_GRACE), ("KILL", STOP_GRACE)):
             exited = defer.Deferred()
             self._exits.append(exited)
-            try:
+            with contextlib.suppress(OSError, error.ProcessExitedAlready):
                 self.process.signalProcess(sig)
-            except (OSError, error.ProcessExitedAlready):
-                pass
             try:
                 await exited.addTimeout(grace, self.reactor)
                 return
@@ -296,10 +294,8 @@ class SeedEngineProcess(service.Service):
         self.channel, self.ready = None, False
         if self.running and self.process is not None:
             log.warn("seed engine process {pid} closed its channel; killing it", pid=self.pid)
-            try:
+            with contextlib.suppress(OSError, error.ProcessExitedAlready):
                 self.process.signalProcess("KILL")
-            except (OSError, error.ProcessExitedAlready):
-                pass
 
     def _ended(self, reason) -> None:
         status = reason.value

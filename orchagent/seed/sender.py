@@ -766,11 +766,6 @@ class SendJob(SenderJob):
             return ended
         return super().fail(message, final_state, tell)
 
-    def _stop_waiting_for_result(self) -> None:
-        if self.result_wait is not None and self.result_wait.active():
-            self.result_wait.cancel()
-        self.result_wait = None
-
     def _no_result(self, message: str) -> None:
         """An abort after the whole tree was sent, and the receiver never said how the seed
         ended: say so instead of guessing."""
@@ -789,22 +784,19 @@ class SendJob(SenderJob):
         control stream's ABORT, and it would take that end for a broken session and wait
         for a resume that never comes.  Whichever stream it finds ending, the ABORT is
         just before that end."""
-        self._stop_waiting_for_result()
+        self.result_wait = state.cancelled(self.result_wait)
+        self.retry_call = state.cancelled(self.retry_call)
         if self.mysql_watch is not None and self.mysql_watch.running:
             self.mysql_watch.stop()
         self.mysql_watch = None
         if self.files is not None:
             self.files.close()
-        if self.retry_call is not None and self.retry_call.active():
-            self.retry_call.cancel()
-        self.retry_call = None
         session, self.session = self.session, None
         if session is None:
             return
-        for stream, flow in session.flows.items():
-            if tell is not None:
-                flow.waiting.clear()
-                stream.tell_abort(tell)
+        for stream, flow in session.flows.items() if tell is not None else ():
+            flow.waiting.clear()
+            stream.tell_abort(tell)
         session.end()
 
     async def stop(self) -> None:

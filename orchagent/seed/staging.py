@@ -147,14 +147,13 @@ class Staging:
     def prepare(self, manifest: Manifest) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.watch()
-        for index in range(len(manifest)):
-            if manifest.kind(index) == DIR:
-                path = os.path.join(self.root, manifest.paths[index])
-                try:
-                    os.mkdir(path, 0o700)
-                except FileExistsError:
-                    if not stat.S_ISDIR(os.lstat(path).st_mode):
-                        raise
+        for index in compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds)):
+            path = os.path.join(self.root, manifest.paths[index])
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise
 
     def make_empty(self) -> None:
         """Staging empty and watched, for a tool to fill (a hot seed's extraction)."""

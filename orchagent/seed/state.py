@@ -129,6 +129,13 @@ class SeedRecord:
         }
 
 
+def cancelled(call) -> None:
+    """Cancel a timed call (IDelayedCall) unless it is None or has run; None, to be
+    assigned back."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 def failure_message(failure, seed_id: str, what: str, oserror: str | None = None) -> str:
     """What a seed fails with for ``failure``: an AgentError's own message; with
     ``oserror``, an OSError after it; anything else is a bug, logged with its traceback

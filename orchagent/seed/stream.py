@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from orchagent.interfaces import ISeedStream
 from orchagent.seed import frames
+from orchagent.seed.state import cancelled
 
 
 @implementer(ISeedStream)
@@ -69,10 +70,7 @@ class Stream(protocol.Protocol):
         self._cancel("call")
 
     def _cancel(self, name: str) -> None:
-        timer = getattr(self, name)
-        if timer is not None and timer.active():
-            timer.cancel()
-        setattr(self, name, None)
+        setattr(self, name, cancelled(getattr(self, name)))
 
     def close(self, abort: bool = False) -> None:
         if self.closed:

@@ -39,6 +39,7 @@ pushes back on the source.  (Reading the tool's output through the reactor's pro
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -83,10 +84,8 @@ TOOL = {"timeout": 0, "check": False, "privileged": True}
 def pipe() -> tuple[int, int]:
     """A pipe (both ends close-on-exec) enlarged to PIPE_SIZE where the kernel lets us."""
     read_end, write_end = os.pipe()
-    try:
+    with contextlib.suppress(OSError):
         fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
     return read_end, write_end
 
 

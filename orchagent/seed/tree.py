@@ -19,6 +19,7 @@ agree on chunk identities ``(file index, offset)`` without sending the plan.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import json
@@ -171,7 +172,7 @@ class PathColumn(Sequence):
 class Manifest:
     """The tree as columns rather than objects, so that 50,000 entries cost a few MB.
 
-    Built entry by entry (:meth:`add`, :meth:`add_wire`), or from entries at once
+    Built from wire entries (:meth:`add_wire`, :meth:`add_wire_many`), or from entries
     (``Manifest(entries, chunk_size)``); :attr:`entries` gives them back as :class:`Entry`
     values.  The digest covers the chunk size and the JSON text of the batches the
     manifest travels in (see :func:`pack_batches`), so neither side serialises an entry
@@ -196,7 +197,7 @@ class Manifest:
         #: Set once the manifest was packed or unpacked as batches.
         self.wire_digest: bytes | None = None
         for entry in entries:
-            self.add(entry)
+            self.add_wire(entry.to_wire())
 
     def _name(self, name: str) -> int:
         index = self._name_index.get(name)
@@ -204,9 +205,6 @@ class Manifest:
             index = self._name_index[name] = len(self.names)
             self.names.append(name)
         return index
-
-    def add(self, entry: Entry) -> None:
-        self.add_wire(entry.to_wire())
 
     def add_wire(self, item) -> None:
         """Append one entry in its wire form; anything malformed is a BadRequest (and a
@@ -343,9 +341,6 @@ class Manifest:
     @property
     def entries(self) -> list[Entry]:
         return [self.entry(i) for i in range(len(self))]
-
-    def kind(self, index: int) -> str:
-        return chr(self.kinds[index])
 
     def data_extents(self, index: int) -> tuple[tuple[int, int], ...]:
         if self.kinds[index] != _FILE:
@@ -903,14 +898,8 @@ def pack_batches(manifest: Manifest, batch: int = 4096) -> list[bytes]:
 def local_owner(entry: Entry) -> tuple[int, int]:
     """The local uid/gid for an entry's owner: by name when known here, else the number."""
     uid, gid = entry.uid, entry.gid
-    if entry.user:
-        try:
-            uid = pwd.getpwnam(entry.user).pw_uid
-        except KeyError:
-            pass
-    if entry.group:
-        try:
-            gid = grp.getgrnam(entry.group).gr_gid
-        except KeyError:
-            pass
+    with contextlib.suppress(KeyError):
+        uid = pwd.getpwnam(entry.user).pw_uid if entry.user else uid
+    with contextlib.suppress(KeyError):
+        gid = grp.getgrnam(entry.group).gr_gid if entry.group else gid
     return uid, gid

@@ -59,6 +59,4 @@ async def mysql_disk_usage(host, seeds) -> int:
         shown = await seeds.datadir_usage()
     except NotAvailable:
         shown = None  # the seed engine is restarting: its seed resumes, the disk is real
-    if shown is None:
-        return await host.mysql_disk_usage()
-    return shown
+    return await host.mysql_disk_usage() if shown is None else shown
