@@ -40,23 +40,17 @@ class CommandJob(state.JobIdentity):
         self.running.addCallbacks(self._ended, self._crashed)
 
     def _ended(self, result) -> None:
-        if not self.active:
-            return
-        if result.ok:
+        if self.active and result.ok:
             self.record.state = state.COMPLETED
             log.info("seed {seed}: the {role} command succeeded", seed=self.seed_id, role=self.record.role)
-        else:
-            self.record.state = state.FAILED
-            self.record.error = result.describe_failure()
-            log.error("seed {seed}: {error}", seed=self.seed_id, error=self.record.error)
-        self._settle()
+            self._settle()
+        elif self.active:
+            log.error("seed {seed}: {error}", seed=self.seed_id, error=result.describe_failure())
+            self.fail(result.describe_failure())
 
     def _crashed(self, failure) -> None:
-        if failure.check(defer.CancelledError) or not self.active:
-            return
-        self.record.state = state.FAILED
-        self.record.error = f"the {self.record.role} command could not run: {failure.getErrorMessage()}"
-        self._settle()
+        if not failure.check(defer.CancelledError):
+            self.fail(f"the {self.record.role} command could not run: {failure.getErrorMessage()}")
 
     def _settle(self) -> None:
         self.context.touch(self.record, force=True)

@@ -138,12 +138,9 @@ class Engine:
         except Exception:
             log.failure("seed engine: cannot read the seeds' status")
             return
-        if replace:
-            changed = list(current.values())
-            removed: list[str] = []
-        else:
-            changed = [s for seed_id, s in current.items() if self.pushed.get(seed_id) != s]
-            removed = [seed_id for seed_id in self.pushed if seed_id not in current]
+        pushed = {} if replace else self.pushed
+        changed = [s for seed_id, s in current.items() if pushed.get(seed_id) != s]
+        removed = [seed_id for seed_id in pushed if seed_id not in current]
         self.pushed = current
         if not (changed or removed or replace):
             return

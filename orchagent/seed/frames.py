@@ -471,7 +471,7 @@ class FrameSplitter:
             if self._head is None:
                 if self._have < HEADER.size:
                     break
-                ftype, flags, length = HEADER.unpack(self._peek(HEADER.size))
+                ftype, flags, length = HEADER.unpack(b"".join(_slice(self._pieces, 0, HEADER.size)))
                 if length > self.max_body:
                     raise ProtocolError(f"frame length {length} exceeds the limit of {self.max_body}")
                 if ftype not in _TYPES:
@@ -491,17 +491,6 @@ class FrameSplitter:
         """The stream ended: a partial frame left over is an error."""
         if self._have:
             raise ProtocolError(f"stream ended inside a frame ({self._have} bytes left over)")
-
-    def _peek(self, n: int) -> bytes:
-        first = self._pieces[0]
-        if len(first) >= n:
-            return first[:n].tobytes()
-        out = bytearray()
-        for piece in self._pieces:
-            out += piece[:n - len(out)]
-            if len(out) >= n:
-                break
-        return bytes(out)
 
     def _take(self, n: int) -> list[memoryview]:
         self._have -= n

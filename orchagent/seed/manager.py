@@ -173,19 +173,15 @@ class SeedManager(service.Service):
     def _resume_after_restart(self, record: state.SeedRecord) -> None:
         key = self.store.read(record.seed_id, "key") if record.keyed else None
         if record.mode != "engine" or (record.keyed and key is None):
-            record.state = state.FAILED
-            record.error = "the agent restarted while this seed ran and it cannot be resumed"
-            self.store.save(record)
-            return
+            return self._cannot_resume(record, "the agent restarted while this seed ran and it "
+                                       "cannot be resumed")
         log.info("seed {seed}: resuming as {role} after a restart", seed=record.seed_id, role=record.role)
         if record.role == "receiver":
             if record.promoting:
                 # Moving into place without a promotion record: an earlier version's.
-                record.state = state.FAILED
-                record.error = (f"the agent restarted while moving seed {record.seed_id} into "
-                                f"{record.datadir} and has no record of what moved: check it")
-                self.store.save(record)
-                return
+                return self._cannot_resume(record, f"the agent restarted while moving seed "
+                                           f"{record.seed_id} into {record.datadir} and has no "
+                                           "record of what moved: check it")
             job = self.jobs[record.seed_id] = ReceiveJob(self.context, record, key)
             job.restore()
             defer.ensureDeferred(self._listen()).addErrback(self._listen_failed, job)
@@ -195,6 +191,10 @@ class SeedManager(service.Service):
             job = self.jobs[record.seed_id] = SendJob(self.context, record, key, host, port)
             defer.ensureDeferred(self._restart_send(job)).addErrback(
                 lambda f: job.fail(f"cannot resume after a restart: {f.getErrorMessage()}"))
+
+    def _cannot_resume(self, record: state.SeedRecord, why: str) -> None:
+        record.state, record.error = state.FAILED, why
+        self.store.save(record)
 
     def _settle_promotion(self, record: state.SeedRecord) -> None:
         """The agent stopped while a verified seed moved into the datadir (its promotion
@@ -281,8 +281,7 @@ class SeedManager(service.Service):
         self.store.remove(seed_id, "key")
         _, expiry = self.completed_receives.pop(seed_id, (None, None))
         if expiry is not None:
-            if expiry.active():
-                expiry.cancel()
+            state.cancelled(expiry)
             self._close_port_if_idle()
 
     def _close_port_if_idle(self) -> None:

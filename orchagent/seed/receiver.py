@@ -82,10 +82,10 @@ class ReceiveJob(state.JobIdentity):
         completed = self.record.state == state.COMPLETED and hello["role"] == "control"
         if not self.active and not completed:
             raise Rejected(f"seed {self.seed_id} is {self.record.state} on this host")
-        if self.record.peer_host and not self.record.keyed and not self.context.tls:
-            if stream.peer != self.record.peer_host:
-                raise Rejected(f"seed {self.seed_id} is being sent from {self.record.peer_host}, "
-                               f"not {stream.peer}")
+        if (self.record.peer_host and not self.record.keyed and not self.context.tls
+                and stream.peer != self.record.peer_host):
+            raise Rejected(f"seed {self.seed_id} is being sent from {self.record.peer_host}, "
+                           f"not {stream.peer}")
         if completed:
             return
         if self.payload is None:

@@ -314,17 +314,19 @@ class SourceFiles:
                     if len(self._open) <= KEEP_OPEN:
                         break
                     victims.append((old, self._open.pop(old)[0]))
-        try:
-            for old, victim in victims:
-                if old is not None:
-                    self._check_fd(old, victim)
-        finally:
-            for _, victim in victims:
-                os.close(victim)
+        self._check_and_close(victims)
 
-    def _check_fd(self, index: int, fd: int) -> None:
-        self.pins.check(self.manifest, index, os.fstat(fd),
-                        os.path.join(self.root, self.manifest.paths[index]))
+    def _check_and_close(self, victims: list[tuple[int | None, int]]) -> None:
+        """Close each ``(entry index, descriptor)``, after checking those with an index
+        against the walk (BadRequest naming the first that changed)."""
+        try:
+            for index, fd in victims:
+                if index is not None:
+                    self.pins.check(self.manifest, index, os.fstat(fd),
+                                    os.path.join(self.root, self.manifest.paths[index]))
+        finally:
+            for _, fd in victims:
+                os.close(fd)
 
     def _let_go_idle(self, closing: bool = False) -> list[tuple[int, int]]:
         """Forget every file no read holds: ``[(entry index, descriptor)]`` to close."""
@@ -338,13 +340,7 @@ class SourceFiles:
         chunk was read), so that nothing of the source stays open while the sender only
         waits for the receiver's verdict; BadRequest naming the first that changed since
         it was opened."""
-        victims = self._let_go_idle()
-        try:
-            for index, fd in victims:
-                self._check_fd(index, fd)
-        finally:
-            for _, fd in victims:
-                os.close(fd)
+        self._check_and_close(self._let_go_idle())
 
     def close(self) -> None:
         """Close what no read holds; what reads hold is closed when they release it."""

@@ -193,9 +193,9 @@ class Staging:
                 self._created += bytes(index + 1 - len(self._created))
             self._created[index] = 1
         try:
-            if os.fstat(fd).st_size != entry.size:
-                if entry.extents is not None or not _allocate(fd, entry.size):
-                    os.ftruncate(fd, entry.size)
+            if os.fstat(fd).st_size != entry.size and (
+                    entry.extents is not None or not _allocate(fd, entry.size)):
+                os.ftruncate(fd, entry.size)
         except BaseException:
             os.close(fd)
             raise

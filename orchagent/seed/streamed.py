@@ -175,9 +175,8 @@ class StreamSendJob(SenderJob):
 
     async def _connect(self) -> None:
         stream = self.stream = SenderStream(self, ROLE, 0, os.urandom(8).hex())
-        connected = self._dial(stream)
         try:
-            await connected
+            await self._dial(stream)
             await stream.accepted
         except Exception as e:
             if self.active:
@@ -198,10 +197,8 @@ class StreamSendJob(SenderJob):
         self.pump(self.stream)
 
     def _tool_ended(self, result) -> None:
-        if isinstance(result, Failure) and result.check(defer.CancelledError):
-            return  # stopped by fail()
         if isinstance(result, Failure):
-            if self.active:
+            if self.active and not result.check(defer.CancelledError):  # cancelled: by fail()
                 self.fail(f"hot seed {self.seed_id}: step backup failed: {self.what} could not "
                           f"run: {result.getErrorMessage()}")
             return

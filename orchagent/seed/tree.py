@@ -140,9 +140,7 @@ class PathColumn(Sequence):
     def __eq__(self, other):
         if isinstance(other, PathColumn):
             return self.blob == other.blob and self.starts == other.starts
-        if isinstance(other, (list, tuple)):
-            return list(self) == list(other)
-        return NotImplemented
+        return list(self) == list(other) if isinstance(other, (list, tuple)) else NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -305,9 +303,8 @@ class Manifest:
             return None
         # UnicodeEncodeError is a ValueError; a NUL, PathColumn.extend_encoded refuses.
         encoded = list(map(str.encode, paths, repeat("utf-8"), repeat("surrogateescape")))
-        sparse = []
-        for offset, value in compress(enumerate(extents), map(is_not, extents, repeat(None))):
-            sparse.append((offset, tuple((a, b) for a, b in value)))
+        sparse = [(offset, tuple((a, b) for a, b in value))
+                  for offset, value in compress(enumerate(extents), map(is_not, extents, repeat(None)))]
         return (encoded, bytes(map(_KINDS.__getitem__, kinds)), sizes, modes,
                 array("q", mtimes), users, groups, array("I", uids), array("I", gids), targets,
                 sparse)

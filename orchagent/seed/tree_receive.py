@@ -512,9 +512,7 @@ class TreeReceive(state.ReceivePayload):
 
     def _reread_wanted(self) -> bool:
         setting = self.context.config.seed_verify_on_disk
-        if setting == "auto":
-            return self.record.resumes > 0 or self.restored
-        return setting == "on"
+        return (self.record.resumes > 0 or self.restored) if setting == "auto" else setting == "on"
 
     async def check_on_disk(self) -> None:
         """Staging, as it is on disk, is the tree received: every entry there, of its size
