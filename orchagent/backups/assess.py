@@ -83,9 +83,8 @@ def assess(found: list[tuple[str, Backup]], host: HostTools) -> list[Backup]:
     order: list[Backup] = []
     for directory, backup in found:
         if backup.name in first_dir:
-            backup = backup.unusable(f"another backup named {backup.name} is in "
-                                     f"{first_dir[backup.name]}, which is listed first")
-            order.append(backup)
+            order.append(backup.unusable(f"another backup named {backup.name} is in "
+                                         f"{first_dir[backup.name]}, which is listed first"))
             continue
         first_dir[backup.name] = directory
         reason = _own_reason(backup, host)

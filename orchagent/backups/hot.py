@@ -318,7 +318,7 @@ class HotSeedJob(JobIdentity):
 
     def fail(self, message: str, final_state: str | None = None) -> defer.Deferred:
         """Stop the backup or prepare that runs, remove the work directory, and end."""
-        if self.record.terminal or self.handed_over:
+        if not self.active:
             return defer.succeed(None)
         self.end_record(message, final_state or FAILED, log)
         self.runner.cancel()

@@ -124,9 +124,8 @@ class Tools:
     def defaults_args(self) -> list[str]:
         """How a tool finds its option files: MySQLOptionsFile when set, else its own
         defaults (the same files the agent reads)."""
-        if self.config.mysql_options_file:
-            return [f"--defaults-file={self.config.mysql_options_file}"]
-        return []
+        options_file = self.config.mysql_options_file
+        return [f"--defaults-file={options_file}"] if options_file else []
 
     def backup_argv(self, tool: str, slave_info: bool = False) -> list[str]:
         """``tool --backup`` with its option files and, where they leave it out, the

@@ -25,6 +25,7 @@ terminal reaches the whole process group, and the agent decides when its engine 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -215,13 +216,11 @@ class LogForwarder:
                 pass
         if wire["level"] in ("debug", "info") and not wire["failure"]:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(f"[{wire['namespace']}#{wire['level']}] {wire['text']}\n")
             if wire["failure"]:
                 sys.stderr.write(wire["failure"] + "\n")
             sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def main(parent_pid: int) -> None:

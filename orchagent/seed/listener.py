@@ -7,8 +7,8 @@ handshake (:mod:`orchagent.seed.auth`); :meth:`SeedListener.admission` says what
 prove (the seed's key, TLS, or for a plain v1 seed the source orchestrator names,
 :mod:`orchagent.seed.sources`).  Once admitted, the connection joins its seed's receive
 job, which takes it as a tree's control or data stream or as a hot seed's backup stream
-(or refuses it), and everything after goes to that job.  :class:`ReceiverFactory` bounds the connections still in their
-handshake.
+(or refuses it), and everything after goes to that job.  :class:`ReceiverFactory` bounds
+the connections still in their handshake.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ HANDSHAKE_TIMEOUT = 8
 #: Seconds from the frame that decided a refusal to the REJECT: every refusal, whatever
 #: its reason (unknown seed, wrong key, a peer that may not send), answers alike.
 REFUSAL_DELAY = 1.0
-#: Connections not past their handshake, from one address and in all: above them a new
-#: connection from that address is closed at once, and in all the oldest one is closed.
+#: Connections still in their handshake, from one address and in all (ReceiverFactory).
 MAX_PENDING_PER_PEER = 16
 MAX_PENDING = 64
 #: Seconds the sender has to close a stream after our last frame.
@@ -117,10 +116,8 @@ class ReceiverStream(Stream):
 
     def _peer_refused(self, failure) -> None:
         self.checking = False
-        if failure.check(Rejected):
-            self.reject(failure.getErrorMessage())
-        else:
-            self.reject(f"checking the sender failed: {failure.getErrorMessage()}")
+        why = failure.getErrorMessage()
+        self.reject(why if failure.check(Rejected) else f"checking the sender failed: {why}")
 
     def _admitted(self) -> None:
         hello = self.handshake.hello
@@ -238,9 +235,8 @@ class SeedListener:
     """The seed port and the connections on it (see the module docstring).
 
     ``receive_job(seed_id)``: the seed's receive job, running or lately completed, or
-    None: an admitted connection joins it (the job takes it as a tree's or a hot seed's
-    stream, or refuses it).  ``sources``: who may send a
-    plain v1 seed (orchagent.seed.sources.SeedSources)."""
+    None: an admitted connection joins it.  ``sources``: who may send a plain v1 seed
+    (orchagent.seed.sources.SeedSources)."""
 
     def __init__(self, config: Any, reactor: Any, clock: Any, tls: bool, sources: Any,
                  receive_job: Callable[[str], Any]):

@@ -292,9 +292,7 @@ class SeedManager(service.Service):
         """The seed's receive job: the running one, else one that completed lately (its
         sender may reconnect to learn the result)."""
         job = self.jobs.get(seed_id)
-        if isinstance(job, ReceiveJob):
-            return job
-        return self.completed_receives.get(seed_id, (None, None))[0]
+        return job if isinstance(job, ReceiveJob) else self.completed_receives.get(seed_id, (None, None))[0]
 
     # --- listening -------------------------------------------------------------------------
 
@@ -557,12 +555,10 @@ class SeedManager(service.Service):
     # --- progress --------------------------------------------------------------------------
 
     def _status(self, record: state.SeedRecord) -> dict:
-        job = self.jobs.get(record.seed_id)
-        if job is not None and job.active:
-            rate, eta = job.progress()
-        else:
-            rate, eta = 0.0, (0.0 if record.state == state.COMPLETED else None)
-        return record.status(rate, eta)
+        job = self._active(record.seed_id)
+        if job is not None:
+            return record.status(*job.progress())
+        return record.status(0.0, 0.0 if record.state == state.COMPLETED else None)
 
     def _tick(self) -> None:
         for job in list(self.jobs.values()):

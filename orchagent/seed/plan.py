@@ -143,10 +143,9 @@ class ChunkTable:
     def done_records(self) -> bytes:
         """Every done chunk as packed RECORDs (for READY)."""
         out = bytearray()
-        for c in range(len(self.done)):
-            if self.done[c]:
-                out += RECORD.pack(self.file[c], self.offset[c], self.length[c],
-                                   bytes(self.digests[c * DIGEST:(c + 1) * DIGEST]))
+        for c in compress(range(len(self.done)), self.done):
+            out += RECORD.pack(self.file[c], self.offset[c], self.length[c],
+                               bytes(self.digests[c * DIGEST:(c + 1) * DIGEST]))
         return bytes(out)
 
     def file_digest(self, index: int) -> bytes:

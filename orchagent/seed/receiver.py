@@ -130,14 +130,7 @@ class ReceiveJob(state.JobIdentity):
     def on_staging(self, fn, *args) -> defer.Deferred:
         """``fn(*args)`` in a worker thread, as one of the calls that make entries in
         staging (:attr:`making`)."""
-        d = self.context.thread(fn, *args)
-        self.making.add(d)
-
-        def made(result):
-            self.making.discard(d)
-            return result
-
-        return d.addBoth(made)
+        return state.tracked(self.context.thread(fn, *args), self.making)
 
     # --- the end -------------------------------------------------------------------------
 

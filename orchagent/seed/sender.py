@@ -103,12 +103,9 @@ class SenderStream(Stream):
             self.transport.abortConnection()
             return
         self.peer = self.transport.getPeer().host
-        self.set_timer(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.set_timer(HANDSHAKE_TIMEOUT, self.job.broken, self,
+                       f"the receiver did not complete the handshake in {HANDSHAKE_TIMEOUT}s")
         self.transport.write(self.handshake.hello())
-
-    def _handshake_timeout(self):
-        self.timer = None
-        self.job.broken(self, f"the receiver did not complete the handshake in {HANDSHAKE_TIMEOUT}s")
 
     def dataReceived(self, data):
         try:

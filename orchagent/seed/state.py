@@ -136,6 +136,17 @@ def cancelled(call) -> None:
         call.cancel()
 
 
+def tracked(d: defer.Deferred, pending: set) -> defer.Deferred:
+    """``d``, in ``pending`` until it fires (its result passes on)."""
+    pending.add(d)
+
+    def fired(result):
+        pending.discard(d)
+        return result
+
+    return d.addBoth(fired)
+
+
 def failure_message(failure, seed_id: str, what: str, oserror: str | None = None) -> str:
     """What a seed fails with for ``failure``: an AgentError's own message; with
     ``oserror``, an OSError after it; anything else is a bug, logged with its traceback

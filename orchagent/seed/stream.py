@@ -77,7 +77,4 @@ class Stream(protocol.Protocol):
             return
         self.closed = True
         self.stop_timers()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
+        (self.transport.abortConnection if abort else self.transport.loseConnection)()

@@ -221,11 +221,9 @@ class StreamReceive(state.ReceivePayload):
         batch, self.pending = self.pending, []
         self.writing = True
         d = self.context.thread(_verify_and_write, batch, self.pipe, self.hasher)
-        self.inflight.add(d)
-        d.addBoth(self._written, batch, d)
+        state.tracked(d, self.inflight).addBoth(self._written, batch)
 
-    def _written(self, result, batch: list, d) -> None:
-        self.inflight.discard(d)
+    def _written(self, result, batch: list) -> None:
         self.writing = False
         self.queued -= sum(chunk.size for chunk in batch)
         if self.queued <= WINDOW // 2:
@@ -251,17 +249,10 @@ class StreamReceive(state.ReceivePayload):
 
     def _writeback(self) -> None:
         """A :class:`_Writeback` pass, unless one runs."""
-        if self.syncing:
-            return
-        self.syncing, self.synced = True, self.written
-
-        def synced(_):
-            self.syncing = False
-            self.inflight.discard(d)
-
-        d = self.context.thread(self.writeback.run)
-        self.inflight.add(d)
-        d.addBoth(synced)
+        if not self.syncing:
+            self.syncing, self.synced = True, self.written
+            state.tracked(self.context.thread(self.writeback.run), self.inflight).addBoth(
+                lambda _: setattr(self, "syncing", False))
 
     def _extractor_ended(self, result):
         """The extractor must not end before we closed its input (the end of the stream)."""

@@ -309,8 +309,7 @@ class StreamSendJob(SenderJob):
             self.reader.fd = -1
 
     def _settle(self) -> None:
-        if not self.reading:
-            self._close_reader()
+        self._close_reader()
         super()._settle()
 
     async def stop(self) -> None:

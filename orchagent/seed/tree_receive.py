@@ -371,8 +371,7 @@ class TreeReceive(state.ReceivePayload):
             stream.pause("rate")
             stream.later(delay, self._release, stream, flow)
         d = self.context.thread(self.staging.write_batch, self.manifest, batch, self.journal_fd)
-        self.inflight.add(d)
-        d.addBoth(self._written, stream, flow, size, d)
+        state.tracked(d, self.inflight).addBoth(self._written, stream, flow, size)
         d.addErrback(self._crashed)
 
     def _release(self, stream, flow: _Flow) -> None:
@@ -390,8 +389,7 @@ class TreeReceive(state.ReceivePayload):
                 if flow.held:
                     self._release(stream, flow)
 
-    def _written(self, result, stream, flow: _Flow, size, d):
-        self.inflight.discard(d)
+    def _written(self, result, stream, flow: _Flow, size):
         flow.queued -= size
         if flow.queued <= STREAM_WINDOW // 2:
             stream.resume("window")
