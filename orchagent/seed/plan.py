@@ -165,10 +165,9 @@ class ChunkTable:
         """Every file's (index, digest), packed in manifest order (see DIGESTS frames),
         :data:`DIGEST_PIECE` files to a piece: made whole and copied, they took 72 bytes
         per file at their peak."""
-        files = DIGEST_PIECE
-        for start in range(0, len(self.files), files):
+        for start in range(0, len(self.files), DIGEST_PIECE):
             out = bytearray()
-            for index in self.files[start:start + files]:
+            for index in self.files[start:start + DIGEST_PIECE]:
                 out += _INDEX.pack(index)
                 out += self.file_digest(index)
             yield bytes(out)

@@ -547,10 +547,8 @@ class TreeReceive(state.ReceivePayload):
 def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:
     """Keep the manifest as it came (its MANIFEST_END, then its packed batches)."""
     head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest", "content_digest")}).encode()
-    parts = [struct.pack(">I", len(head)), head]
-    for body in batches:
-        parts += [struct.pack(">I", len(body)), body]
-    store.write(seed_id, "manifest", b"".join(parts))
+    store.write(seed_id, "manifest", b"".join(
+        piece for body in (head, *batches) for piece in (struct.pack(">I", len(body)), body)))
 
 
 def _load_manifest(saved: bytes) -> tuple[tree.Manifest, frames.Digest]:
