@@ -42,58 +42,46 @@ class _Cleanups:
             function(*args, **kwargs)
 
 
-class _FailingAriaWrites(ProcessRunner):
-    """The agent's runner, with ``--prepare`` run under ``strace`` failing every
-    ``pwrite64`` of ``bk/a.MAI`` with ``errno`` (what the enumerator injects)."""
+class _PrepareUnderStrace(ProcessRunner):
+    """The agent's runner, with ``--prepare`` run under ``strace -e inject=``:
+    ``inject`` on the file ``name`` of its target directory (what the enumerator
+    injects)."""
 
-    errno = "EIO"
-
-    def run(self, argv, **kwargs):
-        if "--prepare" in argv:
-            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
-            argv = ["strace", "-f", "-o", "/dev/null", "-e", f"inject=pwrite64:error={self.errno}",
-                    "-P", os.path.join(target, "bk", "a.MAI"), *argv]
-        return super().run(argv, **kwargs)
-
-
-class _FailingPrepareWrite(ProcessRunner):
-    """The agent's runner, with ``--prepare`` run under ``strace`` failing every write
-    of the file ``name`` in its target directory with EIO."""
-
+    inject = ""
     name = ""
 
     def run(self, argv, **kwargs):
         if "--prepare" in argv:
             target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
-            argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=write:error=EIO",
+            argv = ["strace", "-f", "-o", "/dev/null", "-e", f"inject={self.inject}",
                     "-P", os.path.join(target, self.name), *argv]
         return super().run(argv, **kwargs)
 
 
-class _FailingAriaLog(ProcessRunner):
-    """The agent's runner, with ``--prepare`` run under ``strace`` failing the first
-    ``pwrite64`` of its Aria log ``aria_log.00000001`` with EIO: the tool's threads then
-    wait on each other forever (no CPU time, no I/O)."""
+class _FailingAriaWrites(_PrepareUnderStrace):
+    """Every ``pwrite64`` of ``bk/a.MAI`` fails with EIO."""
 
-    def run(self, argv, **kwargs):
-        if "--prepare" in argv:
-            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
-            argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=pwrite64:error=EIO:when=1",
-                    "-P", os.path.join(target, "aria_log.00000001"), *argv]
-        return super().run(argv, **kwargs)
+    inject, name = "pwrite64:error=EIO", "bk/a.MAI"
 
 
-class _FailingAriaLogSync(ProcessRunner):
-    """The agent's runner, with ``--prepare`` run under ``strace`` failing the second
-    ``fdatasync`` of its Aria log ``aria_log.00000001`` with EDQUOT (backup_mount error
+class _FailingPrepareWrite(_PrepareUnderStrace):
+    """Every write of the file ``name`` fails with EIO."""
+
+    inject = "write:error=EIO"
+
+
+class _FailingAriaLog(_PrepareUnderStrace):
+    """The first ``pwrite64`` of the Aria log ``aria_log.00000001`` fails with EIO: the
+    tool's threads then wait on each other forever (no CPU time, no I/O)."""
+
+    inject, name = "pwrite64:error=EIO:when=1", "aria_log.00000001"
+
+
+class _FailingAriaLogSync(_PrepareUnderStrace):
+    """The second ``fdatasync`` of the Aria log fails with EDQUOT (backup_mount error
     point #471): the tool says so and exits 0."""
 
-    def run(self, argv, **kwargs):
-        if "--prepare" in argv:
-            target = next(a for a in argv if a.startswith("--target-dir=")).split("=", 1)[1]
-            argv = ["strace", "-f", "-o", "/dev/null", "-e", "inject=fdatasync:error=EDQUOT:when=2",
-                    "-P", os.path.join(target, "aria_log.00000001"), *argv]
-        return super().run(argv, **kwargs)
+    inject, name = "fdatasync:error=EDQUOT:when=2", "aria_log.00000001"
 
 
 class _LosingPrepareWrites(ProcessRunner):
