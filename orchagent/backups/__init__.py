@@ -136,13 +136,11 @@ class Backups:
         try:
             with open(self._record_path, encoding="utf-8") as fh:
                 record = json.load(fh)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
             return None
         except OSError as e:
             raise AgentError(f"cannot read {self._record_path}, the record of the mounted backup's "
                              f"work copy: {e.strerror or e}") from e
-        except ValueError:
-            return None
         return record if isinstance(record, dict) and {"name", "root", "data"} <= set(record) else None
 
     def _write_record(self, record: dict | None) -> None:

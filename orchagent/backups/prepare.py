@@ -53,8 +53,7 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from orchagent.backups.discovery import (CHECKPOINTS_FILES, COMPRESSORS, MARIABACKUP, XTRABACKUP,
-                                        checkpoints_file, read_key_values)
+from orchagent.backups.discovery import CHECKPOINTS_FILES, COMPRESSORS, XTRABACKUP, checkpoints_file
 from orchagent.backups.model import Backup
 from orchagent.backups.tools import INNOCHECKSUM, Tools
 from orchagent.durable import Writes
@@ -136,29 +135,6 @@ def _doublewrite(path: str, page_size: int) -> tuple[int, int] | None:
         return None
     extent = block2 - block1
     return block1, block2 + extent - 1
-
-
-#: Files ``--prepare`` writes beside the data, which it leaves empty, exiting 0, when its
-#: write of them fails: the binlog position InnoDB recorded (what a replica of the copy
-#: starts from), and the checkpoints file.
-PREPARE_WRITES = ("xtrabackup_binlog_pos_innodb",)
-
-
-def unprepared(data: str, tool: str) -> str:
-    """What says a prepare of ``data`` that exited 0 did not finish writing (blocking):
-    its checkpoints file not saying prepared, or a file it writes left empty; ""."""
-    name = checkpoints_file(data)
-    try:
-        kind = read_key_values(os.path.join(data, name)).get("backup_type", "") if name else ""
-    except OSError as e:
-        return f"its checkpoints file {name} cannot be read ({e.strerror})"
-    if kind != "full-prepared" and not (tool == MARIABACKUP and kind == "log-applied"):
-        return f"its checkpoints file {name or CHECKPOINTS_FILES[0]} says {kind or 'nothing'!r}, not prepared"
-    for written in PREPARE_WRITES:
-        path = os.path.join(data, written)
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            return f"it left {written} empty"
-    return ""
 
 
 class Preparer:
@@ -321,7 +297,7 @@ class Preparer:
                                     f"--incremental-dir={increment}"],
                              f"--prepare --incremental-dir ({os.path.basename(increment)})")
             await self.remove(increment)
-        problem = await self.thread(unprepared, data, tool)
+        problem = await self.thread(Tools.unprepared, data, tool)
         if problem:
             raise Refused(f"{tool} --prepare exited 0, but {problem}: a write of it failed")
 

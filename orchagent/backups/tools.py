@@ -21,7 +21,8 @@ from typing import Callable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from orchagent.backups.discovery import MARIABACKUP, XTRABACKUP
+from orchagent.backups.discovery import (CHECKPOINTS_FILES, MARIABACKUP, XTRABACKUP, checkpoints_file,
+                                        read_key_values)
 from orchagent.host.mysql_options import (DEFAULT_OPTION_FILES, OptionFileError, ServerOptions,
                                           load_server_options, read_options)
 
@@ -45,6 +46,10 @@ ARIA_SKIPPED = re.compile(r"^\*\*\*WARNING: (.*(?:could not be opened|Error: \d+
 SYNC_FAILED = re.compile(r"^\W*(\S+: Can't sync file .*)$", re.MULTILINE)
 _VERSION = re.compile(r"\b(\d+\.\d+)\.\d+")
 ARIA_CHK = "aria_chk"
+#: Files ``--prepare`` writes beside the data, which it leaves empty, exiting 0, when its
+#: write of them fails: the binlog position InnoDB recorded (what a replica of the copy
+#: starts from).
+PREPARE_WRITES = ("xtrabackup_binlog_pos_innodb",)
 #: Aria tables per aria_chk process (argv stays far below the kernel's limit).
 ARIA_CHK_BATCH = 256
 
@@ -199,6 +204,23 @@ class Tools:
             lines = found.findall(text)[:3]
             if lines:
                 return f"{said}: {' | '.join(lines)}"
+        return ""
+
+    @staticmethod
+    def unprepared(data: str, tool: str) -> str:
+        """What says a prepare of ``data`` that exited 0 did not finish writing (blocking):
+        its checkpoints file not saying prepared, or a file it writes left empty; ""."""
+        name = checkpoints_file(data)
+        try:
+            kind = read_key_values(os.path.join(data, name)).get("backup_type", "") if name else ""
+        except OSError as e:
+            return f"its checkpoints file {name} cannot be read ({e.strerror})"
+        if kind != "full-prepared" and not (tool == MARIABACKUP and kind == "log-applied"):
+            return f"its checkpoints file {name or CHECKPOINTS_FILES[0]} says {kind or 'nothing'!r}, not prepared"
+        for written in PREPARE_WRITES:
+            path = os.path.join(data, written)
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                return f"it left {written} empty"
         return ""
 
     async def aria_damage(self, data: str, run: Callable | None = None, **kwargs) -> str:

@@ -293,9 +293,7 @@ class StreamReceive(state.ReceivePayload):
         ignored = self.tools.ignored_failure(prepared.stdout + prepared.stderr)
         if ignored:  # --prepare exits 0 all the same (orchagent.backups.tools)
             raise StepFailed(f"{failed} {ignored}")
-        from orchagent.backups.prepare import unprepared
-
-        problem = await self.context.thread(unprepared, root, self.tool)
+        problem = await self.context.thread(self.tools.unprepared, root, self.tool)
         if problem:
             raise StepFailed(f"{failed} {problem}: a write of it failed")
         damage = await self.tools.aria_damage(root, self.children.run, **self._local())
