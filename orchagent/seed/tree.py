@@ -37,6 +37,7 @@ from operator import is_not
 
 import attrs
 import blake3
+import zstandard
 
 from orchagent.errors import BadRequest
 from orchagent.seed.frames import MAX_CHUNK
@@ -97,13 +98,11 @@ class PathColumn(Sequence):
     where each starts: 9 bytes per path beside its own instead of a str object and a list
     slot (80 bytes or more), so that a million paths take tens of MB, not a hundred.
 
-    It reads like the list of str it replaces: ``column[i]``, slices, ``len``, iteration,
-    ``append``/``extend``; a path is stored as its bytes on disk (see :func:`_encode`) and
-    comes back as the same str, non-UTF-8 names included (a str whose escaped bytes
-    make valid UTF-8 together, which ``os.fsdecode`` never makes, comes back as the name
-    those bytes are on disk).  No path holds a NUL (no file
-    name can): :meth:`append` and :meth:`extend` refuse one with ValueError, and a str
-    that has no bytes on disk (a lone surrogate ``os.fsdecode`` never makes) with
+    It reads like the list of str it replaces (``column[i]``, slices, ``len``, iteration,
+    ``append``/``extend``).  A path is stored as its bytes on disk (:func:`_encode`) and
+    comes back as the same str, non-UTF-8 names included.  No path holds a NUL (no file
+    name can): ``append``/``extend`` refuse one with ValueError, and a str that has no
+    bytes on disk (a lone surrogate, which ``os.fsdecode`` never makes) with
     UnicodeEncodeError."""
 
     __slots__ = ("blob", "starts")
@@ -254,22 +253,18 @@ class Manifest:
         from 0.2 s to a fraction of it.  Anything those checks reject goes through
         :meth:`add_wire` entry by entry, whose BadRequest names the bad entry; nothing
         is appended before every check passed."""
+        start = len(self.kinds)
         try:
             columns = self._checked_columns(items)
+            if columns is not None:  # a path with a NUL: ValueError, appending nothing
+                self.paths.extend_encoded(columns[0])
         except (TypeError, ValueError, KeyError, OverflowError):
             columns = None
         if columns is None:
             for item in items:
                 self.add_wire(item)
             return
-        paths, kinds, sizes, modes, mtimes, users, groups, uids, gids, targets, extents = columns
-        start = len(self.kinds)
-        try:
-            self.paths.extend_encoded(paths)
-        except ValueError:  # a path with a NUL, which add_wire names
-            for item in items:
-                self.add_wire(item)
-            return
+        _, kinds, sizes, modes, mtimes, users, groups, uids, gids, targets, extents = columns
         for name in set(users).union(groups):
             self._name(name)
         self.kinds += kinds
@@ -420,22 +415,27 @@ def _name_of(table, ident: int) -> str:
         return ""
 
 
-def data_extents(fd: int, size: int) -> tuple[tuple[int, int], ...]:
-    """The data extents of an open file, by SEEK_DATA/SEEK_HOLE."""
+def _sparse_extents(name: str, dir_fd: int, size: int) -> tuple[tuple[int, int], ...] | None:
+    """The data extents of file ``name`` of ``dir_fd`` by SEEK_DATA/SEEK_HOLE, None when
+    it has no hole."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     extents = []
     offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end > start:
-            extents.append((start, end))
-        offset = end
-    return tuple(extents)
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end > start:
+                extents.append((start, end))
+            offset = end
+    finally:
+        os.close(fd)
+    return None if extents == [(0, size)] else tuple(extents)
 
 
 class Pins:
@@ -483,8 +483,6 @@ class Pins:
         separated by NULs.  Handed to the compressor a column at a time, the paths a
         run of files at a time, straight from the manifest's columns: made whole first,
         the body took 220 bytes per file at its peak (220 MB for a million files)."""
-        import zstandard
-
         files = _files(manifest)
         head = json.dumps({"root": list(self.root), "count": len(files)}).encode()
         out = zstandard.ZstdCompressor(level=1).compressobj()
@@ -502,8 +500,6 @@ class Pins:
 
         When the same files came in the same order (the walk sorts: the usual case),
         whole columns are compared; only a difference is looked for file by file."""
-        import zstandard
-
         body = zstandard.ZstdDecompressor().decompress(packed, max_output_size=1 << 31)
         size = int.from_bytes(body[:4], "big")
         head = json.loads(body[4:4 + size])
@@ -601,37 +597,27 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
                     flush()
                 child_rel = f"{rel}/{item.name}" if rel else item.name
                 st = item.stat(follow_symlinks=False)
+                size, target, extents = 0, "", None
+                if stat.S_ISDIR(st.st_mode):
+                    kind = DIR
+                elif stat.S_ISREG(st.st_mode):
+                    kind, size = FILE, st.st_size
+                    if size and st.st_blocks * 512 < size:
+                        extents = _sparse_extents(item.name, fd, size)
+                elif stat.S_ISLNK(st.st_mode):
+                    kind, target = LINK, os.readlink(item.name, dir_fd=fd)
+                    check_link(child_rel, target)
+                else:
+                    continue
                 if st.st_uid not in users:
                     users[st.st_uid] = _name_of(pwd.getpwuid, st.st_uid)
                 if st.st_gid not in groups:
                     groups[st.st_gid] = _name_of(grp.getgrgid, st.st_gid)
-                mode = stat.S_IMODE(st.st_mode)
-                user, group = users[st.st_uid], groups[st.st_gid]
-                if stat.S_ISDIR(st.st_mode):
-                    add([child_rel, DIR, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid, "",
-                         None])
-                    pin(st)
+                add([child_rel, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                     users[st.st_uid], groups[st.st_gid], st.st_uid, st.st_gid, target, extents])
+                pin(st)
+                if kind == DIR:
                     visit(child_rel, os.path.join(path, item.name))
-                elif stat.S_ISREG(st.st_mode):
-                    extents = None
-                    if st.st_size and st.st_blocks * 512 < st.st_size:
-                        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                        file_fd = os.open(item.name, flags, dir_fd=fd)
-                        try:
-                            found = data_extents(file_fd, st.st_size)
-                        finally:
-                            os.close(file_fd)
-                        if found != ((0, st.st_size),):
-                            extents = found
-                    add([child_rel, FILE, st.st_size, mode, st.st_mtime_ns, user, group, st.st_uid,
-                         st.st_gid, "", extents])
-                    pin(st)
-                elif stat.S_ISLNK(st.st_mode):
-                    target = os.readlink(item.name, dir_fd=fd)
-                    check_link(child_rel, target)
-                    add([child_rel, LINK, 0, mode, st.st_mtime_ns, user, group, st.st_uid, st.st_gid,
-                         target, None])
-                    pin(st)
         finally:
             os.close(fd)
 
@@ -804,20 +790,17 @@ class ManifestReader:
     """
 
     def __init__(self):
-        import zstandard
-
         self.manifest = Manifest()
         #: Files and data bytes read so far (the receiver's totals while they arrive).
         self.files = self.bytes = 0
         self._hash = blake3.blake3()
         self._decompressor = zstandard.ZstdDecompressor()
-        self._errors = (zstandard.ZstdError, ValueError, UnicodeDecodeError)
 
     def feed(self, body: bytes) -> None:
         try:
             text = self._decompressor.decompress(body, max_output_size=256 << 20)
             items = json.loads(text)
-        except self._errors as e:
+        except (zstandard.ZstdError, ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"a seed manifest batch is not packed JSON: {e}") from None
         if not isinstance(items, list):
             raise BadRequest("a seed manifest batch is not a list")
@@ -856,8 +839,6 @@ class ManifestPacker:
     batches travel while the walk goes on; :meth:`finish` sets the manifest's digest."""
 
     def __init__(self, manifest: Manifest):
-        import zstandard
-
         self.manifest = manifest
         self.packed = 0
         self._hash = blake3.blake3()
