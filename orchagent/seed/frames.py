@@ -108,29 +108,19 @@ class Digest(enum.IntEnum):
 _XXH3_PAD = bytes(16)
 
 
-class _Xxh3:
-    """XXH3-128 with BLAKE3's update/digest shape and its 32-byte digest size."""
-
-    def __init__(self):
-        self._h = xxhash.xxh3_128()
-
-    def update(self, data) -> None:
-        self._h.update(data)
-
-    def digest(self) -> bytes:
-        return self._h.digest() + _XXH3_PAD
-
-
-def hasher(kind: int = Digest.BLAKE3):
-    """A fresh incremental content hasher of ``kind``."""
-    return _Xxh3() if kind == Digest.XXH3 else blake3.blake3()
-
-
 def content_digest(data, kind: int = Digest.BLAKE3) -> bytes:
     """The 32-byte content digest of ``data`` (any buffer)."""
     if kind == Digest.XXH3:
         return xxhash.xxh3_128_digest(data) + _XXH3_PAD
     return blake3.blake3(data).digest()
+
+
+def _parts_digest(parts, kind: int) -> bytes:
+    """:func:`content_digest` of buffers one after the other, hashed piece by piece."""
+    h = xxhash.xxh3_128() if kind == Digest.XXH3 else blake3.blake3()
+    for part in parts:
+        h.update(part)
+    return h.digest() + _XXH3_PAD if kind == Digest.XXH3 else h.digest()
 
 
 class ProtocolError(Exception):
@@ -435,10 +425,7 @@ def unpack_chunk(chunk: Chunk) -> list:
         parts = [_decompress(chunk, packed, chunk.length, chunk.where,
                              f"DATA frame for file #{chunk.file} offset {chunk.offset}",
                              f"chunk of file #{chunk.file} at offset {chunk.offset}")]
-    h = hasher(chunk.kind)
-    for part in parts:
-        h.update(part)
-    if h.digest() != chunk.digest:
+    if _parts_digest(parts, chunk.kind) != chunk.digest:
         raise IntegrityError(f"chunk of file #{chunk.file} at offset {chunk.offset} "
                              f"does not match its digest", where=chunk.where)
     return parts
