@@ -253,8 +253,8 @@ class SourceFiles:
     A file of several chunks is opened once and kept open (up to :data:`KEEP_OPEN` of
     them, the least recently read closed first) while its chunks are read, and checked
     again when it is closed, at the latest before the sender says it is done
-    (:meth:`check_held`):
-    a write to it meanwhile changes its ctime, a rename over it drops its last link.
+    (:meth:`check_held`): a write to it meanwhile changes its ctime, a rename over it
+    drops its last link.
     Two ``fstat`` per file, none per chunk.  A whole small file is opened, checked, read
     and closed in one go.  Worker threads share it: a lock guards the open descriptors,
     and each acquire is paired with a release."""
@@ -744,12 +744,11 @@ class SendJob(SenderJob):
 
     def fail(self, message: str, final_state: str = state.FAILED, tell: bool = True) -> defer.Deferred:
         """See :meth:`SenderJob.fail`; once the receiver has the whole tree, it is told
-        and the seed ends as it says (the Deferred fires then)."""
+        and the seed ends as it says, or :data:`RESULT_WAIT` later as unknown (the
+        Deferred fires then)."""
         control = self.session.control if self.session is not None else None
         if (self.active and tell and self.record.state == state.VERIFYING and self.result_wait is None
                 and control is not None and not control.closed):
-            # The receiver has the whole tree and may be moving it into place, which an
-            # abort no longer stops: tell it, and end as it says the seed ended.
             log.warn("seed {seed}: {message}; the receiver has the whole tree: waiting for it to "
                      "say how the seed ends", seed=self.seed_id, message=message)
             control.tell_abort({"message": message, "state": final_state})
@@ -829,20 +828,13 @@ class SendJob(SenderJob):
             self.pump(stream)
 
 
-def _read_exact(fd: int, length: int, offset: int, path: str):
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise BadRequest(f"seed source file {path} changed while it was being sent "
-                         f"(short read at offset {offset})")
-    return data
-
-
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
             previous: bytes | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
-    grows, with the files and data bytes walked so far; the manifest (with its digest), the chunk plan and the entries' identities.
-    ``previous``: the identities saved by this seed's walk before the agent restarted,
-    which the files must still have (BadRequest naming the first that has not)."""
+    grows with the files and data bytes walked so far; returns the manifest (with its
+    digest), the chunk plan and the entries' identities.  ``previous``: the identities
+    saved by this seed's walk before the agent restarted, which the files must still have
+    (BadRequest naming the first that has not)."""
     packer = None
     pins = tree.Pins()
     files = size = 0
@@ -902,12 +894,16 @@ def _read_range(files: SourceFiles, index: int, offset: int, length: int) -> byt
     whole = manifest.sizes[index] <= manifest.chunk_size
     fd = files.open_checked(index) if whole else files.acquire(index)
     try:
-        return _read_exact(fd, length, offset, manifest.paths[index])
+        data = os.pread(fd, length, offset)
     finally:
         if whole:
             os.close(fd)
         else:
             files.release(index, fd)
+    if len(data) != length:
+        raise BadRequest(f"seed source file {manifest.paths[index]} changed while it was being "
+                         f"sent (short read at offset {offset})")
+    return data
 
 
 def _recheck_source(files: SourceFiles, table: plan.ChunkTable, claimed: plan.ChunkDigests,
