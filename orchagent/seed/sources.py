@@ -80,8 +80,7 @@ class SeedSources:
         self._resolve = resolver
         #: seed id -> orchestrator's answer once known, as a 1-tuple of (source name, its
         #: addresses) or None (orchestrator does not know the seed); a list of waiters
-        #: while asked.  An
-        #: answer that failed is dropped, to be asked again.
+        #: while asked.  An answer that failed is dropped, to be asked again.
         self._asked: dict[str, Any] = {}
 
     def prefetch(self, seed_id: str) -> None:
@@ -120,30 +119,27 @@ class SeedSources:
 
     def _lookup(self, seed_id: str) -> defer.Deferred:
         """A new Deferred of the cached (or started) answer for ``seed_id``."""
-        waiters = self._asked.get(seed_id)
-        if waiters is None:
-            waiters = self._asked[seed_id] = []
-
-            def settle(result):
-                if isinstance(result, Failure):
-                    self._asked.pop(seed_id, None)  # asked again by the next stream
-                    log.warn("seed {seed}: cannot learn its source from orchestrator: {error}",
-                             seed=seed_id, error=result.getErrorMessage())
-                else:
-                    self._asked[seed_id] = (result,)
-                for waiter in waiters:
-                    waiter.errback(result) if isinstance(result, Failure) else waiter.callback(result)
-                waiters.clear()
-
-            d = defer.Deferred()
-            waiters.append(d)
-            defer.ensureDeferred(self._ask(seed_id)).addBoth(settle)
-            return d
-        if isinstance(waiters, tuple):
-            return defer.succeed(waiters[0])
+        asked = self._asked.get(seed_id)
+        if isinstance(asked, tuple):
+            return defer.succeed(asked[0])
         d = defer.Deferred()
-        waiters.append(d)
+        if asked is not None:
+            asked.append(d)
+            return d
+        self._asked[seed_id] = [d]
+        defer.ensureDeferred(self._ask(seed_id)).addBoth(self._settle, seed_id)
         return d
+
+    def _settle(self, result, seed_id: str) -> None:
+        """Fire every waiter of ``seed_id`` with orchestrator's answer (or failure)."""
+        waiters = self._asked.pop(seed_id)
+        if isinstance(result, Failure):  # not kept: asked again by the next stream
+            log.warn("seed {seed}: cannot learn its source from orchestrator: {error}",
+                     seed=seed_id, error=result.getErrorMessage())
+        else:
+            self._asked[seed_id] = (result,)
+        for waiter in waiters:
+            waiter.errback(result) if isinstance(result, Failure) else waiter.callback(result)
 
     async def _ask(self, seed_id: str):
         body = await self._get(f"{self.url}{SEED_DETAILS}{quote(seed_id, safe='')}")
