@@ -3,8 +3,8 @@
 A *session* is one attempt: a control stream carries the manifest (batch by batch as
 the walk of the source makes them: the first session connects while the walk goes on,
 and the receiver parses each batch as it comes), learns from READY which chunks the
-receiver already holds, then it and SeedStreams-1 data streams pull
-chunks from one shared queue (so a large file is split between streams).  Any stream
+receiver already holds, then it and SeedStreams-1 data streams pull chunks from one
+shared queue (so a large file is split between streams).  Any stream
 failing ends the session; the job reconnects with backoff and the receiver's READY makes
 the next session continue from the last verified chunk.  When the queue is empty the
 control stream sends the per-file digests and the tree digest, and the receiver answers
@@ -16,10 +16,8 @@ compressed in the thread pool) so that it can refill the socket the moment it is
 without waiting for the disk.  Memory is bounded by streams × AHEAD × batch size,
 independent of the seed's size.
 
-The source must stay what the walk saw: every file is checked when opened, large ones
-again when closed (:class:`SourceFiles`), the walk's identities are compared again after
-an agent restart, and a datadir seed fails once MySQL runs; any change fails the seed,
-naming the file, rather than send a mix of two trees.
+The source must stay what the walk saw (:class:`SourceFiles`, :func:`_survey`,
+:meth:`SendJob._watch_mysql`): any change fails the seed rather than send a mix of two trees.
 """
 
 from __future__ import annotations
@@ -451,10 +449,8 @@ class SendJob(SenderJob):
         #: stream's sole authentication (see frames.Digest).
         self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not context.tls
                             else frames.Digest.XXH3)
-        #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
-        #: goes), and whether the walk is over.
+        #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk goes).
         self.batches: list[bytes] = []
-        self.walked = False
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -503,7 +499,7 @@ class SendJob(SenderJob):
                 lambda f: log.warn("seed {seed}: cannot save the source's identities: {error}",
                                    seed=seed_id, error=f.getErrorMessage()))
         self.files = SourceFiles(self.record.source_path, manifest, pins)
-        self.manifest, self.table, self.walked = manifest, table, True
+        self.manifest, self.table = manifest, table
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
         self.record.totals = state.FINAL
         self.context.touch(self.record)
@@ -547,7 +543,7 @@ class SendJob(SenderJob):
         for body in self.batches:
             stream.send(FrameType.MANIFEST, body)
         session.manifest_stream = stream
-        if self.walked:
+        if self.table is not None:  # the walk is over
             self._end_manifest(stream)
 
     async def _open(self, session: "_Attempt", role: str, index: int) -> SenderStream:
