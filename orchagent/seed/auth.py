@@ -78,10 +78,9 @@ class Admission:
 class ClientHandshake:
     """The sender's side of one stream's handshake (no I/O: frames in, frames out)."""
 
-    def __init__(self, seed_id: str, session: str, role: str, index: int,
-                 auth_key: bytes | None, nonce: bytes | None = None):
+    def __init__(self, seed_id: str, session: str, role: str, index: int, auth_key: bytes | None):
         self.auth_key = auth_key
-        self.nonce = nonce or os.urandom(NONCE_SIZE)
+        self.nonce = os.urandom(NONCE_SIZE)
         self.hello_fields = {"proto": PROTOCOL, "seed": seed_id, "session": session,
                              "role": role, "index": index, "nonce": self.nonce.hex(),
                              "keyed": auth_key is not None}
@@ -129,11 +128,10 @@ class ServerHandshake:
     comes at the same step whatever its reason.  When the peer check answers later (a
     Deferred), :attr:`peer_check` holds it: the caller waits for it before accepting."""
 
-    def __init__(self, admit: Callable[[str], Admission], peer_host: str,
-                 nonce: bytes | None = None):
+    def __init__(self, admit: Callable[[str], Admission], peer_host: str):
         self._admit = admit
         self.peer_host = peer_host
-        self.nonce = nonce or os.urandom(NONCE_SIZE)
+        self.nonce = os.urandom(NONCE_SIZE)
         self.hello: dict | None = None
         self.admission: Admission | None = None
         self.key: bytes | None = None

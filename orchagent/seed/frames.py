@@ -255,7 +255,7 @@ def open_packed(frame: Frame, key: bytes = ZERO_KEY, limit: int = 256 << 20) -> 
 
 
 def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
-               digest: bytes | None = None, kind: int = Digest.BLAKE3) -> tuple[list, bytes, bool]:
+               kind: int = Digest.BLAKE3) -> tuple[list, bytes, bool]:
     """Frame one chunk: returns (pieces to write, content digest, compressed or not).
 
     ``raw`` may be any buffer; it is neither copied nor kept.  Runs in a worker thread.
@@ -263,8 +263,7 @@ def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
     length = len(raw)
     if length > MAX_CHUNK:
         raise ValueError(f"chunk of {length} bytes is larger than {MAX_CHUNK}")
-    if digest is None:
-        digest = content_digest(raw, kind)
+    digest = content_digest(raw, kind)
     packed = _packed(raw, compress)
     chunk_head = CHUNK_HEAD.pack(file, offset, length, _encoding(packed), digest)
     return _sealed(FrameType.DATA, chunk_head, raw, packed, key), digest, packed is not None
