@@ -102,12 +102,9 @@ class ChunkTable:
     def chunk(self, cid: int) -> tuple[int, int, int]:
         return self.file[cid], self.offset[cid], self.length[cid]
 
-    def chunk_count(self, index: int) -> int:
-        return self.first[index + 1] - self.first[index]
-
     def whole_file(self, index: int) -> bool:
         """A dense file of one chunk: read, or written and closed, in one go."""
-        return self.chunk_count(index) == 1 and self.manifest.is_dense(index)
+        return self.first[index + 1] - self.first[index] == 1 and index not in self.manifest.extents
 
     def expected_length(self, index: int, offset: int) -> int | None:
         cid = self.chunk_id(index, offset)

@@ -343,9 +343,6 @@ class Manifest:
             return ((0, size),) if size else ()
         return extents
 
-    def is_dense(self, index: int) -> bool:
-        return index not in self.extents
-
     def data_sizes(self) -> Iterator[int]:
         """Each file's data bytes (its extents' where sparse), in manifest order."""
         files = map(_FILE.__eq__, self.kinds)
@@ -859,10 +856,9 @@ class ManifestPacker:
         self.packed = end
         return bodies
 
-    def finish(self) -> bytes:
+    def finish(self) -> None:
         self._hash.update(_digest_tail(self.manifest.chunk_size))
         self.manifest.wire_digest = self._hash.digest()
-        return self.manifest.wire_digest
 
 
 def pack_batches(manifest: Manifest, batch: int = 4096) -> list[bytes]:
