@@ -92,8 +92,7 @@ class SenderStream(Stream):
         self.lost = defer.Deferred()
         self.accepted = defer.Deferred()
         self.connecting: defer.Deferred | None = None
-        #: The ABORT body of a seed that failed while this stream was still in its
-        #: handshake: sent as its only frame once the handshake is done (tell_abort).
+        #: The ABORT it says once its handshake is done (:meth:`tell_abort`).
         self.abort_body: dict | None = None
 
     def connectionMade(self):
@@ -140,13 +139,11 @@ class SenderStream(Stream):
         self.accepted.callback(self)
 
     def tell_abort(self, body: dict) -> None:
-        """Tell the receiver that the seed is over (ABORT).
-
-        A stream still in its handshake (the seed failed at once: a source that cannot be
-        walked, an abort right after the call) says it as its only frame once the
-        handshake is done, and stays open until then: closed now, it would look to the
-        receiver like a broken connection, and the receiver would wait for the sender to
-        resume."""
+        """Tell the receiver that the seed is over (ABORT).  A stream still in its
+        handshake (the seed failed at once: a source that cannot be walked, an abort right
+        after the call) says it as its only frame once the handshake is done, and stays
+        open until then: closed now, it would look to the receiver like a broken
+        connection, and the receiver would wait for the sender to resume."""
         if self.closed:
             return
         if self.key is not None:
@@ -436,7 +433,7 @@ class SendJob(SenderJob):
     def __init__(self, context: "SeedContext", record: state.SeedRecord, auth_key: bytes | None,
                  host: str, port: int):
         super().__init__(context, record, auth_key, host, port)
-        self.manifest: tree.Manifest | None = None
+        #: The chunk plan (and :attr:`plan.ChunkTable.manifest`), set once the walk is over.
         self.table: plan.ChunkTable | None = None
         #: The current attempt, None between two.
         self.session: _Attempt | None = None
@@ -499,7 +496,7 @@ class SendJob(SenderJob):
                 lambda f: log.warn("seed {seed}: cannot save the source's identities: {error}",
                                    seed=seed_id, error=f.getErrorMessage()))
         self.files = SourceFiles(self.record.source_path, manifest, pins)
-        self.manifest, self.table = manifest, table
+        self.table = table
         self.record.bytes_total, self.record.files_total = self.table.bytes_total, len(self.table.files)
         self.record.totals = state.FINAL
         self.context.touch(self.record)
@@ -543,7 +540,7 @@ class SendJob(SenderJob):
         for body in self.batches:
             stream.send(FrameType.MANIFEST, body)
         session.manifest_stream = stream
-        if self.table is not None:  # the walk is over
+        if self.table is not None:
             self._end_manifest(stream)
 
     async def _open(self, session: "_Attempt", role: str, index: int) -> SenderStream:
@@ -555,9 +552,10 @@ class SendJob(SenderJob):
 
     def _end_manifest(self, stream: SenderStream) -> None:
         self.session.manifest_stream = None
+        manifest = self.table.manifest
         stream.send(FrameType.MANIFEST_END, {
-            "count": len(self.manifest), "chunk_size": self.manifest.chunk_size,
-            "digest": self.manifest.digest().hex(), "bytes": self.table.bytes_total,
+            "count": len(manifest), "chunk_size": manifest.chunk_size,
+            "digest": manifest.digest().hex(), "bytes": self.table.bytes_total,
             "content_digest": self.digest_kind.label})
 
     def _connect_failed(self, session: "_Attempt", failure) -> None:
