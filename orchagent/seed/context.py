@@ -1,11 +1,9 @@
 """What a seed job needs of the agent around it, handed to every job as one object.
 
 The seed manager builds the jobs (receive, send, streamed, command, hot) and owns their
-registry, the listener and the persisted records; a job needs only a few of its parts:
-the worker threads, the state store, the clock, the configuration, TLS, the command
-runner, the MySQL service, and the calls that publish a record or end the job.  Handing
-jobs this context instead of the manager keeps them from reaching into the manager (and
-the seed modules from importing it), and says in one place what a job may use.
+registry, the listener and the persisted records.  Handing jobs this context instead of
+the manager keeps them from reaching into the manager (and the seed modules from
+importing it), and says in one place what a job may use.
 
 ``pool`` is set while the seed service runs (the manager starts and stops it).  What a
 job may use of a connection is orchagent.interfaces.ISeedStream.

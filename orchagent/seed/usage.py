@@ -19,11 +19,10 @@ So while an engine seed is being received into the datadir, mysql-du is
 * ``progress`` (:func:`visible_progress`): the seed's data bytes verified and written,
   plus those that arrived and wait to be written (before the receiver is ready, the
   manifest's bytes as they arrive: the sender walks the source meanwhile, minutes for
-  millions of files), then a small step for each final phase
-  (verified, synced, moved aside ...), so that the figure grows whenever the seed
-  moves at all.  It never runs ahead of the data that arrived, and stays below the
-  tree's total, so it never exceeds what the promoted datadir holds: after the seed,
-  mysql-du is the datadir's real usage again, and larger than any figure shown before.
+  millions of files), then a small step for each final phase (verified, synced, moved
+  aside ...), so that the figure grows whenever the seed moves at all.  It stays below
+  the tree's total, so after the seed mysql-du, the datadir's real usage again, is larger
+  than any figure shown before.
 
 A seed that makes no progress at all shows the same figure at every poll, and orchestrator
 aborts it, as it should.  Receives run by ``ReceiveSeedDataCommand`` (the original's
