@@ -109,16 +109,12 @@ class SenderStream(Stream):
             for frame in self.splitter.feed(data):
                 if self.closed:
                     return
-                if self.key is None:
-                    reply = self.handshake.receive(frame)
-                    if reply is not None:
-                        self.transport.write(reply)
-                    else:
-                        self._accepted()
-                        if self.closed:
-                            return
-                else:
+                if self.key is not None:
                     self.job.frame(self, frame)
+                elif (reply := self.handshake.receive(frame)) is not None:
+                    self.transport.write(reply)
+                else:
+                    self._accepted()
         except Rejected as e:
             self.abort_body = None
             self.close()
@@ -201,9 +197,7 @@ class ChunkQueue:
     def __len__(self) -> int:
         return len(self._front) + len(self._chunks) - self._next
 
-    def __getitem__(self, index: int) -> int:
-        if index != 0 or not self:
-            raise IndexError(index)
+    def first(self) -> int:
         return self._front[0] if self._front else self._chunks[self._next]
 
     def popleft(self) -> int:
@@ -630,9 +624,9 @@ class SendJob(SenderJob):
             queue, table, length = session.queue, self.table, self.table.length
             items = [queue.popleft()]
             size = length[items[0]]
-            while (queue and table.whole_file(table.file[queue[0]])
+            while (queue and table.whole_file(table.file[queue.first()])
                    and table.whole_file(table.file[items[0]])
-                   and size + length[queue[0]] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
+                   and size + length[queue.first()] <= BATCH_BYTES and len(items) < BATCH_ITEMS):
                 items.append(queue.popleft())
                 size += length[items[-1]]
             self.bucket.take(size)
