@@ -26,9 +26,7 @@ from typing import Iterable, Iterator
 import blake3
 
 from orchagent.seed import frames
-from orchagent.seed.tree import FILE, Manifest
-
-_FILE = ord(FILE)
+from orchagent.seed.tree import Manifest
 
 _PART = struct.Struct(">QI32s")
 _INDEX = struct.Struct(">I")
@@ -47,7 +45,7 @@ class ChunkTable:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         count = len(manifest)
-        self.files = array("I", compress(range(count), map(_FILE.__eq__, manifest.kinds)))
+        self.files = manifest.file_indexes()
         if not manifest.extents and max(manifest.sizes, default=0) <= manifest.chunk_size:
             # Every file is one chunk or none (the common case of many small files):
             # the columns straight from the manifest's, without a loop per chunk.

@@ -370,6 +370,10 @@ class Manifest:
     def file_count(self) -> int:
         return self.kinds.count(_FILE)
 
+    def file_indexes(self) -> array:
+        """The indexes of the regular files, in manifest order."""
+        return array("I", compress(range(len(self)), map(_FILE.__eq__, self.kinds)))
+
     def digest(self) -> bytes:
         """BLAKE3 over each batch's JSON text and a newline, then the chunk size (last:
         the receiver learns it from MANIFEST_END, after the batches)."""
@@ -480,7 +484,7 @@ class Pins:
         separated by NULs.  Handed to the compressor a column at a time, the paths a
         run of files at a time, straight from the manifest's columns: made whole first,
         the body took 220 bytes per file at its peak (220 MB for a million files)."""
-        files = _files(manifest)
+        files = manifest.file_indexes()
         head = json.dumps({"root": list(self.root), "count": len(files)}).encode()
         out = zstandard.ZstdCompressor(level=1).compressobj()
         parts = [out.compress(len(head).to_bytes(4, "big") + head)]
@@ -508,7 +512,7 @@ class Pins:
         columns = [array(code, body[position + 8 * count * n:position + 8 * count * (n + 1)])
                    for n, code in enumerate(_PIN_CODES)]
         position += 8 * count * len(_PIN_CODES)
-        files = _files(manifest)
+        files = manifest.file_indexes()
         same = len(files) == count and b"".join(_file_paths(manifest)) == body[position:]
         if same and all(array(code, map(column.__getitem__, files)) == was for code, column, was
                         in zip(_PIN_CODES, self._columns(manifest), columns)):
@@ -533,11 +537,6 @@ class Pins:
 
 
 _PIN_CODES = "QQQqq"
-
-
-def _files(manifest: Manifest) -> array:
-    """The indexes of the manifest's regular files."""
-    return array("I", compress(range(len(manifest)), map(_FILE.__eq__, manifest.kinds)))
 
 
 def _file_paths(manifest: Manifest) -> Iterator[bytes]:
