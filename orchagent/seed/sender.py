@@ -203,10 +203,9 @@ class ChunkQueue:
     def popleft(self) -> int:
         if self._front:
             return self._front.popleft()
-        if self._next >= len(self._chunks):
-            raise IndexError("empty")
+        chunk = self._chunks[self._next]  # IndexError when empty
         self._next += 1
-        return self._chunks[self._next - 1]
+        return chunk
 
     def push_front(self, chunks) -> None:
         self._front.extendleft(reversed(chunks))
@@ -243,10 +242,9 @@ class SourceFiles:
     them, the least recently read closed first) while its chunks are read, and checked
     again when it is closed, at the latest before the sender says it is done
     (:meth:`check_held`): a write to it meanwhile changes its ctime, a rename over it
-    drops its last link.
-    Two ``fstat`` per file, none per chunk.  A whole small file is opened, checked, read
-    and closed in one go.  Worker threads share it: a lock guards the open descriptors,
-    and each acquire is paired with a release."""
+    drops its last link.  Two ``fstat`` per file, none per chunk.  A whole small file is
+    opened, checked, read and closed in one go.  Worker threads share it: a lock guards
+    the open descriptors, and each acquire is paired with a release."""
 
     def __init__(self, root: str, manifest: tree.Manifest, pins: tree.Pins):
         self.root = root
@@ -653,7 +651,6 @@ class SendJob(SenderJob):
         flow.waiting.append((items, result, compress))
         self.flush(stream)
         self.pump(stream)
-        return None
 
     def flush(self, stream: SenderStream) -> None:
         """Write batches read ahead, unless the transport asked us to pause."""
