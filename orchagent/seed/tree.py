@@ -679,45 +679,36 @@ def check_links(manifest: Manifest) -> None:
     links = {manifest.paths[i]: t for i, t in manifest.targets.items() if kinds[i] == link_kind}
     if not links or "/../" not in "/" + "/\x00/".join(links.values()) + "/":
         return
-    resolved: dict[str, list[str] | None] = {}  # None: nowhere
-    following: set[str] = set()
+    #: None: the link leads nowhere, or is being followed (coming back to it is a loop).
+    resolved: dict[str, list[str] | None] = {}
 
     def follow(link: str, depth: int) -> list[str]:
         """Where ``link`` leads, as path parts from the root of the tree."""
         if link in resolved:
-            where = resolved[link]
-            if where is None:
+            if resolved[link] is None:
                 raise _LinkNowhere
-            return where
-        if link in following:
-            raise _LinkNowhere
+            return resolved[link]
         if depth > MAX_LINK_DEPTH:
             raise _LinkOutside(link, f"through more than {MAX_LINK_DEPTH} nested symlinks")
         target = links[link]
         if not target or target.startswith("/"):
             raise _LinkOutside(link, "outside the seeded tree")
         here = link.split("/")[:-1]
-        following.add(link)
-        try:
-            for part in target.split("/"):
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    if not here:
-                        raise _LinkOutside(link, "outside the seeded tree")
-                    here.pop()
-                    continue
-                here.append(part)
-                path = "/".join(here)
-                if path in links:
-                    here = list(follow(path, depth + 1))
-                # Past a directory, a file or a path the tree lacks, go on lexically (past
-                # the last two the kernel would stop: lexically is the stricter).
-        except _LinkNowhere:
-            resolved[link] = None
-            raise
-        finally:
-            following.discard(link)
+        resolved[link] = None
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not here:
+                    raise _LinkOutside(link, "outside the seeded tree")
+                here.pop()
+                continue
+            here.append(part)
+            path = "/".join(here)
+            if path in links:
+                here = list(follow(path, depth + 1))
+            # Past a directory, a file or a path the tree lacks, go on lexically (past the
+            # last two the kernel would stop: lexically is the stricter).
         resolved[link] = here
         return here
 
