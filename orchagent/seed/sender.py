@@ -467,17 +467,13 @@ class SendJob(SenderJob):
         return self.active and not (self.table is not None and self.table.complete)
 
     async def _walk(self) -> None:
-        reactor = self.context.reactor
         store, seed_id = self.context.store, self.seed_id
-
-        def packed(bodies: list[bytes], files: int, size: int) -> None:  # worker thread
-            reactor.callFromThread(self._more_batches, bodies, files, size)
-
         try:
             previous = await self.context.thread(store.read, seed_id, "pins")
         except OSError as e:
             raise BadRequest(f"cannot read the source's identities that this seed's walk saved "
                              f"before the agent restarted: {e}") from None
+        packed = partial(self.context.reactor.callFromThread, self._more_batches)
         manifest, table, pins = await self.context.thread(
             _survey, self.record.source_path, self.context.chunk_size, packed, previous)
         if not self.active:
@@ -836,7 +832,7 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
     manifest = tree.walk(root, chunk_size, grown, pins)
     if previous is not None:
         pins.compare(manifest, previous, root)
-    (packer or tree.ManifestPacker(manifest)).finish()
+    packer.finish()  # walk() calls grown at least once, at its end
     return manifest, plan.ChunkTable(manifest), pins
 
 
