@@ -210,8 +210,7 @@ class Manifest:
             path, kind, size, mode, mtime_ns, user, group, uid, gid, target, extents = item
         except (TypeError, ValueError):
             raise BadRequest(f"malformed manifest entry {item!r:.200}") from None
-        if not (type(path) is str and type(kind) is str and type(user) is str
-                and type(group) is str and type(target) is str):
+        if not all(type(value) is str for value in (path, kind, user, group, target)):
             raise BadRequest(f"malformed manifest entry {item!r:.200}")
         if kind not in _KINDS:
             raise BadRequest(f"unknown entry kind {kind!r:.20} in the seed manifest")
