@@ -256,10 +256,8 @@ def open_packed(frame: Frame, key: bytes = ZERO_KEY, limit: int = 256 << 20) -> 
 
 def seal_chunk(file: int, offset: int, raw, key: bytes, compress: bool,
                kind: int = Digest.BLAKE3) -> tuple[list, bytes, bool]:
-    """Frame one chunk: returns (pieces to write, content digest, compressed or not).
-
-    ``raw`` may be any buffer; it is neither copied nor kept.  Runs in a worker thread.
-    """
+    """Frame one chunk (worker thread): (pieces to write, content digest, compressed or
+    not).  ``raw`` may be any buffer; it is neither copied nor kept."""
     length = len(raw)
     if length > MAX_CHUNK:
         raise ValueError(f"chunk of {length} bytes is larger than {MAX_CHUNK}")
@@ -431,12 +429,9 @@ def unpack_chunk(chunk: Chunk) -> list:
 
 
 class FrameSplitter:
-    """Cuts a byte stream into frames without copying the data.
-
-    Pieces are kept as they arrived (views of the socket's read buffers); a frame is
-    handed out once all of it is there.  A length beyond ``max_body`` fails at once
-    (never buffers it).
-    """
+    """Cuts a byte stream into frames without copying the data: pieces are kept as they
+    arrived (views of the socket's read buffers), and a frame is handed out once all of
+    it is there.  A length beyond ``max_body`` fails at once (never buffers it)."""
 
     def __init__(self, max_body: int = MAX_BODY):
         self.max_body = max_body

@@ -843,10 +843,8 @@ def _file_digests(table: plan.ChunkTable) -> tuple[list[bytes], bytes]:
 
 
 def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:
-    """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``.
-
-    A batch of several whole small files becomes one BUNDLE frame, else one DATA frame
-    per chunk."""
+    """Worker thread: read, hash and frame a batch: ``[(pieces, digests, compressed)]``,
+    one BUNDLE frame for several whole small files, else one DATA frame per chunk."""
     manifest = files.manifest
     if len(items) > 1:
         raw = bytearray(sum(length for _, _, length in items))

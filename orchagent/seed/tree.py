@@ -167,14 +167,12 @@ class PathColumn(Sequence):
 
 
 class Manifest:
-    """The tree as columns rather than objects, so that 50,000 entries cost a few MB.
-
-    Built from wire entries (:meth:`add_wire`, :meth:`add_wire_many`), or from entries
-    (``Manifest(entries, chunk_size)``); :attr:`entries` gives them back as :class:`Entry`
-    values.  The digest covers the chunk size and the JSON text of the batches the
-    manifest travels in (see :func:`pack_batches`), so neither side serialises an entry
-    twice; a manifest that never travelled digests as one batch.
-    """
+    """The tree as columns rather than objects, so that 50,000 entries cost a few MB;
+    built from wire entries (:meth:`add_wire`, :meth:`add_wire_many`) or :class:`Entry`
+    values (given back by :attr:`entries`).  The digest covers the chunk size and the
+    JSON text of the batches the manifest travels in (see :func:`pack_batches`), so
+    neither side serialises an entry twice; a manifest that never travelled digests as
+    one batch."""
 
     def __init__(self, entries: Iterable[Entry] = (), chunk_size: int = DEFAULT_CHUNK):
         self.chunk_size = chunk_size
@@ -245,13 +243,10 @@ class Manifest:
 
     def add_wire_many(self, items: list) -> None:
         """Append entries in their wire form, many at once (a manifest batch, a stretch
-        of the walk).
-
-        The columns are built and range-checked by C loops (``map``, ``zip``, ``array``,
-        ``min``/``max``) instead of entry by entry, which takes a 50,000-entry manifest
-        from 0.2 s to a fraction of it.  Anything those checks reject goes through
-        :meth:`add_wire` entry by entry, whose BadRequest names the bad entry; nothing
-        is appended before every check passed."""
+        of the walk), the columns built and range-checked by C loops (``map``, ``zip``,
+        ``array``, ``max``): entry by entry, a 50,000-entry manifest took 0.2 s.
+        Anything those checks reject goes through :meth:`add_wire` entry by entry, whose
+        BadRequest names the bad entry; nothing is appended before every check passed."""
         start = len(self.kinds)
         try:
             columns = self._checked_columns(items)
