@@ -3,10 +3,9 @@
 The sender walks the source once (in a worker thread) into a :class:`Manifest`: every
 directory, regular file and symlink with its relative path, size, mode, mtime and owner
 (by name, with the numeric id as a fallback), and for sparse files the data extents found
-with SEEK_DATA/SEEK_HOLE.  Sockets, FIFOs and devices cannot be copied and are left out
-(a MySQL socket in the datadir is the usual case).  The sender's walk also records each
-entry's device, inode and ctime (:class:`Pins`, never sent), against which every file it
-opens later is checked.
+with SEEK_DATA/SEEK_HOLE; beside it, never sent, each entry's identity (:class:`Pins`).
+Sockets, FIFOs and devices cannot be copied and are left out (a MySQL socket in the
+datadir is the usual case).
 
 The receiver trusts none of it: :func:`validate` rejects absolute paths, ``..``,
 duplicate names, entries under anything but a directory of the manifest, and symlinks
