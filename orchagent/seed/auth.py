@@ -121,11 +121,8 @@ class ClientHandshake:
 
 
 class ServerHandshake:
-    """The receiver's side: HELLO → CHALLENGE, AUTH → ACCEPT (or Rejected).
-
-    Any well-formed HELLO gets its CHALLENGE; whether the seed exists, whether it needs a
-    key and whether this peer may send are decided only after AUTH, so that a refusal
-    comes at the same step whatever its reason.  When the peer check answers later (a
+    """The receiver's side: HELLO → CHALLENGE, AUTH → ACCEPT (or Rejected, decided only
+    after AUTH: see the module docstring).  When the peer check answers later (a
     Deferred), :attr:`peer_check` holds it: the caller waits for it before accepting."""
 
     def __init__(self, admit: Callable[[str], Admission], peer_host: str):
