@@ -9,11 +9,11 @@ For control frames ``covered`` is the whole body.  A DATA frame's body is a 49-b
 head (file index u32, offset u64, raw length u32, encoding u8, content digest of the raw
 bytes, 32 bytes: see :class:`Digest`) followed by the payload.  A raw payload is bound to
 the tag through the digest (the tag covers header and chunk head), so one hash pass over
-the data on each side both authenticates and verifies it.  A zstd payload is covered by the tag as well
-and checked before it is decompressed: nothing unauthenticated reaches the decompressor,
-and every flipped bit is caught even where it would not change the output.  The content
-digest does not depend on the stream key: the receiver keeps it in its journal and
-compares it again after a restart.
+the data on each side both authenticates and verifies it.  A zstd payload is covered by
+the tag as well and checked before it is decompressed: nothing unauthenticated reaches
+the decompressor, and every flipped bit is caught even where it would not change the
+output.  The content digest does not depend on the stream key: the receiver keeps it in
+its journal and compares it again after a restart.
 
 Small files travel together in BUNDLE frames: a head (count u32, encoding u8, raw length
 u32), one item per file (file index u32, length u32, content digest) and the files' bytes
@@ -350,7 +350,7 @@ def open_bundle(frame: Frame, key: bytes, kind: int = Digest.BLAKE3) -> Bundle:
 
 def unpack_bundle(bundle: Bundle) -> list:
     """``[(file index, bytes or IntegrityError)]``: each file checked against its digest
-    (worker thread).  A zstd payload is authenticated before it is decompressed."""
+    (worker thread)."""
     parts = list(bundle.payload)
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     if bundle.encoding == Encoding.ZSTD:
@@ -396,9 +396,8 @@ def _split(frame: Frame, end: int) -> tuple[bytes, tuple, bytes]:
 
 
 def _decompress(framed: Chunk | Bundle, packed, length: int, where, frame: str, content: str):
-    """A zstd payload, authenticated first (nothing unauthenticated reaches the
-    decompressor), then decompressed to exactly ``length`` bytes.  Its declared size is
-    checked first: decompress() would allocate what a corrupt header claims."""
+    """A zstd payload, authenticated, then decompressed to exactly ``length`` bytes (its
+    declared size checked first: decompress() would allocate what a corrupt header claims)."""
     if _tag(framed.key, framed.head, packed) != framed.tag:
         raise IntegrityError(f"{frame} failed its integrity check", where=where)
     try:
