@@ -85,7 +85,6 @@ class SenderStream(Stream):
     def __init__(self, job, role: str, index: int, session_id: str):
         super().__init__(job.context.clock)
         self.job = job
-        self.role = role
         self.index = index
         self.handshake = ClientHandshake(job.seed_id, session_id, role, index, job.auth_key)
         self.blocked = False
