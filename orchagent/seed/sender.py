@@ -4,11 +4,11 @@ A *session* is one attempt: a control stream carries the manifest (batch by batc
 the walk of the source makes them: the first session connects while the walk goes on,
 and the receiver parses each batch as it comes), learns from READY which chunks the
 receiver already holds, then it and SeedStreams-1 data streams pull chunks from one
-shared queue (so a large file is split between streams).  Any stream
-failing ends the session; the job reconnects with backoff and the receiver's READY makes
-the next session continue from the last verified chunk.  When the queue is empty the
-control stream sends the per-file digests and the tree digest, and the receiver answers
-RESULT after it verified and moved everything into place.
+shared queue (so a large file is split between streams).  Any stream failing ends the
+session; the job reconnects with backoff and the receiver's READY makes the next session
+continue from the last verified chunk.  When the queue is empty the control stream sends
+the per-file digests and the tree digest, and the receiver answers RESULT after it
+verified and moved everything into place.
 
 Each stream is an IPushProducer on its transport: when the transport's buffer is full it
 is paused and keeps at most :data:`AHEAD` batches read ahead (read, hashed, maybe
