@@ -99,10 +99,11 @@ class PathColumn(Sequence):
 
     It reads like the list of str it replaces (``column[i]``, slices, ``len``, iteration,
     ``append``/``extend``).  A path is stored as its bytes on disk (:func:`_encode`) and
-    comes back as the same str, non-UTF-8 names included.  No path holds a NUL (no file
-    name can): ``append``/``extend`` refuse one with ValueError, and a str that has no
-    bytes on disk (a lone surrogate, which ``os.fsdecode`` never makes) with
-    UnicodeEncodeError."""
+    comes back as the same str, non-UTF-8 names included (a str whose escaped bytes make
+    valid UTF-8 together, which ``os.fsdecode`` never makes, comes back as that name).
+    No path holds a NUL (no file name can): ``append``/``extend`` refuse one with
+    ValueError, and a str that has no bytes on disk (a lone surrogate, which
+    ``os.fsdecode`` never makes) with UnicodeEncodeError."""
 
     __slots__ = ("blob", "starts")
 
