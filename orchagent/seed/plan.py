@@ -3,11 +3,12 @@
 Both sides keep a :class:`ChunkTable` over the same plan (see
 :meth:`~orchagent.seed.tree.Manifest.chunks`).  A file's digest is its chunk's content
 digest when it has one chunk, else BLAKE3 over its chunks' (offset, length, content
-digest) in offset order; the tree digest is BLAKE3 over the manifest digest and every
-file's (index, digest) in manifest order.  The receiver
-builds them from chunks it verified and wrote; the sender from chunks it read.  Equal
-tree digests mean the same metadata and the same bytes at the same places, whichever
-stream or session carried each chunk.
+digest) in offset order (a lone chunk's offset and length are fixed by the plan, from
+the verified manifest); the tree digest is BLAKE3 over the manifest digest and every
+file's (index, digest) in manifest order.  The receiver builds them from chunks it
+verified and wrote; the sender from chunks it read.  Equal tree digests mean the same
+metadata and the same bytes at the same places, whichever stream or session carried
+each chunk.
 
 The table is arrays indexed by chunk number (chunks of a file are consecutive), not
 objects: a seed of 50,000 small files costs a few MB here.
@@ -144,9 +145,7 @@ class ChunkTable:
         return bytes(out)
 
     def file_digest(self, index: int) -> bytes:
-        """A file's digest: its only chunk's digest when it has one (the plan, from the
-        verified manifest, fixes that chunk's offset and length), else BLAKE3 over its
-        chunks' (offset, length, digest)."""
+        """A file's digest (see the module docstring)."""
         first, end = self.first[index], self.first[index + 1]
         if end - first == 1:
             return bytes(self.digests[first * DIGEST:end * DIGEST])
