@@ -598,7 +598,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
                     kind, target = LINK, os.readlink(item.name, dir_fd=fd)
                     check_link(child_rel, target)
                 else:
-                    continue
+                    continue  # a socket, FIFO or device: not copied
                 if st.st_uid not in users:
                     users[st.st_uid] = _name_of(pwd.getpwuid, st.st_uid)
                 if st.st_gid not in groups:
