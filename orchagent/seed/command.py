@@ -57,13 +57,12 @@ class CommandJob(state.JobIdentity):
         super()._settle()
 
     def fail(self, message: str, final_state: str = state.FAILED) -> defer.Deferred:
-        if not self.active:
-            return defer.succeed(None)
-        self.record.state = final_state
-        self.record.error = message
-        if self.running is not None and not self.running.called:
-            self.running.cancel()
-        self._settle()
+        if self.active:
+            self.record.state = final_state
+            self.record.error = message
+            if self.running is not None and not self.running.called:
+                self.running.cancel()
+            self._settle()
         return defer.succeed(None)
 
     async def stop(self) -> None:

@@ -404,10 +404,9 @@ class SenderJob(state.JobIdentity):
         """End the seed ``final_state`` with ``message``; every stream tells the receiver
         (an ABORT) as its last frame unless ``tell`` is false (the receiver ended or
         refused the seed, or cannot be told)."""
-        if not self.active:
-            return defer.succeed(None)
-        self.end_record(message, final_state, log)
-        self._end({"message": message, "state": final_state} if tell else None)
+        if self.active:
+            self.end_record(message, final_state, log)
+            self._end({"message": message, "state": final_state} if tell else None)
         return defer.succeed(None)
 
     def _end(self, tell: dict | None = None) -> None:
