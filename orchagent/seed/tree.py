@@ -276,10 +276,8 @@ class Manifest:
     def _checked_columns(items: list):
         """The columns of wire entries, or None when a fast check fails (see
         :meth:`add_wire_many`; the exceptions it catches also mean "check one by one")."""
-        if not items:
-            return None
         if not set(map(type, items)) <= {list, tuple} or set(map(len, items)) != {11}:
-            return None
+            return None  # an empty list too (no length 11 in it)
         paths, kinds, sizes, modes, mtimes, users, groups, uids, gids, targets, extents = zip(*items)
         for column in (paths, users, groups, targets):
             if set(map(type, column)) != {str}:
