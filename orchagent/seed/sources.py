@@ -97,17 +97,15 @@ class SeedSources:
             return None
         peer = _normal(host)
 
-        def decide(answer):
+        def decide(answer) -> None:
             if answer is None:
                 log.warn("seed {seed}: orchestrator does not know this seed; accepting {peer} "
                          "(SeedAllowedNetworks: {networks})", seed=seed_id, peer=peer,
                          networks=", ".join(self.config.seed_allowed_networks) or "any")
-                return None
-            name, addresses = answer
-            if peer not in addresses:
+            elif peer not in answer[1]:
+                name, addresses = answer
                 raise Rejected(f"{peer} is not {name}, the source orchestrator named for seed "
                                f"{seed_id} ({', '.join(sorted(addresses))})")
-            return None
 
         def failed(failure):
             if failure.check(Rejected):
