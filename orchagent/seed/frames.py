@@ -435,21 +435,18 @@ class FrameSplitter:
     def __init__(self, max_body: int = MAX_BODY):
         self.max_body = max_body
         self._pieces: deque = deque()
-        self._have = 0
+        #: Bytes received and not yet handed out as frames.
+        self.buffered = 0
         self._head: tuple[int, int, int] | None = None
-
-    @property
-    def buffered(self) -> int:
-        return self._have
 
     def feed(self, data) -> list[Frame]:
         if data:
             self._pieces.append(memoryview(data))
-            self._have += len(data)
+            self.buffered += len(data)
         frames = []
         while True:
             if self._head is None:
-                if self._have < HEADER.size:
+                if self.buffered < HEADER.size:
                     break
                 ftype, flags, length = HEADER.unpack(b"".join(_slice(self._pieces, 0, HEADER.size)))
                 if length > self.max_body:
@@ -458,7 +455,7 @@ class FrameSplitter:
                     raise ProtocolError(f"unknown frame type {ftype}")
                 self._head = (ftype, flags, HEADER.size + length + TAG_SIZE)
             ftype, flags, total = self._head
-            if self._have < total:
+            if self.buffered < total:
                 break
             parts = self._take(total)
             if ftype not in (FrameType.DATA, FrameType.BUNDLE) and len(parts) > 1:
@@ -469,11 +466,11 @@ class FrameSplitter:
 
     def finish(self) -> None:
         """The stream ended: a partial frame left over is an error."""
-        if self._have:
-            raise ProtocolError(f"stream ended inside a frame ({self._have} bytes left over)")
+        if self.buffered:
+            raise ProtocolError(f"stream ended inside a frame ({self.buffered} bytes left over)")
 
     def _take(self, n: int) -> list[memoryview]:
-        self._have -= n
+        self.buffered -= n
         parts = []
         need = n
         while need:
