@@ -141,21 +141,13 @@ class Frame:
 
     DATA frames stay in pieces: the payload goes to disk with one ``pwritev`` and is
     hashed piece by piece, never copied into one buffer.  Control frames are small and
-    joined on demand (:attr:`raw`).
+    joined when checked (:func:`open_control`).
     """
 
     type: int
     flags: int
     parts: tuple
     size: int
-
-    @property
-    def raw(self) -> memoryview:
-        return self.parts[0] if len(self.parts) == 1 else memoryview(b"".join(self.parts))
-
-    @property
-    def body(self) -> memoryview:
-        return self.raw[HEADER.size:self.size - TAG_SIZE]
 
 
 @attrs.frozen
@@ -230,10 +222,10 @@ def open_control(frame: Frame, key: bytes = ZERO_KEY) -> bytes:
     """The body of a control frame, after checking its tag."""
     if frame.type in (FrameType.DATA, FrameType.BUNDLE):
         raise ProtocolError("a data frame where a control frame was expected")
-    raw = frame.raw
+    raw = frame.parts[0] if len(frame.parts) == 1 else memoryview(b"".join(frame.parts))
     if _tag(key, raw[:len(raw) - TAG_SIZE]) != raw[len(raw) - TAG_SIZE:]:
         raise IntegrityError(f"{_name(frame.type)} frame failed its integrity check")
-    return bytes(frame.body)
+    return bytes(raw[HEADER.size:frame.size - TAG_SIZE])
 
 
 def open_json(frame: Frame, key: bytes = ZERO_KEY) -> Any:
