@@ -10,9 +10,8 @@ Every stream opens with HELLO → CHALLENGE → AUTH → ACCEPT, whatever protec
   and only a derived per-seed secret is ever kept (see :func:`derive_auth_key`);
 * under mutual TLS (SeedTLS*), the TLS layer has already checked the peer's certificate
   against SeedTLSCAFile (and the target's name through service_identity);
-* with neither, the receiver accepts only peers inside SeedAllowedNetworks (any peer
-  when that list is empty, as the original tar|nc seed did) and warns that the stream is
-  unauthenticated.
+* with neither, only the peers :mod:`orchagent.seed.sources` allows, and the receiver
+  warns that the stream is unauthenticated.
 
 A mismatch (wrong key, one side keyed and the other not, wrong seed, a peer that may not
 send) is a REJECT and the connection is closed: nothing reaches the disk before ACCEPT.
