@@ -231,11 +231,9 @@ class ChunkDigests:
 def range_matches(path: str, offset: int, length: int, digest: bytes,
                   kind: int = frames.Digest.BLAKE3) -> bool:
     """Whether ``length`` bytes of ``path`` at ``offset`` hash to ``digest`` (a content
-    digest of ``kind``).
-
-    Worker threads only (it reads the disk).  Used on resume by both sides: a chunk the
-    receiver's journal names is trusted only when its bytes still match.  A missing
-    file or a symlink in its place is simply "no match"."""
+    digest of ``kind``; worker thread).  On a resume, a chunk the receiver's journal names
+    is trusted only when its bytes still match; a missing file or a symlink in its place
+    is simply "no match"."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
