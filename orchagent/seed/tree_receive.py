@@ -276,8 +276,7 @@ class TreeReceive(state.ReceivePayload):
         if self.journal_fd is None:
             self.journal_fd = os.open(self.context.store.path(self.seed_id, "journal"),
                                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        table = self.table
-        record = self.record
+        table, record = self.table, self.record
         record.bytes_total, record.files_total = table.bytes_total, len(table.files)
         record.bytes_done, record.files_done = table.bytes_done, table.files_done
         record.totals = state.FINAL
@@ -422,16 +421,13 @@ class TreeReceive(state.ReceivePayload):
 
     def _write_back(self) -> None:
         """Write what the seed left dirty back to disk while it goes on (a worker thread,
-        one pass at a time).
+        one pass at a time; O_DIRECT chunks do not count).
 
-        Large chunks bypass the page cache (O_DIRECT) and do not count; small files and
-        tails go through it.  Left alone, a seed of 50,000 small files keeps 800 MB dirty until
-        the final syncfs; written back as it goes, the disk works while the threads wait
-        on file creation, and ext4 never nears a full file system counting dirty data
-        (measured: 3.1 s instead of 2.7 s for the whole seed on a file system sized for
-        the data, 3.0 s instead of 2.8 s on one eight times larger; BENCHMARKS.md).
-        Durability is still the final syncfs's (Staging.finalize).  A write error fails
-        the seed here: the kernel reports it to one syncfs only, this one."""
+        Left alone, a seed of 50,000 small files keeps 800 MB dirty until the final syncfs;
+        written back as it goes, the disk works while the threads wait on file creation,
+        and ext4 never nears a full file system counting dirty data (BENCHMARKS.md).
+        Durability is still the final syncfs's.  A write error fails the seed here: the
+        kernel reports it to one syncfs only, this one."""
         self.written_back = self.staging.buffered_bytes
         self.writing_back = True
 
@@ -455,8 +451,7 @@ class TreeReceive(state.ReceivePayload):
 
     def _chunk_failed(self, stream, key: tuple[int, int], error) -> None:
         self.failures[key] = self.failures.get(key, 0) + 1
-        path = self.manifest.paths[key[0]]
-        offset = key[1]
+        path, offset = self.manifest.paths[key[0]], key[1]
         log.warn("seed {seed}: chunk of {path} at offset {offset} failed verification "
                  "({n} time(s)); it will be sent again", seed=self.seed_id, path=path,
                  offset=offset, n=self.failures[key])
@@ -508,15 +503,12 @@ class TreeReceive(state.ReceivePayload):
         session.sender_digests = bytearray()
         await job.completed()
 
-    def _reread_wanted(self) -> bool:
-        setting = self.context.config.seed_verify_on_disk
-        return (self.record.resumes > 0 or self.restored) if setting == "auto" else setting == "on"
-
     async def check_on_disk(self) -> None:
         """Staging, as it is on disk, is the tree received: every entry there, of its size
         (always), every byte read back against its digest (SeedVerifyOnDisk)."""
-        job = self.job
-        reread = self._reread_wanted()
+        job, setting = self.job, self.context.config.seed_verify_on_disk
+        resumed = self.record.resumes > 0 or self.restored
+        reread = resumed if setting == "auto" else setting == "on"
         job.reread, job.rereading = 0, reread
 
         def read(length: int) -> None:  # a worker thread; the reactor reads a plain int
@@ -552,8 +544,7 @@ def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], 
 
 
 def _load_manifest(saved: bytes) -> tuple[tree.Manifest, frames.Digest]:
-    pieces = []
-    position = 0
+    pieces, position = [], 0
     while position < len(saved):
         (size,) = struct.unpack_from(">I", saved, position)
         pieces.append(saved[position + 4:position + 4 + size])
