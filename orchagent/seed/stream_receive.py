@@ -387,13 +387,10 @@ def _write_all(fd: int, parts: list) -> None:
     pending = [memoryview(p) for p in parts if len(p)]
     while pending:
         written = os.writev(fd, pending[:64])
-        while written:
-            if written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
+        while pending and written >= len(pending[0]):
+            written -= len(pending.pop(0))
+        if written:
+            pending[0] = pending[0][written:]
 
 
 class _Writeback:
@@ -402,15 +399,13 @@ class _Writeback:
 
     ``mbstream`` writes through the page cache.  Left alone, a seed would fill it with
     the whole backup (evicting the host's cached data) and leave it all to write back at
-    the end (the final syncfs took 0.3 s for 660 MB); worse, on a VM whose host reclaims
-    the guest's free memory (this one: Firecracker, DAMON reclaim), every page of a
-    backup-sized page cache is a fresh page the host must provide, which made extraction
-    take 0.2 to 2 s for the same 660 MB.  A pass writes back every file that grew since
-    the last pass (``sync_file_range``, waiting: that file's data only, where syncfs
-    would flush the whole file system) and drops its pages (``POSIX_FADV_DONTNEED``,
-    which never drops dirty data): the extractor's next writes reuse the same few pages.
-    Durability is still the final syncfs's (Staging.finalize).  Measured on 673 MB (stream, extraction, prepare, sync):
-    0.9-1.3 s instead of 1.5-1.9 s (see BENCHMARKS.md, "Hot seed")."""
+    the end; worse, on a VM whose host reclaims the guest's free memory, every page of a
+    backup-sized page cache is a fresh page the host must provide.  A pass writes back
+    every file that grew since the last pass (``sync_file_range``, waiting: that file's
+    data only, where syncfs would flush the whole file system) and drops its pages
+    (``POSIX_FADV_DONTNEED``, which never drops dirty data): the extractor's next writes
+    reuse the same few pages.  Durability is still the final syncfs's (Staging.finalize);
+    the measures are in BENCHMARKS.md, "Hot seed"."""
 
     def __init__(self, root: str):
         self.root = root
