@@ -1,18 +1,15 @@
-"""The receiver's staging area and the move into the datadir (blocking: worker threads).
+"""The receiver's staging area (blocking: worker threads).
 
-Where staging lives: beside the datadir (``<parent>/.<name>.orchagent-seed-<id>``) when
-the parent is on the same file system, else — the datadir is a mount point or a btrfs
-subvolume — inside it (``<datadir>/.orchagent-seed-<id>``).  Either way the staged
-entries can be renamed into the datadir, which itself is never replaced (its inode,
-owner, mode and labels stay).
+Staging lives beside the datadir (``<parent>/.<name>.orchagent-seed-<id>``) when the
+parent is on the same file system, else (the datadir is a mount point or a btrfs
+subvolume) inside it (``<datadir>/.orchagent-seed-<id>``): either way its entries can be
+renamed into the datadir.  What a non-empty datadir held goes aside next to it
+(``.<name>.orchagent-previous-<id>``, or inside it likewise).
 
 Nothing leaves staging before the whole tree is verified and synced (syncfs: every file
-and directory of that file system in one call, instead of one fsync per file).  Then
-:mod:`orchagent.seed.promotion` moves it in as one journaled step.  If the datadir is not
-empty (orchestrator normally empties it with delete-mysql-datadir first), what is there
-is not lost: it is moved to ``.<name>.orchagent-previous-<id>`` beside the datadir (or
-inside it, as above), except an unrelated ``lost+found``.  A failed or aborted seed only
-removes staging.
+and directory of that file system in one call, instead of one fsync per file); then
+:mod:`orchagent.seed.promotion` moves it in.  A failed or aborted seed only removes
+staging.
 """
 
 from __future__ import annotations
@@ -132,8 +129,8 @@ class Staging:
         #: Bytes written through the page cache so far (small files, tails, file systems
         #: without O_DIRECT): what a background write-back has to flush.
         self.buffered_bytes = 0
+        #: Local (uid, gid) by the manifest's (user, group, uid, gid).
         self._owners: dict[tuple, tuple[int, int]] = {}
-        self._column_owners: dict[tuple, tuple[int, int]] = {}
         #: The file system's write errors, counted from the moment staging is made
         #: (orchagent.durable.Writes): a sync reports each one, even one that another
         #: process's syncfs met first (a fresh descriptor would not).
@@ -275,10 +272,10 @@ class Staging:
         path = manifest.paths[index]
         mode = manifest.modes[index]
         key = (manifest.users[index], manifest.groups[index], manifest.uids[index], manifest.gids[index])
-        owner = self._column_owners.get(key)
+        owner = self._owners.get(key)
         try:
             if owner is None:
-                owner = self._column_owners[key] = local_owner(manifest.entry(index))
+                owner = self._owners[key] = local_owner(manifest.entry(index))
             fd = os.open(os.path.join(self.root, path), _OPEN_FLAGS | os.O_TRUNC, mode & 0o777)
             try:
                 _pwrite_all(fd, data, 0, length)
@@ -323,9 +320,8 @@ class Staging:
         buffer = _direct_buffer.get(length)
         position = 0
         for piece in data:
-            size = len(piece)
-            buffer[position:position + size] = piece
-            position += size
+            buffer[position:position + len(piece)] = piece
+            position += len(piece)
         if position != length:
             raise OSError(errno.EIO, f"the chunk's buffers hold {position} bytes, not {length}")
         aligned = length - length % DIRECT_ALIGN
@@ -395,7 +391,6 @@ class Staging:
         return good
 
     def finalize(self, manifest: Manifest, table) -> None:
-        """:meth:`complete`, then :meth:`sync`."""
         self.complete(manifest, table)
         self.sync()
 
