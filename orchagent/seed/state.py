@@ -130,8 +130,7 @@ class SeedRecord:
 
 
 def cancelled(call) -> None:
-    """Cancel a timed call (IDelayedCall) unless it is None or has run; None, to be
-    assigned back."""
+    """Cancel a timed call (IDelayedCall) unless it is None or has run."""
     if call is not None and call.active():
         call.cancel()
 
@@ -242,15 +241,11 @@ class ReceivePayload:
 
 
 def eta(totals: str, remaining: int, rate: float) -> float | None:
-    """Seconds left for ``remaining`` bytes at ``rate``, given what the totals are.
-
-    While the totals are WALKING no ETA is given: the remaining bytes are those walked
-    so far, so the figure would shrink toward zero and then jump back up each time the
-    walk finds more (an operator reads a falling ETA as "nearly done").  Extrapolating
-    the total is no better: a datadir's files come in directory order, not size order
-    (ibdata1, one database of large tables, ten thousand tiny ones), so the share walked
-    says little about the share left.  Against an ESTIMATE the ETA is given while the
-    bytes done are below it, and None past it (never 0 for a seed still moving)."""
+    """Seconds left for ``remaining`` bytes at ``rate``, given what the totals are: None
+    while they are WALKING (see WALKING; extrapolating the total is no better: a
+    datadir's files come in directory order, not size order, so the share walked says
+    little about the share left); against an ESTIMATE, None once the bytes done pass it
+    (never 0 for a seed still moving)."""
     if totals == FINAL and remaining <= 0:
         return 0.0
     if totals not in (FINAL, ESTIMATE) or remaining <= 0 or rate <= 0:
@@ -276,6 +271,7 @@ class StateStore:
         """Replace the file whole (:func:`orchagent.swap.replace_file`; not fsynced: a
         seed's state is rewritten every few seconds while it runs)."""
         replace_file(self.path(seed_id, suffix), data, durable=False)
+
     def read(self, seed_id: str, suffix: str) -> bytes | None:
         try:
             with open(self.path(seed_id, suffix), "rb") as fh:
