@@ -1,14 +1,12 @@
 """The receiving side of a seed: the receive job, whatever arrives.
 
-A connection is accepted, admitted and handed over by :mod:`orchagent.seed.listener`;
-the :class:`ReceiveJob` of its seed takes it.  The job owns what every received seed has:
-the record, the staging directory, the verified start, the promotion into the datadir
-and the cleanup of a seed that failed.  What arrives is its *payload*, chosen by the
-first stream that joins: a tree sent file by file, resumable
-(:class:`~orchagent.seed.tree_receive.TreeReceive`), or a backup tool's stream, extracted
-and prepared as it comes (:class:`~orchagent.seed.stream_receive.StreamReceive`).  Both
-end in :meth:`ReceiveJob.install` with a synced tree in staging.  What a payload offers
-the job is :class:`~orchagent.interfaces.IReceivePayload`.
+:mod:`orchagent.seed.listener` hands each admitted connection to the :class:`ReceiveJob`
+of its seed, which owns the record, the staging directory, the verified start, the
+promotion into the datadir and the cleanup of a seed that failed.  What arrives is its
+*payload* (:class:`~orchagent.interfaces.IReceivePayload`), chosen by the first stream
+that joins: a tree sent file by file, resumable (:mod:`~orchagent.seed.tree_receive`), or
+a backup tool's stream, extracted and prepared as it comes
+(:mod:`~orchagent.seed.stream_receive`).  Both end in :meth:`ReceiveJob.install`.
 """
 
 from __future__ import annotations
@@ -160,12 +158,9 @@ class ReceiveJob(state.JobIdentity):
 
     async def promote(self) -> bool:
         """Move the verified, synced tree into the datadir as one journaled step
-        (:mod:`orchagent.seed.promotion`); True once it is there.
-
-        MySQL must be stopped right before (it may have been started while the seed ran).
-        The record written is the commit point: from then on an abort (or any ``fail``)
-        waits for the seed to complete instead of racing it.  A rename that fails undoes
-        the promotion and fails the seed; the datadir is then as it was."""
+        (:mod:`orchagent.seed.promotion`, whose record is the commit point: see
+        :meth:`fail`); True once it is there.  MySQL must be stopped right before (it may
+        have been started while the seed ran)."""
         record = self.record
         if not self.active:
             return False
@@ -220,11 +215,11 @@ class ReceiveJob(state.JobIdentity):
 
     async def completed(self) -> None:
         """The tree is in place: the seed completed; the sender is told; the promotion
-        record goes once that is saved (a crash before settles the promotion again)."""
+        record goes once that is saved (until then, the next start settles it forward
+        again, a no-op).  The key stays for a sender that reconnects to learn the result
+        (SeedManager.forget_completed removes it)."""
         record = self.record
         self._let_go()
-        # The key stays while a sender may still reconnect to learn the result
-        # (SeedManager.forget_completed removes it).
         self.context.store.remove(self.seed_id, "journal", "manifest")
         record.state = state.COMPLETED
         record.promoting = False
@@ -232,16 +227,12 @@ class ReceiveJob(state.JobIdentity):
         record.updated_at = self.context.clock.seconds()
         path = self.context.store.path(self.seed_id, promotion.SUFFIX)
         if not self.context.save(record):
-            # The record on disk still says "promoting": the promotion record stays, so the
-            # next start settles it forward again (a no-op) and saves "completed" then.
             log.warn("seed {seed}: its completion could not be saved; the promotion record "
                      "{path} is kept for the next start", seed=self.seed_id, path=path)
         else:
             try:
                 await self.context.thread(promotion.remove_record, path)
             except OSError as e:
-                # The seed is complete and saved so; a record left over is settled forward
-                # again at the next start, where it finds everything in place.
                 log.warn("seed {seed}: cannot remove the promotion record {path}: {error}",
                          seed=self.seed_id, path=path, error=e)
         if self.payload is not None:
@@ -250,8 +241,8 @@ class ReceiveJob(state.JobIdentity):
 
     def fail(self, message: str, final_state: str = state.FAILED) -> defer.Deferred:
         """Stop: tell the sender, close streams, stop the payload's tools, remove staging;
-        the datadir is untouched.  Once the promotion is recorded it is too late: the seed
-        completes, and the Deferred fires when it has."""
+        the datadir is untouched.  Once the promotion is recorded it is too late (instead
+        of racing it): the seed completes, and the Deferred fires when it has."""
         if not self.active:
             return defer.succeed(None)
         if self.committed:
