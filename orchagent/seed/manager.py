@@ -54,13 +54,11 @@ def _tune_malloc() -> None:
     """Keep glibc from handing the seed's buffers back to the kernel between chunks.
 
     Two arenas: glibc gives each allocating thread its own, and memory freed in one is not
-    reused by another; with worker threads passing megabyte buffers around that costs tens
-    of MB of resident memory for nothing.  Fixed mmap and trim thresholds: by default a
-    buffer of a few MB is mmap'd, or the heap's top is trimmed, after every chunk, so the
-    next chunk faults in fresh zeroed pages (1 GiB sent cost the sender 90,000 page
-    faults, a third of its system time, and far more on a VM whose host reclaims freed
-    guest memory); with these the sender takes 16,000.  Resident memory stays bounded by
-    the data in flight plus the trim threshold."""
+    reused by another (tens of MB resident for nothing, with worker threads passing
+    megabyte buffers around).  Fixed mmap and trim thresholds: by default a buffer of a few
+    MB is mmap'd, or the heap's top trimmed, after every chunk, so the next chunk faults in
+    fresh zeroed pages (1 GiB sent: 90,000 page faults instead of 16,000).  Resident
+    memory stays bounded by the data in flight plus the trim threshold."""
     try:
         import ctypes
 
@@ -266,11 +264,12 @@ class SeedManager(service.Service):
     def job_ended(self, job) -> None:
         if self.jobs.get(job.seed_id) is job:
             del self.jobs[job.seed_id]
-        if not (isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED):
+        completed = isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED
+        if not completed:
             # A finished seed is never resumed: its key has no use left on disk.
             self.store.remove(job.seed_id, "key")
         self.store.remove(job.seed_id, "pins")
-        if isinstance(job, ReceiveJob) and job.record.state == state.COMPLETED and self.running:
+        if completed and self.running:
             state.cancelled(self.completed_receives.pop(job.seed_id, (None, None))[1])
             expiry = self.clock.callLater(COMPLETED_GRACE, self.forget_completed, job.seed_id)
             self.completed_receives[job.seed_id] = (job, expiry)
