@@ -209,11 +209,9 @@ class LogForwarder:
         wire = channel.event_to_wire(event)
         if self.channel is not None and self.channel.transport is not None and not getattr(
                 self.channel.transport, "disconnected", False):
-            try:
+            with contextlib.suppress(Exception):
                 self.channel.callRemote(channel.Log, event=wire)
                 return
-            except Exception:
-                pass
         if wire["level"] in ("debug", "info") and not wire["failure"]:
             return
         with contextlib.suppress(OSError, ValueError):
@@ -261,8 +259,7 @@ def main(parent_pid: int) -> None:
             log.failure("seed engine: cannot start the seed manager")
             failed.append(True)
             # The failure above is queued on the channel: close it once written (its loss
-            # stops the reactor), so the agent logs why; stopping the reactor at once lost
-            # it, and the agent's log said only that the engine closed its channel.
+            # stops the reactor), so the agent logs why; stopping now would lose it.
             transport = amp_channel.transport
             if transport is None or getattr(transport, "disconnected", False):
                 reactor.stop()
