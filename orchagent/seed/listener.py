@@ -3,12 +3,11 @@
 A receiving host opens SeedTransferPort while it receives a seed (or completed one lately
 that its sender may not know of yet) and closes it when none is left: :class:`SeedListener`.
 Each accepted connection is a :class:`ReceiverStream`, which only cuts frames and runs the
-handshake (:mod:`orchagent.seed.auth`); :meth:`SeedListener.admission` says what it must
-prove (the seed's key, TLS, or for a plain v1 seed the source orchestrator names,
-:mod:`orchagent.seed.sources`).  Once admitted, the connection joins its seed's receive
-job, which takes it as a tree's control or data stream or as a hot seed's backup stream
-(or refuses it), and everything after goes to that job.  :class:`ReceiverFactory` bounds
-the connections still in their handshake.
+handshake (:mod:`orchagent.seed.auth`; what it must prove: :meth:`SeedListener.admission`).
+Once admitted, the connection joins its seed's receive job, which takes it as a tree's
+control or data stream or as a hot seed's backup stream (or refuses it), and everything
+after goes to that job.  :class:`ReceiverFactory` bounds the connections still in their
+handshake.
 """
 
 from __future__ import annotations
@@ -62,9 +61,8 @@ class ReceiverStream(Stream):
         self.checking = False
 
     def connectionMade(self):
-        transport = getattr(self.transport, "transport", self.transport)
-        if hasattr(transport, "bufferSize") and transport is self.transport:
-            self.transport.bufferSize = READ_SIZE
+        if hasattr(self.transport, "bufferSize") and not hasattr(self.transport, "transport"):
+            self.transport.bufferSize = READ_SIZE  # TCP's own transport (not TLS's wrapper)
         self.peer = self.transport.getPeer().host
         self.handshake = ServerHandshake(self.acceptor.admission, self.peer)
         self.acceptor.streams.add(self)
@@ -199,20 +197,17 @@ class ReceiverFactory(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, acceptor: "SeedListener", max_pending: int = MAX_PENDING,
-                 max_per_peer: int = MAX_PENDING_PER_PEER):
+    def __init__(self, acceptor: "SeedListener"):
         self.acceptor = acceptor
-        self.max_pending = max_pending
-        self.max_per_peer = max_per_peer
         #: Streams in their handshake, oldest first (a dict keeps insertion order).
         self.pending: dict[ReceiverStream, str] = {}
         self.per_peer: dict[str, int] = {}
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
-        if self.per_peer.get(host, 0) >= self.max_per_peer:
+        if self.per_peer.get(host, 0) >= MAX_PENDING_PER_PEER:
             return None
-        while len(self.pending) >= self.max_pending:
+        while len(self.pending) >= MAX_PENDING:
             oldest = next(iter(self.pending))
             self.handshake_done(oldest)
             oldest.close(abort=True)
