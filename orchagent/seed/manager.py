@@ -86,10 +86,9 @@ class SeedManager(service.Service):
         self.snapshots = snapshots
         #: orchagent.backups.hot.HotSeeds: makes the source of ``source=hot`` seeds.
         self.hot = hot
-        self.chunk_size = chunk_size
         self.store = state.StateStore(config.state_dir)
-        self.networks = auth.parse_networks(config.seed_allowed_networks)
-        self.sources = SeedSources(config, reactor, self.networks)
+        networks = auth.parse_networks(config.seed_allowed_networks)
+        self.sources = SeedSources(config, reactor, networks)
         self.tls = seed_tls_configured(config)
         if self.tls:
             auth.tls_server_options(config)  # a ConfigError naming the key stops the daemon
