@@ -86,7 +86,7 @@ def plan(staging: Staging) -> Promotion:
 
 
 def write_record(path: str, promotion: Promotion) -> None:
-    """The record, durably: on disk before this returns (the commit point)."""
+    """The record, durably: on disk before this returns."""
     write_durably(path, promotion.to_bytes())
 
 
@@ -105,6 +105,12 @@ def remove_record(path: str) -> None:
 _exists = os.path.lexists
 
 
+def _moved_in(p: Promotion, old: set, name: str) -> bool:
+    """New name ``name`` is in the datadir, and its old namesake (if any) in aside."""
+    return _exists(os.path.join(p.datadir, name)) and (
+        name not in old or _exists(os.path.join(p.aside, name)))
+
+
 def _rename(source: str, target: str) -> None:
     if _exists(target):
         raise PromotionError(f"cannot move {source} to {target}: {target} exists")
@@ -120,12 +126,7 @@ def roll_forward(p: Promotion) -> None:
     which failed before its promotion began) is a PromotionError too, before anything
     moves: going forward would leave the datadir without the new tree."""
     old = set(p.old)
-
-    def moved_in(name: str) -> bool:
-        return _exists(os.path.join(p.datadir, name)) and (
-            name not in old or _exists(os.path.join(p.aside, name)))
-
-    if not os.path.isdir(p.staging) and not all(moved_in(name) for name in p.new):
+    if not os.path.isdir(p.staging) and not all(_moved_in(p, old, name) for name in p.new):
         raise PromotionError(f"cannot move {p.staging} into {p.datadir}: the staging directory is gone")
     moved_aside = False
     for name in p.old:
@@ -156,10 +157,9 @@ def roll_back(p: Promotion) -> None:
     if _exists(p.datadir) and not os.path.isdir(p.staging):
         os.makedirs(p.staging, mode=0o700)
     for name in p.new:
-        current, staged = os.path.join(p.datadir, name), os.path.join(p.staging, name)
-        if _exists(current) and not _exists(staged) and (
-                name not in old or _exists(os.path.join(p.aside, name))):
-            _rename(current, staged)
+        staged = os.path.join(p.staging, name)
+        if _moved_in(p, old, name) and not _exists(staged):
+            _rename(os.path.join(p.datadir, name), staged)
     fsync_dir(p.staging)
     for name in p.old:
         kept, current = os.path.join(p.aside, name), os.path.join(p.datadir, name)
@@ -174,10 +174,9 @@ def roll_back(p: Promotion) -> None:
 def settle(path: str, promotion: Promotion) -> str:
     """Run ``promotion`` to its end in its direction and return that direction.  Going
     forward, a failed rename turns it back (the record rewritten first) and undoes it:
-    :class:`Undone`, the datadir is the old one.  Any other PromotionError or OSError
-    means even going back failed.  The record stays either way: the caller removes it
-    (:func:`remove_record`) once the seed's end is saved, so that a crash in between
-    settles it again, to the same end."""
+    :class:`Undone`.  Any other PromotionError or OSError means even going back failed.
+    The record stays: the caller removes it once the seed's end is saved, so that a crash
+    in between settles it again, to the same end."""
     if promotion.direction == FORWARD:
         try:
             roll_forward(promotion)
