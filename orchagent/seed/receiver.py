@@ -135,15 +135,8 @@ class ReceiveJob(state.JobIdentity):
     async def install(self) -> bool:
         """The payload's tree is verified and synced in staging: the verified start, then
         the promotion; True once it is in the datadir (the payload then says so and calls
-        :meth:`completed`), False if the seed ended on the way."""
-        if not await self.check_start():
-            return False
-        self.steps += 1
-        return await self.promote()
-
-    async def check_start(self) -> bool:
-        """The verified start and the replication coordinates (orchagent.replica.seeded):
-        True when the seed may go on to its promotion."""
+        :meth:`completed`), False if the seed ended on the way.  The verified start also
+        reads the copy's replication coordinates (orchagent.replica.seeded)."""
         from orchagent.replica.seeded import check_staged_copy
         from orchagent.replica.verify import StartCheckFailed
 
@@ -154,7 +147,10 @@ class ReceiveJob(state.JobIdentity):
         except StartCheckFailed as e:
             raise BadRequest(f"seed {self.seed_id} was not moved into {self.record.datadir} "
                              f"(untouched): {e.message}") from None
-        return self.active
+        if not self.active:
+            return False
+        self.steps += 1
+        return await self.promote()
 
     async def promote(self) -> bool:
         """Move the verified, synced tree into the datadir as one journaled step
