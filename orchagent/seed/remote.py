@@ -1,27 +1,24 @@
 """The agent's side of the seed engine process: the seed manager as the API sees it.
 
 With ``SeedEngineProcess`` (the default) ``agent.seeds`` is a :class:`SeedEngineProcess`:
-a service that spawns one long-lived child (:mod:`orchagent.seed.engine_process`) at
-startup and offers the manager's public surface (``receive, send, abort, completed,
-succeeded, status, all_status, set_rate_limit``), so the API does not know where seeds
-run.  Seeds' socket I/O, hashing and disk work then have a reactor and a GIL of their
-own, and a flood of API requests no longer starves them.
+a service that spawns one long-lived child (:mod:`orchagent.seed.engine_process`, which
+says why) at startup and offers the manager's public surface (ISeedSurface), so the API
+does not know where seeds run.
 
-What crosses the channel, and how, is :mod:`orchagent.seed.channel`'s.  Commands
-(receive, send, abort, rate limit) are calls to the child, their keyword arguments
-forwarded as they are (a new option of the manager needs no change here).  Status reads
-(seed-status, seeds, seed-command-completed/succeeded, /metrics) are answered from the
-copy the child keeps current (every :data:`~orchagent.seed.engine_process.PUSH_INTERVAL`
-and at once on a change of state), so a controller polling seed-status under load costs
-the engine nothing; before the first push (agent start) the copy is what StateDir holds,
-and a seed the copy does not know is asked of the child, so "no seed" is always the
-manager's own answer.
+Commands (receive, send, abort, rate limit) are calls to the child over
+:mod:`orchagent.seed.channel`, their keyword arguments forwarded as they are (a new
+option of the manager needs no change here).  Status reads (seed-status, seeds,
+seed-command-completed/succeeded, /metrics) are answered from the copy the child keeps
+current (every :data:`~orchagent.seed.engine_process.PUSH_INTERVAL` and at once on a
+change of state), so a controller polling seed-status under load costs the engine
+nothing; before the first push (agent start) the copy is what StateDir holds, and a seed
+the copy does not know is asked of the child, so "no seed" is always the manager's own
+answer.
 
 When the child dies, the agent logs how, and starts a new one (after a short, growing
 delay if it keeps dying); the manager resumes the seeds from StateDir as after an agent
 restart.  Calls made meanwhile wait for it (up to :data:`READY_TIMEOUT`).  When the agent
-stops, it stops the child: SIGTERM, :data:`STOP_GRACE` seconds, then SIGKILL.  If the
-agent itself is killed, the kernel kills the child (see the engine's module docstring).
+stops, it stops the child: SIGTERM, :data:`STOP_GRACE` seconds, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -218,18 +215,18 @@ class SeedEngineProcess(service.Service):
         _fire(self._waiters, NotAvailable("the agent is stopping"))
         if self.process is None:
             return
-        for sig, grace in (("TERM", STOP_GRACE), ("KILL", STOP_GRACE)):
+        for sig in ("TERM", "KILL"):
             exited = defer.Deferred()
             self._exits.append(exited)
             with contextlib.suppress(OSError, error.ProcessExitedAlready):
                 self.process.signalProcess(sig)
             try:
-                await exited.addTimeout(grace, self.reactor)
+                await exited.addTimeout(STOP_GRACE, self.reactor)
                 return
             except defer.TimeoutError:
                 if sig == "TERM":
                     log.warn("seed engine process {pid} did not stop within {grace} s of "
-                             "SIGTERM; killing it", pid=self.pid, grace=grace)
+                             "SIGTERM; killing it", pid=self.pid, grace=STOP_GRACE)
         log.error("seed engine process {pid} did not die", pid=self.pid)
 
     # --- the child -----------------------------------------------------------------------------
