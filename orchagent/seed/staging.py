@@ -396,9 +396,7 @@ class Staging:
 
     def sync(self) -> None:
         """Sync the whole file system staging is on (every file and directory at once);
-        NotDurable when it reports a write error met since staging was made
-        (orchagent.durable): each error is reported once to a descriptor, so every sync
-        of staging must fail the seed on it."""
+        NotDurable on any write error met since staging was made (see ``_writes``)."""
         self.watch().sync()
 
     #: A tree receive's background pass (TreeReceive._write_back): the same sync, named
@@ -433,8 +431,7 @@ class Staging:
             os.chmod(path, entry.mode)
             os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
 
-    def check_on_disk(self, manifest: Manifest, table, kind: int, reread: bool,
-                      progress=None) -> None:
+    def check_on_disk(self, manifest: Manifest, table, kind: int, reread: bool, progress) -> None:
         """Before promotion: every staged entry is there as the manifest says (a file of
         its size, a directory, a link to its target); with ``reread``, every data chunk is
         read back and hashed against the digest it arrived with (``progress`` is given the
@@ -471,9 +468,7 @@ class Staging:
 
     def _read_back_chunks(self, manifest: Manifest, table, kind: int, start: int, end: int,
                           progress) -> None:
-        """Chunks ``start`` to ``end`` read back in order (one of check_on_disk's threads:
-        a tree of small files is one synchronous read per file, so they go side by
-        side)."""
+        """Chunks ``start`` to ``end`` read back in order (one of READ_BACK_THREADS)."""
         fd, open_index, direct = -1, -1, False
         try:
             for cid in range(start, end):
@@ -487,8 +482,7 @@ class Staging:
                 if len(data) != length or frames.content_digest(data, kind) != table.known(cid):
                     raise StagedDamage(f"{manifest.paths[index]} at offset {offset} in staging "
                                        "differs from what was received and verified")
-                if progress is not None:
-                    progress(length)
+                progress(length)
         finally:
             if fd >= 0:
                 os.close(fd)
