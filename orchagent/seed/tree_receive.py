@@ -108,9 +108,8 @@ class TreeReceive(state.ReceivePayload):
         self.restoring.addCallbacks(self._restored, self._restore_failed)
 
     def _restored(self, restored: tuple) -> None:
-        manifest, self.digest_kind = restored
-        self.manifest = manifest
-        self.table = plan.ChunkTable(manifest)
+        self.manifest, self.digest_kind = restored
+        self.table = plan.ChunkTable(self.manifest)
         self.recheck_journal = True
 
     def _restore_failed(self, failure) -> None:
@@ -253,7 +252,10 @@ class TreeReceive(state.ReceivePayload):
                                           or self.digest_kind != kind):
             log.info("seed {seed}: the source changed since the last attempt; starting over",
                      seed=self.seed_id)
-            await self._reset_staging()
+            await self.context.thread(self.staging.discard)
+            self.let_go()
+            self.context.store.remove(self.seed_id, "journal", "manifest")
+            self.manifest = self.table = None
         if self.manifest is None:
             saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, batches,
                                          dict(end, content_digest=kind.label))
@@ -294,20 +296,10 @@ class TreeReceive(state.ReceivePayload):
             self.job.fail(state.failure_message(failure, self.seed_id, "preparing the seed",
                                                 f"cannot prepare staging in {self.staging.root}"))
 
-    async def _reset_staging(self) -> None:
-        await self.context.thread(self.staging.discard)
-        self.let_go()
-        self.context.store.remove(self.seed_id, "journal", "manifest")
-        self.manifest = self.table = None
-
     def _check_space(self) -> None:
         where = os.path.dirname(self.staging.root)
-        block = block_size(where)
-        needed = self.manifest.needed_space(block)
-        if self.table.bytes_done:
-            needed = max(0, needed - self.table.bytes_done)
-        free = free_bytes(where)
-        self.free_at_start = free
+        needed = max(0, self.manifest.needed_space(block_size(where)) - self.table.bytes_done)
+        free = self.free_at_start = free_bytes(where)
         if needed > free:
             raise BadRequest(
                 f"not enough space for seed {self.seed_id} in {self.record.datadir}: it needs "
