@@ -51,7 +51,6 @@ class ReceiverStream(Stream):
         #: The receive job it joined (orchagent.seed.receiver), once admitted.
         self.job = None
         self.role = ""
-        self.session = ""
         self.lingering = False
         #: Our last word was a frame the peer was connected to read (RESULT, a refusal).
         self.told = False
@@ -125,7 +124,7 @@ class ReceiverStream(Stream):
         job.attach(self, hello)
         if self.factory is not None:
             self.factory.handshake_done(self)
-        self.job, self.role, self.session = job, hello["role"], hello["session"]
+        self.job, self.role = job, hello["role"]
         self.key = self.handshake.key
         self.stop_timers()
         self.transport.write(self.handshake.accept())
