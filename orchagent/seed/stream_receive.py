@@ -106,8 +106,7 @@ class StreamReceive(state.ReceivePayload):
                            "cannot resume")
         self.job.note_sender(stream)
         self.stream = stream
-        self.record.state = state.RUNNING
-        self.record.source = "hot"
+        self.record.state, self.record.source = state.RUNNING, "hot"
         self.context.touch(self.record, force=True)
 
     def stream_lost(self, stream) -> None:
