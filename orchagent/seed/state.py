@@ -193,8 +193,7 @@ class JobIdentity:
 
     def end_record(self, message: str, final_state: str, log) -> None:
         """Mark the record failed or aborted with ``message``, and say so in ``log``."""
-        self.record.state = final_state
-        self.record.error = message
+        self.record.state, self.record.error = final_state, message
         if final_state == FAILED:
             log.error("seed {seed} failed: {message}", seed=self.seed_id, message=message)
         elif final_state == UNKNOWN:
