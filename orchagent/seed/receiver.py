@@ -158,8 +158,6 @@ class ReceiveJob(state.JobIdentity):
         :meth:`fail`); True once it is there.  MySQL must be stopped right before (it may
         have been started while the seed ran)."""
         record = self.record
-        if not self.active:
-            return False
         if await self.context.mysql.is_running():
             self.fail(f"MySQL is running on this host: the verified seed {self.seed_id} was not "
                       f"moved into {record.datadir}; stop MySQL and receive the seed again")
@@ -217,8 +215,7 @@ class ReceiveJob(state.JobIdentity):
         record = self.record
         self._let_go()
         self.context.store.remove(self.seed_id, "journal", "manifest")
-        record.state = state.COMPLETED
-        record.promoting = False
+        record.state, record.promoting = state.COMPLETED, False
         self.committed = False
         record.updated_at = self.context.clock.seconds()
         path = self.context.store.path(self.seed_id, promotion.SUFFIX)
