@@ -385,7 +385,7 @@ class TreeReceive(state.ReceivePayload):
         if flow.queued <= STREAM_WINDOW // 2:
             stream.resume("window")
         if not self.job.active or self.table is None:
-            return None
+            return
         if isinstance(result, Failure):
             if result.check(OSError):
                 self.job.fail(f"seed {self.seed_id} could not be written: {result.value.strerror}"
@@ -393,7 +393,7 @@ class TreeReceive(state.ReceivePayload):
             else:
                 log.failure("seed {seed}: write failed", result, seed=self.seed_id)
                 self.job.fail(f"seed {self.seed_id} could not be written: {result.value}")
-            return None
+            return
         table = self.table
         for where, outcome in result:
             if isinstance(outcome, frames.IntegrityError):
@@ -409,7 +409,6 @@ class TreeReceive(state.ReceivePayload):
                 and not self.writing_back):
             self._write_back()
         self._maybe_finish()
-        return None
 
     def _write_back(self) -> None:
         """Write what the seed left dirty back to disk while it goes on (a worker thread,
