@@ -228,9 +228,7 @@ class Staging:
         digest or IntegrityError)]``.  An OSError (e.g. ENOSPC) propagates with the file
         and offset in its message.
         """
-        results = []
-        records = []
-        buffered = 0
+        results, records, buffered = [], [], 0
         for item, whole in items:
             if isinstance(item, frames.Bundle):
                 try:
