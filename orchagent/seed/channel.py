@@ -118,9 +118,8 @@ def error_to_wire(error: BaseException) -> dict[str, Any]:
 
 
 def error_from_wire(data: dict[str, Any]) -> Exception:
-    cls = ERROR_TYPES.get(data.get("type") or "")
     message = str(data.get("message", ""))
-    return cls(message) if cls is not None else SeedEngineFailure(message)
+    return ERROR_TYPES.get(data.get("type") or "", SeedEngineFailure)(message)
 
 
 def status_batches(statuses: list[dict]) -> Iterator[list[dict]]:
