@@ -374,8 +374,7 @@ class Staging:
 
     # --- checking, finishing, promoting ----------------------------------------------------
 
-    def recheck(self, manifest: Manifest, table, records,
-                kind: int = frames.Digest.BLAKE3) -> plan.ChunkDigests:
+    def recheck(self, manifest: Manifest, table, records, kind: int) -> plan.ChunkDigests:
         """The chunk ids and digests of the journal records whose staged bytes still
         hash to their digest (of ``kind``)."""
         good = plan.ChunkDigests()
