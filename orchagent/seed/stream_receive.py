@@ -247,7 +247,6 @@ class StreamReceive(state.ReceivePayload):
         self._maybe_finish()
 
     def _writeback(self) -> None:
-        """A :class:`_Writeback` pass, unless one runs."""
         if not self.syncing:
             self.syncing, self.synced = True, self.written
             state.tracked(self.context.thread(self.writeback.run), self.inflight).addBoth(
