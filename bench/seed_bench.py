@@ -9,7 +9,10 @@ On the same data, in the same run, alternating, several rounds, medians:
   runs (no key, as orchestrator starts seeds), BLAKE3 on the keyed runs of (a).  Peak
   RSS and peak PSS are the agent's daemon and seed engine processes together (RSS counts
   the libraries the two interpreters share twice, PSS once: see :class:`PssSampler`); the
-  largest process's peak RSS is shown too.
+  largest process's peak RSS is shown too.  ``first_data`` is the time until the
+  receiver's status first shows data bytes done (the daemon's copy of it is pushed every
+  half second, so it can be up to that late): the walk, the manifest and staging before
+  it.
 * **tar|nc** — ``nc -l | tar -xf -`` on the target, ``tar -cf - | nc -N`` on the source;
   timed until the receiving tar exits (reported with and without a ``sync`` after it: the
   agent's time includes making the data durable, tar's does not).
@@ -341,8 +344,11 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
             started = time.monotonic()
             assert sender.get(f"/api/send-mysql-seed-data/{target}:{seed_port}/1?source=datadir"
                               + (f"&key={key}" if key else "")) is True
+            first_data = None
             while True:
                 status = receiver.get("/api/seed-status/1")
+                if first_data is None and status.get("BytesDone"):
+                    first_data = time.monotonic() - started
                 if status["State"] in ("completed", "failed", "aborted"):
                     break
                 time.sleep(0.02)
@@ -356,7 +362,7 @@ def run_orchagent(work: str, src: str, dst: str, *, target: str, ns=None, key: s
         result = {"seconds": elapsed, "rss_receiver": sum(rss_receiver), "rss_sender": sum(rss_sender),
                   "rss_receiver_process": max(rss_receiver), "rss_sender_process": max(rss_sender),
                   "pss_receiver": pss.peak["receiver"], "pss_sender": pss.peak["sender"],
-                  "bytes": status["BytesTotal"], **cpu}
+                  "bytes": status["BytesTotal"], "first_data": first_data or elapsed, **cpu}
         if series:
             result["pss_series"] = pss.series
         return result
@@ -467,8 +473,9 @@ def scenario(name: str, src: str, base: str, work: str, rounds: int, *, ns=None,
             cpu = "".join(f", CPU {side} user / sys {result[f'cpu_{side}_user']:.2f} / "
                           f"{result[f'cpu_{side}_sys']:.2f} s" for side in ("receiver", "sender", "both")
                           if f"cpu_{side}_user" in result)
+            first = f", first data {result['first_data']:.1f}s" if "first_data" in result else ""
             print(f"  {name} round {round_ + 1} {kind}: {result['seconds']:.2f}s "
-                  f"({total / result['seconds'] / 1e6:.0f} MB/s){cpu}", flush=True)
+                  f"({total / result['seconds'] / 1e6:.0f} MB/s){first}{cpu}", flush=True)
     summary = {"bytes": total}
     for kind, runs in results.items():
         if runs:
