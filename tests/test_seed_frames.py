@@ -400,4 +400,3 @@ class MeterTests(unittest.TestCase):
             meter.sample(i * 500)
             clock.advance(1)
         self.assertAlmostEqual(meter.rate(), 500)
-        self.assertAlmostEqual(meter.eta(1000), 2)

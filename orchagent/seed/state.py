@@ -342,12 +342,6 @@ class RateMeter:
         (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def eta(self, remaining: int) -> float | None:
-        rate = self.rate()
-        if remaining <= 0:
-            return 0.0
-        return remaining / rate if rate > 0 else None
-
 
 class TokenBucket:
     """A bytes-per-second limit shared by a seed's streams; 0 = none.
