@@ -49,3 +49,9 @@ class StepFailed(AgentError):
 
 class ConfigError(AgentError):
     """The configuration file is unreadable or holds a wrong value."""
+
+
+def reason_of(error: BaseException) -> str:
+    """What ``error`` says to an operator inside another message: an AgentError's own
+    message, anything else its type and text (a bare OSError's text alone hides which)."""
+    return error.message if isinstance(error, AgentError) else f"{type(error).__name__}: {error}"

@@ -48,7 +48,7 @@ import attrs
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from orchagent.errors import AgentError, Refused
+from orchagent.errors import AgentError, Refused, reason_of
 
 log = Logger()
 
@@ -386,7 +386,7 @@ class SwapJournal:
             try:
                 outcome = await swap.settle(may_move)
             except Exception as e:
-                reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
+                reason = reason_of(e)
                 log.critical("{what}: recovery after a crash failed: {reason}",
                              what=swap.what, reason=reason)
                 stuck.append(reason)

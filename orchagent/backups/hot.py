@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from orchagent.backups.discovery import checkpoints_file, read_backup
 from orchagent.backups.prepare import Preparer
 from orchagent.backups.tools import Tools
-from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed
+from orchagent.errors import AgentError, NotAvailable, Refused, StepFailed, reason_of
 from orchagent.host.diskusage import free_bytes
 from orchagent.process import CommandGroup
 from orchagent.replica.control import ThisServersMaster, master_of_this_server
@@ -267,8 +267,7 @@ class HotSeeds:
             except defer.CancelledError:
                 raise
             except Exception as e:
-                reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
-                raise StepFailed(f"hot seed {seed_id}: step {step} failed: {reason}") from e
+                raise StepFailed(f"hot seed {seed_id}: step {step} failed: {reason_of(e)}") from e
         return data
 
     async def remove(self, path: str) -> None:

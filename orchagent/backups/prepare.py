@@ -57,7 +57,7 @@ from orchagent.backups.discovery import CHECKPOINTS_FILES, COMPRESSORS, XTRABACK
 from orchagent.backups.model import Backup
 from orchagent.backups.tools import INNOCHECKSUM, Tools
 from orchagent.durable import Writes
-from orchagent.errors import AgentError, CommandFailed, NotAvailable, Refused, StepFailed
+from orchagent.errors import CommandFailed, NotAvailable, Refused, StepFailed, reason_of
 from orchagent.host.diskusage import free_bytes
 from orchagent.host.mysql_options import read_options
 from orchagent.process import output_tail
@@ -222,7 +222,7 @@ class Preparer:
                 try:
                     await function(*args)
                 except Exception as e:
-                    reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
+                    reason = reason_of(e)
                     copy = await self._discard(place.root)
                     raise StepFailed(f"backup {backup.name}: step {step} failed: {reason}; "
                                      f"the backup is unchanged and {copy}") from e
@@ -244,9 +244,8 @@ class Preparer:
         try:
             await self.remove(root)
         except Exception as e:
-            reason = e.message if isinstance(e, AgentError) else f"{type(e).__name__}: {e}"
-            return (f"its work copy {root} could not be removed ({reason}); it is recorded and "
-                    "removed by the agent's next attempt")
+            return (f"its work copy {root} could not be removed ({reason_of(e)}); it is "
+                    "recorded and removed by the agent's next attempt")
         return "its work copy was removed"
 
     @staticmethod
