@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -277,8 +278,8 @@ class ManifestTests(unittest.TestCase):
         self.assertTrue(a.complete)
         self.assertEqual(a.files_done, 1)
         self.assertNotEqual(a.tree_digest(), b.tree_digest())
-        self.assertEqual(b.check_digests(a.file_digests())[:2], (False, 0))
-        self.assertEqual(a.check_digests(a.file_digests()), (True, None, a.tree_digest()))
+        self.assertEqual(b.check_digests(io.BytesIO(a.file_digests()))[:2], (False, 0))
+        self.assertEqual(a.check_digests(io.BytesIO(a.file_digests())), (True, None, a.tree_digest()))
         a.reset()
         self.assertEqual((a.bytes_done, len(a.todo())), (0, len(a)))
         self.assertEqual(a.known(0), b"\x02" * 32)
@@ -294,14 +295,14 @@ class ManifestTests(unittest.TestCase):
             table.mark_done(cid, bytes([cid + 1]) * 32)
         mine = table.file_digests()
         self.assertEqual(len(list(table.digest_pieces())), 4)
-        self.assertEqual(table.check_digests(bytearray(mine)), (True, None, table.tree_digest()))
+        self.assertEqual(table.check_digests(io.BytesIO(bytearray(mine))), (True, None, table.tree_digest()))
         for index in range(7):
             theirs = bytearray(mine)
             theirs[36 * index + 9] ^= 1
-            self.assertEqual(table.check_digests(theirs)[:2], (False, index))
-        self.assertEqual(table.check_digests(mine[:72])[:2], (False, 2))
-        self.assertEqual(table.check_digests(mine + bytes(36))[:2], (False, 6))
-        self.assertEqual(plan.ChunkTable(tree.Manifest([], 65536)).check_digests(b"x")[:2], (False, None))
+            self.assertEqual(table.check_digests(io.BytesIO(theirs))[:2], (False, index))
+        self.assertEqual(table.check_digests(io.BytesIO(mine[:72]))[:2], (False, 2))
+        self.assertEqual(table.check_digests(io.BytesIO(mine + bytes(36)))[:2], (False, 6))
+        self.assertEqual(plan.ChunkTable(tree.Manifest([], 65536)).check_digests(io.BytesIO(b"x"))[:2], (False, None))
 
     def test_manifest_columns_give_entries_back(self):
         entries = self._entries({"path": "d", "kind": "d", "mode": 0o750, "user": "mysql"},

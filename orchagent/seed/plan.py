@@ -22,7 +22,7 @@ import os
 import struct
 from array import array
 from itertools import accumulate, compress, islice
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterator
 
 import blake3
 
@@ -170,31 +170,29 @@ class ChunkTable:
         """Every file's (index, digest), packed in manifest order, at once."""
         return b"".join(self.digest_pieces())
 
-    def tree_digest(self, pieces: Iterable[bytes] | None = None) -> bytes:
-        """BLAKE3 over the manifest digest and every file's packed (index, digest), from
-        ``pieces`` (:meth:`digest_pieces`, made already) or made here."""
+    def tree_digest(self) -> bytes:
+        """BLAKE3 over the manifest digest and every file's packed (index, digest)."""
         h = blake3.blake3(self.manifest.digest())
-        for piece in self.digest_pieces() if pieces is None else pieces:
+        for piece in self.digest_pieces():
             h.update(piece)
         return h.digest()
 
-    def check_digests(self, theirs) -> tuple[bool, int | None, bytes]:
-        """Our file digests against ``theirs`` (the sender's, packed as DIGESTS carry
-        them), made and compared a piece at a time: whether all are equal, the entry
-        index of the first file that differs (None when there is no file to name), and
-        the tree digest of ours."""
-        view = memoryview(theirs)
+    def check_digests(self, theirs: BinaryIO) -> tuple[bool, int | None, bytes]:
+        """Our file digests against the sender's, read from ``theirs`` (a file holding
+        them packed as DIGESTS carry them), made, read and compared a piece at a time:
+        whether all are equal, the entry index of the first file that differs (None when
+        there is no file to name), and the tree digest of ours."""
         h = blake3.blake3(self.manifest.digest())
         position, differs = 0, None
         for piece in self.digest_pieces():
             h.update(piece)
-            if differs is None and view[position:position + len(piece)] != piece:
+            got = theirs.read(len(piece))
+            if differs is None and got != piece:
                 step = _INDEX.size + DIGEST
-                at = next(at for at in range(0, len(piece), step)
-                          if view[position + at:position + at + step] != piece[at:at + step])
+                at = next(at for at in range(0, len(piece), step) if got[at:at + step] != piece[at:at + step])
                 differs = self.files[(position + at) // step]
             position += len(piece)
-        same = differs is None and len(view) == position
+        same = differs is None and not theirs.read(1)
         if not same and differs is None and len(self.files):
             differs = self.files[-1]
         return same, differs, h.digest()

@@ -15,9 +15,12 @@ Memory stays bounded by streams × window, whatever the seed's size.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
+import tempfile
+from typing import BinaryIO
 
 import attrs
 from twisted.internet import defer
@@ -54,10 +57,47 @@ class _Flow:
     held: bool = False
 
 
+class _DigestSpool:
+    """The sender's file digests (DIGESTS, 36 bytes a file) as they come, in an unnamed
+    file in StateDir rather than in the engine: held there until the comparison at the
+    end, they were the receiver's peak (36 MB at a million files).  The writes, the
+    comparison and the close run in worker threads, one after another in that order."""
+
+    def __init__(self, thread, directory: str):
+        self.thread, self.directory = thread, directory
+        self.file: BinaryIO | None = None
+        self.lock = defer.DeferredLock()
+
+    def _run(self, fn, *args) -> defer.Deferred:
+        return self.lock.run(self.thread, fn, *args)
+
+    def add(self, piece: bytes) -> defer.Deferred:
+        return self._run(self._write, piece)
+
+    def _write(self, piece: bytes) -> None:
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(dir=self.directory)
+        self.file.seek(0, os.SEEK_END)
+        self.file.write(piece)
+
+    def compare(self, table: plan.ChunkTable) -> defer.Deferred:
+        """``table.check_digests`` against every piece added before."""
+        return self._run(self._compare, table)
+
+    def _compare(self, table: plan.ChunkTable) -> tuple:
+        theirs = self.file or io.BytesIO()
+        theirs.seek(0)
+        return table.check_digests(theirs)
+
+    def close(self) -> None:
+        self._run(lambda: self.file and self.file.close()).addErrback(
+            lambda f: log.warn("cannot close the sender's file digests: {error}", error=f.getErrorMessage()))
+
+
 class _Attempt(Session):
     """A sender's session as the receiver holds it."""
 
-    def __init__(self, session_id: str):
+    def __init__(self, session_id: str, digests: _DigestSpool):
         super().__init__(session_id)
         self.ready = False
         #: MANIFEST bodies (packed batches) until MANIFEST_END, and the manifest being
@@ -66,10 +106,12 @@ class _Attempt(Session):
         self.manifest_bytes = 0
         self.reader: tree.ManifestReader | None = None
         self.reading: defer.Deferred | None = None
-        #: The sender's file digests as they come (DIGESTS frames of 3.6 MB: a bytearray
-        #: grows in place, bytes would be copied whole for each).
-        self.sender_digests = bytearray()
+        self.digests = digests
         self.finish: dict | None = None
+
+    def end(self, abort: bool = False, close: bool = True) -> None:
+        super().end(abort, close)
+        self.digests.close()
 
 
 class TreeReceive(state.ReceivePayload):
@@ -129,7 +171,7 @@ class TreeReceive(state.ReceivePayload):
             if self.sessions or self.restored:
                 self.record.resumes += 1
             self.sessions += 1
-            self.session = _Attempt(hello["session"])
+            self.session = _Attempt(hello["session"], _DigestSpool(self.context.thread, self.context.store.root))
             self.job.note_sender(stream)
         elif hello["role"] != "data":
             raise Rejected(f"seed {self.seed_id} is already being received as a tree")
@@ -202,7 +244,7 @@ class TreeReceive(state.ReceivePayload):
             session.run(self._prepare(session, frames.open_json(frame, stream.key)),
                         self._prepare_failed)
         elif frame.type == FrameType.DIGESTS and session.ready:
-            session.sender_digests += frames.open_control(frame, stream.key)
+            self._keep_digests(stream, session.digests, frames.open_control(frame, stream.key))
         elif frame.type == FrameType.FINISH and session.ready:
             session.finish = frames.open_json(frame, stream.key)
             self._maybe_finish()
@@ -219,6 +261,22 @@ class TreeReceive(state.ReceivePayload):
         reader, thread = session.reader, self.context.thread
         session.reading.addCallback(lambda _: thread(reader.feed, body))
         session.reading.addCallback(self._counted, session, reader)
+
+    def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
+        """A DIGESTS piece, written out while the control stream stops reading (TCP holds
+        the sender's next piece meanwhile)."""
+        stream.pause("digests")
+
+        def written(_) -> None:
+            if not spool.lock.locked:
+                stream.resume("digests")
+
+        spool.add(piece).addCallbacks(written, self._digests_failed)
+
+    def _digests_failed(self, failure) -> None:
+        if self.job.active:
+            self.job.fail(state.failure_message(failure, self.seed_id, "keeping the sender's file digests",
+                                                f"cannot keep the sender's file digests in {self.context.store.root}"))
 
     def _counted(self, _, session: _Attempt, reader: tree.ManifestReader) -> None:
         """The files and bytes read so far: the status's totals until MANIFEST_END."""
@@ -466,8 +524,7 @@ class TreeReceive(state.ReceivePayload):
         job, record, table = self.job, self.record, self.table
         record.state = state.VERIFYING
         self.context.touch(record)
-        same, index, tree_digest = await self.context.thread(table.check_digests,
-                                                             session.sender_digests)
+        same, index, tree_digest = await session.digests.compare(table)
         if not same:
             path = self.manifest.paths[index] if index is not None else "?"
             raise BadRequest(f"{path} does not match the sender's file digest")
@@ -491,7 +548,7 @@ class TreeReceive(state.ReceivePayload):
                  datadir=record.datadir)
         # The manager keeps the job a while for a sender that reconnects: not its tree.
         self.manifest = self.table = None
-        session.sender_digests = bytearray()
+        session.digests.close()
         await job.completed()
 
     async def check_on_disk(self) -> None:
