@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 
@@ -401,3 +402,86 @@ class MeterTests(unittest.TestCase):
             meter.sample(i * 500)
             clock.advance(1)
         self.assertAlmostEqual(meter.rate(), 500)
+
+
+def _mapped_rss_kb(table: plan.ChunkTable) -> int:
+    """Resident KiB of the table's mapping, from /proc/self/smaps."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(table._mapped.map))
+    rss, inside = None, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= start < high
+            elif inside and head == "Rss:":
+                rss = int(line.split()[1])
+    return rss
+
+
+class SpilledTableTests(unittest.TestCase):
+    """A large chunk table keeps its columns in an unnamed file of the directory it is
+    given, drops the pages it touched every SPILL_DROP chunks done, and answers as one
+    held in memory."""
+
+    def _manifest(self, files: int, big: bool = False) -> tree.Manifest:
+        entries = [tree.Entry(path=f"f{i}", kind="f", size=1000 + i) for i in range(files)]
+        if big:
+            entries.append(tree.Entry(path="big", kind="f", size=5 * 65536 + 7))
+            entries.append(tree.Entry(path="sparse", kind="f", size=9 * 65536,
+                                      extents=((0, 65536), (4 * 65536, 9 * 65536))))
+        return tree.Manifest(entries, 65536)
+
+    def test_the_same_answers_as_in_memory(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for big in (False, True):
+            manifest = self._manifest(300, big)
+            memory = plan.ChunkTable(manifest)
+            self.patch(plan, "SPILL_CHUNKS", 1)
+            self.patch(plan, "SPILL_DROP", 7)
+            spilled = plan.ChunkTable(manifest, directory)
+            self.assertIsNone(memory._mapped.map)
+            self.assertIsNotNone(spilled._mapped.map)
+            self.assertEqual(os.listdir(directory), [], "the file has no name")
+            for table in (memory, spilled):
+                for cid in range(0, len(table), 2):
+                    table.mark_done(cid, cid.to_bytes(32, "big"))
+            for name in ("file", "offset", "length", "first", "remaining", "done", "digests"):
+                self.assertEqual(bytes(getattr(spilled, name)), bytes(getattr(memory, name)), name)
+            self.assertEqual(list(spilled.todo()), list(memory.todo()))
+            self.assertEqual(spilled.done_records(), memory.done_records())
+            self.assertEqual((spilled.bytes_done, spilled.files_done), (memory.bytes_done, memory.files_done))
+            for index, offset in ((3, 0), (300, 65536), (301, 4 * 65536), (301, 65536)):
+                self.assertEqual(spilled.chunk_id(index, offset), memory.chunk_id(index, offset))
+            for table in (memory, spilled):
+                for cid in range(1, len(table), 2):
+                    table.mark_done(cid, b"\x01" * 32)
+            self.assertTrue(spilled.complete)
+            self.assertEqual(spilled.tree_digest(), memory.tree_digest())
+            spilled.reset()
+            self.assertEqual((spilled.bytes_done, len(spilled.todo())), (0, len(spilled)))
+            self.assertEqual(spilled.known(2), (2).to_bytes(32, "big"))
+
+    def test_pages_touched_are_let_go(self):
+        """What stays mapped in is at most a few pages per column (a fault maps the
+        pages around it too) against 4 MB touched."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(plan, "SPILL_CHUNKS", 1)
+        self.patch(plan, "SPILL_DROP", 100_000)
+        table = plan.ChunkTable(self._manifest(200_000), directory)
+        self.assertLess(_mapped_rss_kb(table), 512, "dropped once made")
+        for cid in range(99_999):
+            table.mark_done(cid, b"\x07" * 32)
+        self.assertGreater(_mapped_rss_kb(table), 4000, "99,999 chunks done")
+        table.mark_done(99_999, b"\x07" * 32)
+        self.assertLess(_mapped_rss_kb(table), 512, "dropped at the 100,000th")
+        self.assertEqual(table.known(100), b"\x07" * 32)
+
+    def test_a_directory_that_cannot_hold_it_leaves_it_in_memory(self):
+        self.patch(plan, "SPILL_CHUNKS", 1)
+        table = plan.ChunkTable(self._manifest(10), os.path.join(self.mktemp(), "missing"))
+        self.assertIsNone(table._mapped.map)
+        table.mark_done(0, b"\x02" * 32)
+        self.assertEqual(table.known(0), b"\x02" * 32)

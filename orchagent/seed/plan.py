@@ -11,15 +11,23 @@ metadata and the same bytes at the same places, whichever stream or session carr
 each chunk.
 
 The table is arrays indexed by chunk number (chunks of a file are consecutive), not
-objects: a seed of 50,000 small files costs a few MB here.
+objects: a seed of 50,000 small files costs a few MB here.  From :data:`SPILL_CHUNKS`
+chunks on, given a directory (StateDir), the columns live in an unnamed file there,
+mapped, and the pages touched are dropped from the engine every :data:`SPILL_DROP`
+chunks done (``madvise(MADV_DONTNEED)``: the page cache keeps them, and the kernel
+writes them to the file when it wants the memory).  66 bytes a chunk held by each
+engine for the whole seed were 66 MB at a million files, on a host whose memory
+belongs to the buffer pool.
 """
 
 from __future__ import annotations
 
 import bisect
+import mmap
 import operator
 import os
 import struct
+import tempfile
 from array import array
 from itertools import accumulate, compress, islice
 from typing import BinaryIO, Iterator
@@ -38,12 +46,49 @@ RECORD = struct.Struct(">IQI32s")
 
 #: Files in a piece of the packed file digests (a DIGESTS frame: 3.6 MB).
 DIGEST_PIECE = 100_000
+#: Chunks from which a table given a directory keeps its columns in a file there, and
+#: how many chunks done between two drops of the pages touched (see the module docstring).
+SPILL_CHUNKS = 65_536
+SPILL_DROP = 65_536
+
+
+class _Mapped:
+    """Fixed-size columns in one unnamed file of ``directory``, mapped; ``None`` in
+    place of the mapping when that file cannot be made with its blocks reserved (a full
+    or odd file system): the columns are then plain memory.  The blocks are allocated up
+    front because a write to a mapped page with no room behind it kills the process
+    (SIGBUS) instead of raising ENOSPC."""
+
+    def __init__(self, directory: str | None, layout: list[tuple[str, int]]):
+        sizes = [array(code).itemsize * count for code, count in layout]
+        self.map = None
+        if directory is not None and sum(sizes):
+            try:
+                with tempfile.TemporaryFile(dir=directory) as fh:
+                    os.posix_fallocate(fh.fileno(), 0, sum(sizes))
+                    self.map = mmap.mmap(fh.fileno(), sum(sizes))
+            except OSError:
+                self.map = None
+        self.columns = []
+        position = 0
+        for (code, count), size in zip(layout, sizes):
+            if self.map is None:
+                self.columns.append(bytearray(size) if code == "B" else array(code, bytes(size)))
+            else:
+                self.columns.append(memoryview(self.map)[position:position + size].cast(code))
+            position += size
+
+    def drop(self) -> None:
+        """Let the pages touched go from the engine (their contents stay in the file)."""
+        if self.map is not None:
+            self.map.madvise(mmap.MADV_DONTNEED)
 
 
 class ChunkTable:
-    """The plan's chunks with their state; all methods are cheap (reactor thread)."""
+    """The plan's chunks with their state; all methods are cheap (reactor thread).
+    ``spill``: a directory for the columns of a large table (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, spill: str | None = None):
         self.manifest = manifest
         count = len(manifest)
         self.files = manifest.file_indexes()
@@ -51,41 +96,50 @@ class ChunkTable:
             # Every file is one chunk or none (the common case of many small files):
             # the columns straight from the manifest's, without a loop per chunk.
             sizes = manifest.sizes
-            self.file = array("I", compress(self.files, map(sizes.__getitem__, self.files)))
-            self.offset = array("Q", [0]) * len(self.file)
-            self.length = array("I", map(sizes.__getitem__, self.file))
+            file = array("I", compress(self.files, map(sizes.__getitem__, self.files)))
+            offset, length = None, array("I", map(sizes.__getitem__, file))
             chunks = bytearray(count)
-            for index in self.file:
+            for index in file:
                 chunks[index] = 1
-            self.first = array("Q", accumulate(chunks, initial=0))
+            first = array("Q", accumulate(chunks, initial=0))
+            del chunks
         else:
-            self.file = array("I")
-            self.offset = array("Q")
-            self.length = array("I")
-            for index, offset, length in manifest.chunks():
-                self.file.append(index)
-                self.offset.append(offset)
-                self.length.append(length)
-            self.first = array("Q", [0]) * (count + 1)
+            file, offset, length = array("I"), array("Q"), array("I")
+            for index, at, size in manifest.chunks():
+                file.append(index)
+                offset.append(at)
+                length.append(size)
+            first = array("Q", [0]) * (count + 1)
             cursor = 0
             for index in range(count + 1):
-                while cursor < len(self.file) and self.file[cursor] < index:
+                while cursor < len(file) and file[cursor] < index:
                     cursor += 1
-                self.first[index] = cursor
+                first[index] = cursor
+        chunks = len(file)
+        self._mapped = _Mapped(spill if chunks >= SPILL_CHUNKS else None, [
+            ("I", chunks), ("Q", chunks), ("I", chunks), ("Q", count + 1), ("B", DIGEST * chunks),
+            ("B", chunks), ("I", count)])
+        self.file, self.offset, self.length, self.first, self.digests, self.done, self.remaining = \
+            self._mapped.columns
+        self.file[:], self.length[:], self.first[:] = file, length, first
+        if offset is not None:  # else every chunk is at 0, as the column starts
+            self.offset[:] = offset
+        del file, offset, length, first
         self.bytes_total = sum(self.length)
-        self.digests = bytearray(DIGEST * len(self.file))
+        self.marked = 0
         self.reset()
 
     def reset(self) -> None:
         """Nothing done (digests are kept: :meth:`known` still answers)."""
-        self.done = bytearray(len(self.file))
-        # No copies of the columns nor lists made on the way (at a million files each is
-        # 8 MB or more at the peak).
-        self.remaining = array("I", map(operator.sub, islice(self.first, 1, None), self.first))
+        self.done[:] = bytes(len(self.done))
+        # In place, from C loops (at a million files a list or a copy of a column is 8 MB
+        # or more at the peak).
+        self.remaining[:] = array("I", map(operator.sub, islice(self.first, 1, None), self.first))
         self.bytes_done = 0
         #: Files without chunks (empty or all holes) count as done from the start.
         self.chunkless_files = sum(map(operator.not_, map(self.remaining.__getitem__, self.files)))
         self.files_done = self.chunkless_files
+        self._mapped.drop()
 
     def __len__(self) -> int:
         return len(self.file)
@@ -116,6 +170,9 @@ class ChunkTable:
 
     def mark_done(self, cid: int, digest: bytes) -> bool:
         """Record a verified chunk; returns True when that completed its file."""
+        self.marked += 1
+        if not self.marked % SPILL_DROP:
+            self._mapped.drop()
         self.digests[cid * DIGEST:(cid + 1) * DIGEST] = digest
         if self.done[cid]:
             return False
@@ -134,7 +191,9 @@ class ChunkTable:
 
     def todo(self) -> array:
         """The chunks not done yet, in plan order (an array: no object per chunk)."""
-        return array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
+        todo = array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
+        self._mapped.drop()
+        return todo
 
     def done_records(self) -> bytes:
         """Every done chunk as packed RECORDs (for READY)."""
@@ -142,6 +201,7 @@ class ChunkTable:
         for c in compress(range(len(self.done)), self.done):
             out += RECORD.pack(self.file[c], self.offset[c], self.length[c],
                                bytes(self.digests[c * DIGEST:(c + 1) * DIGEST]))
+        self._mapped.drop()
         return bytes(out)
 
     def file_digest(self, index: int) -> bytes:
@@ -164,6 +224,7 @@ class ChunkTable:
             for index in self.files[start:start + DIGEST_PIECE]:
                 out += _INDEX.pack(index)
                 out += self.file_digest(index)
+            self._mapped.drop()
             yield bytes(out)
 
     def file_digests(self) -> bytes:

@@ -489,7 +489,7 @@ class SendJob(SenderJob):
                              f"before the agent restarted: {e}") from None
         packed = partial(self.context.reactor.callFromThread, self._more_batches)
         manifest, table, pins = await self.context.thread(
-            _survey, self.record.source_path, self.context.chunk_size, packed, previous)
+            _survey, self.record.source_path, self.context.chunk_size, packed, previous, store.root)
         if not self.active:
             return
         if previous is None:
@@ -826,12 +826,13 @@ class SendJob(SenderJob):
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
-            previous: bytes | None = None):
+            previous: bytes | None = None, spill: str | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
     grows with the files and data bytes walked so far; returns the manifest (with its
-    digest), the chunk plan and the entries' identities.  ``previous``: the identities
-    saved by this seed's walk before the agent restarted, which the files must still have
-    (BadRequest naming the first that has not)."""
+    digest), the chunk plan (its columns in ``spill`` when large, see plan.ChunkTable)
+    and the entries' identities.  ``previous``: the identities saved by this seed's walk
+    before the agent restarted, which the files must still have (BadRequest naming the
+    first that has not)."""
     packer = None
     pins = tree.Pins()
     files = size = 0
@@ -849,7 +850,7 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
     if previous is not None:
         pins.compare(manifest, previous, root)
     packer.finish()  # walk() calls grown at least once, at its end
-    return manifest, plan.ChunkTable(manifest), pins
+    return manifest, plan.ChunkTable(manifest, spill), pins
 
 
 def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:

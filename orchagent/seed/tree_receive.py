@@ -151,7 +151,7 @@ class TreeReceive(state.ReceivePayload):
 
     def _restored(self, restored: tuple) -> None:
         self.manifest, self.digest_kind = restored
-        self.table = plan.ChunkTable(self.manifest)
+        self.table = plan.ChunkTable(self.manifest, self.context.store.root)
         self.recheck_journal = True
 
     def _restore_failed(self, failure) -> None:
@@ -317,7 +317,7 @@ class TreeReceive(state.ReceivePayload):
         if self.manifest is None:
             saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, batches,
                                          dict(end, content_digest=kind.label))
-            table = await self.context.thread(plan.ChunkTable, manifest)
+            table = await self.context.thread(plan.ChunkTable, manifest, self.context.store.root)
             await session.wait(saving)
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
