@@ -5,13 +5,15 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import types
+from array import array
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import task
 from twisted.trial import unittest
 
 from orchagent.errors import BadRequest, ConfigError
-from orchagent.seed import auth, frames, plan, tree
+from orchagent.seed import auth, frames, plan, spill, tree
 from orchagent.seed.frames import FrameType
 from orchagent.seed.state import RateMeter, TokenBucket
 
@@ -404,9 +406,9 @@ class MeterTests(unittest.TestCase):
         self.assertAlmostEqual(meter.rate(), 500)
 
 
-def _mapped_rss_kb(table: plan.ChunkTable) -> int:
-    """Resident KiB of the table's mapping, from /proc/self/smaps."""
-    start = ctypes.addressof(ctypes.c_char.from_buffer(table._mapped.map))
+def _mapped_rss_kb(column) -> int:
+    """Resident KiB of the mapping a spilled column is in, from /proc/self/smaps."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(column))
     rss, inside = None, False
     with open("/proc/self/smaps") as fh:
         for line in fh:
@@ -420,39 +422,45 @@ def _mapped_rss_kb(table: plan.ChunkTable) -> int:
 
 
 class SpilledTableTests(unittest.TestCase):
-    """A large chunk table keeps its columns in an unnamed file of the directory it is
-    given, drops the pages it touched every SPILL_DROP chunks done, and answers as one
-    held in memory."""
+    """A large chunk table and its manifest keep their columns in an unnamed file of the
+    directory they are given, let the pages touched go at each spill.drop_all, and answer
+    as when held in memory."""
 
     def _manifest(self, files: int, big: bool = False) -> tree.Manifest:
-        entries = [tree.Entry(path=f"f{i}", kind="f", size=1000 + i) for i in range(files)]
+        entries = [tree.Entry(path=f"d/f\udcff{i}", kind="f", size=1000 + i, uid=i, user=f"u{i % 3}")
+                   for i in range(files)]
         if big:
             entries.append(tree.Entry(path="big", kind="f", size=5 * 65536 + 7))
             entries.append(tree.Entry(path="sparse", kind="f", size=9 * 65536,
                                       extents=((0, 65536), (4 * 65536, 9 * 65536))))
-        return tree.Manifest(entries, 65536)
+        return tree.Manifest([tree.Entry(path="d", kind="d"), *entries], 65536)
 
     def test_the_same_answers_as_in_memory(self):
         directory = self.mktemp()
         os.makedirs(directory)
+        self.patch(spill, "SPILL_FROM", 1)
         for big in (False, True):
-            manifest = self._manifest(300, big)
-            memory = plan.ChunkTable(manifest)
-            self.patch(plan, "SPILL_CHUNKS", 1)
-            self.patch(plan, "SPILL_DROP", 7)
-            spilled = plan.ChunkTable(manifest, directory)
-            self.assertIsNone(memory._mapped.map)
-            self.assertIsNotNone(spilled._mapped.map)
-            self.assertEqual(os.listdir(directory), [], "the file has no name")
+            memory = plan.ChunkTable(self._manifest(300, big))
+            spilled = plan.ChunkTable(self._manifest(300, big), directory)
+            self.assertIsInstance(memory.digests, bytearray)
+            self.assertIsInstance(spilled.digests, memoryview)
+            self.assertIsInstance(spilled.manifest.sizes, memoryview)
+            self.assertIsInstance(spilled.manifest.paths.blob, memoryview)
+            self.assertEqual(os.listdir(directory), [], "the files have no name")
+            self.assertEqual(spilled.manifest.entries, memory.manifest.entries)
+            self.assertEqual(spilled.manifest.wire_rows(0, 302), memory.manifest.wire_rows(0, 302))
+            self.assertEqual(list(spilled.manifest.paths), list(memory.manifest.paths))
+            self.assertEqual(spilled.manifest.paths.span(1, 4), memory.manifest.paths.span(1, 4))
             for table in (memory, spilled):
                 for cid in range(0, len(table), 2):
                     table.mark_done(cid, cid.to_bytes(32, "big"))
+            spill.drop_all()
             for name in ("file", "offset", "length", "first", "remaining", "done", "digests"):
                 self.assertEqual(bytes(getattr(spilled, name)), bytes(getattr(memory, name)), name)
             self.assertEqual(list(spilled.todo()), list(memory.todo()))
             self.assertEqual(spilled.done_records(), memory.done_records())
             self.assertEqual((spilled.bytes_done, spilled.files_done), (memory.bytes_done, memory.files_done))
-            for index, offset in ((3, 0), (300, 65536), (301, 4 * 65536), (301, 65536)):
+            for index, offset in ((3, 0), (301, 65536), (302, 4 * 65536), (302, 65536)):
                 self.assertEqual(spilled.chunk_id(index, offset), memory.chunk_id(index, offset))
             for table in (memory, spilled):
                 for cid in range(1, len(table), 2):
@@ -463,25 +471,39 @@ class SpilledTableTests(unittest.TestCase):
             self.assertEqual((spilled.bytes_done, len(spilled.todo())), (0, len(spilled)))
             self.assertEqual(spilled.known(2), (2).to_bytes(32, "big"))
 
-    def test_pages_touched_are_let_go(self):
-        """What stays mapped in is at most a few pages per column (a fault maps the
-        pages around it too) against 4 MB touched."""
+    def test_pins_answer_as_in_memory(self):
         directory = self.mktemp()
         os.makedirs(directory)
-        self.patch(plan, "SPILL_CHUNKS", 1)
-        self.patch(plan, "SPILL_DROP", 100_000)
+        self.patch(spill, "SPILL_FROM", 1)
+        manifest, pins = self._manifest(50), tree.Pins()
+        for i in range(len(manifest)):
+            pins.add(types.SimpleNamespace(st_dev=3, st_ino=7 + i, st_ctime_ns=11 * i))
+        packed = pins.pack(manifest)
+        pins.spill(directory)
+        self.assertIsInstance(pins.inodes, memoryview)
+        self.assertEqual(pins.pack(manifest), packed)
+        self.assertEqual(pins.inodes[40], 47)
+
+    def test_pages_touched_are_let_go(self):
+        """What stays mapped in after a drop is at most a few pages per column (a fault
+        maps the pages around it too) against 4 MB touched."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(spill, "SPILL_FROM", 1)
         table = plan.ChunkTable(self._manifest(200_000), directory)
-        self.assertLess(_mapped_rss_kb(table), 512, "dropped once made")
-        for cid in range(99_999):
+        spill.drop_all()
+        self.assertLess(_mapped_rss_kb(table.digests), 512, "dropped once made")
+        for cid in range(100_000):
             table.mark_done(cid, b"\x07" * 32)
-        self.assertGreater(_mapped_rss_kb(table), 4000, "99,999 chunks done")
-        table.mark_done(99_999, b"\x07" * 32)
-        self.assertLess(_mapped_rss_kb(table), 512, "dropped at the 100,000th")
+        self.assertGreater(_mapped_rss_kb(table.digests), 4000, "100,000 chunks done")
+        spill.drop_all()
+        self.assertLess(_mapped_rss_kb(table.digests), 512, "dropped")
         self.assertEqual(table.known(100), b"\x07" * 32)
 
     def test_a_directory_that_cannot_hold_it_leaves_it_in_memory(self):
-        self.patch(plan, "SPILL_CHUNKS", 1)
+        self.patch(spill, "SPILL_FROM", 1)
         table = plan.ChunkTable(self._manifest(10), os.path.join(self.mktemp(), "missing"))
-        self.assertIsNone(table._mapped.map)
+        self.assertIsInstance(table.digests, bytearray)
+        self.assertIsInstance(table.manifest.sizes, array)
         table.mark_done(0, b"\x02" * 32)
         self.assertEqual(table.known(0), b"\x02" * 32)

@@ -27,7 +27,7 @@ from orchagent.backups.hot import HotSeedJob, StreamedBackup
 from orchagent.config import seed_tls_configured
 from orchagent.errors import AgentError, BadRequest, NotAvailable, NotFound, Refused
 from orchagent.interfaces import ISeedSurface
-from orchagent.seed import auth, promotion, state, tree
+from orchagent.seed import auth, promotion, spill, state, tree
 from orchagent.seed.command import CommandJob
 from orchagent.seed.context import SeedContext
 from orchagent.seed.listener import SeedListener
@@ -98,6 +98,9 @@ class SeedManager(service.Service):
         self.completed_receives: dict[str, tuple[ReceiveJob, Any]] = {}
         self.pool: ThreadPool | None = None
         self._ticker: task.LoopingCall | None = None
+        #: Lets the pages of spilled columns go (orchagent.seed.spill).
+        self._dropper = task.LoopingCall(spill.drop_all)
+        self._dropper.clock = self.clock
         self._saved_at: dict[str, float] = {}
         #: Called with each record touched or saved (the seed engine process pushes the
         #: statuses that changed to the agent).
@@ -131,6 +134,7 @@ class SeedManager(service.Service):
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.clock
         self._ticker.start(PROGRESS_INTERVAL, now=False)
+        self._dropper.start(spill.DROP_INTERVAL, now=False)
         for record in self.store.load_all():
             self.records[record.seed_id] = record
         self._prune()
@@ -157,6 +161,8 @@ class SeedManager(service.Service):
         self.listener.close_streams()
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        if self._dropper.running:
+            self._dropper.stop()
         for record in self.records.values():
             self.save(record)  # a failed write is logged: the pool below must stop anyway
         if self.pool is not None:

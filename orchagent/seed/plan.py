@@ -11,30 +11,24 @@ metadata and the same bytes at the same places, whichever stream or session carr
 each chunk.
 
 The table is arrays indexed by chunk number (chunks of a file are consecutive), not
-objects: a seed of 50,000 small files costs a few MB here.  From :data:`SPILL_CHUNKS`
-chunks on, given a directory (StateDir), the columns live in an unnamed file there,
-mapped, and the pages touched are dropped from the engine every :data:`SPILL_DROP`
-chunks done (``madvise(MADV_DONTNEED)``: the page cache keeps them, and the kernel
-writes them to the file when it wants the memory).  66 bytes a chunk held by each
-engine for the whole seed were 66 MB at a million files, on a host whose memory
-belongs to the buffer pool.
+objects: a seed of 50,000 small files costs a few MB here, and a larger one given a
+directory (StateDir) keeps them, and its manifest's, in a file there
+(orchagent.seed.spill): 66 bytes a chunk and 60 an entry on each side.
 """
 
 from __future__ import annotations
 
 import bisect
-import mmap
 import operator
 import os
 import struct
-import tempfile
 from array import array
 from itertools import accumulate, compress, islice
 from typing import BinaryIO, Iterator
 
 import blake3
 
-from orchagent.seed import frames
+from orchagent.seed import frames, spill
 from orchagent.seed.tree import Manifest
 
 _PART = struct.Struct(">QI32s")
@@ -46,49 +40,15 @@ RECORD = struct.Struct(">IQI32s")
 
 #: Files in a piece of the packed file digests (a DIGESTS frame: 3.6 MB).
 DIGEST_PIECE = 100_000
-#: Chunks from which a table given a directory keeps its columns in a file there, and
-#: how many chunks done between two drops of the pages touched (see the module docstring).
-SPILL_CHUNKS = 65_536
-SPILL_DROP = 65_536
-
-
-class _Mapped:
-    """Fixed-size columns in one unnamed file of ``directory``, mapped; ``None`` in
-    place of the mapping when that file cannot be made with its blocks reserved (a full
-    or odd file system): the columns are then plain memory.  The blocks are allocated up
-    front because a write to a mapped page with no room behind it kills the process
-    (SIGBUS) instead of raising ENOSPC."""
-
-    def __init__(self, directory: str | None, layout: list[tuple[str, int]]):
-        sizes = [array(code).itemsize * count for code, count in layout]
-        self.map = None
-        if directory is not None and sum(sizes):
-            try:
-                with tempfile.TemporaryFile(dir=directory) as fh:
-                    os.posix_fallocate(fh.fileno(), 0, sum(sizes))
-                    self.map = mmap.mmap(fh.fileno(), sum(sizes))
-            except OSError:
-                self.map = None
-        self.columns = []
-        position = 0
-        for (code, count), size in zip(layout, sizes):
-            if self.map is None:
-                self.columns.append(bytearray(size) if code == "B" else array(code, bytes(size)))
-            else:
-                self.columns.append(memoryview(self.map)[position:position + size].cast(code))
-            position += size
-
-    def drop(self) -> None:
-        """Let the pages touched go from the engine (their contents stay in the file)."""
-        if self.map is not None:
-            self.map.madvise(mmap.MADV_DONTNEED)
 
 
 class ChunkTable:
     """The plan's chunks with their state; all methods are cheap (reactor thread).
-    ``spill``: a directory for the columns of a large table (see the module docstring)."""
+    ``directory``: where a large table and its manifest spill (see the module docstring);
+    the manifest takes no more entries after."""
 
-    def __init__(self, manifest: Manifest, spill: str | None = None):
+    def __init__(self, manifest: Manifest, directory: str | None = None):
+        manifest.spill(directory)
         self.manifest = manifest
         count = len(manifest)
         self.files = manifest.file_indexes()
@@ -116,17 +76,14 @@ class ChunkTable:
                     cursor += 1
                 first[index] = cursor
         chunks = len(file)
-        self._mapped = _Mapped(spill if chunks >= SPILL_CHUNKS else None, [
-            ("I", chunks), ("Q", chunks), ("I", chunks), ("Q", count + 1), ("B", DIGEST * chunks),
-            ("B", chunks), ("I", count)])
         self.file, self.offset, self.length, self.first, self.digests, self.done, self.remaining = \
-            self._mapped.columns
-        self.file[:], self.length[:], self.first[:] = file, length, first
-        if offset is not None:  # else every chunk is at 0, as the column starts
-            self.offset[:] = offset
+            spill.spill(directory if chunks >= spill.SPILL_FROM else None, [
+                file, ("Q", chunks) if offset is None else offset, length, first,
+                ("B", DIGEST * chunks), ("B", chunks), ("I", count)])
         del file, offset, length, first
+        if directory is not None and chunks >= spill.SPILL_FROM:
+            spill.trim()
         self.bytes_total = sum(self.length)
-        self.marked = 0
         self.reset()
 
     def reset(self) -> None:
@@ -139,7 +96,6 @@ class ChunkTable:
         #: Files without chunks (empty or all holes) count as done from the start.
         self.chunkless_files = sum(map(operator.not_, map(self.remaining.__getitem__, self.files)))
         self.files_done = self.chunkless_files
-        self._mapped.drop()
 
     def __len__(self) -> int:
         return len(self.file)
@@ -170,9 +126,6 @@ class ChunkTable:
 
     def mark_done(self, cid: int, digest: bytes) -> bool:
         """Record a verified chunk; returns True when that completed its file."""
-        self.marked += 1
-        if not self.marked % SPILL_DROP:
-            self._mapped.drop()
         self.digests[cid * DIGEST:(cid + 1) * DIGEST] = digest
         if self.done[cid]:
             return False
@@ -191,9 +144,7 @@ class ChunkTable:
 
     def todo(self) -> array:
         """The chunks not done yet, in plan order (an array: no object per chunk)."""
-        todo = array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
-        self._mapped.drop()
-        return todo
+        return array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
 
     def done_records(self) -> bytes:
         """Every done chunk as packed RECORDs (for READY)."""
@@ -201,7 +152,6 @@ class ChunkTable:
         for c in compress(range(len(self.done)), self.done):
             out += RECORD.pack(self.file[c], self.offset[c], self.length[c],
                                bytes(self.digests[c * DIGEST:(c + 1) * DIGEST]))
-        self._mapped.drop()
         return bytes(out)
 
     def file_digest(self, index: int) -> bytes:
@@ -224,7 +174,6 @@ class ChunkTable:
             for index in self.files[start:start + DIGEST_PIECE]:
                 out += _INDEX.pack(index)
                 out += self.file_digest(index)
-            self._mapped.drop()
             yield bytes(out)
 
     def file_digests(self) -> bytes:

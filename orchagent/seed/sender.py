@@ -826,13 +826,13 @@ class SendJob(SenderJob):
 
 
 def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
-            previous: bytes | None = None, spill: str | None = None):
+            previous: bytes | None = None, directory: str | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
     grows with the files and data bytes walked so far; returns the manifest (with its
-    digest), the chunk plan (its columns in ``spill`` when large, see plan.ChunkTable)
-    and the entries' identities.  ``previous``: the identities saved by this seed's walk
-    before the agent restarted, which the files must still have (BadRequest naming the
-    first that has not)."""
+    digest), the chunk plan and the entries' identities (large ones kept in a file of
+    ``directory``, see orchagent.seed.spill).  ``previous``: the identities saved by this
+    seed's walk before the agent restarted, which the files must still have (BadRequest
+    naming the first that has not)."""
     packer = None
     pins = tree.Pins()
     files = size = 0
@@ -850,7 +850,8 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
     if previous is not None:
         pins.compare(manifest, previous, root)
     packer.finish()  # walk() calls grown at least once, at its end
-    return manifest, plan.ChunkTable(manifest, spill), pins
+    pins.spill(directory)
+    return manifest, plan.ChunkTable(manifest, directory), pins
 
 
 def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:

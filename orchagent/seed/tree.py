@@ -39,6 +39,7 @@ import blake3
 import zstandard
 
 from orchagent.errors import BadRequest
+from orchagent.seed import spill
 from orchagent.seed.frames import MAX_CHUNK
 
 DIR, FILE, LINK = "d", "f", "l"
@@ -89,7 +90,7 @@ def _encode(path: str) -> bytes:
 
 
 def _decode(data) -> str:
-    return data.decode("utf-8", "surrogateescape")
+    return str(data, "utf-8", "surrogateescape")  # bytes, or a view of a spilled column
 
 
 class PathColumn(Sequence):
@@ -145,7 +146,7 @@ class PathColumn(Sequence):
 
     def span(self, start: int, stop: int) -> bytearray:
         """The bytes of paths ``start`` to ``stop``, each followed by its NUL."""
-        return self.blob[self.starts[start]:self.starts[stop]]
+        return bytearray(memoryview(self.blob)[self.starts[start]:self.starts[stop]])
 
     def append(self, path: str) -> None:
         self.extend_encoded([_encode(path)])
@@ -295,6 +296,17 @@ class Manifest:
         return (encoded, bytes(map(_KINDS.__getitem__, kinds)), sizes, modes,
                 array("q", mtimes), users, groups, array("I", uids), array("I", gids), targets,
                 sparse)
+
+    def spill(self, directory: str | None) -> None:
+        """A complete manifest of many entries: its columns but the kinds into a file of
+        ``directory`` (orchagent.seed.spill); it takes no more entries after."""
+        if len(self) >= spill.SPILL_FROM:
+            paths = self.paths
+            (self.sizes, self.modes, self.mtimes, self.uids, self.gids, self.users, self.groups,
+             paths.blob, paths.starts) = spill.spill(directory, [
+                self.sizes, self.modes, self.mtimes, self.uids, self.gids, self.users, self.groups,
+                paths.blob, paths.starts])
+            spill.trim()
 
     def wire_rows(self, start: int, end: int) -> list[tuple]:
         """Entries ``start`` to ``end`` in wire form (tuples: JSON writes them as lists);
@@ -448,6 +460,13 @@ class Pins:
         self.devices.append(st.st_dev)
         self.inodes.append(st.st_ino)
         self.ctimes.append(st.st_ctime_ns)
+
+    def spill(self, directory: str | None) -> None:
+        """Once the walk is over: the columns of many entries into a file of
+        ``directory`` (orchagent.seed.spill)."""
+        if len(self.devices) >= spill.SPILL_FROM:
+            self.devices, self.inodes, self.ctimes = spill.spill(directory, [self.devices, self.inodes, self.ctimes])
+            spill.trim()
 
     def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
         """BadRequest naming ``path`` when entry ``index`` (``st``: as it is now) is no

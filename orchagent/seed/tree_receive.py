@@ -146,12 +146,12 @@ class TreeReceive(state.ReceivePayload):
         re-checked on the next session (its records are trusted only after re-hashing the
         staged bytes)."""
         self.restored = True
-        self.restoring = self.context.thread(_load_manifest, saved)
+        self.restoring = self.context.thread(_load_manifest, saved, self.context.store.root)
         self.restoring.addCallbacks(self._restored, self._restore_failed)
 
     def _restored(self, restored: tuple) -> None:
-        self.manifest, self.digest_kind = restored
-        self.table = plan.ChunkTable(self.manifest, self.context.store.root)
+        self.table, self.digest_kind = restored
+        self.manifest = self.table.manifest
         self.recheck_journal = True
 
     def _restore_failed(self, failure) -> None:
@@ -591,7 +591,8 @@ def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], 
         piece for body in (head, *batches) for piece in (struct.pack(">I", len(body)), body)))
 
 
-def _load_manifest(saved: bytes) -> tuple[tree.Manifest, frames.Digest]:
+def _load_manifest(saved: bytes, directory: str) -> tuple[plan.ChunkTable, frames.Digest]:
+    """The saved manifest's chunk table (spilled into ``directory`` when large)."""
     pieces, position = [], 0
     while position < len(saved):
         (size,) = struct.unpack_from(">I", saved, position)
@@ -599,4 +600,4 @@ def _load_manifest(saved: bytes) -> tuple[tree.Manifest, frames.Digest]:
         position += 4 + size
     end = json.loads(pieces[0])
     manifest = tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"])
-    return manifest, frames.Digest.from_label(end.get("content_digest", "blake3"))
+    return plan.ChunkTable(manifest, directory), frames.Digest.from_label(end.get("content_digest", "blake3"))

@@ -1,0 +1,85 @@
+"""Columns kept in an unnamed file of StateDir rather than in the seed engine's memory.
+
+At a million files the manifest's, the pins' and the chunk table's columns are some 150
+bytes a file on each side: 150 MB held by each engine for the whole seed, on database
+hosts whose memory belongs to the buffer pool.  :func:`spill` copies a structure's
+columns into one unnamed file (O_TMPFILE: gone with the process), preallocated and
+mapped shared, and hands back memoryviews that read and write as the arrays they
+replace.  :func:`drop_all`, which the seed manager runs every :data:`DROP_INTERVAL`,
+lets the pages touched go from the engine (``madvise(MADV_DONTNEED)``: the page cache
+keeps their contents, and the kernel writes them to the file when it wants the memory),
+so that an engine holds of them what it touched in the last interval.
+
+The file's blocks are allocated up front: a write to a mapped page with no room behind
+it would kill the process (SIGBUS) instead of raising ENOSPC.  When the file cannot be
+made so (StateDir full, a file system without O_TMPFILE or fallocate), the columns stay
+in memory, as below :data:`SPILL_FROM` entries, where a file costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import tempfile
+import threading
+import weakref
+from array import array
+
+#: Entries (or chunks) from which a structure given a directory spills.
+SPILL_FROM = 65_536
+#: Seconds between two drops of the pages touched.
+DROP_INTERVAL = 1.0
+
+_mapped: weakref.WeakSet = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def spill(directory: str | None, columns: list) -> list:
+    """``columns`` (arrays and bytearrays, copied, or ``(typecode, length)`` for a column
+    of zeros) as memoryviews over one mapped file of ``directory``; as they are (the
+    zeros made in memory) without a directory, or when the file cannot be made."""
+    sizes = [array(c[0]).itemsize * c[1] if isinstance(c, tuple) else len(memoryview(c).cast("B"))
+             for c in columns]
+    mapping = None
+    if directory is not None and sum(sizes):
+        try:
+            with tempfile.TemporaryFile(dir=directory) as fh:
+                os.posix_fallocate(fh.fileno(), 0, sum(sizes))
+                mapping = mmap.mmap(fh.fileno(), sum(sizes))
+        except OSError:
+            mapping = None
+    if mapping is None:
+        return [(bytearray(c[1]) if c[0] == "B" else array(c[0], bytes(size)))
+                if isinstance(c, tuple) else c for c, size in zip(columns, sizes)]
+    views, position = [], 0
+    for column, size in zip(columns, sizes):
+        code = column[0] if isinstance(column, tuple) else getattr(column, "typecode", "B")
+        view = memoryview(mapping)[position:position + size].cast(code)
+        if not isinstance(column, tuple):
+            view[:] = column
+        views.append(view)
+        position += size
+    mapping.madvise(mmap.MADV_DONTNEED)
+    with _lock:
+        _mapped.add(mapping)
+    return views
+
+
+def drop_all() -> None:
+    """Let the pages touched of every live spilled column go from this process (their
+    contents stay in the files); cheap: the kernel walks the mappings' page tables."""
+    with _lock:
+        mappings = list(_mapped)
+    for mapping in mappings:
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``), after
+    the columns spilled were freed: the engine keeps freed memory for reuse otherwise
+    (orchagent.seed.manager sets its trim threshold at 32 MB)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
