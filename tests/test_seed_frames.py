@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 import types
@@ -422,18 +423,18 @@ def _mapped_rss_kb(column) -> int:
 
 
 class SpilledTableTests(unittest.TestCase):
-    """A large chunk table and its manifest keep their columns in an unnamed file of the
-    directory they are given, let the pages touched go at each spill.drop_all, and answer
-    as when held in memory."""
+    """A large chunk table, manifest and pins keep their columns in unnamed files of the
+    directory they are given (the manifest's and the pins' growing there), let the pages
+    touched go at each spill.drop_all, and answer as when held in memory."""
 
-    def _manifest(self, files: int, big: bool = False) -> tree.Manifest:
+    def _manifest(self, files: int, big: bool = False, directory: str | None = None) -> tree.Manifest:
         entries = [tree.Entry(path=f"d/f\udcff{i}", kind="f", size=1000 + i, uid=i, user=f"u{i % 3}")
                    for i in range(files)]
         if big:
             entries.append(tree.Entry(path="big", kind="f", size=5 * 65536 + 7))
             entries.append(tree.Entry(path="sparse", kind="f", size=9 * 65536,
                                       extents=((0, 65536), (4 * 65536, 9 * 65536))))
-        return tree.Manifest([tree.Entry(path="d", kind="d"), *entries], 65536)
+        return tree.Manifest([tree.Entry(path="d", kind="d"), *entries], 65536, directory)
 
     def test_the_same_answers_as_in_memory(self):
         directory = self.mktemp()
@@ -441,7 +442,7 @@ class SpilledTableTests(unittest.TestCase):
         self.patch(spill, "SPILL_FROM", 1)
         for big in (False, True):
             memory = plan.ChunkTable(self._manifest(300, big))
-            spilled = plan.ChunkTable(self._manifest(300, big), directory)
+            spilled = plan.ChunkTable(self._manifest(300, big, directory), directory)
             self.assertIsInstance(memory.digests, bytearray)
             self.assertIsInstance(spilled.digests, memoryview)
             self.assertIsInstance(spilled.manifest.sizes, memoryview)
@@ -475,14 +476,16 @@ class SpilledTableTests(unittest.TestCase):
         directory = self.mktemp()
         os.makedirs(directory)
         self.patch(spill, "SPILL_FROM", 1)
-        manifest, pins = self._manifest(50), tree.Pins()
+        self.patch(spill, "SPILL_FROM", 7)
+        manifest, held, grown = self._manifest(50), tree.Pins(), tree.Pins(directory)
         for i in range(len(manifest)):
-            pins.add(types.SimpleNamespace(st_dev=3, st_ino=7 + i, st_ctime_ns=11 * i))
-        packed = pins.pack(manifest)
-        pins.spill(directory)
-        self.assertIsInstance(pins.inodes, memoryview)
-        self.assertEqual(pins.pack(manifest), packed)
-        self.assertEqual(pins.inodes[40], 47)
+            for pins in (held, grown):
+                pins.add(types.SimpleNamespace(st_dev=3, st_ino=7 + i, st_ctime_ns=11 * i))
+        grown.seal()
+        self.assertIsInstance(grown.inodes, memoryview)
+        self.assertEqual(grown.pack(manifest), held.pack(manifest))
+        self.assertEqual(grown.inodes[40], 47)
+        self.assertEqual(os.listdir(directory), [])
 
     def test_pages_touched_are_let_go(self):
         """What stays mapped in after a drop is at most a few pages per column (a fault
@@ -500,9 +503,57 @@ class SpilledTableTests(unittest.TestCase):
         self.assertLess(_mapped_rss_kb(table.digests), 512, "dropped")
         self.assertEqual(table.known(100), b"\x07" * 32)
 
+    def test_a_walk_grown_in_files_is_the_walk_in_memory(self):
+        """Names that are not UTF-8, links, a sparse file: the same manifest and pins,
+        the columns in files from the first entry on."""
+        directory, root = self.mktemp(), self.mktemp()
+        os.makedirs(directory)
+        os.makedirs(os.path.join(root, "db"))
+        for i in range(40):
+            with open(os.path.join(root.encode(), b"db", b"t\xff%d.ibd" % i), "wb") as fh:
+                fh.write(b"x" * i)
+        os.symlink("db", os.path.join(root, "link"))
+        with open(os.path.join(root, "sparse"), "wb") as fh:
+            fh.truncate(1 << 20)
+            fh.write(b"y")
+        memory_pins, file_pins = tree.Pins(), tree.Pins(directory)
+        memory = tree.walk(root, 65536, pins=memory_pins)
+        self.patch(spill, "SPILL_FROM", 0)
+        grown = tree.walk(root, 65536, pins=file_pins, directory=directory)
+        file_pins.seal()
+        self.assertIsInstance(grown.paths.blob, memoryview)
+        self.assertIsInstance(grown.sizes, memoryview)
+        self.assertEqual(grown.entries, memory.entries)
+        self.assertEqual(file_pins.pack(grown), memory_pins.pack(memory))
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_a_column_that_cannot_grow_goes_on_in_memory(self):
+        """StateDir full in the middle of a walk: what the file held and what follows, in
+        memory."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        calls = []
+        fallocate = os.posix_fallocate
+
+        def full_after_the_first(fd, offset, length):
+            calls.append(length)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return fallocate(fd, offset, length)
+
+        self.patch(spill.os, "posix_fallocate", full_after_the_first)
+        column = spill.Growing(directory, "Q")
+        first = column.extend(array("Q", range(100)))
+        self.assertIsInstance(first, memoryview)
+        whole = column.extend(array("Q", range(100, 200_000)))
+        self.assertIsInstance(whole, array)
+        self.assertEqual(list(whole), list(range(200_000)))
+        self.assertEqual(list(column.extend(array("Q", [7]))[-2:]), [199_999, 7])
+
     def test_a_directory_that_cannot_hold_it_leaves_it_in_memory(self):
         self.patch(spill, "SPILL_FROM", 1)
-        table = plan.ChunkTable(self._manifest(10), os.path.join(self.mktemp(), "missing"))
+        missing = os.path.join(self.mktemp(), "missing")
+        table = plan.ChunkTable(self._manifest(10, directory=missing), missing)
         self.assertIsInstance(table.digests, bytearray)
         self.assertIsInstance(table.manifest.sizes, array)
         table.mark_done(0, b"\x02" * 32)

@@ -12,8 +12,8 @@ each chunk.
 
 The table is arrays indexed by chunk number (chunks of a file are consecutive), not
 objects: a seed of 50,000 small files costs a few MB here, and a larger one given a
-directory (StateDir) keeps them, and its manifest's, in a file there
-(orchagent.seed.spill): 66 bytes a chunk and 60 an entry on each side.
+directory (StateDir) keeps them in a file there (orchagent.seed.spill): 66 bytes a chunk
+on each side, as many as its manifest's columns (which grow in files of their own).
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ DIGEST_PIECE = 100_000
 
 class ChunkTable:
     """The plan's chunks with their state; all methods are cheap (reactor thread).
-    ``directory``: where a large table and its manifest spill (see the module docstring);
-    the manifest takes no more entries after."""
+    ``directory``: where a large table spills (see the module docstring)."""
 
     def __init__(self, manifest: Manifest, directory: str | None = None):
-        manifest.spill(directory)
         self.manifest = manifest
         count = len(manifest)
         self.files = manifest.file_indexes()
@@ -83,6 +81,7 @@ class ChunkTable:
         del file, offset, length, first
         if directory is not None and chunks >= spill.SPILL_FROM:
             spill.trim()
+            spill.drop_all()  # the manifest's columns read above
         self.bytes_total = sum(self.length)
         self.reset()
 
@@ -174,6 +173,7 @@ class ChunkTable:
             for index in self.files[start:start + DIGEST_PIECE]:
                 out += _INDEX.pack(index)
                 out += self.file_digest(index)
+            spill.drop_all()
             yield bytes(out)
 
     def file_digests(self) -> bytes:

@@ -834,7 +834,7 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
     seed's walk before the agent restarted, which the files must still have (BadRequest
     naming the first that has not)."""
     packer = None
-    pins = tree.Pins()
+    pins = tree.Pins(directory)
     files = size = 0
 
     def grown(manifest: tree.Manifest) -> None:
@@ -846,11 +846,11 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
         if bodies:
             packed(bodies, files, size)
 
-    manifest = tree.walk(root, chunk_size, grown, pins)
+    manifest = tree.walk(root, chunk_size, grown, pins, directory)
+    pins.seal()
     if previous is not None:
         pins.compare(manifest, previous, root)
     packer.finish()  # walk() calls grown at least once, at its end
-    pins.spill(directory)
     return manifest, plan.ChunkTable(manifest, directory), pins
 
 

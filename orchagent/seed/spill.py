@@ -5,10 +5,12 @@ bytes a file on each side: 150 MB held by each engine for the whole seed, on dat
 hosts whose memory belongs to the buffer pool.  :func:`spill` copies a structure's
 columns into one unnamed file (O_TMPFILE: gone with the process), preallocated and
 mapped shared, and hands back memoryviews that read and write as the arrays they
-replace.  :func:`drop_all`, which the seed manager runs every :data:`DROP_INTERVAL`,
-lets the pages touched go from the engine (``madvise(MADV_DONTNEED)``: the page cache
-keeps their contents, and the kernel writes them to the file when it wants the memory),
-so that an engine holds of them what it touched in the last interval.
+replace (a manifest's and the pins' grow in such files as they are walked or read,
+:class:`Growing`).  :func:`drop_all`, which the seed manager runs every
+:data:`DROP_INTERVAL` and the passes over a whole manifest or table run as they go, lets
+the pages touched go from the engine (``madvise(MADV_DONTNEED)``: the page cache keeps
+their contents, and the kernel writes them to the file when it wants the memory), so
+that an engine holds of them what it touched last.
 
 The file's blocks are allocated up front: a write to a mapped page with no room behind
 it would kill the process (SIGBUS) instead of raising ENOSPC.  When the file cannot be
@@ -64,6 +66,47 @@ def spill(directory: str | None, columns: list) -> list:
     with _lock:
         _mapped.add(mapping)
     return views
+
+
+class Growing:
+    """A column that grows in an unnamed file of ``directory`` (a manifest's while it is
+    walked or read): :meth:`extend` appends and returns the column, a memoryview of
+    everything in it; the views it returned before stay valid (the same pages).  When
+    the file cannot grow (StateDir full), the column goes on in memory: :meth:`extend`
+    then returns an array (or a bytearray) holding everything."""
+
+    def __init__(self, directory: str, code: str):
+        self.code = code
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.length = self.capacity = 0
+        self.map: mmap.mmap | None = None
+        self.memory = None
+
+    def extend(self, values):
+        if self.memory is not None:
+            self.memory += values
+            return self.memory
+        raw = memoryview(values).cast("B")
+        end = self.length + len(raw)
+        if end > self.capacity or self.map is None:
+            try:
+                capacity = max(end, 2 * self.capacity, 1 << 20)
+                os.posix_fallocate(self.file.fileno(), 0, capacity)
+                self.map, self.capacity = mmap.mmap(self.file.fileno(), capacity), capacity
+            except OSError:
+                held = bytes(self.map[:self.length]) if self.map is not None else b""
+                self.memory = bytearray(held) if self.code == "B" else array(self.code, held)
+                self.file.close()
+                return self.extend(values)
+            with _lock:
+                _mapped.add(self.map)
+        self.map[self.length:end] = raw
+        self.length = end
+        return memoryview(self.map)[:end].cast(self.code)
+
+    def close(self) -> None:
+        """No more growing: the file is closed (its mapping stays)."""
+        self.file.close()
 
 
 def drop_all() -> None:

@@ -106,12 +106,14 @@ class PathColumn(Sequence):
     ValueError, and a str that has no bytes on disk (a lone surrogate, which
     ``os.fsdecode`` never makes) with UnicodeEncodeError."""
 
-    __slots__ = ("blob", "starts")
+    __slots__ = ("blob", "starts", "_grow")
 
-    def __init__(self, paths: Iterable[str] = ()):
+    def __init__(self, paths: Iterable[str] = (), grow: Callable | None = None):
         self.blob = bytearray()
         #: Where each path starts, and one past the last one's NUL.
         self.starts = array("Q", [0])
+        #: How a column takes more: in place, or as its manifest says (Manifest._extend).
+        self._grow = grow or _extend_in_place
         self.extend(paths)
 
     def __len__(self) -> int:
@@ -136,6 +138,7 @@ class PathColumn(Sequence):
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self), WALK_BATCH):
             yield from self._decoded(start, min(start + WALK_BATCH, len(self)))
+            spill.drop_all()  # a pass over every path and its entry's columns
 
     def __eq__(self, other):
         if isinstance(other, PathColumn):
@@ -161,10 +164,18 @@ class PathColumn(Sequence):
         joined = b"\0".join(encoded)
         if joined.count(0) != len(encoded) - 1:
             raise ValueError("a path holds a NUL")
-        self.starts.extend(islice(accumulate(map((1).__add__, map(len, encoded)),
-                                             initial=len(self.blob)), 1, None))
-        self.blob += joined
-        self.blob.append(0)
+        self._grow(self, "starts", array("Q", islice(accumulate(map((1).__add__, map(len, encoded)),
+                                                                initial=len(self.blob)), 1, None)))
+        self._grow(self, "blob", joined + b"\0")
+
+
+def _extend_in_place(owner, name: str, values) -> None:
+    column = getattr(owner, name)
+    column += values
+
+
+#: The manifest's columns that grow in a file once it is large (all but the kinds).
+_GROWING = ("sizes", "modes", "mtimes", "uids", "gids", "users", "groups")
 
 
 class Manifest:
@@ -173,11 +184,15 @@ class Manifest:
     values (given back by :attr:`entries`).  The digest covers the chunk size and the
     JSON text of the batches the manifest travels in (see :func:`pack_batches`), so
     neither side serialises an entry twice; a manifest that never travelled digests as
-    one batch."""
+    one batch.  Given a ``directory`` (StateDir), its columns grow in files there once it
+    holds :data:`~orchagent.seed.spill.SPILL_FROM` entries (orchagent.seed.spill)."""
 
-    def __init__(self, entries: Iterable[Entry] = (), chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, entries: Iterable[Entry] = (), chunk_size: int = DEFAULT_CHUNK,
+                 directory: str | None = None):
         self.chunk_size = chunk_size
-        self.paths = PathColumn()
+        self.directory = directory
+        self._growing: dict[str, spill.Growing] = {}
+        self.paths = PathColumn(grow=self._extend)
         self.kinds = bytearray()
         self.sizes = array("Q")
         self.modes = array("I")
@@ -194,6 +209,36 @@ class Manifest:
         self.wire_digest: bytes | None = None
         for entry in entries:
             self.add_wire(entry.to_wire())
+
+    def _extend(self, owner, name: str, values) -> None:
+        """Append ``values`` to column ``name`` of ``owner`` (this manifest or its paths):
+        in place, or in its file once the manifest is large (StateDir refusing one keeps
+        it in memory)."""
+        grower = self._growing.get(name)
+        if grower is None:
+            if self.directory is None or len(self.kinds) < spill.SPILL_FROM:
+                return _extend_in_place(owner, name, values)
+            column = getattr(owner, name)
+            try:
+                grower = self._growing[name] = spill.Growing(self.directory, getattr(column, "typecode", "B"))
+            except OSError:
+                self.directory = None
+                return _extend_in_place(owner, name, values)
+            grower.extend(column)
+        setattr(owner, name, grower.extend(values))
+
+    def _add_columns(self, kinds, *columns) -> None:
+        """The kinds, then the columns of :data:`_GROWING`, of entries appended."""
+        for name, values in zip(_GROWING, columns):
+            self._extend(self, name, values)
+        self.kinds += kinds
+
+    def seal(self) -> None:
+        """No more entries: the files its columns grew in are closed (what was mapped of
+        them stays, see orchagent.seed.spill)."""
+        for grower in self._growing.values():
+            grower.close()
+        self._growing.clear()
 
     def _name(self, name: str) -> int:
         index = self._name_index.get(name)
@@ -226,14 +271,9 @@ class Manifest:
             raise BadRequest(f"unsafe path {path!r:.200} in the seed manifest")
         index = len(self.kinds)
         self.paths.extend_encoded([encoded])
-        self.kinds.append(_KINDS[kind])
-        self.sizes.append(size)
-        self.modes.append(mode)
-        self.mtimes.append(mtime_ns)
-        self.uids.append(uid)
-        self.gids.append(gid)
-        self.users.append(self._name(user))
-        self.groups.append(self._name(group))
+        self._add_columns(bytes([_KINDS[kind]]), array("Q", [size]), array("I", [mode]),
+                          array("q", [mtime_ns]), array("I", [uid]), array("I", [gid]),
+                          array("I", [self._name(user)]), array("I", [self._name(group)]))
         if target:
             self.targets[index] = target
         if extents is not None:
@@ -262,14 +302,9 @@ class Manifest:
         _, kinds, sizes, modes, mtimes, users, groups, uids, gids, targets, extents = columns
         for name in set(users).union(groups):
             self._name(name)
-        self.kinds += kinds
-        self.sizes += sizes
-        self.modes += modes
-        self.mtimes += mtimes
-        self.uids += uids
-        self.gids += gids
-        self.users += array("I", map(self._name_index.__getitem__, users))
-        self.groups += array("I", map(self._name_index.__getitem__, groups))
+        self._add_columns(kinds, sizes, modes, mtimes, uids, gids,
+                          array("I", map(self._name_index.__getitem__, users)),
+                          array("I", map(self._name_index.__getitem__, groups)))
         self.targets.update(compress(zip(count(start), targets), targets))
         self.extents.update((start + offset, value) for offset, value in extents)
 
@@ -296,17 +331,6 @@ class Manifest:
         return (encoded, bytes(map(_KINDS.__getitem__, kinds)), sizes, modes,
                 array("q", mtimes), users, groups, array("I", uids), array("I", gids), targets,
                 sparse)
-
-    def spill(self, directory: str | None) -> None:
-        """A complete manifest of many entries: its columns but the kinds into a file of
-        ``directory`` (orchagent.seed.spill); it takes no more entries after."""
-        if len(self) >= spill.SPILL_FROM:
-            paths = self.paths
-            (self.sizes, self.modes, self.mtimes, self.uids, self.gids, self.users, self.groups,
-             paths.blob, paths.starts) = spill.spill(directory, [
-                self.sizes, self.modes, self.mtimes, self.uids, self.gids, self.users, self.groups,
-                paths.blob, paths.starts])
-            spill.trim()
 
     def wire_rows(self, start: int, end: int) -> list[tuple]:
         """Entries ``start`` to ``end`` in wire form (tuples: JSON writes them as lists);
@@ -450,23 +474,41 @@ class Pins:
     (:meth:`check`), so a file replaced, rewritten or seen through another mount since
     the walk fails the seed instead of sending a mix of two trees."""
 
-    def __init__(self):
+    def __init__(self, directory: str | None = None):
         self.root: tuple[int, int] = (0, 0)
         self.devices = array("Q")
         self.inodes = array("Q")
         self.ctimes = array("q")
+        #: Given a directory (StateDir), the walk's pins go to files there every
+        #: SPILL_FROM entries (orchagent.seed.spill), and :meth:`seal` makes the columns.
+        self.directory = directory
+        self._growing: list[spill.Growing] = []
 
     def add(self, st: os.stat_result) -> None:
         self.devices.append(st.st_dev)
         self.inodes.append(st.st_ino)
         self.ctimes.append(st.st_ctime_ns)
+        if self.directory is not None and len(self.devices) >= spill.SPILL_FROM:
+            self._move_out()
 
-    def spill(self, directory: str | None) -> None:
-        """Once the walk is over: the columns of many entries into a file of
-        ``directory`` (orchagent.seed.spill)."""
-        if len(self.devices) >= spill.SPILL_FROM:
-            self.devices, self.inodes, self.ctimes = spill.spill(directory, [self.devices, self.inodes, self.ctimes])
-            spill.trim()
+    def _move_out(self) -> list:
+        """The pins held in memory appended to the files; the columns so far."""
+        held = [self.devices, self.inodes, self.ctimes]
+        try:
+            self._growing = self._growing or [spill.Growing(self.directory, c.typecode) for c in held]
+        except OSError:
+            self.directory = None  # StateDir refused a file: in memory from here
+            return held
+        self.devices, self.inodes, self.ctimes = array("Q"), array("Q"), array("q")
+        return [grower.extend(column) for grower, column in zip(self._growing, held)]
+
+    def seal(self) -> None:
+        """The walk is over: the columns whole (the files they grew in closed)."""
+        if self._growing:
+            self.devices, self.inodes, self.ctimes = self._move_out()
+            for grower in self._growing:
+                grower.close()
+            self._growing = []
 
     def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
         """BadRequest naming ``path`` when entry ``index`` (``st``: as it is now) is no
@@ -501,6 +543,7 @@ class Pins:
         parts = [out.compress(len(head).to_bytes(4, "big") + head)]
         for code, column in zip(_PIN_CODES, self._columns(manifest)):
             parts.append(out.compress(array(code, map(column.__getitem__, files))))
+            spill.drop_all()
         parts += map(out.compress, _file_paths(manifest))
         parts.append(out.flush())
         return b"".join(parts)
@@ -563,10 +606,12 @@ def _file_paths(manifest: Manifest) -> Iterator[bytes]:
 
 
 def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
-         grown: Callable[[Manifest], None] | None = None, pins: Pins | None = None) -> Manifest:
+         grown: Callable[[Manifest], None] | None = None, pins: Pins | None = None,
+         directory: str | None = None) -> Manifest:
     """Walk ``root`` (blocking: call in a worker thread) into a manifest; ``grown`` is
     called with it every few thousand entries and at the end (the sender packs and sends
     them while the walk goes on).  ``pins``, when given, gets every entry's identity.
+    ``directory``: where a large manifest's columns grow (see :class:`Manifest`).
 
     Raises BadRequest when ``root`` is not a directory or holds a symlink leaving it.
     """
@@ -578,7 +623,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
     pin = pins.add if pins is not None else (lambda st: None)
     users: dict[int, str] = {}
     groups: dict[int, str] = {}
-    manifest = Manifest(chunk_size=chunk_size)
+    manifest = Manifest(chunk_size=chunk_size, directory=directory)
     rows: list[list] = []
     add = rows.append
 
@@ -630,6 +675,7 @@ def walk(root: str, chunk_size: int = DEFAULT_CHUNK,
 
     visit("", root)
     flush(last=True)
+    manifest.seal()
     return manifest
 
 
@@ -641,6 +687,7 @@ def _paths_safe(paths: PathColumn) -> bool:
     column at once would be copied twice over."""
     for start in range(0, len(paths), 65536):
         whole = b"/" + paths.span(start, min(start + 65536, len(paths))).replace(b"\0", b"/\0/")
+        spill.drop_all()
         if b"//" in whole or b"/./" in whole or b"/../" in whole:
             return False
     return True
@@ -787,8 +834,8 @@ class ManifestReader:
     or unsafe entry, a wrong count or digest (the manifest arrived incomplete or altered).
     """
 
-    def __init__(self):
-        self.manifest = Manifest()
+    def __init__(self, directory: str | None = None):
+        self.manifest = Manifest(directory=directory)
         #: Files and data bytes read so far (the receiver's totals while they arrive).
         self.files = self.bytes = 0
         self._hash = blake3.blake3()
@@ -819,13 +866,15 @@ class ManifestReader:
         if len(manifest) != count or self._hash.hexdigest() != digest:
             raise BadRequest("the seed manifest arrived incomplete or altered")
         manifest.wire_digest = bytes.fromhex(digest)
+        manifest.seal()
         validate(manifest)
         return manifest
 
 
-def manifest_from_batches(batches: list[bytes], chunk_size: int, count: int, digest: str) -> Manifest:
+def manifest_from_batches(batches: list[bytes], chunk_size: int, count: int, digest: str,
+                          directory: str | None = None) -> Manifest:
     """Rebuild and check a whole manifest from its packed batches (worker thread)."""
-    reader = ManifestReader()
+    reader = ManifestReader(directory)
     for body in batches:
         reader.feed(body)
     return reader.finish(chunk_size, count, digest)

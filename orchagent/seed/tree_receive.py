@@ -257,7 +257,7 @@ class TreeReceive(state.ReceivePayload):
         session.batches.append(body)
         session.manifest_bytes += len(body)
         if session.reader is None:
-            session.reader, session.reading = tree.ManifestReader(), defer.succeed(None)
+            session.reader, session.reading = tree.ManifestReader(self.context.store.root), defer.succeed(None)
         reader, thread = session.reader, self.context.thread
         session.reading.addCallback(lambda _: thread(reader.feed, body))
         session.reading.addCallback(self._counted, session, reader)
@@ -298,7 +298,7 @@ class TreeReceive(state.ReceivePayload):
         try:
             if reading is not None:
                 await reading
-            reader = reader or tree.ManifestReader()
+            reader = reader or tree.ManifestReader(self.context.store.root)
             manifest = await self.context.thread(reader.finish, chunk_size, count, digest)
         except BadRequest as e:
             raise BadRequest(f"refused the seed manifest: {e.message}") from None
@@ -599,5 +599,6 @@ def _load_manifest(saved: bytes, directory: str) -> tuple[plan.ChunkTable, frame
         pieces.append(saved[position + 4:position + 4 + size])
         position += 4 + size
     end = json.loads(pieces[0])
-    manifest = tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"])
+    manifest = tree.manifest_from_batches(pieces[1:], end["chunk_size"], end["count"], end["digest"],
+                                          directory)
     return plan.ChunkTable(manifest, directory), frames.Digest.from_label(end.get("content_digest", "blake3"))
