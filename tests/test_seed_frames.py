@@ -503,6 +503,29 @@ class SpilledTableTests(unittest.TestCase):
         self.assertLess(_mapped_rss_kb(table.digests), 512, "dropped")
         self.assertEqual(table.known(100), b"\x07" * 32)
 
+    def test_the_seed_manager_lets_the_pages_go_every_interval(self):
+        from twisted.internet import reactor
+
+        from orchagent.config import Config
+        from orchagent.seed.manager import SeedManager
+        from tests import seed_support as S
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.patch(spill, "SPILL_FROM", 1)
+        clock = task.Clock()
+        manager = SeedManager(Config(state_dir=os.path.join(directory, "state")), reactor, None,
+                              S.Host(directory), S.Service(), S.Snapshots(directory), clock=clock)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        table = plan.ChunkTable(self._manifest(200_000), directory)
+        for cid in range(100_000):
+            table.mark_done(cid, b"\x07" * 32)
+        clock.advance(spill.DROP_INTERVAL / 2)
+        self.assertGreater(_mapped_rss_kb(table.digests), 4000, "not yet")
+        clock.advance(spill.DROP_INTERVAL / 2)
+        self.assertLess(_mapped_rss_kb(table.digests), 512, "dropped")
+
     def test_a_walk_grown_in_files_is_the_walk_in_memory(self):
         """Names that are not UTF-8, links, a sparse file: the same manifest and pins,
         the columns in files from the first entry on."""
