@@ -40,6 +40,8 @@ RECORD = struct.Struct(">IQI32s")
 
 #: Files in a piece of the packed file digests (a DIGESTS frame: 3.6 MB).
 DIGEST_PIECE = 100_000
+#: Files the columns of a table of small files are made from at a time.
+_STRETCH = 65_536
 
 
 class ChunkTable:
@@ -50,17 +52,27 @@ class ChunkTable:
         self.manifest = manifest
         count = len(manifest)
         self.files = manifest.file_indexes()
-        if not manifest.extents and max(manifest.sizes, default=0) <= manifest.chunk_size:
-            # Every file is one chunk or none (the common case of many small files):
-            # the columns straight from the manifest's, without a loop per chunk.
-            sizes = manifest.sizes
-            file = array("I", compress(self.files, map(sizes.__getitem__, self.files)))
-            offset, length = None, array("I", map(sizes.__getitem__, file))
-            chunks = bytearray(count)
-            for index in file:
-                chunks[index] = 1
-            first = array("Q", accumulate(chunks, initial=0))
-            del chunks
+        sizes = manifest.sizes
+        if not manifest.extents and max(sizes, default=0) <= manifest.chunk_size:
+            # Every file is one chunk or none (the common case of many small files): the
+            # columns made from the manifest's by C loops, a stretch of files at a time,
+            # straight into their place (made whole first, 17 MB more at a million).
+            self._make_columns(directory, sum(map(bool, map(sizes.__getitem__, self.files))), count)
+            filled = 0
+            for start in range(0, len(self.files), _STRETCH):
+                stretch = self.files[start:start + _STRETCH]
+                part = array("I", compress(stretch, map(sizes.__getitem__, stretch)))
+                self.file[filled:filled + len(part)] = part
+                self.length[filled:filled + len(part)] = array("I", map(sizes.__getitem__, part))
+                filled += len(part)
+            with_data = bytearray(count)
+            for index in self.file:
+                with_data[index] = 1
+            running = accumulate(with_data, initial=0)
+            for start in range(0, count + 1, _STRETCH):
+                part = array("Q", islice(running, _STRETCH))
+                self.first[start:start + len(part)] = part
+            del with_data
         else:
             file, offset, length = array("I"), array("Q"), array("I")
             for index, at, size in manifest.chunks():
@@ -73,17 +85,21 @@ class ChunkTable:
                 while cursor < len(file) and file[cursor] < index:
                     cursor += 1
                 first[index] = cursor
-        chunks = len(file)
-        self.file, self.offset, self.length, self.first, self.digests, self.done, self.remaining = \
-            spill.spill(directory if chunks >= spill.SPILL_FROM else None, [
-                file, ("Q", chunks) if offset is None else offset, length, first,
-                ("B", DIGEST * chunks), ("B", chunks), ("I", count)])
-        del file, offset, length, first
-        if directory is not None and chunks >= spill.SPILL_FROM:
+            self._make_columns(directory, len(file), count)
+            self.file[:], self.offset[:], self.length[:], self.first[:] = file, offset, length, first
+            del file, offset, length, first
+        if directory is not None and len(self.file) >= spill.SPILL_FROM:
             spill.trim()
             spill.drop_all()  # the manifest's columns read above
         self.bytes_total = sum(self.length)
         self.reset()
+
+    def _make_columns(self, directory: str | None, chunks: int, count: int) -> None:
+        """The columns, zeros, in a file of ``directory`` when the table is large."""
+        self.file, self.offset, self.length, self.first, self.digests, self.done, self.remaining = \
+            spill.spill(directory if chunks >= spill.SPILL_FROM else None, [
+                ("I", chunks), ("Q", chunks), ("I", chunks), ("Q", count + 1), ("B", DIGEST * chunks),
+                ("B", chunks), ("I", count)])
 
     def reset(self) -> None:
         """Nothing done (digests are kept: :meth:`known` still answers)."""

@@ -2,11 +2,10 @@
 
 At a million files the manifest's, the pins' and the chunk table's columns are some 150
 bytes a file on each side: 150 MB held by each engine for the whole seed, on database
-hosts whose memory belongs to the buffer pool.  :func:`spill` copies a structure's
-columns into one unnamed file (O_TMPFILE: gone with the process), preallocated and
-mapped shared, and hands back memoryviews that read and write as the arrays they
-replace (a manifest's and the pins' grow in such files as they are walked or read,
-:class:`Growing`).  :func:`drop_all`, which the seed manager runs every
+hosts whose memory belongs to the buffer pool.  :func:`spill` makes a chunk table's
+columns in one unnamed file (O_TMPFILE: gone with the process), preallocated and mapped
+shared, as memoryviews that read and write as the arrays they replace; a manifest's and
+the pins' columns grow in such files as they are walked or read (:class:`Growing`).  :func:`drop_all`, which the seed manager runs every
 :data:`DROP_INTERVAL` and the passes over a whole manifest or table run as they go, lets
 the pages touched go from the engine (``madvise(MADV_DONTNEED)``: the page cache keeps
 their contents, and the kernel writes them to the file when it wants the memory), so
@@ -39,12 +38,11 @@ _mapped: weakref.WeakSet = weakref.WeakSet()
 _lock = threading.Lock()
 
 
-def spill(directory: str | None, columns: list) -> list:
-    """``columns`` (arrays and bytearrays, copied, or ``(typecode, length)`` for a column
-    of zeros) as memoryviews over one mapped file of ``directory``; as they are (the
-    zeros made in memory) without a directory, or when the file cannot be made."""
-    sizes = [array(c[0]).itemsize * c[1] if isinstance(c, tuple) else len(memoryview(c).cast("B"))
-             for c in columns]
+def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
+    """Columns of zeros, one ``(typecode, length)`` each, as memoryviews over one mapped
+    file of ``directory``; in memory (arrays, bytearrays for "B") without a directory,
+    or when the file cannot be made."""
+    sizes = [array(code).itemsize * length for code, length in layout]
     mapping = None
     if directory is not None and sum(sizes):
         try:
@@ -54,17 +52,12 @@ def spill(directory: str | None, columns: list) -> list:
         except OSError:
             mapping = None
     if mapping is None:
-        return [(bytearray(c[1]) if c[0] == "B" else array(c[0], bytes(size)))
-                if isinstance(c, tuple) else c for c, size in zip(columns, sizes)]
+        return [bytearray(size) if code == "B" else array(code, bytes(size))
+                for (code, _), size in zip(layout, sizes)]
     views, position = [], 0
-    for column, size in zip(columns, sizes):
-        code = column[0] if isinstance(column, tuple) else getattr(column, "typecode", "B")
-        view = memoryview(mapping)[position:position + size].cast(code)
-        if not isinstance(column, tuple):
-            view[:] = column
-        views.append(view)
+    for (code, _), size in zip(layout, sizes):
+        views.append(memoryview(mapping)[position:position + size].cast(code))
         position += size
-    mapping.madvise(mmap.MADV_DONTNEED)
     with _lock:
         _mapped.add(mapping)
     return views
