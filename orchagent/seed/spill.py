@@ -5,11 +5,12 @@ bytes a file on each side: 150 MB held by each engine for the whole seed, on dat
 hosts whose memory belongs to the buffer pool.  :func:`spill` makes a chunk table's
 columns in one unnamed file (O_TMPFILE: gone with the process), preallocated and mapped
 shared, as memoryviews that read and write as the arrays they replace; a manifest's and
-the pins' columns grow in such files as they are walked or read (:class:`Growing`).  :func:`drop_all`, which the seed manager runs every
-:data:`DROP_INTERVAL` and the passes over a whole manifest or table run as they go, lets
-the pages touched go from the engine (``madvise(MADV_DONTNEED)``: the page cache keeps
-their contents, and the kernel writes them to the file when it wants the memory), so
-that an engine holds of them what it touched last.
+the pins' columns grow in such files as they are walked or read (:class:`Growing`).
+:func:`drop_all`, which the seed manager runs every :data:`DROP_INTERVAL` and the passes
+over a whole manifest or table run as they go, lets the pages touched go from the engine
+(``madvise(MADV_DONTNEED)``: the page cache keeps their contents, and the kernel writes
+them to the file when it wants the memory), so that an engine holds of them what it
+touched last.
 
 The file's blocks are allocated up front: a write to a mapped page with no room behind
 it would kill the process (SIGBUS) instead of raising ENOSPC.  When the file cannot be
@@ -38,6 +39,16 @@ _mapped: weakref.WeakSet = weakref.WeakSet()
 _lock = threading.Lock()
 
 
+def _mapped_file(fh, size: int) -> mmap.mmap:
+    """``fh`` (an unnamed file) ``size`` bytes long, its blocks allocated, mapped shared
+    and among the mappings :func:`drop_all` drops; OSError when the blocks are refused."""
+    os.posix_fallocate(fh.fileno(), 0, size)
+    mapping = mmap.mmap(fh.fileno(), size)
+    with _lock:
+        _mapped.add(mapping)
+    return mapping
+
+
 def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
     """Columns of zeros, one ``(typecode, length)`` each, as memoryviews over one mapped
     file of ``directory``; in memory (arrays, bytearrays for "B") without a directory,
@@ -47,8 +58,7 @@ def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
     if directory is not None and sum(sizes):
         try:
             with tempfile.TemporaryFile(dir=directory) as fh:
-                os.posix_fallocate(fh.fileno(), 0, sum(sizes))
-                mapping = mmap.mmap(fh.fileno(), sum(sizes))
+                mapping = _mapped_file(fh, sum(sizes))
         except OSError:
             mapping = None
     if mapping is None:
@@ -58,8 +68,6 @@ def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
     for (code, _), size in zip(layout, sizes):
         views.append(memoryview(mapping)[position:position + size].cast(code))
         position += size
-    with _lock:
-        _mapped.add(mapping)
     return views
 
 
@@ -86,15 +94,12 @@ class Growing:
         if end > self.capacity or self.map is None:
             try:
                 capacity = max(end, 2 * self.capacity, 1 << 20)
-                os.posix_fallocate(self.file.fileno(), 0, capacity)
-                self.map, self.capacity = mmap.mmap(self.file.fileno(), capacity), capacity
+                self.map, self.capacity = _mapped_file(self.file, capacity), capacity
             except OSError:
                 held = bytes(self.map[:self.length]) if self.map is not None else b""
                 self.memory = bytearray(held) if self.code == "B" else array(self.code, held)
                 self.file.close()
                 return self.extend(values)
-            with _lock:
-                _mapped.add(self.map)
         self.map[self.length:end] = raw
         self.length = end
         return memoryview(self.map)[:end].cast(self.code)

@@ -74,6 +74,11 @@ class _DigestSpool:
     def add(self, piece: bytes) -> defer.Deferred:
         return self._run(self._write, piece)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing is being written, compared or closed, nor waits to be."""
+        return not self.lock.locked
+
     def _write(self, piece: bytes) -> None:
         if self.file is None:
             self.file = tempfile.TemporaryFile(dir=self.directory)
@@ -171,7 +176,8 @@ class TreeReceive(state.ReceivePayload):
             if self.sessions or self.restored:
                 self.record.resumes += 1
             self.sessions += 1
-            self.session = _Attempt(hello["session"], _DigestSpool(self.context.thread, self.context.store.root))
+            spool = _DigestSpool(self.context.thread, self.context.store.root)
+            self.session = _Attempt(hello["session"], spool)
             self.job.note_sender(stream)
         elif hello["role"] != "data":
             raise Rejected(f"seed {self.seed_id} is already being received as a tree")
@@ -268,7 +274,7 @@ class TreeReceive(state.ReceivePayload):
         stream.pause("digests")
 
         def written(_) -> None:
-            if not spool.lock.locked:
+            if spool.idle:
                 stream.resume("digests")
 
         spool.add(piece).addCallbacks(written, self._digests_failed)
