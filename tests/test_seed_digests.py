@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
-from orchagent.seed import plan, sender, tree_receive
+from twisted.internet import defer
+
+from orchagent.seed import plan, receiver, sender, tree_receive
 from orchagent.seed.frames import FrameType
 from tests import seed_support as S
 from tests.test_seed_transfer import SeedCase
@@ -90,4 +93,58 @@ class DigestTests(SeedCase):
         self.assertEqual(status["State"], "failed")
         self.assertIn("cannot keep the sender's file digests in ", status["Error"])
         self.assertIn("No space left on device", status["Error"])
+        self.assert_untouched(before)
+
+    async def test_an_abort_after_the_digests_is_heard(self):
+        """The last piece and FINISH read at once (TCP may deliver them so; here the
+        sender writes them in one go): the comparison then waits on the spool behind
+        the last piece's write.  The control stream must read again once that piece is
+        written, so a sender aborted while the receiver installs the verified tree is
+        heard and both sides end aborted.  Kept paused behind the comparison, the
+        receiver missed the ABORT and moved the tree in (a CI run), or the sender waited
+        its RESULT_WAIT out and ended unknown."""
+        before = S.snapshot_tree(self.dst)
+        self.patch(sender, "RESULT_WAIT", 10.0)
+        send, held_piece = sender.SenderStream.send, []
+
+        def coalescing(stream, frame_type, body):
+            if frame_type == FrameType.DIGESTS and len(body) < 36 * PIECE:
+                held_piece.append(body)  # the last, short piece: sent with FINISH
+                return None
+            if frame_type == FrameType.FINISH:
+                self.assertEqual(len(held_piece), 1)
+                send(stream, FrameType.DIGESTS, held_piece[0])
+            return send(stream, frame_type, body)
+
+        self.patch(sender.SenderStream, "send", coalescing)
+        write = tree_receive._DigestSpool._write
+
+        def writing_once_compared(spool, piece):
+            # The last piece's write ends only once the comparison waits behind it.
+            deadline = time.monotonic() + 10
+            while len(piece) < 36 * PIECE and not spool.lock.waiting and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return write(spool, piece)
+
+        self.patch(tree_receive._DigestSpool, "_write", writing_once_compared)
+        with open(os.path.join(self.src, "last.frm"), "wb") as fh:
+            fh.write(b"one file more: a last piece of one digest")
+        reached, held = defer.Deferred(), defer.Deferred()
+        install = receiver.ReceiveJob.install
+
+        async def holding(job):
+            reached.callback(None)
+            await held
+            return await install(job)
+
+        self.patch(receiver.ReceiveJob, "install", holding)
+        r, s = self.receiver(), self.sender(seed_streams=1)
+        await r.receive("heard")
+        await s.send(f"127.0.0.1:{self.port}", "heard", source="datadir")
+        await reached
+        await s.abort("heard")
+        held.callback(None)
+        target, source = await S.finished(r, "heard"), await S.finished(s, "heard")
+        await r.stopService()
+        self.assertEqual((target["State"], source["State"]), ("aborted", "aborted"), (target, source))
         self.assert_untouched(before)

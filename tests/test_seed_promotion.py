@@ -236,19 +236,25 @@ class PromotionWindowTests(TwoAgents, unittest.TestCase):
     async def test_an_abort_just_before_the_record_precedes_it(self):
         base = os.path.abspath(self.mktemp())
         os.makedirs(base)
-        script, hit = os.path.join(base, "status.sh"), os.path.join(base, "hit")
+        script = os.path.join(base, "status.sh")
+        hit, release = os.path.join(base, "hit"), os.path.join(base, "release")
         write(script, b"exit 1\n")
         await self.agents(f"sh {script}")
-        # The receiver asks whether MySQL runs right before it records the promotion: make
-        # that question slow once every byte is staged (not the one at receive-mysql-seed-
-        # data), and abort while it is asked.
+        # The receiver asks whether MySQL runs right before it records the promotion: hold
+        # that question open once every byte is staged (not the one at receive-mysql-seed-
+        # data) until both aborts are answered, so the abort lands inside it however slow
+        # the machine is (a fixed sleep let a loaded CI machine answer after it).  The wait
+        # is capped at 60 s so a broken agent cannot hang the test.
         staged, sent = os.path.join(self.staging, "ibdata1"), os.path.join(self.source_dir, "ibdata1")
-        write(script, f"if cmp -s {staged} {sent}; then touch {hit}; sleep 3; fi; exit 1\n".encode())
+        write(script, (f"if cmp -s {staged} {sent}; then touch {hit}; i=0; "
+                       f"while [ ! -e {release} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; "
+                       f"fi; exit 1\n").encode())
         await self.start_seed()
         await threads.deferToThread(_wait_for_path, hit, 60)
         self.assertTrue(os.path.exists(self.staging))
         self.assertEqual(await self.source.get("/api/abort-seed/9"), (200, True))
         self.assertEqual(await self.target.get("/api/abort-seed/9"), (200, True))
+        open(release, "w").close()
         target, source = await self.ended(self.target), await self.ended(self.source)
         self.assertEqual((target["State"], source["State"]), ("aborted", "aborted"), (target, source))
         self.assertEqual(await self.target.get("/api/seed-command-succeeded/9"), (200, False))

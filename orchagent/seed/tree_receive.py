@@ -67,17 +67,19 @@ class _DigestSpool:
         self.thread, self.directory = thread, directory
         self.file: BinaryIO | None = None
         self.lock = defer.DeferredLock()
+        #: Pieces added and not yet written.
+        self.unwritten = 0
 
     def _run(self, fn, *args) -> defer.Deferred:
         return self.lock.run(self.thread, fn, *args)
 
     def add(self, piece: bytes) -> defer.Deferred:
-        return self._run(self._write, piece)
+        self.unwritten += 1
+        return self._run(self._write, piece).addBoth(self._counted)
 
-    @property
-    def idle(self) -> bool:
-        """Nothing is being written, compared or closed, nor waits to be."""
-        return not self.lock.locked
+    def _counted(self, result):
+        self.unwritten -= 1
+        return result
 
     def _write(self, piece: bytes) -> None:
         if self.file is None:
@@ -270,11 +272,13 @@ class TreeReceive(state.ReceivePayload):
 
     def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
         """A DIGESTS piece, written out while the control stream stops reading (TCP holds
-        the sender's next piece meanwhile)."""
+        the sender's next piece meanwhile).  It reads again once no piece waits to be
+        written, whatever else waits on the spool: the comparison queued behind the last
+        piece must not keep it deaf to the sender's ABORT until the seed ends."""
         stream.pause("digests")
 
         def written(_) -> None:
-            if spool.idle:
+            if not spool.unwritten:
                 stream.resume("digests")
 
         spool.add(piece).addCallbacks(written, self._digests_failed)
