@@ -104,3 +104,24 @@ class SystemdDefaultTests(unittest.TestCase):
                                mysql_service_stop_command="my-stop")
         self.assertTrue(await service.is_running())
         self.assertTrue(await service.stop())
+
+
+class UnansweredStatusTests(unittest.TestCase):
+    """A status command that ends with no exit status of its own tells nothing."""
+
+    async def test_a_status_command_killed_at_its_time_limit_raises(self):
+        service = MySQLService(Config(mysql_service_status_command="exec sleep 30"),
+                               ProcessRunner(reactor, default_timeout=0.3))
+        e = await self.assertFailure(defer.ensureDeferred(service.is_running()), CommandFailed)
+        self.assertIn("cannot tell whether MySQL is running: command ", e.message)
+        self.assertIn("timed out after 0s and was killed", e.message)
+
+    async def test_a_status_command_killed_by_a_signal_raises(self):
+        service = MySQLService(Config(mysql_service_status_command="kill -KILL $$"), ProcessRunner(reactor))
+        e = await self.assertFailure(defer.ensureDeferred(service.is_running()), CommandFailed)
+        self.assertIn("was killed by signal 9", e.message)
+
+    async def test_any_exit_status_is_an_answer(self):
+        for text, running in (("exit 0", True), ("exit 1", False), ("exit 3", False)):
+            service = MySQLService(Config(mysql_service_status_command=text), ProcessRunner(reactor))
+            self.assertIs(await service.is_running(), running, text)

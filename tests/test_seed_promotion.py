@@ -261,6 +261,25 @@ class PromotionWindowTests(TwoAgents, unittest.TestCase):
         await wait_until(lambda: not os.path.exists(self.staging), timeout=15)  # removed after the state
         self.assertOldTree()
 
+    async def test_a_status_command_that_answers_nothing_keeps_the_old_datadir(self):
+        """The status command asked right before the promotion hangs and is killed at
+        CommandTimeoutSeconds: nobody can say MySQL is stopped, so the verified tree is
+        not moved in.  Read as "stopped", the tree went in under a server that might run."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        script = os.path.join(base, "status.sh")
+        write(script, b"exit 1\n")
+        await self.agents(f"sh {script}", target_extra={"CommandTimeoutSeconds": 1})
+        staged, sent = os.path.join(self.staging, "ibdata1"), os.path.join(self.source_dir, "ibdata1")
+        write(script, f"if cmp -s {staged} {sent}; then exec sleep 60; fi; exit 1\n".encode())
+        await self.start_seed()
+        target = await self.ended(self.target)
+        self.assertEqual(target["State"], "failed")
+        self.assertIn("cannot tell whether MySQL is running: command shell timed out after 1s", target["Error"])
+        self.assertIn("the verified seed 9 was not moved into", target["Error"])
+        await wait_until(lambda: not os.path.exists(self.staging), timeout=15)
+        self.assertOldTree()
+
     async def test_the_receiver_killed_while_moving_aside_then_aborted(self):
         await self.agents()
         await self.start_seed()

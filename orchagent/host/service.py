@@ -42,13 +42,20 @@ class MySQLService:
             + "): set MySQLServiceName or the MySQLService*Command keys")
 
     async def is_running(self) -> bool:
-        """True when the status command (or ``systemctl is-active``) exits 0."""
+        """True when the status command (or ``systemctl is-active``) exits 0, false when
+        it exits with another status.  A command that exits with no status (killed at
+        CommandTimeoutSeconds, by a signal, for its output) answers nothing: that raises
+        CommandFailed.  Read as "stopped", it let a seed move its tree into a datadir,
+        or a restore replace one, under a server that might be running."""
         command = self.config.mysql_service_status_command
         if command:
             result = await self.runner.shell(command, check=False)
         else:
             result = await self.runner.run(["systemctl", "is-active", "--quiet", self.unit()], check=False)
-        return result.exit_code == 0 and not result.timed_out
+        stopped = result.timed_out or result.stalled is not None or result.output_overflow
+        if result.exit_code is None or stopped:
+            raise CommandFailed(f"cannot tell whether MySQL is running: {result.describe_failure()}", result)
+        return result.exit_code == 0
 
     async def stop(self) -> bool:
         await self._act("stop", self.config.mysql_service_stop_command)

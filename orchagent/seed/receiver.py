@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from orchagent.errors import BadRequest
+from orchagent.errors import BadRequest, CommandFailed
 from orchagent.seed import promotion, state, usage
 from orchagent.seed.auth import Rejected
 from orchagent.seed.staging import Staging
@@ -158,7 +158,13 @@ class ReceiveJob(state.JobIdentity):
         :meth:`fail`); True once it is there.  MySQL must be stopped right before (it may
         have been started while the seed ran)."""
         record = self.record
-        if await self.context.mysql.is_running():
+        try:
+            running = await self.context.mysql.is_running()
+        except CommandFailed as e:
+            self.fail(f"{e.message}: the verified seed {self.seed_id} was not moved into "
+                      f"{record.datadir}; mend MySQLServiceStatusCommand and receive the seed again")
+            return False
+        if running:
             self.fail(f"MySQL is running on this host: the verified seed {self.seed_id} was not "
                       f"moved into {record.datadir}; stop MySQL and receive the seed again")
             return False
