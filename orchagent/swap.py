@@ -83,9 +83,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def replace_file(path: str, data: bytes, durable: bool = True) -> None:
-    """Replace ``path`` whole with ``data`` through a temporary file and a rename (a short
-    write is continued).  ``durable``: the temporary file is fsynced before the rename and
+def replace_file(path: str, data: bytes | Iterable[bytes], durable: bool = True) -> None:
+    """Replace ``path`` whole with ``data`` (bytes, or its pieces as they are made)
+    through a temporary file and a rename (a short write is continued).  ``durable``: the temporary file is fsynced before the rename and
     the directory after it.  A failure before the rename removes the temporary file (the
     file in place, if any, is unchanged) and names it; a failure of the last fsync leaves
     the new file in place, not known durable."""
@@ -93,9 +93,10 @@ def replace_file(path: str, data: bytes, durable: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             if durable:
                 os.fsync(fd)
         finally:

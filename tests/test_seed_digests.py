@@ -66,11 +66,10 @@ class DigestTests(SeedCase):
         kept = []
 
         def altered(spool, table):
-            kept.append(os.fstat(spool.file.fileno()).st_size)
-            spool.file.seek(36 * 5 + 10)
-            byte = spool.file.read(1)
-            spool.file.seek(36 * 5 + 10)
-            spool.file.write(bytes([byte[0] ^ 1]))
+            fd = spool.kept.file.fileno()
+            kept.append(os.fstat(fd).st_size)
+            byte = os.pread(fd, 1, 36 * 5 + 10)
+            os.pwrite(fd, bytes([byte[0] ^ 1]), 36 * 5 + 10)
             return compare(spool, table)
 
         self.patch(tree_receive._DigestSpool, "_compare", altered)
@@ -88,7 +87,13 @@ class DigestTests(SeedCase):
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(tree_receive.tempfile, "TemporaryFile", full)
+        init = tree_receive._DigestSpool.__init__
+
+        def without_room(spool, *args):
+            init(spool, *args)
+            spool.kept.add = full
+
+        self.patch(tree_receive._DigestSpool, "__init__", without_room)
         status = await self.seed("full")
         self.assertEqual(status["State"], "failed")
         self.assertIn("cannot keep the sender's file digests in ", status["Error"])
@@ -117,16 +122,22 @@ class DigestTests(SeedCase):
             return send(stream, frame_type, body)
 
         self.patch(sender.SenderStream, "send", coalescing)
-        write = tree_receive._DigestSpool._write
+        init = tree_receive._DigestSpool.__init__
 
-        def writing_once_compared(spool, piece):
+        def writing_once_compared(spool, *args):
             # The last piece's write ends only once the comparison waits behind it.
-            deadline = time.monotonic() + 10
-            while len(piece) < 36 * PIECE and not spool.lock.waiting and time.monotonic() < deadline:
-                time.sleep(0.005)
-            return write(spool, piece)
+            init(spool, *args)
+            write = spool.kept.add
 
-        self.patch(tree_receive._DigestSpool, "_write", writing_once_compared)
+            def held(piece):
+                deadline = time.monotonic() + 10
+                while len(piece) < 36 * PIECE and not spool.lock.waiting and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                return write(piece)
+
+            spool.kept.add = held
+
+        self.patch(tree_receive._DigestSpool, "__init__", writing_once_compared)
         with open(os.path.join(self.src, "last.frm"), "wb") as fh:
             fh.write(b"one file more: a last piece of one digest")
         reached, held = defer.Deferred(), defer.Deferred()

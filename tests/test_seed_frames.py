@@ -9,6 +9,7 @@ import os
 import types
 from array import array
 
+import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import task
 from twisted.trial import unittest
@@ -483,7 +484,7 @@ class SpilledTableTests(unittest.TestCase):
                 pins.add(types.SimpleNamespace(st_dev=3, st_ino=7 + i, st_ctime_ns=11 * i))
         grown.seal()
         self.assertIsInstance(grown.inodes, memoryview)
-        self.assertEqual(grown.pack(manifest), held.pack(manifest))
+        self.assertEqual(b"".join(grown.pack(manifest)), b"".join(held.pack(manifest)))
         self.assertEqual(grown.inodes[40], 47)
         self.assertEqual(os.listdir(directory), [])
 
@@ -547,8 +548,32 @@ class SpilledTableTests(unittest.TestCase):
         self.assertIsInstance(grown.paths.blob, memoryview)
         self.assertIsInstance(grown.sizes, memoryview)
         self.assertEqual(grown.entries, memory.entries)
-        self.assertEqual(file_pins.pack(grown), memory_pins.pack(memory))
+        self.assertEqual(b"".join(file_pins.pack(grown)), b"".join(memory_pins.pack(memory)))
         self.assertEqual(os.listdir(directory), [])
+
+    def test_pins_packed_a_stretch_at_a_time_are_the_pins_packed_whole(self):
+        """The pins of a restart are packed a few files at a time: the same body, and a
+        later walk compares equal to it (a stretch out of place would not)."""
+        root = self.mktemp()
+        os.makedirs(os.path.join(root, "db"))
+        for i in range(7):
+            with open(os.path.join(root, "db", f"t{i}.ibd"), "wb") as fh:
+                fh.write(b"x" * i)
+        pins = tree.Pins()
+        manifest = tree.walk(root, 65536, pins=pins)
+        whole = b"".join(pins.pack(manifest))
+        self.patch(tree, "_PIN_STRETCH", 2)
+        pieces = b"".join(pins.pack(manifest))
+        unzstd = zstandard.ZstdDecompressor()
+        self.assertEqual(unzstd.decompress(pieces, max_output_size=1 << 20),
+                         unzstd.decompress(whole, max_output_size=1 << 20))
+        again = tree.Pins()
+        again.compare(tree.walk(root, 65536, pins=again), pieces, root)
+        os.utime(os.path.join(root, "db", "t5.ibd"), ns=(1, 1))
+        changed = tree.Pins()
+        with self.assertRaises(BadRequest) as caught:
+            changed.compare(tree.walk(root, 65536, pins=changed), pieces, root)
+        self.assertIn("t5.ibd changed while it was being sent (mtime 1, was", caught.exception.message)
 
     def test_a_column_that_cannot_grow_goes_on_in_memory(self):
         """StateDir full in the middle of a walk: what the file held and what follows, in
@@ -581,3 +606,70 @@ class SpilledTableTests(unittest.TestCase):
         self.assertIsInstance(table.manifest.sizes, array)
         table.mark_done(0, b"\x02" * 32)
         self.assertEqual(table.known(0), b"\x02" * 32)
+
+
+class SpoolTests(unittest.TestCase):
+    """What a seed keeps in StateDir until its end (spill.Spool): read back as written,
+    from an unnamed file, or in memory once the file fails a spool with a fallback."""
+
+    def pieces(self) -> list[bytes]:
+        return [os.urandom(n) for n in (1, 4096, 70_000, 0, 3)]
+
+    def check(self, spool: spill.Spool, pieces: list[bytes]) -> None:
+        whole = b"".join(pieces)
+        self.assertEqual(spool.size, len(whole))
+        self.assertEqual(spool.read(1, 4097), whole[1:4097])
+        self.assertEqual(b"".join(spool.pieces(1000)), whole)
+        with spool.open() as reader:
+            self.assertEqual(reader.read(), whole)
+
+    def test_pieces_are_read_back_from_an_unnamed_file(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        spool = spill.Spool(directory)
+        with spool.open() as reader:
+            self.assertEqual(reader.read(), b"")
+        pieces = self.pieces()
+        for piece in pieces:
+            spool.add(piece)
+        self.assertIsNone(spool.memory)
+        self.assertEqual(os.listdir(directory), [])
+        self.check(spool, pieces)
+        spool.close()
+        with self.assertRaises(OSError) as caught:
+            spool.add(b"more")
+        self.assertIn("is closed", str(caught.exception))
+
+    def full_after(self, calls: int) -> None:
+        """pwrite writes half of one piece, then the file system is full."""
+        real, count = os.pwrite, [0]
+
+        def pwrite(fd, data, offset):
+            count[0] += 1
+            if count[0] == calls:
+                return real(fd, memoryview(data)[:len(data) // 2], offset)
+            if count[0] > calls:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset)
+
+        self.patch(spill.os, "pwrite", pwrite)
+
+    def test_a_spool_with_a_fallback_goes_on_in_memory(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.full_after(3)
+        spool, pieces = spill.Spool(directory, fallback=True), self.pieces()
+        for piece in pieces:
+            spool.add(piece)
+        self.assertIsNotNone(spool.memory)
+        self.check(spool, pieces)
+
+    def test_a_spool_without_one_raises(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.full_after(3)
+        spool, pieces = spill.Spool(directory), self.pieces()
+        with self.assertRaises(OSError) as caught:
+            for piece in pieces:
+                spool.add(piece)
+        self.assertEqual(caught.exception.errno, errno.ENOSPC)

@@ -108,7 +108,7 @@ class WalkedNamesTests(unittest.TestCase):
         manifest = tree.walk(os.fsdecode(root), pins=pins)
         self.assertEqual(sorted(os.fsencode(p) for p in manifest.paths),
                          sorted([b"db\x80"] + [b"db\x80/" + n for n in names]))
-        packed = pins.pack(manifest)
+        packed = b"".join(pins.pack(manifest))
         again = tree.Pins()
         again.compare(tree.walk(os.fsdecode(root), pins=again), packed, os.fsdecode(root))
         os.utime(root + b"/db\x80/caf\xe9", ns=(1, 1))
@@ -118,7 +118,7 @@ class WalkedNamesTests(unittest.TestCase):
         self.assertIn(os.fsdecode(b"caf\xe9"), caught.exception.message)
         self.assertIn("mtime 1, was", caught.exception.message)
         fresh = tree.Pins()
-        packed = fresh.pack(tree.walk(os.fsdecode(root), pins=fresh))
+        packed = b"".join(fresh.pack(tree.walk(os.fsdecode(root), pins=fresh)))
         os.unlink(root + b"/db\x80/\xff\xfe.ibd")
         gone = tree.Pins()
         with self.assertRaises(BadRequest) as caught:

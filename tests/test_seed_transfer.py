@@ -18,6 +18,7 @@ from orchagent.seed import auth, frames, sender, tree, tree_receive
 from orchagent.seed.frames import FrameType
 from orchagent.seed.manager import SeedManager
 from orchagent.seed.staging import Staging
+from orchagent.seed.stream import Stream
 from tests import seed_support as S
 from tests.support.certs import TestCA, seed_tls
 
@@ -522,15 +523,17 @@ class FailureTests(SeedCase):
     async def test_manifest_broken_mid_way_is_sent_again_whole(self):
         """The manifest travels in many batches while the source is walked; a flipped
         byte in one of them ends the session before MANIFEST_END, and the next session
-        sends every batch again (the receiver drops what it had read)."""
+        sends every batch again (the receiver drops what it had read), read back from
+        where the sender keeps them a few at a time."""
         S.make_tree(self.src, files=40, max_size=20_000)
         self.patch(tree, "WALK_BATCH", 4)
         self.patch(sender, "MANIFEST_BATCH", 3)
+        self.patch(sender, "RESEND_BATCHES", 2)
         batches = []
         read_batch = tree_receive.TreeReceive._read_batch
         self.patch(tree_receive.TreeReceive, "_read_batch",
-                   lambda payload, session, body: (batches.append(body),
-                                                   read_batch(payload, session, body)))
+                   lambda payload, stream, session, body: (batches.append(body),
+                                                           read_batch(payload, stream, session, body)))
         proxy_port = self.proxy(times=1, flip_at=1500)
         r = self.receiver()
         s = self.sender(seed_streams=1)
@@ -541,10 +544,37 @@ class FailureTests(SeedCase):
         self.assertEqual(status["State"], "completed", status["Error"])
         self.assertEqual(self.proxy_factory.flipped, 1)
         self.assertGreaterEqual(status["Resumes"], 1)
-        whole = len(job.batches)
+        whole = len(job.batch_ends)
         self.assertGreater(whole, 10)
         # The first session broke part-way through the manifest, the second sent it whole.
         self.assertTrue(whole < len(batches) < 2 * whole, (len(batches), whole))
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+    async def test_a_manifest_read_slower_than_it_comes_holds_the_control_stream(self):
+        """Batches wait to be kept and read in a worker thread: past MANIFEST_AHEAD the
+        control stream stops reading (the sender's batches wait in TCP, not in the
+        receiver), and it reads again as they are read: the seed completes."""
+        S.make_tree(self.src, files=40, max_size=20_000)
+        self.patch(tree, "WALK_BATCH", 4)
+        self.patch(sender, "MANIFEST_BATCH", 3)
+        self.patch(tree_receive, "MANIFEST_AHEAD", 2)
+        feed = tree.ManifestReader.feed
+        self.patch(tree.ManifestReader, "feed", lambda reader, body: (time.sleep(0.02), feed(reader, body))[1])
+        held = []
+        pause = Stream.pause
+
+        def pausing(stream, reason):
+            if reason == "manifest":
+                held.append(stream.role)
+            return pause(stream, reason)
+
+        self.patch(Stream, "pause", pausing)
+        r, s = self.receiver(), self.sender(seed_streams=1)
+        await r.receive("ahead")
+        await s.send(f"127.0.0.1:{self.port}", "ahead", source="datadir")
+        status = await S.finished(r, "ahead")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertIn("control", held)
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
 
     async def test_flipped_byte_on_an_unkeyed_stream_is_caught_by_xxh3(self):

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from orchagent.errors import BadRequest
-from orchagent.seed import frames, plan, state, tree
+from orchagent.seed import frames, plan, spill, state, tree
 from orchagent.seed.auth import ClientHandshake, Rejected, is_loopback, tls_client_options
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.session import Session
@@ -60,6 +60,8 @@ AHEAD = 1
 BATCH_BYTES = 1 << 20
 BATCH_ITEMS = 1024
 MANIFEST_BATCH = 4096
+#: Kept MANIFEST batches read back and sent at a time to a session after the first.
+RESEND_BATCHES = 32
 CONNECT_TIMEOUT = 10
 #: Seconds a connected stream may take to finish its handshake.
 HANDSHAKE_TIMEOUT = 30
@@ -452,8 +454,11 @@ class SendJob(SenderJob):
         #: stream's sole authentication (see frames.Digest).
         self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not context.tls
                             else frames.Digest.XXH3)
-        #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk goes).
-        self.batches: list[bytes] = []
+        #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
+        #: goes), kept in StateDir for the sessions after the first (8 MB at a million
+        #: files), and where each ends there.
+        self.batches = spill.Spool(context.store.root, fallback=True)
+        self.batch_ends: list[int] = []
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -487,7 +492,18 @@ class SendJob(SenderJob):
         except OSError as e:
             raise BadRequest(f"cannot read the source's identities that this seed's walk saved "
                              f"before the agent restarted: {e}") from None
-        packed = partial(self.context.reactor.callFromThread, self._more_batches)
+        kept, reactor = self.batches, self.context.reactor
+
+        def packed(bodies: list[bytes], files: int, size: int) -> None:
+            ends = []
+            for body in bodies:
+                try:
+                    kept.add(body)
+                except OSError as e:
+                    raise BadRequest(f"cannot keep the seed manifest in {store.root}: {e}") from None
+                ends.append(kept.size)
+            reactor.callFromThread(self._more_batches, bodies, ends, files, size)
+
         manifest, table, pins = await self.context.thread(
             _survey, self.record.source_path, self.context.chunk_size, packed, previous, store.root)
         if not self.active:
@@ -508,14 +524,15 @@ class SendJob(SenderJob):
         if self.session is not None and self.session.manifest_stream is not None:
             self._end_manifest(self.session.manifest_stream)
 
-    def _more_batches(self, bodies: list[bytes], files: int, size: int) -> None:
-        """Batches packed by the walk (called in order, before the walk's result), and the
-        files and bytes walked so far (the status's totals until the walk ends)."""
+    def _more_batches(self, bodies: list[bytes], ends: list[int], files: int, size: int) -> None:
+        """Batches packed and kept by the walk (called in order, before the walk's
+        result), and the files and bytes walked so far (the status's totals until the
+        walk ends)."""
         if not self.active:
             return
         if self.record.totals == state.WALKING:  # a restarted send's are final already
             self.record.files_total, self.record.bytes_total = files, size
-        self.batches += bodies
+        self.batch_ends += ends
         stream = self.session.manifest_stream if self.session is not None else None
         if stream is not None:
             for body in bodies:
@@ -539,8 +556,15 @@ class SendJob(SenderJob):
         setting = self.context.config.seed_compression
         self.compression = CompressionPolicy(
             setting == "zstd" or (setting == "auto" and not is_loopback(stream.peer)))
-        for body in self.batches:
-            stream.send(FrameType.MANIFEST, body)
+        sent = 0
+        while sent < len(self.batch_ends):  # the walk may keep more meanwhile
+            start = self.batch_ends[sent - 1] if sent else 0
+            ends = self.batch_ends[sent:sent + RESEND_BATCHES]
+            kept = await session.wait(self.context.thread(self.batches.read, start, ends[-1]))
+            for begin, end in zip([start, *ends], ends):
+                stream.send(FrameType.MANIFEST, kept[begin - start:end - start])
+            sent += len(ends)
+            await session.wait(stream.drained())
         session.manifest_stream = stream
         if self.table is not None:
             self._end_manifest(stream)
@@ -780,6 +804,9 @@ class SendJob(SenderJob):
         self.mysql_watch = None
         if self.files is not None:
             self.files.close()
+        self.context.thread(self.batches.close).addErrback(
+            lambda f: log.warn("seed {seed}: cannot close its kept manifest: {error}",
+                               seed=self.seed_id, error=f.getErrorMessage()))
         session, self.session = self.session, None
         if session is None:
             return

@@ -18,7 +18,7 @@ import json
 import os
 import struct
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import attrs
 from twisted.internet import defer
@@ -269,9 +269,10 @@ class StateStore:
     def path(self, seed_id: str, suffix: str) -> str:
         return os.path.join(self.root, f"{seed_id}.{suffix}")
 
-    def write(self, seed_id: str, suffix: str, data: bytes) -> None:
-        """Replace the file whole (:func:`orchagent.swap.replace_file`; not fsynced: a
-        seed's state is rewritten every few seconds while it runs)."""
+    def write(self, seed_id: str, suffix: str, data: bytes | Iterable[bytes]) -> None:
+        """Replace the file whole with ``data`` or its pieces as they are made
+        (:func:`orchagent.swap.replace_file`; not fsynced: a seed's state is rewritten
+        every few seconds while it runs)."""
         replace_file(self.path(seed_id, suffix), data, durable=False)
 
     def read(self, seed_id: str, suffix: str) -> bytes | None:

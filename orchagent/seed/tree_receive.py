@@ -15,12 +15,10 @@ Memory stays bounded by streams × window, whatever the seed's size.
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import itertools
 import struct
-import tempfile
-from typing import BinaryIO
 
 import attrs
 from twisted.internet import defer
@@ -29,7 +27,7 @@ from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
 from orchagent.host.diskusage import block_size, free_bytes, free_inodes
-from orchagent.seed import frames, plan, state, tree
+from orchagent.seed import frames, plan, spill, state, tree
 from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.session import Session
@@ -46,6 +44,9 @@ STREAM_WINDOW = 2 << 20
 WRITEBACK_BYTES = 64 << 20
 #: A chunk that fails verification this often fails the seed.
 MAX_CHUNK_FAILURES = 3
+#: MANIFEST batches that may wait to be kept and read before the control stream stops
+#: reading (4096 entries each).
+MANIFEST_AHEAD = 8
 
 
 @attrs.define
@@ -58,14 +59,14 @@ class _Flow:
 
 
 class _DigestSpool:
-    """The sender's file digests (DIGESTS, 36 bytes a file) as they come, in an unnamed
-    file in StateDir rather than in the engine: held there until the comparison at the
-    end, they were the receiver's peak (36 MB at a million files).  The writes, the
+    """The sender's file digests (DIGESTS, 36 bytes a file) as they come, in StateDir
+    (:class:`spill.Spool`) rather than in the engine: held there until the comparison at
+    the end, they were the receiver's peak (36 MB at a million files).  The writes, the
     comparison and the close run in worker threads, one after another in that order."""
 
     def __init__(self, thread, directory: str):
-        self.thread, self.directory = thread, directory
-        self.file: BinaryIO | None = None
+        self.thread = thread
+        self.kept = spill.Spool(directory)
         self.lock = defer.DeferredLock()
         #: Pieces added and not yet written.
         self.unwritten = 0
@@ -75,50 +76,48 @@ class _DigestSpool:
 
     def add(self, piece: bytes) -> defer.Deferred:
         self.unwritten += 1
-        return self._run(self._write, piece).addBoth(self._counted)
+        return self._run(self.kept.add, piece).addBoth(self._counted)
 
     def _counted(self, result):
         self.unwritten -= 1
         return result
-
-    def _write(self, piece: bytes) -> None:
-        if self.file is None:
-            self.file = tempfile.TemporaryFile(dir=self.directory)
-        self.file.seek(0, os.SEEK_END)
-        self.file.write(piece)
 
     def compare(self, table: plan.ChunkTable) -> defer.Deferred:
         """``table.check_digests`` against every piece added before."""
         return self._run(self._compare, table)
 
     def _compare(self, table: plan.ChunkTable) -> tuple:
-        theirs = self.file or io.BytesIO()
-        theirs.seek(0)
-        return table.check_digests(theirs)
+        with self.kept.open() as theirs:
+            return table.check_digests(theirs)
 
     def close(self) -> None:
-        self._run(lambda: self.file and self.file.close()).addErrback(
+        self._run(self.kept.close).addErrback(
             lambda f: log.warn("cannot close the sender's file digests: {error}", error=f.getErrorMessage()))
 
 
 class _Attempt(Session):
     """A sender's session as the receiver holds it."""
 
-    def __init__(self, session_id: str, digests: _DigestSpool):
+    def __init__(self, session_id: str, thread, directory: str):
         super().__init__(session_id)
+        self.thread = thread
         self.ready = False
-        #: MANIFEST bodies (packed batches) until MANIFEST_END, and the manifest being
-        #: read from them as they come (see _read_batch).
-        self.batches: list[bytes] = []
+        #: MANIFEST bodies (packed batches) until MANIFEST_END, each after its length as
+        #: the saved manifest keeps them, in StateDir (8 MB at a million files); the
+        #: batches not yet kept and read; the manifest being read from them as they come
+        #: (see _read_batch).
+        self.batches = spill.Spool(directory)
+        self.unread = 0
         self.manifest_bytes = 0
         self.reader: tree.ManifestReader | None = None
         self.reading: defer.Deferred | None = None
-        self.digests = digests
+        self.digests = _DigestSpool(thread, directory)
         self.finish: dict | None = None
 
     def end(self, abort: bool = False, close: bool = True) -> None:
         super().end(abort, close)
         self.digests.close()
+        self.thread(self.batches.close)
 
 
 class TreeReceive(state.ReceivePayload):
@@ -178,8 +177,7 @@ class TreeReceive(state.ReceivePayload):
             if self.sessions or self.restored:
                 self.record.resumes += 1
             self.sessions += 1
-            spool = _DigestSpool(self.context.thread, self.context.store.root)
-            self.session = _Attempt(hello["session"], spool)
+            self.session = _Attempt(hello["session"], self.context.thread, self.context.store.root)
             self.job.note_sender(stream)
         elif hello["role"] != "data":
             raise Rejected(f"seed {self.seed_id} is already being received as a tree")
@@ -247,7 +245,7 @@ class TreeReceive(state.ReceivePayload):
         if stream is not session.control:
             raise ProtocolError(f"control frame {frame.type} on a data stream")
         if frame.type == FrameType.MANIFEST and not session.ready:
-            self._read_batch(session, frames.open_control(frame, stream.key))
+            self._read_batch(stream, session, frames.open_control(frame, stream.key))
         elif frame.type == FrameType.MANIFEST_END and not session.ready:
             session.run(self._prepare(session, frames.open_json(frame, stream.key)),
                         self._prepare_failed)
@@ -259,15 +257,30 @@ class TreeReceive(state.ReceivePayload):
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} on the control stream")
 
-    def _read_batch(self, session: _Attempt, body: bytes) -> None:
-        """A MANIFEST batch: parsed in a worker thread at once, after the batch before it,
-        while the sender's walk goes on (the sender sends batches as it walks)."""
-        session.batches.append(body)
+    def _read_batch(self, stream, session: _Attempt, body: bytes) -> None:
+        """A MANIFEST batch: kept and parsed in a worker thread at once, after the batch
+        before it, while the sender's walk goes on (the sender sends batches as it
+        walks).  The control stream stops reading while :data:`MANIFEST_AHEAD` batches
+        wait for that (TCP holds the sender's next ones meanwhile)."""
         session.manifest_bytes += len(body)
         if session.reader is None:
             session.reader, session.reading = tree.ManifestReader(self.context.store.root), defer.succeed(None)
-        reader, thread = session.reader, self.context.thread
-        session.reading.addCallback(lambda _: thread(reader.feed, body))
+        reader, kept, thread = session.reader, session.batches, self.context.thread
+
+        def keep_and_read(_):
+            kept.add(struct.pack(">I", len(body)) + body)
+            reader.feed(body)
+
+        def done(result):
+            session.unread -= 1
+            if session.unread <= MANIFEST_AHEAD // 2:
+                stream.resume("manifest")
+            return result
+
+        session.unread += 1
+        if session.unread > MANIFEST_AHEAD:
+            stream.pause("manifest")
+        session.reading.addCallback(lambda _: thread(keep_and_read, None)).addBoth(done)
         session.reading.addCallback(self._counted, session, reader)
 
     def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
@@ -295,7 +308,6 @@ class TreeReceive(state.ReceivePayload):
 
     async def _prepare(self, session: _Attempt, end: dict) -> None:
         """MANIFEST_END: check the manifest, make room, answer READY with what is here."""
-        batches, session.batches = session.batches, []
         reader, reading, session.reader, session.reading = session.reader, session.reading, None, None
         try:
             chunk_size, count, digest = end["chunk_size"], end["count"], end["digest"]
@@ -312,6 +324,8 @@ class TreeReceive(state.ReceivePayload):
             manifest = await self.context.thread(reader.finish, chunk_size, count, digest)
         except BadRequest as e:
             raise BadRequest(f"refused the seed manifest: {e.message}") from None
+        except OSError as e:
+            raise BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {e}") from None
         await self.drain()
         if self.restoring is not None:
             await self.restoring
@@ -325,7 +339,7 @@ class TreeReceive(state.ReceivePayload):
             self.context.store.remove(self.seed_id, "journal", "manifest")
             self.manifest = self.table = None
         if self.manifest is None:
-            saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, batches,
+            saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, session.batches,
                                          dict(end, content_digest=kind.label))
             table = await self.context.thread(plan.ChunkTable, manifest, self.context.store.root)
             await session.wait(saving)
@@ -594,11 +608,11 @@ class TreeReceive(state.ReceivePayload):
             self.journal_fd = None
 
 
-def _save_manifest(store: state.StateStore, seed_id: str, batches: list[bytes], end: dict) -> None:
-    """Keep the manifest as it came (its MANIFEST_END, then its packed batches)."""
+def _save_manifest(store: state.StateStore, seed_id: str, batches: spill.Spool, end: dict) -> None:
+    """Keep the manifest as it came: its MANIFEST_END, then its packed batches (``batches``
+    keeps them each after its length already), a piece at a time."""
     head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest", "content_digest")}).encode()
-    store.write(seed_id, "manifest", b"".join(
-        piece for body in (head, *batches) for piece in (struct.pack(">I", len(body)), body)))
+    store.write(seed_id, "manifest", itertools.chain((struct.pack(">I", len(head)) + head,), batches.pieces()))
 
 
 def _load_manifest(saved: bytes, directory: str) -> tuple[plan.ChunkTable, frames.Digest]:
