@@ -577,6 +577,35 @@ class FailureTests(SeedCase):
         self.assertIn("control", held)
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
 
+    async def test_a_connection_lost_while_the_manifest_is_saved_resumes(self):
+        """The attempt ends (its connection dropped) while the receiver saves the manifest
+        from the spool the attempt kept it in: the spool is closed under the save, and the
+        seed resumes with the next attempt instead of failing."""
+        S.make_tree(self.src, files=40, max_size=20_000)
+        save, dropped = tree_receive._save_manifest, []
+        r, s = self.receiver(), self.sender(seed_streams=1)
+
+        def drop() -> None:
+            r.jobs["cut"].payload.session.control.transport.abortConnection()
+
+        def saving(store, seed_id, batches, end):
+            if not dropped:
+                dropped.append(True)
+                threads.blockingCallFromThread(reactor, drop)
+                deadline = time.monotonic() + 10
+                while not batches.closed and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return save(store, seed_id, batches, end)
+
+        self.patch(tree_receive, "_save_manifest", saving)
+        await r.receive("cut")
+        await s.send(f"127.0.0.1:{self.port}", "cut", source="datadir")
+        status = await S.finished(r, "cut")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(dropped, [True])
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
     async def test_flipped_byte_on_an_unkeyed_stream_is_caught_by_xxh3(self):
         # No key, no TLS: chunk contents carry XXH3-128, which still catches corruption.
         data = self.big_file(size=600_000)

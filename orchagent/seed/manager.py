@@ -274,6 +274,9 @@ class SeedManager(service.Service):
             # A finished seed is never resumed: its key has no use left on disk.
             self.store.remove(job.seed_id, "key")
         self.store.remove(job.seed_id, "pins")
+        if self.running:
+            # The heap the seed's passes freed, given back (M_TRIM_THRESHOLD would keep 32 MB).
+            self.context.thread(spill.trim)
         if completed and self.running:
             state.cancelled(self.completed_receives.pop(job.seed_id, (None, None))[1])
             expiry = self.clock.callLater(COMPLETED_GRACE, self.forget_completed, job.seed_id)

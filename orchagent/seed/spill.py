@@ -1,4 +1,5 @@
-"""Columns kept in an unnamed file of StateDir rather than in the seed engine's memory.
+"""Columns and bytes kept in unnamed files of StateDir rather than in the seed engine's
+memory.
 
 At a million files the manifest's, the pins' and the chunk table's columns are some 150
 bytes a file on each side: 150 MB held by each engine for the whole seed, on database
@@ -16,6 +17,9 @@ The file's blocks are allocated up front: a write to a mapped page with no room 
 it would kill the process (SIGBUS) instead of raising ENOSPC.  When the file cannot be
 made so (StateDir full, a file system without O_TMPFILE or fallocate), the columns stay
 in memory, as below :data:`SPILL_FROM` entries, where a file costs more than it saves.
+
+What a seed keeps whole until its end but reads only in order (the MANIFEST batches, the
+sender's file digests) goes to a :class:`Spool`, written and read by system calls.
 """
 
 from __future__ import annotations

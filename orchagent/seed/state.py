@@ -5,9 +5,9 @@ Under ``StateDir/seeds`` (directory mode 0700) each seed has ``<id>.json`` (its
 secret, mode 0600, never the controller's key), ``<id>.manifest`` and ``<id>.journal``
 (receiver: the manifest and one fixed-size record per chunk verified and written).  The
 journal is trusted only after re-hashing the staged bytes it names, so it needs no fsync.
-Large chunk tables and the sender's file digests live there too while a seed runs, in
-unnamed files (O_TMPFILE) that are gone with the engine (plan.ChunkTable,
-tree_receive._DigestSpool).
+Large chunk tables and manifests, the MANIFEST batches on both sides and the sender's
+file digests live there too while a seed runs, in unnamed files (O_TMPFILE) that are
+gone with the engine (orchagent.seed.spill).
 """
 
 from __future__ import annotations

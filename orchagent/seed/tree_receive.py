@@ -15,9 +15,9 @@ Memory stays bounded by streams × window, whatever the seed's size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import itertools
 import struct
 
 import attrs
@@ -117,7 +117,8 @@ class _Attempt(Session):
     def end(self, abort: bool = False, close: bool = True) -> None:
         super().end(abort, close)
         self.digests.close()
-        self.thread(self.batches.close)
+        self.thread(self.batches.close).addErrback(
+            lambda f: log.warn("cannot close the seed manifest kept: {error}", error=f.getErrorMessage()))
 
 
 class TreeReceive(state.ReceivePayload):
@@ -267,7 +268,7 @@ class TreeReceive(state.ReceivePayload):
             session.reader, session.reading = tree.ManifestReader(self.context.store.root), defer.succeed(None)
         reader, kept, thread = session.reader, session.batches, self.context.thread
 
-        def keep_and_read(_):
+        def keep_and_read() -> None:
             kept.add(struct.pack(">I", len(body)) + body)
             reader.feed(body)
 
@@ -280,7 +281,7 @@ class TreeReceive(state.ReceivePayload):
         session.unread += 1
         if session.unread > MANIFEST_AHEAD:
             stream.pause("manifest")
-        session.reading.addCallback(lambda _: thread(keep_and_read, None)).addBoth(done)
+        session.reading.addCallback(lambda _: thread(keep_and_read)).addBoth(done)
         session.reading.addCallback(self._counted, session, reader)
 
     def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
@@ -325,6 +326,7 @@ class TreeReceive(state.ReceivePayload):
         except BadRequest as e:
             raise BadRequest(f"refused the seed manifest: {e.message}") from None
         except OSError as e:
+            session.check()  # an attempt that ended closed its spool under the thread
             raise BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {e}") from None
         await self.drain()
         if self.restoring is not None:
@@ -342,7 +344,11 @@ class TreeReceive(state.ReceivePayload):
             saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, session.batches,
                                          dict(end, content_digest=kind.label))
             table = await self.context.thread(plan.ChunkTable, manifest, self.context.store.root)
-            await session.wait(saving)
+            try:
+                await session.wait(saving)
+            except OSError:
+                session.check()  # as above: the attempt ended, it is no failure of the seed
+                raise
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
             journal = self.context.store.read(self.seed_id, "journal") or b""
