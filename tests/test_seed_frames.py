@@ -575,6 +575,29 @@ class SpilledTableTests(unittest.TestCase):
             changed.compare(tree.walk(root, 65536, pins=changed), pieces, root)
         self.assertIn("t5.ibd changed while it was being sent (mtime 1, was", caught.exception.message)
 
+    def test_a_pass_over_entries_far_apart_lets_their_pages_go_as_it_goes(self):
+        """Each entry read maps the pages around it (64 KB a column): a pass over a tree's
+        directories, far apart in its columns, mapped them whole before the manager's
+        next drop (the page cache's large folios map up to 256 KB at a time here).
+        spill.dropping lets them go every 8 entries."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        (column,) = spill.spill(directory, [("B", 64 << 20)])
+        column[:] = b"\1" * len(column)  # in the page cache, as a walk leaves it
+        spill.drop_all()
+        touched = []
+        drop = spill.drop_all
+        self.patch(spill, "drop_all", lambda: (touched.append(_mapped_rss_kb(column)), drop())[1])
+        far_apart = range(0, len(column), 256 << 10)
+        self.assertEqual(sum(column[i] for i in spill.dropping(far_apart)), len(far_apart))
+        self.assertEqual(len(touched), len(far_apart) // 8)
+        self.assertLess(max(touched), 4096, touched)
+        self.assertGreater(max(touched), 8 * 4, "each entry read mapped a page at least")
+        touched.clear()
+        self.assertEqual(sum(column[i] for i in far_apart), len(far_apart))
+        spill.drop_all()
+        self.assertGreater(touched[0], 8 * 1024, "without the drops, far more stays mapped")
+
     def test_a_column_that_cannot_grow_goes_on_in_memory(self):
         """StateDir full in the middle of a walk: what the file held and what follows, in
         memory."""

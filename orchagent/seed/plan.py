@@ -68,6 +68,7 @@ class ChunkTable:
                 self.file[filled:filled + len(part)] = part
                 self.length[filled:filled + len(part)] = array("I", map(sizes.__getitem__, part))
                 filled += len(part)
+                spill.drop_all()
             with_data = bytearray(count)
             for index in self.file:
                 with_data[index] = 1
@@ -75,6 +76,7 @@ class ChunkTable:
             for start in range(0, count + 1, _STRETCH):
                 part = array("Q", islice(running, _STRETCH))
                 self.first[start:start + len(part)] = part
+                spill.drop_all()
             del with_data
         else:
             file, offset, length = array("I"), array("Q"), array("I")
@@ -107,9 +109,13 @@ class ChunkTable:
     def reset(self) -> None:
         """Nothing done (digests are kept: :meth:`known` still answers)."""
         self.done[:] = bytes(len(self.done))
-        # In place, from C loops (at a million files a list or a copy of a column is 8 MB
-        # or more at the peak).
-        self.remaining[:] = array("I", map(operator.sub, islice(self.first, 1, None), self.first))
+        # In place, from C loops, a stretch at a time (at a million files a list or a copy
+        # of a column is 8 MB or more at the peak, and the columns it reads 12 MB more).
+        first, count = self.first, len(self.remaining)
+        for start in range(0, count, _STRETCH):
+            stop = min(start + _STRETCH, count)
+            self.remaining[start:stop] = array("I", map(operator.sub, first[start + 1:stop + 1], first[start:stop]))
+            spill.drop_all()
         self.bytes_done = 0
         #: Files without chunks (empty or all holes) count as done from the start.
         self.chunkless_files = sum(map(operator.not_, map(self.remaining.__getitem__, self.files)))

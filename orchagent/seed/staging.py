@@ -28,7 +28,7 @@ from operator import eq
 
 from orchagent.durable import Writes
 from orchagent.host.diskusage import disk_usage
-from orchagent.seed import frames, plan
+from orchagent.seed import frames, plan, spill
 from orchagent.seed.state import JOURNAL_RECORD
 from orchagent.seed.tree import DIR, FILE, LINK, Entry, Manifest, local_owner
 
@@ -144,7 +144,7 @@ class Staging:
     def prepare(self, manifest: Manifest) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.watch()
-        for index in compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds)):
+        for index in spill.dropping(compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds))):
             path = os.path.join(self.root, manifest.paths[index])
             try:
                 os.mkdir(path, 0o700)
@@ -408,7 +408,7 @@ class Staging:
         # Entries by kind with C loops: a tree of 50,000 files has few of these.
         chunkless = map(eq, first, islice(first, 1, None))  # no copies of the column
         special = map(lambda kind, none: (kind == _FILE and none) or kind == _LINK, kinds, chunkless)
-        for index in compress(range(len(manifest)), special):
+        for index in spill.dropping(compress(range(len(manifest)), special)):
             entry = manifest.entry(index)
             if kinds[index] == _FILE:
                 self.finish_file(index, entry)
@@ -420,7 +420,8 @@ class Staging:
                 if _IS_ROOT:
                     os.chown(path, *self._owner(entry), follow_symlinks=False)
                 os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-        for index in reversed(list(compress(range(len(manifest)), map(_DIR.__eq__, kinds)))):
+        directories = list(compress(range(len(manifest)), map(_DIR.__eq__, kinds)))
+        for index in spill.dropping(reversed(directories)):
             entry = manifest.entry(index)
             path = self._path(entry)
             if _IS_ROOT:

@@ -819,7 +819,7 @@ def validate(manifest: Manifest) -> None:
             if path in seen:
                 raise BadRequest(f"duplicate path {path!r:.200} in the seed manifest")
             seen.add(path)
-    for index in compress(count(), map(link.__eq__, manifest.kinds)):
+    for index in spill.dropping(compress(count(), map(link.__eq__, manifest.kinds))):
         check_link(paths[index], manifest.targets.get(index, ""))
     check_links(manifest)
     for index in sorted(manifest.extents):
