@@ -85,8 +85,8 @@ def _fsync_dir(path: str) -> None:
 
 def replace_file(path: str, data: bytes | Iterable[bytes], durable: bool = True) -> None:
     """Replace ``path`` whole with ``data`` (bytes, or its pieces as they are made)
-    through a temporary file and a rename (a short write is continued).  ``durable``: the temporary file is fsynced before the rename and
-    the directory after it.  A failure before the rename removes the temporary file (the
+    through a temporary file and a rename (a short write is continued).  ``durable``:
+    the temporary file is fsynced before the rename and the directory after it.  A failure before the rename removes the temporary file (the
     file in place, if any, is unchanged) and names it; a failure of the last fsync leaves
     the new file in place, not known durable."""
     tmp = f"{path}.tmp"

@@ -446,6 +446,7 @@ class SpilledTableTests(unittest.TestCase):
             spilled = plan.ChunkTable(self._manifest(300, big, directory), directory)
             self.assertIsInstance(memory.digests, bytearray)
             self.assertIsInstance(spilled.digests, memoryview)
+            self.assertIsInstance(spilled.files, memoryview)
             self.assertIsInstance(spilled.manifest.sizes, memoryview)
             self.assertIsInstance(spilled.manifest.paths.blob, memoryview)
             self.assertEqual(os.listdir(directory), [], "the files have no name")
@@ -457,7 +458,7 @@ class SpilledTableTests(unittest.TestCase):
                 for cid in range(0, len(table), 2):
                     table.mark_done(cid, cid.to_bytes(32, "big"))
             spill.drop_all()
-            for name in ("file", "offset", "length", "first", "remaining", "done", "digests"):
+            for name in ("files", "file", "offset", "length", "first", "remaining", "done", "digests"):
                 self.assertEqual(bytes(getattr(spilled, name)), bytes(getattr(memory, name)), name)
             self.assertEqual(list(spilled.todo()), list(memory.todo()))
             self.assertEqual(spilled.done_records(), memory.done_records())

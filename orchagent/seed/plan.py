@@ -54,7 +54,7 @@ class ChunkTable:
     def __init__(self, manifest: Manifest, directory: str | None = None):
         self.manifest = manifest
         count = len(manifest)
-        self.files = manifest.file_indexes()
+        self.files = spill.column(directory, manifest.file_indexes())
         sizes = manifest.sizes
         if not manifest.extents and max(sizes, default=0) <= manifest.chunk_size:
             # Every file is one chunk or none (the common case of many small files): the
@@ -114,7 +114,8 @@ class ChunkTable:
         first, count = self.first, len(self.remaining)
         for start in range(0, count, _STRETCH):
             stop = min(start + _STRETCH, count)
-            self.remaining[start:stop] = array("I", map(operator.sub, first[start + 1:stop + 1], first[start:stop]))
+            self.remaining[start:stop] = array(
+                "I", map(operator.sub, first[start + 1:stop + 1], first[start:stop]))
             spill.drop_all()
         self.bytes_done = 0
         #: Files without chunks (empty or all holes) count as done from the start.

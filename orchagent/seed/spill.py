@@ -76,6 +76,18 @@ def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
     return views
 
 
+def column(directory: str | None, values: array):
+    """``values`` (an array) as a column of a mapped file of ``directory`` when they are
+    :data:`SPILL_FROM` or more, else as they are (the chunk table's file indexes, the
+    sender's chunks still to send: 4 MB each at a million files)."""
+    if directory is None or len(values) < SPILL_FROM:
+        return values
+    (held,) = spill(directory, [(values.typecode, len(values))])
+    held[:] = values
+    drop_all()
+    return held
+
+
 class Growing:
     """A column that grows in an unnamed file of ``directory`` (a manifest's while it is
     walked or read): :meth:`extend` appends and returns the column, a memoryview of

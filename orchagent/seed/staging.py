@@ -144,7 +144,8 @@ class Staging:
     def prepare(self, manifest: Manifest) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.watch()
-        for index in spill.dropping(compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds))):
+        directories = compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds))
+        for index in spill.dropping(directories):
             path = os.path.join(self.root, manifest.paths[index])
             try:
                 os.mkdir(path, 0o700)

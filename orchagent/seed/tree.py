@@ -535,16 +535,17 @@ class Pins:
         """The files' identities, to be compared after a restart (:meth:`compare`), as
         the pieces of one zstd frame: a JSON head, their device, inode, size, mtime and
         ctime columns, their paths separated by NULs.  Made straight from the manifest's
-        columns, :data:`_PIN_STRETCH` files at a time, and written out as they come: made whole
-        first, the body took 220 bytes per file at its peak (220 MB for a million
-        files), and each whole column 8 MB more."""
+        columns, :data:`_PIN_STRETCH` files at a time, and written out as they come:
+        made whole first, the body took 220 bytes per file at its peak (220 MB for a
+        million files), and each whole column 8 MB more."""
         files = manifest.file_indexes()
         head = json.dumps({"root": list(self.root), "count": len(files)}).encode()
         out = zstandard.ZstdCompressor(level=1).compressobj()
         yield out.compress(len(head).to_bytes(4, "big") + head)
         for code, column in zip(_PIN_CODES, self._columns(manifest)):
             for start in range(0, len(files), _PIN_STRETCH):
-                yield out.compress(array(code, map(column.__getitem__, files[start:start + _PIN_STRETCH])))
+                stretch = files[start:start + _PIN_STRETCH]
+                yield out.compress(array(code, map(column.__getitem__, stretch)))
             spill.drop_all()
         yield from map(out.compress, _file_paths(manifest))
         yield out.flush()

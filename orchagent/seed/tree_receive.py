@@ -341,8 +341,8 @@ class TreeReceive(state.ReceivePayload):
             self.context.store.remove(self.seed_id, "journal", "manifest")
             self.manifest = self.table = None
         if self.manifest is None:
-            saving = self.context.thread(_save_manifest, self.context.store, self.seed_id, session.batches,
-                                         dict(end, content_digest=kind.label))
+            saving = self.context.thread(_save_manifest, self.context.store, self.seed_id,
+                                         session.batches, dict(end, content_digest=kind.label))
             table = await self.context.thread(plan.ChunkTable, manifest, self.context.store.root)
             try:
                 await session.wait(saving)
@@ -618,7 +618,8 @@ def _save_manifest(store: state.StateStore, seed_id: str, batches: spill.Spool, 
     """Keep the manifest as it came: its MANIFEST_END, then its packed batches (``batches``
     keeps them each after its length already), a piece at a time."""
     head = json.dumps({k: end[k] for k in ("chunk_size", "count", "digest", "content_digest")}).encode()
-    store.write(seed_id, "manifest", itertools.chain((struct.pack(">I", len(head)) + head,), batches.pieces()))
+    framed_head = struct.pack(">I", len(head)) + head
+    store.write(seed_id, "manifest", itertools.chain((framed_head,), batches.pieces()))
 
 
 def _load_manifest(saved: bytes, directory: str) -> tuple[plan.ChunkTable, frames.Digest]:
