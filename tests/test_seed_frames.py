@@ -563,7 +563,7 @@ class SpilledTableTests(unittest.TestCase):
         pins = tree.Pins()
         manifest = tree.walk(root, 65536, pins=pins)
         whole = b"".join(pins.pack(manifest))
-        self.patch(tree, "_PIN_STRETCH", 2)
+        self.patch(tree, "_STRETCH", 2)
         pieces = b"".join(pins.pack(manifest))
         unzstd = zstandard.ZstdDecompressor()
         self.assertEqual(unzstd.decompress(pieces, max_output_size=1 << 20),

@@ -54,7 +54,7 @@ class ChunkTable:
     def __init__(self, manifest: Manifest, directory: str | None = None):
         self.manifest = manifest
         count = len(manifest)
-        self.files = spill.column(directory, manifest.file_indexes())
+        self.files = manifest.file_indexes(directory)
         sizes = manifest.sizes
         if not manifest.extents and max(sizes, default=0) <= manifest.chunk_size:
             # Every file is one chunk or none (the common case of many small files): the
@@ -167,9 +167,14 @@ class ChunkTable:
     def complete(self) -> bool:
         return self.bytes_done == self.bytes_total and self.files_done == len(self.files)
 
-    def todo(self) -> array:
-        """The chunks not done yet, in plan order (an array: no object per chunk)."""
-        return array("I", compress(range(len(self.done)), map(operator.not_, self.done)))
+    def todo(self, directory: str | None = None) -> array | memoryview:
+        """The chunks not done yet, in plan order (no object per chunk; with
+        ``directory``, in a mapped file there when many: see :func:`spill.column`)."""
+        done, count = self.done, len(self.done)
+        parts = (array("I", compress(range(start, min(start + _STRETCH, count)),
+                                     map(operator.not_, done[start:start + _STRETCH])))
+                 for start in range(0, count, _STRETCH))
+        return spill.column(directory, "I", count - sum(done), parts)
 
     def done_records(self) -> bytes:
         """Every done chunk as packed RECORDs (for READY)."""

@@ -630,7 +630,7 @@ class SendJob(SenderJob):
             self.attempts = 0
         self.have_at_ready = table.bytes_done
         session.ready = True
-        session.queue = ChunkQueue(spill.column(self.context.store.root, table.todo()))
+        session.queue = ChunkQueue(table.todo(self.context.store.root))
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
                  seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)

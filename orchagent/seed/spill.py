@@ -76,15 +76,18 @@ def spill(directory: str | None, layout: list[tuple[str, int]]) -> list:
     return views
 
 
-def column(directory: str | None, values: array):
-    """``values`` (an array) as a column of a mapped file of ``directory`` when they are
-    :data:`SPILL_FROM` or more, else as they are (the chunk table's file indexes, the
-    sender's chunks still to send: 4 MB each at a million files)."""
-    if directory is None or len(values) < SPILL_FROM:
-        return values
-    (held,) = spill(directory, [(values.typecode, len(values))])
-    held[:] = values
-    drop_all()
+def column(directory: str | None, code: str, length: int, parts) -> array | memoryview:
+    """A column of ``length`` values of ``code`` made from ``parts`` (arrays, in order, a
+    stretch at a time), in a mapped file of ``directory`` from :data:`SPILL_FROM`
+    values (the chunk table's file indexes, the sender's chunks still to send: 4 MB each
+    at a million files).  Made whole in memory first and then copied, such a column
+    cost twice its size at the peak."""
+    (held,) = spill(directory if length >= SPILL_FROM else None, [(code, length)])
+    at = 0
+    for part in parts:
+        held[at:at + len(part)] = part
+        at += len(part)
+        drop_all()
     return held
 
 

@@ -398,9 +398,14 @@ class Manifest:
     def file_count(self) -> int:
         return self.kinds.count(_FILE)
 
-    def file_indexes(self) -> array:
-        """The indexes of the regular files, in manifest order."""
-        return array("I", compress(range(len(self)), map(_FILE.__eq__, self.kinds)))
+    def file_indexes(self, directory: str | None = None) -> array | memoryview:
+        """The indexes of the regular files, in manifest order (with ``directory``, in
+        a mapped file there when many: see :func:`spill.column`)."""
+        kinds, count = self.kinds, len(self)
+        parts = (array("I", compress(range(start, min(start + _STRETCH, count)),
+                                     map(_FILE.__eq__, kinds[start:start + _STRETCH])))
+                 for start in range(0, count, _STRETCH))
+        return spill.column(directory, "I", kinds.count(_FILE), parts)
 
     def digest(self) -> bytes:
         """BLAKE3 over each batch's JSON text and a newline, then the chunk size (last:
@@ -535,16 +540,16 @@ class Pins:
         """The files' identities, to be compared after a restart (:meth:`compare`), as
         the pieces of one zstd frame: a JSON head, their device, inode, size, mtime and
         ctime columns, their paths separated by NULs.  Made straight from the manifest's
-        columns, :data:`_PIN_STRETCH` files at a time, and written out as they come:
+        columns, :data:`_STRETCH` files at a time, and written out as they come:
         made whole first, the body took 220 bytes per file at its peak (220 MB for a
         million files), and each whole column 8 MB more."""
-        files = manifest.file_indexes()
+        files = manifest.file_indexes(self.directory)
         head = json.dumps({"root": list(self.root), "count": len(files)}).encode()
         out = zstandard.ZstdCompressor(level=1).compressobj()
         yield out.compress(len(head).to_bytes(4, "big") + head)
         for code, column in zip(_PIN_CODES, self._columns(manifest)):
-            for start in range(0, len(files), _PIN_STRETCH):
-                stretch = files[start:start + _PIN_STRETCH]
+            for start in range(0, len(files), _STRETCH):
+                stretch = files[start:start + _STRETCH]
                 yield out.compress(array(code, map(column.__getitem__, stretch)))
             spill.drop_all()
         yield from map(out.compress, _file_paths(manifest))
@@ -593,8 +598,8 @@ class Pins:
 
 
 _PIN_CODES = "QQQqq"
-#: Files whose pins are packed at a time (0.5 MB a column).
-_PIN_STRETCH = 65_536
+#: Entries a pass that makes a column handles at a time (0.5 MB of a column of 8 bytes).
+_STRETCH = 65_536
 
 
 def _file_paths(manifest: Manifest) -> Iterator[bytes]:
