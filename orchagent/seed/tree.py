@@ -551,7 +551,7 @@ class Pins:
             for start in range(0, len(files), _STRETCH):
                 stretch = files[start:start + _STRETCH]
                 yield out.compress(array(code, map(column.__getitem__, stretch)))
-            spill.drop_all()
+                spill.drop_all()
         yield from map(out.compress, _file_paths(manifest))
         yield out.flush()
 
@@ -606,7 +606,7 @@ def _file_paths(manifest: Manifest) -> Iterator[bytes]:
     """The paths of the manifest's regular files as bytes, separated by NULs, in pieces
     (a run of files side by side in the manifest is one piece of its path column)."""
     separator = b""
-    for run in _FILE_RUNS.finditer(manifest.kinds):
+    for run in spill.dropping(_FILE_RUNS.finditer(manifest.kinds)):
         span = manifest.paths.span(run.start(), run.end())
         del span[-1]
         yield separator
