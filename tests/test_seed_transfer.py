@@ -606,6 +606,23 @@ class FailureTests(SeedCase):
         self.assertGreaterEqual(status["Resumes"], 1)
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
 
+    async def test_a_manifest_that_statedir_cannot_keep_fails_the_seed_saying_so(self):
+        before = S.snapshot_tree(self.dst)
+        S.make_tree(self.src, files=5, max_size=20_000)
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(tree_receive, "_save_manifest", full)
+        r, s = self.receiver(), self.sender(seed_streams=1)
+        await r.receive("full")
+        await s.send(f"127.0.0.1:{self.port}", "full", source="datadir")
+        status = await S.finished(r, "full")
+        self.assertEqual(status["State"], "failed")
+        self.assertIn("cannot keep the seed manifest in ", status["Error"])
+        self.assertIn("No space left on device", status["Error"])
+        self.assert_untouched(before)
+
     async def test_flipped_byte_on_an_unkeyed_stream_is_caught_by_xxh3(self):
         # No key, no TLS: chunk contents carry XXH3-128, which still catches corruption.
         data = self.big_file(size=600_000)

@@ -346,9 +346,9 @@ class TreeReceive(state.ReceivePayload):
             table = await self.context.thread(plan.ChunkTable, manifest, self.context.store.root)
             try:
                 await session.wait(saving)
-            except OSError:
+            except OSError as e:
                 session.check()  # as above: the attempt ended, it is no failure of the seed
-                raise
+                raise BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {e}") from None
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
             journal = self.context.store.read(self.seed_id, "journal") or b""
