@@ -206,8 +206,8 @@ class ChunkQueue:
     """Chunk numbers still to send: an array and a cursor (no object per chunk), and in
     front of it the few taken back from a stream that closed."""
 
-    def __init__(self, chunks=()):
-        self._chunks = chunks if isinstance(chunks, (array, memoryview)) else array("I", chunks)
+    def __init__(self, chunks: array | memoryview | None = None):
+        self._chunks = array("I") if chunks is None else chunks
         self._next = 0
         self._front: deque = deque()
 

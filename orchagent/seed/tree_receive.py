@@ -326,8 +326,7 @@ class TreeReceive(state.ReceivePayload):
         except BadRequest as e:
             raise BadRequest(f"refused the seed manifest: {e.message}") from None
         except OSError as e:
-            session.check()  # an attempt that ended closed its spool under the thread
-            raise BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {e}") from None
+            raise self._not_kept(session, e) from None
         await self.drain()
         if self.restoring is not None:
             await self.restoring
@@ -347,8 +346,7 @@ class TreeReceive(state.ReceivePayload):
             try:
                 await session.wait(saving)
             except OSError as e:
-                session.check()  # as above: the attempt ended, it is no failure of the seed
-                raise BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {e}") from None
+                raise self._not_kept(session, e) from None
             self.manifest, self.table, self.digest_kind = manifest, table, kind
         if self.recheck_journal:
             journal = self.context.store.read(self.seed_id, "journal") or b""
@@ -378,6 +376,12 @@ class TreeReceive(state.ReceivePayload):
         log.info("seed {seed}: ready for {total} bytes in {files} files ({have} bytes already here)",
                  seed=self.seed_id, total=table.bytes_total, files=len(table.files),
                  have=table.bytes_done)
+
+    def _not_kept(self, session: _Attempt, error: OSError) -> BadRequest:
+        """The manifest's spool failed: Ended when the attempt ended (it closed the spool
+        under the thread: no failure of the seed), else the seed's failure."""
+        session.check()
+        return BadRequest(f"cannot keep the seed manifest in {self.context.store.root}: {error}")
 
     def _prepare_failed(self, failure) -> None:
         if self.job.active:
