@@ -534,6 +534,8 @@ class FailureTests(SeedCase):
         self.patch(tree_receive.TreeReceive, "_read_batch",
                    lambda payload, stream, session, body: (batches.append(body),
                                                            read_batch(payload, stream, session, body)))
+        # The flip must land in a MANIFEST batch, not in a bundle sent early.
+        self.patch(tree_receive.TreeReceive, "_allow_early", lambda *args: None)
         proxy_port = self.proxy(times=1, flip_at=1500)
         r = self.receiver()
         s = self.sender(seed_streams=1)

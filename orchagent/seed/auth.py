@@ -82,7 +82,9 @@ class ClientHandshake:
         self.nonce = os.urandom(NONCE_SIZE)
         self.hello_fields = {"proto": PROTOCOL, "seed": seed_id, "session": session,
                              "role": role, "index": index, "nonce": self.nonce.hex(),
-                             "keyed": auth_key is not None}
+                             "keyed": auth_key is not None,
+                             # It can send early data (orchagent.seed.early).
+                             "early": True}
         self.key: bytes | None = None
         self.accept: dict | None = None
         self._server_nonce: bytes | None = None

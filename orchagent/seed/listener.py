@@ -58,6 +58,8 @@ class ReceiverStream(Stream):
         self.frame_at = 0.0
         #: Waiting for the manager's verdict on this peer (plain v1 seeds, see admission).
         self.checking = False
+        #: Fields the job that admitted the stream adds to its ACCEPT.
+        self.offer: dict = {}
 
     def connectionMade(self):
         if hasattr(self.transport, "bufferSize") and not hasattr(self.transport, "transport"):
@@ -127,7 +129,7 @@ class ReceiverStream(Stream):
         self.job, self.role = job, hello["role"]
         self.key = self.handshake.key
         self.stop_timers()
-        self.transport.write(self.handshake.accept())
+        self.transport.write(self.handshake.accept(**self.offer))
         if job.record.state == state.COMPLETED:
             # The sender reconnected because it lost the control stream before our RESULT.
             self.last_word(FrameType.RESULT, {"ok": True})

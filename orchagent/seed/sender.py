@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from orchagent.errors import BadRequest
-from orchagent.seed import frames, plan, spill, state, tree
+from orchagent.seed import early, frames, plan, spill, state, tree
 from orchagent.seed.auth import ClientHandshake, Rejected, is_loopback, tls_client_options
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.session import Session
@@ -367,6 +367,8 @@ class _Attempt(Session):
         self.ready = False
         self.finishing = False
         self.manifest_stream: SenderStream | None = None
+        #: MANIFEST batches sent on the control stream: files of later ones may not go early.
+        self.batches_sent = 0
 
 
 class SenderJob(state.JobIdentity):
@@ -459,6 +461,8 @@ class SendJob(SenderJob):
         #: files), and where each ends there.
         self.batches = spill.Spool(context.store.root, fallback=True)
         self.batch_ends: list[int] = []
+        #: Small files sent while the walk goes on, when the receiver allows it.
+        self.early = early.Feed(context.store.root)
         #: Data bytes framed and written to streams, over all sessions (tests, benchmarks).
         self.bytes_sent = 0
         self.stream_bytes: dict[int, int] = {}
@@ -494,7 +498,7 @@ class SendJob(SenderJob):
                              f"before the agent restarted: {e}") from None
         kept, reactor = self.batches, self.context.reactor
 
-        def packed(bodies: list[bytes], files: int, size: int) -> None:
+        def packed(bodies: list[bytes], files: int, size: int, found: list) -> None:
             ends = []
             for body in bodies:
                 try:
@@ -502,10 +506,11 @@ class SendJob(SenderJob):
                 except OSError as e:
                     raise BadRequest(f"cannot keep the seed manifest in {store.root}: {e}") from None
                 ends.append(kept.size)
-            reactor.callFromThread(self._more_batches, bodies, ends, files, size)
+            reactor.callFromThread(self._more_batches, bodies, ends, files, size, found)
 
         manifest, table, pins = await self.context.thread(
-            _survey, self.record.source_path, self.context.chunk_size, packed, previous, store.root)
+            _survey, self.record.source_path, self.context.chunk_size, packed, previous, store.root,
+            self.early)
         if not self.active:
             return
         if previous is None:
@@ -524,19 +529,24 @@ class SendJob(SenderJob):
         if self.session is not None and self.session.manifest_stream is not None:
             self._end_manifest(self.session.manifest_stream)
 
-    def _more_batches(self, bodies: list[bytes], ends: list[int], files: int, size: int) -> None:
+    def _more_batches(self, bodies: list[bytes], ends: list[int], files: int, size: int,
+                      found: list) -> None:
         """Batches packed and kept by the walk (called in order, before the walk's
-        result), and the files and bytes walked so far (the status's totals until the
-        walk ends)."""
+        result), the files and bytes walked so far (the status's totals until the walk
+        ends), and the batches' files that may go early."""
         if not self.active:
             return
         if self.record.totals == state.WALKING:  # a restarted send's are final already
             self.record.files_total, self.record.bytes_total = files, size
         self.batch_ends += ends
-        stream = self.session.manifest_stream if self.session is not None else None
+        self.early.offer(len(self.batch_ends), found)
+        session = self.session
+        stream = session.manifest_stream if session is not None else None
         if stream is not None:
             for body in bodies:
                 stream.send(FrameType.MANIFEST, body)
+            session.batches_sent = len(self.batch_ends)
+            self._send_early(session)
 
     def _crashed(self, failure) -> None:
         if self.active:
@@ -553,6 +563,12 @@ class SendJob(SenderJob):
 
     async def _open_control(self, session: "_Attempt") -> None:
         stream = await self._open(session, "control", 0)
+        allowed = stream.handshake.accept.get("early")
+        if isinstance(allowed, dict) and allowed.get("content_digest") == self.digest_kind.label \
+                and self.table is None:
+            old = self.early.start(session, allowed)
+            if old is not None:
+                self.context.thread(old.close)
         setting = self.context.config.seed_compression
         self.compression = CompressionPolicy(
             setting == "zstd" or (setting == "auto" and not is_loopback(stream.peer)))
@@ -563,7 +579,8 @@ class SendJob(SenderJob):
             kept = await session.wait(self.context.thread(self.batches.read, start, ends[-1]))
             for begin, end in zip([start, *ends], ends):
                 stream.send(FrameType.MANIFEST, kept[begin - start:end - start])
-            sent += len(ends)
+            sent = session.batches_sent = sent + len(ends)
+            self._send_early(session)
             await session.wait(stream.drained())
         session.manifest_stream = stream
         if self.table is not None:
@@ -577,6 +594,12 @@ class SendJob(SenderJob):
         return await session.wait(stream.accepted)
 
     def _end_manifest(self, stream: SenderStream) -> None:
+        """MANIFEST_END, after the bundle being read early if one is (no early data may
+        follow it, and a bundle read for nothing costs a small seed as much again)."""
+        self.early.stop()
+        if self.early.reading:
+            self.early.ending = stream
+            return
         self.session.manifest_stream = None
         manifest = self.table.manifest
         stream.send(FrameType.MANIFEST_END, {
@@ -608,19 +631,53 @@ class SendJob(SenderJob):
         else:
             raise ProtocolError(f"unexpected frame type {frame.type} from the receiver")
 
+    def _send_early(self, session: "_Attempt") -> None:
+        """Read and send the next bundle of small files the walk found, while the
+        receiver allows it and the control stream takes it (one read at a time)."""
+        feed, stream = self.early, session.control
+        if (feed.reading or not feed.open or session is not self.session or not self.active
+                or stream is None or stream.key is None or stream.closed or stream.blocked):
+            return
+        delay = self.bucket.delay()
+        if delay > 0:
+            stream.later(delay, self._send_early, session)
+            return
+        items = feed.take(session.batches_sent, early.BUNDLE_BYTES, BATCH_ITEMS)
+        if not items:
+            return
+        feed.reading = True
+        compress = self.compression.should_try()
+        d = self.context.thread(early.read_bundle, self.record.source_path, items, stream.key,
+                                compress, self.digest_kind, feed.kept)
+        d.addBoth(self._sent_early, session, stream, compress)
+        d.addErrback(self._crashed)
+
+    def _sent_early(self, result, session: "_Attempt", stream: SenderStream, compress: bool) -> None:
+        """A bundle read early: written to the control stream (unless its session
+        ended), then the next, or the MANIFEST_END that waited for it."""
+        feed = self.early
+        feed.reading = False
+        if not (session.ended or stream.closed):
+            if isinstance(result, Failure):
+                self.fail(state.failure_message(result, self.seed_id, "reading the seed source",
+                                                "cannot read the seed source"))
+                return
+            pieces, size, compressed = result
+            self.bucket.take(size)
+            stream.write(pieces)
+            self.compression.record(compress, compressed)
+            self.bytes_sent += size
+            self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + size
+        if feed.ending is not None:
+            ending, feed.ending = feed.ending, None
+            if not ending.closed and self.session is not None:
+                self._end_manifest(ending)
+        elif not session.ended:
+            self._send_early(session)
+
     async def _ready(self, have: Iterable[tuple[int, int, int, bytes]], session: "_Attempt") -> None:
         table = self.table
-        table.reset()
-        recheck = plan.ChunkDigests()
-        for index, offset, length, digest in have:
-            cid = table.chunk_id(index, offset)
-            if cid is None or table.length[cid] != length:
-                continue
-            known = table.known(cid)
-            if known is None:
-                recheck.append(cid, digest)
-            elif known == digest:
-                table.mark_done(cid, digest)
+        recheck = await session.wait(self.context.thread(_resume, table, have, self.early, session))
         if recheck:
             good = await session.wait(self.context.thread(_recheck_source, self.files, table,
                                                           recheck, self.digest_kind))
@@ -630,7 +687,7 @@ class SendJob(SenderJob):
             self.attempts = 0
         self.have_at_ready = table.bytes_done
         session.ready = True
-        session.queue = ChunkQueue(table.todo(self.context.store.root))
+        session.queue = ChunkQueue(await session.wait(self.context.thread(table.todo, self.context.store.root)))
         self.record.bytes_done, self.record.files_done = table.bytes_done, table.files_done
         log.info("seed {seed}: receiver ready; {left} bytes to send ({have} already there)",
                  seed=self.seed_id, left=table.bytes_total - table.bytes_done, have=table.bytes_done)
@@ -646,6 +703,8 @@ class SendJob(SenderJob):
     def pump(self, stream: SenderStream) -> None:
         """Start read tasks for ``stream`` while it may take more (the producer's loop)."""
         session = self.session
+        if session is not None and not session.ready and stream is session.control:
+            self._send_early(session)
         flow = session.flows.get(stream) if session is not None else None
         while (self.active and flow is not None and stream.key is not None and not stream.closed
                and flow.reads + len(flow.waiting) < AHEAD and session.queue):
@@ -807,6 +866,10 @@ class SendJob(SenderJob):
         self.context.thread(self.batches.close).addErrback(
             lambda f: log.warn("seed {seed}: cannot close its kept manifest: {error}",
                                seed=self.seed_id, error=f.getErrorMessage()))
+        self.early.stop()
+        self.context.thread(self.early.close).addErrback(
+            lambda f: log.warn("seed {seed}: cannot close the digests it sent early: {error}",
+                               seed=self.seed_id, error=f.getErrorMessage()))
         session, self.session = self.session, None
         if session is None:
             return
@@ -852,16 +915,18 @@ class SendJob(SenderJob):
             self.pump(stream)
 
 
-def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int], None],
-            previous: bytes | None = None, directory: str | None = None):
+def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int, list], None],
+            previous: bytes | None = None, directory: str | None = None,
+            feed: early.Feed | None = None):
     """Worker thread: walk the source, handing ``packed`` the manifest's batches as it
-    grows with the files and data bytes walked so far; returns the manifest (with its
-    digest), the chunk plan and the entries' identities (large ones kept in a file of
-    ``directory``, see orchagent.seed.spill).  ``previous``: the identities saved by this
-    seed's walk before the agent restarted, which the files must still have (BadRequest
-    naming the first that has not)."""
+    grows with the files and data bytes walked so far, and the batches' files that may
+    go early when ``feed`` wants some; returns the manifest (with its digest), the chunk
+    plan and the entries' identities (large ones kept in a file of ``directory``, see
+    orchagent.seed.spill).  ``previous``: the identities saved by this seed's walk before
+    the agent restarted, which the files must still have (BadRequest naming the first
+    that has not)."""
     packer = None
-    pins = tree.Pins(directory)
+    pins = early.WalkPins(directory)
     files = size = 0
 
     def grown(manifest: tree.Manifest) -> None:
@@ -869,16 +934,42 @@ def _survey(root: str, chunk_size: int, packed: Callable[[list[bytes], int, int]
         packer = packer or tree.ManifestPacker(manifest)
         more_files, more_bytes = manifest.tally(packer.packed, len(manifest))
         files, size = files + more_files, size + more_bytes
+        found = (early.candidates(manifest, packer.packed, pins.recent)
+                 if feed is not None and feed.hungry else [])
+        pins.recent.clear()
         bodies = packer.pack_new(MANIFEST_BATCH)
         if bodies:
-            packed(bodies, files, size)
+            packed(bodies, files, size, found)
 
     manifest = tree.walk(root, chunk_size, grown, pins, directory)
+    if feed is not None:
+        feed.walked()
     pins.seal()
     if previous is not None:
         pins.compare(manifest, previous, root)
     packer.finish()  # walk() calls grown at least once, at its end
     return manifest, plan.ChunkTable(manifest, directory), pins
+
+
+def _resume(table: plan.ChunkTable, have: Iterable[tuple[int, int, int, bytes]],
+            feed: early.Feed, session: "_Attempt") -> plan.ChunkDigests:
+    """Worker thread, at ``session``'s READY: the plan reset to what the receiver has
+    (``have``, and the files sent early when ``session`` sent them: see
+    :meth:`early.Feed.settle`); returned, the chunks it names with a digest the sender
+    never knew, to be checked against the source."""
+    table.reset()
+    feed.settle(table, session)
+    recheck = plan.ChunkDigests()
+    for index, offset, length, digest in have:
+        cid = table.chunk_id(index, offset)
+        if cid is None or table.length[cid] != length:
+            continue
+        known = table.known(cid)
+        if known is None:
+            recheck.append(cid, digest)
+        elif known == digest:
+            table.mark_done(cid, digest)
+    return recheck
 
 
 def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: int) -> list:

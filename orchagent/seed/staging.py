@@ -141,9 +141,13 @@ class Staging:
     def exists(self) -> bool:
         return os.path.isdir(self.root)
 
-    def prepare(self, manifest: Manifest) -> None:
+    def make(self) -> None:
+        """Staging made (if it is not) and watched."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.watch()
+
+    def prepare(self, manifest: Manifest) -> None:
+        self.make()
         directories = compress(range(len(manifest)), map(_DIR.__eq__, manifest.kinds))
         for index in spill.dropping(directories):
             path = os.path.join(self.root, manifest.paths[index])

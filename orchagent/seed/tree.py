@@ -518,16 +518,8 @@ class Pins:
     def check(self, manifest: Manifest, index: int, st: os.stat_result, path: str) -> None:
         """BadRequest naming ``path`` when entry ``index`` (``st``: as it is now) is no
         longer what the walk saw, and what differs."""
-        what = ["removed or replaced"] if st.st_nlink == 0 else []
-        if st.st_dev != self.devices[index] or st.st_ino != self.inodes[index]:
-            what.append(f"device/inode {st.st_dev}/{st.st_ino}, was "
-                        f"{self.devices[index]}/{self.inodes[index]}")
-        if st.st_size != manifest.sizes[index]:
-            what.append(f"size {st.st_size}, was {manifest.sizes[index]}")
-        if st.st_mtime_ns != manifest.mtimes[index]:
-            what.append(f"mtime {st.st_mtime_ns}, was {manifest.mtimes[index]}")
-        if st.st_ctime_ns != self.ctimes[index]:
-            what.append(f"ctime {st.st_ctime_ns}, was {self.ctimes[index]}")
+        what = changes(st, self.devices[index], self.inodes[index], manifest.sizes[index],
+                       manifest.mtimes[index], self.ctimes[index])
         if what:
             raise BadRequest(f"seed source file {path} changed while it was being sent "
                              f"({'; '.join(what)})")
@@ -600,6 +592,21 @@ class Pins:
 _PIN_CODES = "QQQqq"
 #: Entries a pass that makes a column handles at a time (0.5 MB of a column of 8 bytes).
 _STRETCH = 65_536
+
+
+def changes(st: os.stat_result, device: int, inode: int, size: int, mtime: int,
+            ctime: int) -> list[str]:
+    """How a file as it is now (``st``) differs from what a walk saw of it."""
+    what = ["removed or replaced"] if st.st_nlink == 0 else []
+    if st.st_dev != device or st.st_ino != inode:
+        what.append(f"device/inode {st.st_dev}/{st.st_ino}, was {device}/{inode}")
+    if st.st_size != size:
+        what.append(f"size {st.st_size}, was {size}")
+    if st.st_mtime_ns != mtime:
+        what.append(f"mtime {st.st_mtime_ns}, was {mtime}")
+    if st.st_ctime_ns != ctime:
+        what.append(f"ctime {st.st_ctime_ns}, was {ctime}")
+    return what
 
 
 def _file_paths(manifest: Manifest) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from orchagent.errors import AgentError, BadRequest
 from orchagent.host.diskusage import block_size, free_bytes, free_inodes
-from orchagent.seed import frames, plan, spill, state, tree
+from orchagent.seed import early, frames, plan, spill, state, tree
 from orchagent.seed.auth import Rejected
 from orchagent.seed.frames import FrameType, ProtocolError
 from orchagent.seed.session import Session
@@ -113,10 +113,22 @@ class _Attempt(Session):
         self.reading: defer.Deferred | None = None
         self.digests = _DigestSpool(thread, directory)
         self.finish: dict | None = None
+        #: Early data (orchagent.seed.early): the content digest it is checked with while
+        #: the sender may send it (None once the manifest ended, or never allowed), the
+        #: files and bytes it may still take, its bytes waiting to be written, and what
+        #: was written (RECORDs, in StateDir) until MANIFEST_END settles it.
+        self.early_kind: int | None = None
+        self.early_files = self.early_bytes = self.early_queued = 0
+        self.early_kept: spill.Spool | None = None
+        #: The directories the last early bundle's files are in (early.write_bundle).
+        self.early_made: set[str] = set()
 
     def end(self, abort: bool = False, close: bool = True) -> None:
         super().end(abort, close)
         self.digests.close()
+        for kept in [self.early_kept] if self.early_kept is not None else []:
+            self.thread(kept.close).addErrback(
+                lambda f: log.warn("cannot close the record of early data: {error}", error=f.getErrorMessage()))
         self.thread(self.batches.close).addErrback(
             lambda f: log.warn("cannot close the seed manifest kept: {error}", error=f.getErrorMessage()))
 
@@ -180,11 +192,26 @@ class TreeReceive(state.ReceivePayload):
             self.sessions += 1
             self.session = _Attempt(hello["session"], self.context.thread, self.context.store.root)
             self.job.note_sender(stream)
+            if hello.get("early") is True:
+                self._allow_early(stream, self.session)
         elif hello["role"] != "data":
             raise Rejected(f"seed {self.seed_id} is already being received as a tree")
         elif self.session is None or hello["session"] != self.session.id or not self.session.ready:
             raise Rejected(f"data stream for seed {self.seed_id} does not belong to the current session")
         self.session.add(stream, _Flow())
+
+    def _allow_early(self, stream, session: _Attempt) -> None:
+        """Early data allowed (a field of the control stream's ACCEPT), on the first
+        attempt at a seed of which nothing is here: no manifest, no staging (a restarted
+        agent's, or one an earlier attempt left, is emptied at MANIFEST_END instead)."""
+        if self.sessions != 1 or self.restored or self.manifest is not None or self.staging.exists():
+            return
+        kind = frames.Digest.BLAKE3 if self.record.keyed and not self.context.tls else frames.Digest.XXH3
+        session.early_bytes, session.early_files = early.allowance(os.path.dirname(self.staging.root))
+        session.early_kind = kind
+        session.early_kept = spill.Spool(self.context.store.root)
+        stream.offer["early"] = {"bytes": session.early_bytes, "files": session.early_files,
+                                 "content_digest": kind.label}
 
     def _end_session(self) -> None:
         session, self.session = self.session, None
@@ -235,6 +262,9 @@ class TreeReceive(state.ReceivePayload):
         session = self.session
         if session is None or stream not in session.flows:
             return
+        if frame.type == FrameType.BUNDLE and session.early_kind is not None and stream is session.control:
+            self._early_bundle(stream, session, frame)
+            return
         if frame.type in (FrameType.DATA, FrameType.BUNDLE):
             self._data(stream, frame)
             return
@@ -248,6 +278,7 @@ class TreeReceive(state.ReceivePayload):
         if frame.type == FrameType.MANIFEST and not session.ready:
             self._read_batch(stream, session, frames.open_control(frame, stream.key))
         elif frame.type == FrameType.MANIFEST_END and not session.ready:
+            session.early_kind = None
             session.run(self._prepare(session, frames.open_json(frame, stream.key)),
                         self._prepare_failed)
         elif frame.type == FrameType.DIGESTS and session.ready:
@@ -283,6 +314,54 @@ class TreeReceive(state.ReceivePayload):
             stream.pause("manifest")
         session.reading.addCallback(lambda _: thread(keep_and_read)).addBoth(done)
         session.reading.addCallback(self._counted, session, reader)
+
+    def _early_bundle(self, stream, session: _Attempt, frame: frames.Frame) -> None:
+        """An early BUNDLE: written into staging after the MANIFEST batch before it was
+        read, in the same chain of worker-thread steps (see orchagent.seed.early).  The
+        control stream stops reading while more than a stream's window waits."""
+        bundle = frames.open_bundle(frame, stream.key, session.early_kind)
+        session.early_files -= len(bundle.items)
+        session.early_bytes -= bundle.raw_length
+        if session.early_files < 0 or session.early_bytes < 0:
+            raise ProtocolError("more early data than the receiver allowed")
+        if session.reader is None:
+            raise ProtocolError("early data before the manifest")
+        self.job.bucket.take(bundle.raw_length)
+        session.manifest_bytes += frame.size
+        session.early_queued += frame.size
+        if session.early_queued > STREAM_WINDOW:
+            stream.pause("early")
+        reader, kept = session.reader, session.early_kept
+
+        def write(_):
+            if session.ended:
+                return None
+            d = state.tracked(self.job.on_staging(early.write_bundle, self.staging, reader.manifest,
+                                                  bundle, kept, session.early_made), self.inflight)
+            return d.addCallbacks(written, self._early_failed, errbackArgs=(session,))
+
+        def written(result) -> None:
+            files, size = result
+            if not session.ended and self.record.totals == state.WALKING:
+                self.record.files_done += files
+                self.record.bytes_done += size
+
+        def done(result):
+            session.early_queued -= frame.size
+            if session.early_queued <= STREAM_WINDOW // 2:
+                stream.resume("early")
+            return result
+
+        session.reading.addCallback(write).addBoth(done)
+
+    def _early_failed(self, failure, session: _Attempt) -> None:
+        if failure.check(ProtocolError) and session is self.session:
+            log.info("seed {seed}: {error}; waiting for the sender to resume", seed=self.seed_id,
+                     error=failure.getErrorMessage())
+            self._end_session()
+        elif self.job.active:
+            self.job.fail(state.failure_message(failure, self.seed_id, "writing early data",
+                                                f"seed {self.seed_id} could not be written"))
 
     def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
         """A DIGESTS piece, written out while the control stream stops reading (TCP holds
@@ -331,6 +410,11 @@ class TreeReceive(state.ReceivePayload):
         if self.restoring is not None:
             await self.restoring
             self.restoring = None
+        if self.manifest is None and session.early_kept is None and self.staging.exists():
+            # Files an earlier attempt sent early, that no record names (the source may
+            # have lost some since): never promoted.
+            log.info("seed {seed}: emptying the staging an earlier attempt left", seed=self.seed_id)
+            await session.wait(self.context.thread(self.staging.discard))
         if self.manifest is not None and (self.manifest.digest() != manifest.digest()
                                           or self.digest_kind != kind):
             log.info("seed {seed}: the source changed since the last attempt; starting over",
@@ -348,6 +432,11 @@ class TreeReceive(state.ReceivePayload):
             except OSError as e:
                 raise self._not_kept(session, e) from None
             self.manifest, self.table, self.digest_kind = manifest, table, kind
+        if session.early_kept is not None and self.staging.exists():
+            if self.journal_fd is None:
+                self.journal_fd = self._open_journal()
+            await session.wait(self.context.thread(early.settle, self.table, session.early_kept,
+                                                   self.journal_fd))
         if self.recheck_journal:
             journal = self.context.store.read(self.seed_id, "journal") or b""
             good = await self.context.thread(self.staging.recheck, self.manifest, self.table,
@@ -362,20 +451,24 @@ class TreeReceive(state.ReceivePayload):
         self._check_space()
         await session.wait(self.job.on_staging(self.staging.prepare, self.manifest))
         if self.journal_fd is None:
-            self.journal_fd = os.open(self.context.store.path(self.seed_id, "journal"),
-                                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            self.journal_fd = self._open_journal()
         table, record = self.table, self.record
         record.bytes_total, record.files_total = table.bytes_total, len(table.files)
         record.bytes_done, record.files_done = table.bytes_done, table.files_done
         record.totals = state.FINAL
         self.context.touch(record)
-        have = await session.wait(self.context.thread(
-            lambda: frames._compressor().compress(table.done_records())))
+        # An attempt with early data: done is what it sent early, which it counts as here.
+        records = (lambda: b"") if session.early_kept is not None else table.done_records
+        have = await session.wait(self.context.thread(lambda: frames._compressor().compress(records())))
         session.ready = True
         session.control.send(FrameType.READY, have)
         log.info("seed {seed}: ready for {total} bytes in {files} files ({have} bytes already here)",
                  seed=self.seed_id, total=table.bytes_total, files=len(table.files),
                  have=table.bytes_done)
+
+    def _open_journal(self) -> int:
+        return os.open(self.context.store.path(self.seed_id, "journal"),
+                       os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def _not_kept(self, session: _Attempt, error: OSError) -> BadRequest:
         """The manifest's spool failed: Ended when the attempt ended (it closed the spool

@@ -1,0 +1,277 @@
+"""Early data (orchagent.seed.early): small files sent while the sender still walks,
+between two real SeedManagers over real TCP on loopback."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial import unittest
+
+from orchagent.seed import early, frames, sender, tree_receive
+from orchagent.seed.session import Session
+from orchagent.seed.staging import Staging
+from tests import seed_support as S
+
+CHUNK = 64 * 1024
+
+
+def make_small_files(root: str, count: int = 600) -> None:
+    """``count`` small files over nested directories with their own modes, and the
+    entries early data never carries (make_tree: empty, sparse, hole-only and large
+    files, a symlink)."""
+    S.make_tree(root, files=20)
+    rnd = random.Random(7)
+    for i in range(count):
+        where = os.path.join(root, f"db{i % 3}", "part" if i % 5 == 0 else "")
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, f"t{i:04d}.ibd"), "wb") as fh:
+            fh.write(os.urandom(rnd.randrange(1, 6000)) + bytes(rnd.randrange(3000)))
+    os.chmod(os.path.join(root, "db1"), 0o750)
+
+
+class EarlyCase(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.base = os.path.abspath(self.mktemp())
+        self.src = os.path.join(self.base, "src")
+        self.dst = os.path.join(self.base, "dst")
+        os.makedirs(self.src)
+        os.makedirs(self.dst)
+        self.port = S.free_port()
+        self.patch(sender, "BACKOFF_FIRST", 0.05)
+        make_small_files(self.src)
+        # A walk of seconds, as a large tree's is: 50 entries a batch, 50 ms apart.
+        S.slow_walk(self, batch=50, pause=0.05)
+        #: Files each early bundle written on the receiver held, and whether the sender
+        #: was still walking then.
+        self.written_early: list[tuple[int, bool]] = []
+        self.first_early = defer.Deferred()
+        write_bundle = early.write_bundle
+
+        def counting(staging, manifest, bundle, kept, made):
+            result = write_bundle(staging, manifest, bundle, kept, made)
+            reactor.callFromThread(self._written_early, len(bundle.items))
+            return result
+
+        self.patch(early, "write_bundle", counting)
+        #: (file, offset) of every chunk the sender sealed, whole small files in bundles
+        #: (early or not) or alone, the rest chunk by chunk.
+        self.sealed: list[tuple[int, int]] = []
+        seal_bundle, seal_chunk = frames.seal_bundle, frames.seal_chunk
+        self.patch(frames, "seal_bundle", lambda files, *args, **kw: self.sealed.extend(
+            (index, 0) for index, _ in files) or seal_bundle(files, *args, **kw))
+        self.patch(frames, "seal_chunk", lambda index, offset, *args, **kw: self.sealed.append(
+            (index, offset)) or seal_chunk(index, offset, *args, **kw))
+
+    def _written_early(self, files: int) -> None:
+        job = self.s.jobs.get(self.seed)
+        self.written_early.append((files, job is not None and job.table is None))
+        if not self.first_early.called:
+            self.first_early.callback(None)
+
+    def managers(self, seed: str, **sender_overrides):
+        self.seed = seed
+        self.r = S.make_manager(self, os.path.join(self.base, "r"), self.dst, self.port)
+        sender_overrides.setdefault("chunk_size", CHUNK)
+        self.s = S.make_manager(self, os.path.join(self.base, "s"), self.src, self.port,
+                                snapshot=self.src, **sender_overrides)
+        return self.r, self.s
+
+
+class EarlyDataTests(EarlyCase):
+    async def test_small_files_go_while_the_walk_goes_on(self):
+        """Keyed without TLS (BLAKE3 content digests): bundles are written on the
+        receiver while the sender still walks; once READY, the sender counts them done
+        without reading them again, so every file is sealed once; the tree is the same."""
+        rechecked = []
+        recheck = sender._recheck_source
+        self.patch(sender, "_recheck_source", lambda *args: rechecked.append(1) or recheck(*args))
+        r, s = self.managers("e1")
+        await r.receive("e1", key="k")
+        await s.send(f"127.0.0.1:{self.port}", "e1", key="k", source="datadir")
+        status = await S.finished(r, "e1")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+        self.assertTrue(any(walking for _, walking in self.written_early), self.written_early)
+        self.assertGreater(sum(files for files, _ in self.written_early), 50)
+        self.assertEqual(status["Resumes"], 0)
+        self.assertEqual(rechecked, [])
+        # Nothing was read and sent twice.
+        self.assertEqual(len(self.sealed), len(set(self.sealed)))
+        self.assertEqual(status["FilesDone"], status["FilesTotal"])
+
+    async def test_the_sender_keeps_within_what_the_receiver_allows(self):
+        """The receiver allows five files early: five go early, the rest after READY."""
+        self.patch(early, "allowance", lambda where: (1 << 30, 5))
+        r, s = self.managers("e2")
+        await r.receive("e2")
+        await s.send(f"127.0.0.1:{self.port}", "e2", source="datadir")
+        status = await S.finished(r, "e2")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(sum(files for files, _ in self.written_early), 5)
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+    async def test_more_than_allowed_ends_the_attempt(self):
+        """A sender that sends more than the receiver allowed (here it believes it may
+        send a hundred times more) has its attempt ended; the next one, without early
+        data, completes the seed."""
+        self.patch(early, "allowance", lambda where: (1 << 30, 20))
+        start = early.Feed.start
+        self.patch(early.Feed, "start",
+                   lambda feed, session, allowed: start(feed, session, dict(allowed, files=2000)))
+        r, s = self.managers("e3")
+        await r.receive("e3")
+        await s.send(f"127.0.0.1:{self.port}", "e3", source="datadir")
+        status = await S.finished(r, "e3")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertLessEqual(sum(files for files, _ in self.written_early), 20)
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+    async def test_a_file_that_fails_its_digest_ends_the_attempt(self):
+        """Unkeyed (XXH3), compressed bundles: a file whose bytes were altered after its
+        digest was taken fails its digest on the receiver, which ends the attempt (its
+        sender counts every file it sent early as arrived); the next attempt sends it
+        again and the tree is the same."""
+        read_bundle, altered = early.read_bundle, []
+
+        def altering(root, items, key, compress, kind, kept):
+            pieces, size, compressed = read_bundle(root, items, key, compress, kind, kept)
+            if not altered and compressed:
+                altered.append(items[0][0])
+                whole = bytearray(b"".join(pieces))
+                # The digests are in the head; the compressed payload follows it.
+                head = frames.HEADER.size + frames.BUNDLE_HEAD.size + len(items) * frames.BUNDLE_ITEM.size
+                payload = frames._decompressor().decompress(bytes(whole[head:len(whole) - frames.TAG_SIZE]),
+                                                              max_output_size=1 << 24)
+                changed = bytearray(payload)
+                changed[0] ^= 0x40
+                repacked = frames._compressor().compress(bytes(changed))
+                body = bytes(whole[frames.HEADER.size:head]) + repacked
+                pieces = [frames.seal(frames.FrameType.BUNDLE, body, key)]
+            return pieces, size, compressed
+
+        self.patch(early, "read_bundle", altering)
+        r, s = self.managers("e4", seed_compression="zstd")
+        await r.receive("e4")
+        await s.send(f"127.0.0.1:{self.port}", "e4", source="datadir")
+        status = await S.finished(r, "e4")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertEqual(len(altered), 1)
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+
+class _Cut(protocol.Protocol):
+    """A proxy to the receiver whose client side the test can cut (``factory.conns``)."""
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+        self.factory.conns.append(self)
+        self.peer = None
+        protocol.ClientCreator(reactor, _Back, self).connectTCP(
+            "127.0.0.1", self.factory.target).addCallbacks(
+            self._connected, lambda failure: self.transport.loseConnection())
+
+    def _connected(self, back):
+        self.peer = back
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data):
+        self.peer.transport.write(data)
+
+    def connectionLost(self, reason):
+        if self.peer is not None:
+            self.peer.transport.loseConnection()
+
+
+class _Back(protocol.Protocol):
+    def __init__(self, front):
+        self.front = front
+
+    def dataReceived(self, data):
+        self.front.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.front.transport.loseConnection()
+
+
+class LostAttemptTests(EarlyCase):
+    async def test_files_of_an_attempt_lost_before_the_manifest_ended_are_never_promoted(self):
+        """The first attempt writes files early, then its connection is lost before
+        MANIFEST_END: nothing records them.  A file staged then that the source no
+        longer has (planted here, as an earlier walk of a source that lost it since
+        would have sent it) must not reach the datadir: the next attempt, which is never
+        early, empties staging before it prepares it."""
+        factory = protocol.Factory.forProtocol(_Cut)
+        factory.target, factory.conns = self.port, []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        r, s = self.managers("e5", seed_streams=1)
+        await r.receive("e5")
+        await s.send(f"127.0.0.1:{port.getHost().port}", "e5", source="datadir")
+        await self.first_early
+        staging = Staging(self.dst, "e5")
+        factory.conns[0].transport.abortConnection()
+        await S.wait_for(lambda: r.jobs["e5"].payload.session is None
+                         or r.jobs["e5"].payload.sessions > 1)
+        with open(os.path.join(staging.root, "stale.ibd"), "wb") as fh:
+            fh.write(b"a file the source no longer has")
+        status = await S.finished(r, "e5")
+        self.assertEqual(status["State"], "completed", status["Error"])
+        self.assertGreaterEqual(status["Resumes"], 1)
+        self.assertFalse(os.path.exists(os.path.join(self.dst, "stale.ibd")))
+        self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+
+class FeedTests(unittest.TestCase):
+    """The sender's choice of files to send early (no I/O)."""
+
+    def candidates(self, first: int, sizes: list[int]) -> list[tuple]:
+        return [(first + n, f"f{first + n}", size, 0, 0, 0, 0) for n, size in enumerate(sizes)]
+
+    def test_only_files_of_batches_already_sent_within_what_is_allowed(self):
+        feed = early.Feed(self.mktemp())
+        os.makedirs(feed.directory)
+        self.addCleanup(feed.close)
+        feed.start(Session("a"), {"bytes": 10_000, "files": 10})
+        feed.offer(1, self.candidates(0, [4000, 4000, 4000]))
+        self.assertEqual(feed.take(0, 1 << 20, 100), [], "its MANIFEST batch was not sent yet")
+        taken = feed.take(1, 1 << 20, 100)
+        self.assertEqual([item[0] for item in taken], [0, 1])
+        self.assertFalse(feed.open, "the third file does not fit what is allowed: no more early data")
+        self.assertEqual(feed.take(1, 1 << 20, 100), [])
+
+    def test_a_bundle_stays_within_its_bytes_and_files(self):
+        feed = early.Feed(self.mktemp())
+        os.makedirs(feed.directory)
+        self.addCleanup(feed.close)
+        feed.start(Session("a"), {"bytes": 1 << 30, "files": 1000})
+        feed.offer(1, self.candidates(0, [300] * 10))
+        self.assertEqual(len(feed.take(1, 1000, 100)), 3)
+        self.assertEqual(len(feed.take(1, 1 << 20, 4)), 4)
+        self.assertEqual(len(feed.take(1, 1 << 20, 100)), 3)
+        self.assertTrue(feed.open)
+
+    def test_the_walk_finds_no_more_than_it_keeps(self):
+        feed = early.Feed(self.mktemp())
+        os.makedirs(feed.directory)
+        self.addCleanup(feed.close)
+        self.assertFalse(feed.hungry, "no early data allowed yet")
+        feed.start(Session("a"), {"bytes": 1 << 30, "files": 1000})
+        self.assertTrue(feed.hungry)
+        for batch in range(1, early.KEEP_BATCHES + 1):
+            feed.offer(batch, self.candidates(batch * 10, [100]))
+        self.assertFalse(feed.hungry)
+        feed.offer(9, self.candidates(90, [100]))
+        self.assertEqual(len(feed.batches), early.KEEP_BATCHES)
+        self.assertEqual(feed.batches[-1][0], 9, "the oldest batch is the one let go")
+
+    def test_a_malformed_allowance_is_a_protocol_error(self):
+        feed = early.Feed(self.mktemp())
+        with self.assertRaises(frames.ProtocolError):
+            feed.start(Session("a"), {"bytes": "many", "files": 3})
+        self.assertFalse(feed.open)
