@@ -30,11 +30,19 @@ world of their own: a btrfs target, a real MariaDB and a real mariabackup backup
   source agent traced on its StateDir (the pins of the files it sends, its seed states),
   killed at each point and started again, then the same seed sent again as
   ``orchagent seed --resume`` does; the target checked as for datadir_seed.
+* **early_seed**: a datadir seed whose source holds :data:`EARLY_FILES` small files
+  besides the usual tree, so that the receiver is sent files while the sender still
+  walks (orchagent.seed.early): the points of the files written early, of the staging an
+  attempt lost before MANIFEST_END left (emptied by the next attempt), of the settling
+  at MANIFEST_END.  Checked as for datadir_seed; the clean run must have sent files
+  early (else the operation would test nothing of it).
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -414,6 +422,44 @@ class SenderCrash(DatadirSeed):
         return await super().finish(started, crashed=False, restarted=restarted)
 
 
+#: Small files besides the usual tree in early_seed's source: a walk long enough that
+#: the receiver is sent some before it ends, even with the target traced.
+EARLY_FILES = 20_000
+
+
+class ManyFilesWorld(World):
+    """The source holds EARLY_FILES small files in 20 directories; the target's ext4 has
+    room and inodes for them three times over (a snapshot, staging, a datadir)."""
+
+    def make_source(self, root: str) -> None:
+        super().make_source(root)
+        rnd = random.Random(20)
+        for i in range(EARLY_FILES):
+            where = os.path.join(root, f"tables{i % 20:02d}")
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, f"t{i:05d}.frm"), "wb") as fh:
+                fh.write(b"new" + rnd.randbytes(rnd.randrange(100, 1500)))
+
+    def target_fs(self) -> str:
+        return self._mount("fs", "ext4", self.size_mib * 6 + 400, ("-i", "4096"))
+
+
+class EarlySeed(DatadirSeed):
+    """A datadir seed of many small files: some are sent while the sender still walks."""
+
+    name = "early_seed"
+    world_class = ManyFilesWorld
+
+    def check(self, end: dict, injected: Point | None, errno: str | None) -> Result:
+        result = super().check(end, injected, errno)
+        if injected is None and result.verdict == "verified":
+            found = re.findall(rf"seed {self.seed}: ready for \d+ bytes in \d+ files \((\d+) bytes already here\)",
+                               self.world.target.output())
+            if not found or not int(found[-1]):
+                return Result("BROKEN", "no file was sent early: the operation tests nothing of early data")
+        return result
+
+
 class SenderSnapshotCrash(SenderCrash):
     """sender_seed from a snapshot: the source's copy snapshot mounted (``mountlv``) and
     sent; after the source agent's crash the mount is still there (kernel state), the
@@ -425,4 +471,4 @@ class SenderSnapshotCrash(SenderCrash):
 
 
 OPERATIONS = {op.name: op for op in (BtrfsRestore, BackupMount, BackupRestore, HotSeed, SenderCrash,
-                                     SenderSnapshotCrash)}
+                                     SenderSnapshotCrash, EarlySeed)}

@@ -366,7 +366,7 @@ class World:
         os.makedirs(os.path.join(self.base, "src", "snapshots"))
         os.makedirs(os.path.join(self.base, "src", "mnt"))
         os.makedirs(os.path.join(self.fs, "mnt"))
-        make_tree(self.src_datadir, self.size_mib, b"new")
+        self.make_source(self.src_datadir)
         sh("cp", "-a", self.src_datadir, os.path.join(self.base, "src", "snapshots", "snap1"))
         self.make_snapshot(self.src_datadir, os.path.join(self.snapdir, "snap1"))
         self.new = manifest(self.src_datadir)
@@ -399,6 +399,10 @@ class World:
         """The target's file system, mounted: its mount point."""
         return self._mount("fs", "ext4", self.size_mib * 6 + 64)
 
+    def make_source(self, root: str) -> None:
+        """The tree the operations bring in (the source's datadir)."""
+        make_tree(root, self.size_mib, b"new")
+
     def make_snapshot(self, tree: str, path: str) -> None:
         """The target's snapshot ``snap1`` of ``tree`` at ``path``."""
         sh("cp", "-a", tree, path)
@@ -415,11 +419,11 @@ class World:
         else:
             os.unlink(path)
 
-    def _mount(self, name: str, fstype: str, mib: int) -> str:
+    def _mount(self, name: str, fstype: str, mib: int, options: tuple[str, ...] = ()) -> str:
         image = os.path.join(self.base, f"{name}.img")
         with open(image, "wb") as fh:
             fh.truncate(mib << 20)
-        sh(f"mkfs.{fstype}", "-q", *(["-F"] if fstype == "ext4" else ["-f"]), image)
+        sh(f"mkfs.{fstype}", "-q", *(["-F"] if fstype == "ext4" else ["-f"]), *options, image)
         loop = sh("losetup", "--find", "--show", image).strip()
         self.cleanups.append(lambda: sh("losetup", "-d", loop, check=False))
         point = os.path.join(self.base, name)

@@ -3,24 +3,25 @@ between two real SeedManagers over real TCP on loopback."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from orchagent.seed import early, frames, sender, tree_receive
+from orchagent.seed import early, frames, sender
 from orchagent.seed.session import Session
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
+from tests.test_seed_transfer import FlippingProxy, SeedCase
 
-CHUNK = 64 * 1024
 
 
 def make_small_files(root: str, count: int = 600) -> None:
-    """``count`` small files over nested directories with their own modes, and the
-    entries early data never carries (make_tree: empty, sparse, hole-only and large
-    files, a symlink)."""
+    """``count`` small files over nested directories with their own modes, one with a
+    name that is not UTF-8, and the entries early data never carries (make_tree: empty,
+    sparse, hole-only and large files, a symlink)."""
     S.make_tree(root, files=20)
     rnd = random.Random(7)
     for i in range(count):
@@ -29,19 +30,13 @@ def make_small_files(root: str, count: int = 600) -> None:
         with open(os.path.join(where, f"t{i:04d}.ibd"), "wb") as fh:
             fh.write(os.urandom(rnd.randrange(1, 6000)) + bytes(rnd.randrange(3000)))
     os.chmod(os.path.join(root, "db1"), 0o750)
+    with open(os.path.join(os.fsencode(root), b"db2", b"t\xe9\xff.ibd"), "wb") as fh:
+        fh.write(b"a name that is not UTF-8")
 
 
-class EarlyCase(unittest.TestCase):
-    timeout = 60
-
+class EarlyCase(SeedCase):
     def setUp(self):
-        self.base = os.path.abspath(self.mktemp())
-        self.src = os.path.join(self.base, "src")
-        self.dst = os.path.join(self.base, "dst")
-        os.makedirs(self.src)
-        os.makedirs(self.dst)
-        self.port = S.free_port()
-        self.patch(sender, "BACKOFF_FIRST", 0.05)
+        super().setUp()
         make_small_files(self.src)
         # A walk of seconds, as a large tree's is: 50 entries a batch, 50 ms apart.
         S.slow_walk(self, batch=50, pause=0.05)
@@ -74,10 +69,7 @@ class EarlyCase(unittest.TestCase):
 
     def managers(self, seed: str, **sender_overrides):
         self.seed = seed
-        self.r = S.make_manager(self, os.path.join(self.base, "r"), self.dst, self.port)
-        sender_overrides.setdefault("chunk_size", CHUNK)
-        self.s = S.make_manager(self, os.path.join(self.base, "s"), self.src, self.port,
-                                snapshot=self.src, **sender_overrides)
+        self.r, self.s = self.receiver(), self.sender(**sender_overrides)
         return self.r, self.s
 
 
@@ -165,38 +157,41 @@ class EarlyDataTests(EarlyCase):
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
 
 
-class _Cut(protocol.Protocol):
-    """A proxy to the receiver whose client side the test can cut (``factory.conns``)."""
+class EarlyWriteErrorTests(EarlyCase):
+    async def test_a_write_error_of_early_data_fails_the_seed_naming_the_file(self):
+        """A file system full under an early write fails the seed as any write does (no
+        resume would fare better): the message names the file, the datadir is as it was,
+        staging is gone."""
+        write_small, failed_walking = Staging._write_small, []
+
+        def full(staging, manifest, index, data, length):
+            if self.written_early:
+                failed_walking.append(self.s.jobs["e6"].table is None)
+                raise OSError(errno.ENOSPC, f"No space left on device while writing "
+                                            f"{manifest.paths[index]} at offset 0")
+            return write_small(staging, manifest, index, data, length)
+
+        self.patch(Staging, "_write_small", full)
+        before = S.snapshot_tree(self.dst)
+        r, s = self.managers("e6")
+        await r.receive("e6")
+        await s.send(f"127.0.0.1:{self.port}", "e6", source="datadir")
+        status = await S.finished(r, "e6")
+        self.assertEqual(status["State"], "failed")
+        self.assertRegex(status["Error"], r"^seed e6 could not be written: No space left on device while "
+                                          r"writing db\d/(part/)?t\d{4}\.ibd at offset 0 \(the file system "
+                                          r"had \d+ bytes free at the start\)$")
+        self.assertEqual(failed_walking[:1], [True], "the write that failed was one of early data")
+        await S.wait_for(lambda: "e6" not in r.jobs)
+        self.assert_untouched(before)
+
+
+class _Cut(FlippingProxy):
+    """A proxy to the receiver (flipping nothing) whose connections the test can cut."""
 
     def connectionMade(self):
-        self.transport.pauseProducing()
+        super().connectionMade()
         self.factory.conns.append(self)
-        self.peer = None
-        protocol.ClientCreator(reactor, _Back, self).connectTCP(
-            "127.0.0.1", self.factory.target).addCallbacks(
-            self._connected, lambda failure: self.transport.loseConnection())
-
-    def _connected(self, back):
-        self.peer = back
-        self.transport.resumeProducing()
-
-    def dataReceived(self, data):
-        self.peer.transport.write(data)
-
-    def connectionLost(self, reason):
-        if self.peer is not None:
-            self.peer.transport.loseConnection()
-
-
-class _Back(protocol.Protocol):
-    def __init__(self, front):
-        self.front = front
-
-    def dataReceived(self, data):
-        self.front.transport.write(data)
-
-    def connectionLost(self, reason):
-        self.front.transport.loseConnection()
 
 
 class LostAttemptTests(EarlyCase):
@@ -207,7 +202,7 @@ class LostAttemptTests(EarlyCase):
         would have sent it) must not reach the datadir: the next attempt, which is never
         early, empties staging before it prepares it."""
         factory = protocol.Factory.forProtocol(_Cut)
-        factory.target, factory.conns = self.port, []
+        factory.target, factory.conns, factory.count, factory.times = self.port, [], 0, 0
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         r, s = self.managers("e5", seed_streams=1)

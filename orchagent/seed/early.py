@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from typing import Any, Callable
 
 from orchagent.errors import BadRequest
 from orchagent.seed import frames, plan, spill, tree
@@ -80,28 +81,43 @@ def read_bundle(root: str, items: list[tuple], key: bytes, compress: bool, kind:
     """Worker thread: read ``items`` (see :func:`candidates`), each checked against the
     walk, and frame them as one BUNDLE; the digests are kept in ``kept`` as RECORDs.
     Returns (pieces, data bytes, compressed)."""
-    raw = bytearray(sum(item[2] for item in items))
-    view = memoryview(raw)
-    position = 0
-    for _index, path, size, mtime, device, inode, ctime in items:
+    def open_checked(item: tuple) -> int:
+        _, path, size, mtime, device, inode, ctime = item
         where = os.path.join(root, path)
         fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            changes = tree.changes(os.fstat(fd), device, inode, size, mtime, ctime)
-            if changes:
-                raise BadRequest(f"seed source file {where} changed while it was being sent "
-                                 f"({'; '.join(changes)})")
-            if os.preadv(fd, [view[position:position + size]], 0) != size:
-                raise BadRequest(f"seed source file {where} changed while it was being sent "
-                                 "(short read)")
-        finally:
+        changes = tree.changes(os.fstat(fd), device, inode, size, mtime, ctime)
+        if changes:
             os.close(fd)
-        position += size
+            raise BadRequest(f"seed source file {where} changed while it was being sent "
+                             f"({'; '.join(changes)})")
+        return fd
+
+    raw = read_whole([(item, item[2]) for item in items], open_checked, lambda item: item[1])
     files = [(item[0], item[2]) for item in items]
     pieces, digests, compressed = frames.seal_bundle(files, raw, key, compress, kind)
     kept.add(b"".join(plan.RECORD.pack(index, 0, size, digest)
                       for (index, size), digest in zip(files, digests)))
     return pieces, len(raw), compressed
+
+
+def read_whole(files: list[tuple], open_checked: Callable[[Any], int],
+               name: Callable[[Any], str]) -> bytearray:
+    """Worker thread: whole small files one after another in one buffer, for a BUNDLE;
+    ``files`` are ``(what, length)``, ``open_checked(what)`` a descriptor checked against
+    the walk, ``name(what)`` its path for a short read's error."""
+    raw = bytearray(sum(length for _, length in files))
+    view = memoryview(raw)
+    position = 0
+    for what, length in files:
+        fd = open_checked(what)
+        try:
+            if os.preadv(fd, [view[position:position + length]], 0) != length:
+                raise BadRequest(f"seed source file {name(what)} changed while it was being "
+                                 "sent (short read)")
+        finally:
+            os.close(fd)
+        position += length
+    return raw
 
 
 class Feed:

@@ -977,18 +977,8 @@ def _read_chunks(files: SourceFiles, items, key: bytes, compress: bool, kind: in
     one BUNDLE frame for several whole small files, else one DATA frame per chunk."""
     manifest = files.manifest
     if len(items) > 1:
-        raw = bytearray(sum(length for _, _, length in items))
-        view = memoryview(raw)
-        position = 0
-        for index, _offset, length in items:
-            fd = files.open_checked(index)
-            try:
-                if os.preadv(fd, [view[position:position + length]], 0) != length:
-                    raise BadRequest(f"seed source file {manifest.paths[index]} changed while it "
-                                     "was being sent (short read)")
-            finally:
-                os.close(fd)
-            position += length
+        raw = early.read_whole([(index, length) for index, _, length in items], files.open_checked,
+                               manifest.paths.__getitem__)
         return [frames.seal_bundle([(i, n) for i, _, n in items], raw, key, compress, kind)]
     (index, offset, length), = items
     data = _read_range(files, index, offset, length)

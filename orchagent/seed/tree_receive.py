@@ -207,7 +207,9 @@ class TreeReceive(state.ReceivePayload):
         if self.sessions != 1 or self.restored or self.manifest is not None or self.staging.exists():
             return
         kind = frames.Digest.BLAKE3 if self.record.keyed and not self.context.tls else frames.Digest.XXH3
-        session.early_bytes, session.early_files = early.allowance(os.path.dirname(self.staging.root))
+        where = os.path.dirname(self.staging.root)
+        self.free_at_start = free_bytes(where)
+        session.early_bytes, session.early_files = early.allowance(where)
         session.early_kind = kind
         session.early_kept = spill.Spool(self.context.store.root)
         stream.offer["early"] = {"bytes": session.early_bytes, "files": session.early_files,
@@ -360,8 +362,7 @@ class TreeReceive(state.ReceivePayload):
                      error=failure.getErrorMessage())
             self._end_session()
         elif self.job.active:
-            self.job.fail(state.failure_message(failure, self.seed_id, "writing early data",
-                                                f"seed {self.seed_id} could not be written"))
+            self._write_failed(failure)
 
     def _keep_digests(self, stream, spool: _DigestSpool, piece: bytes) -> None:
         """A DIGESTS piece, written out while the control stream stops reading (TCP holds
@@ -572,12 +573,7 @@ class TreeReceive(state.ReceivePayload):
         if not self.job.active or self.table is None:
             return
         if isinstance(result, Failure):
-            if result.check(OSError):
-                self.job.fail(f"seed {self.seed_id} could not be written: {result.value.strerror}"
-                              f" (the file system had {self.free_at_start} bytes free at the start)")
-            else:
-                log.failure("seed {seed}: write failed", result, seed=self.seed_id)
-                self.job.fail(f"seed {self.seed_id} could not be written: {result.value}")
+            self._write_failed(result)
             return
         table = self.table
         for where, outcome in result:
@@ -594,6 +590,17 @@ class TreeReceive(state.ReceivePayload):
                 and not self.writing_back):
             self._write_back()
         self._maybe_finish()
+
+    def _write_failed(self, failure) -> None:
+        """A write into staging failed: the seed fails, naming the file."""
+        if failure.check(OSError):
+            self.job.fail(f"seed {self.seed_id} could not be written: {failure.value.strerror}"
+                          f" (the file system had {self.free_at_start} bytes free at the start)")
+        elif failure.check(AgentError):
+            self.job.fail(failure.value.message)
+        else:
+            log.failure("seed {seed}: write failed", failure, seed=self.seed_id)
+            self.job.fail(f"seed {self.seed_id} could not be written: {failure.value}")
 
     def _write_back(self) -> None:
         """Write what the seed left dirty back to disk while it goes on (a worker thread,
