@@ -10,7 +10,8 @@ import random
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from orchagent.seed import early, frames, sender
+from orchagent.errors import BadRequest
+from orchagent.seed import early, frames, plan, sender, spill
 from orchagent.seed.session import Session
 from orchagent.seed.staging import Staging
 from tests import seed_support as S
@@ -270,3 +271,44 @@ class FeedTests(unittest.TestCase):
         with self.assertRaises(frames.ProtocolError):
             feed.start(Session("a"), {"bytes": "many", "files": 3})
         self.assertFalse(feed.open)
+
+
+class ReadBundleTests(unittest.TestCase):
+    """The sender's early reads, checked against what the walk saw."""
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "db"))
+        self.path = os.path.join(self.root, "db", "t.frm")
+        with open(self.path, "wb") as fh:
+            fh.write(b"walked")
+        st = os.lstat(self.path)
+        self.item = (3, "db/t.frm", st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
+        self.kept = spill.Spool(self.root)
+        self.addCleanup(self.kept.close)
+
+    def test_a_file_as_walked_is_framed_and_its_digest_kept(self):
+        pieces, size, compressed = early.read_bundle(self.root, [self.item], b"k" * 32, False,
+                                                     frames.Digest.XXH3, self.kept)
+        self.assertEqual((size, compressed), (6, False))
+        frame, = frames.iter_frames([b"".join(pieces)])
+        bundle = frames.open_bundle(frame, b"k" * 32, frames.Digest.XXH3)
+        self.assertEqual([(i, bytes(data)) for i, data in frames.unpack_bundle(bundle)], [(3, b"walked")])
+        self.assertEqual(list(plan.RECORD.iter_unpack(self.kept.read(0, self.kept.size))),
+                         [(3, 0, 6, frames.content_digest(b"walked", frames.Digest.XXH3))])
+
+    def test_a_file_replaced_since_the_walk_fails_naming_it(self):
+        os.rename(self.path, self.path + ".old")
+        with open(self.path, "wb") as fh:
+            fh.write(b"walked")
+        with self.assertRaises(BadRequest) as caught:
+            early.read_bundle(self.root, [self.item], b"k" * 32, False, frames.Digest.XXH3, self.kept)
+        self.assertRegex(caught.exception.message, rf"^seed source file {self.path} changed while it "
+                                                   r"was being sent \(device/inode \d+/\d+, was \d+/\d+")
+        self.assertEqual(self.kept.size, 0)
+
+    def test_a_file_of_another_size_than_walked_fails_naming_it(self):
+        item = (3, "db/t.frm", 100, *self.item[3:])
+        with self.assertRaises(BadRequest) as caught:
+            early.read_bundle(self.root, [item], b"k" * 32, False, frames.Digest.XXH3, self.kept)
+        self.assertIn(f"seed source file {self.path} changed while it was being sent", caught.exception.message)

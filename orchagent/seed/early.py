@@ -81,18 +81,23 @@ def read_bundle(root: str, items: list[tuple], key: bytes, compress: bool, kind:
     """Worker thread: read ``items`` (see :func:`candidates`), each checked against the
     walk, and frame them as one BUNDLE; the digests are kept in ``kept`` as RECORDs.
     Returns (pieces, data bytes, compressed)."""
+    def where(item: tuple) -> str:
+        return os.path.join(root, item[1])
+
     def open_checked(item: tuple) -> int:
-        _, path, size, mtime, device, inode, ctime = item
-        where = os.path.join(root, path)
-        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        changes = tree.changes(os.fstat(fd), device, inode, size, mtime, ctime)
-        if changes:
+        _, _, size, mtime, device, inode, ctime = item
+        fd = os.open(where(item), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            changes = tree.changes(os.fstat(fd), device, inode, size, mtime, ctime)
+            if changes:
+                raise BadRequest(f"seed source file {where(item)} changed while it was being sent "
+                                 f"({'; '.join(changes)})")
+        except BaseException:
             os.close(fd)
-            raise BadRequest(f"seed source file {where} changed while it was being sent "
-                             f"({'; '.join(changes)})")
+            raise
         return fd
 
-    raw = read_whole([(item, item[2]) for item in items], open_checked, lambda item: item[1])
+    raw = read_whole([(item, item[2]) for item in items], open_checked, where)
     files = [(item[0], item[2]) for item in items]
     pieces, digests, compressed = frames.seal_bundle(files, raw, key, compress, kind)
     kept.add(b"".join(plan.RECORD.pack(index, 0, size, digest)
