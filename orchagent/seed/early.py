@@ -252,9 +252,9 @@ def write_bundle(staging, manifest: tree.Manifest, bundle: frames.Bundle, kept: 
     """Worker thread, in the manifest's chain (the manifest does not grow meanwhile):
     write an early bundle's files into staging (making the directories above them, but
     those of ``made``: the bundle before's, which this one's become), and keep their
-    journal records.  A file the manifest read so far does not list as a
-    dense file of that size is a BadRequest; one that does not match its digest, an
-    IntegrityError.  Returns the files and bytes written."""
+    journal records.  A file the manifest read so far does not list as a dense file of
+    that size is a BadRequest; one that does not match its digest, an IntegrityError.
+    Returns the files and bytes written."""
     kinds, sizes, paths, extents = manifest.kinds, manifest.sizes, manifest.paths, manifest.extents
     parents = set()
     for index, length, _ in bundle.items:
