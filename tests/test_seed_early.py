@@ -6,8 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
 from orchagent.errors import BadRequest
@@ -47,7 +48,11 @@ class EarlyCase(SeedCase):
         self.first_early = defer.Deferred()
         write_bundle = early.write_bundle
 
+        #: Whether the receive job still existed as each early write began.
+        self.write_starts: list[bool] = []
+
         def counting(staging, manifest, bundle, kept, made):
+            self.write_starts.append(self.seed in self.r.jobs)
             result = write_bundle(staging, manifest, bundle, kept, made)
             reactor.callFromThread(self._written_early, len(bundle.items))
             return result
@@ -98,7 +103,7 @@ class EarlyDataTests(EarlyCase):
 
     async def test_the_sender_keeps_within_what_the_receiver_allows(self):
         """The receiver allows five files early: five go early, the rest after READY."""
-        self.patch(early, "allowance", lambda where: (1 << 30, 5))
+        self.patch(early, "allowance", lambda free, inodes: (1 << 30, 5))
         r, s = self.managers("e2")
         await r.receive("e2")
         await s.send(f"127.0.0.1:{self.port}", "e2", source="datadir")
@@ -111,7 +116,7 @@ class EarlyDataTests(EarlyCase):
         """A sender that sends more than the receiver allowed (here it believes it may
         send a hundred times more) has its attempt ended; the next one, without early
         data, completes the seed."""
-        self.patch(early, "allowance", lambda where: (1 << 30, 20))
+        self.patch(early, "allowance", lambda free, inodes: (1 << 30, 20))
         start = early.Feed.start
         self.patch(early.Feed, "start",
                    lambda feed, session, allowed: start(feed, session, dict(allowed, files=2000)))
@@ -156,6 +161,47 @@ class EarlyDataTests(EarlyCase):
         self.assertEqual(len(altered), 1)
         self.assertGreaterEqual(status["Resumes"], 1)
         self.assertEqual(S.snapshot_tree(self.dst), S.snapshot_tree(self.src))
+
+
+class EarlyAbortTests(EarlyCase):
+    async def test_an_abort_while_early_bundles_wait_to_be_written_leaves_nothing(self):
+        """The receiver aborted while an early write is held in its worker thread and
+        more bundles wait behind it in the manifest's chain, the sender still walking:
+        the held write ends before staging goes, no waiting one begins, both sides end
+        aborted, the datadir as it was."""
+        counting, release, held = early.write_bundle, threading.Event(), defer.Deferred()
+        aborted, begun_after_abort = threading.Event(), []
+
+        def holding(*args):
+            if aborted.is_set():
+                begun_after_abort.append(args[2].items[0][0])
+            if self.written_early and not release.is_set():
+                reactor.callFromThread(lambda: held.called or held.callback(None))
+                release.wait(10)
+            return counting(*args)
+
+        self.patch(early, "write_bundle", holding)
+        self.addCleanup(release.set)
+        before = S.snapshot_tree(self.dst)
+        r, s = self.managers("e7")
+        await r.receive("e7")
+        await s.send(f"127.0.0.1:{self.port}", "e7", source="datadir")
+        await held
+        session = r.jobs["e7"].payload.session
+        await S.wait_for(lambda: session.early_queued > 2 * early.BUNDLE_BYTES)
+        self.assertIsNone(s.jobs["e7"].table, "the sender still walks")
+        aborted.set()
+        self.assertTrue(await r.abort("e7"))
+        release.set()
+        mine, theirs = await S.finished(r, "e7"), await S.finished(s, "e7")
+        self.assertEqual(mine["State"], "aborted")
+        self.assertIn(theirs["State"], ("aborted", "failed"))
+        self.assertIn("aborted", theirs["Error"])
+        await S.wait_for(lambda: "e7" not in r.jobs)
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(begun_after_abort, [], "early writes began after the abort")
+        self.assertTrue(all(self.write_starts), "an early write began after the seed was cleaned up")
+        self.assert_untouched(before)
 
 
 class EarlyWriteErrorTests(EarlyCase):

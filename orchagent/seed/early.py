@@ -241,10 +241,10 @@ def _chunk_of(table: plan.ChunkTable, index: int, length: int) -> int | None:
 # --- the receiving side ------------------------------------------------------------------
 
 
-def allowance(where: str) -> tuple[int, int]:
-    """Bytes and files a receiver allows early into the file system of ``where``."""
-    st = os.statvfs(where)
-    return st.f_bavail * st.f_frsize // SHARE, (st.f_favail if st.f_files else 1 << 31) // SHARE
+def allowance(free: int, inodes: int | None) -> tuple[int, int]:
+    """Bytes and files a receiver allows early into a file system with ``free`` bytes
+    and ``inodes`` free (None: a file system without a fixed number, btrfs)."""
+    return free // SHARE, (1 << 31 if inodes is None else inodes) // SHARE
 
 
 def write_bundle(staging, manifest: tree.Manifest, bundle: frames.Bundle, kept: spill.Spool,

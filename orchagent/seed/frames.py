@@ -98,6 +98,11 @@ class Digest(enum.IntEnum):
         return "blake3" if self is Digest.BLAKE3 else "xxh3-128"
 
     @classmethod
+    def for_stream(cls, keyed: bool, tls: bool) -> "Digest":
+        """What a stream with a per-seed key (``keyed``) and seed TLS or not digests with."""
+        return cls.BLAKE3 if keyed and not tls else cls.XXH3
+
+    @classmethod
     def from_label(cls, label: str) -> "Digest":
         for kind in cls:
             if kind.label == label:

@@ -454,8 +454,7 @@ class SendJob(SenderJob):
         self.compression = CompressionPolicy(False)
         #: Chunk contents need a digest a forger can't match only when the frames are the
         #: stream's sole authentication (see frames.Digest).
-        self.digest_kind = (frames.Digest.BLAKE3 if auth_key is not None and not context.tls
-                            else frames.Digest.XXH3)
+        self.digest_kind = frames.Digest.for_stream(auth_key is not None, context.tls)
         #: The manifest as packed MANIFEST bodies (made once, off the reactor, as the walk
         #: goes), kept in StateDir for the sessions after the first (8 MB at a million
         #: files), and where each ends there.
@@ -666,8 +665,7 @@ class SendJob(SenderJob):
             self.bucket.take(size)
             stream.write(pieces)
             self.compression.record(compress, compressed)
-            self.bytes_sent += size
-            self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + size
+            self._count_sent(stream, size)
         if feed.ending is not None:
             ending, feed.ending = feed.ending, None
             if not ending.closed and self.session is not None:
@@ -758,11 +756,15 @@ class SendJob(SenderJob):
                     cid = next(pending)
                     self.table.mark_done(cid, digest)
                     length = self.table.length[cid]
-                    self.bytes_sent += length
-                    self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
+                    self._count_sent(stream, length)
         if self.table is not None:  # none while the walk goes on (the control stream may
             # already be paused and resumed, sending the manifest)
             self.record.bytes_done, self.record.files_done = self.table.bytes_done, self.table.files_done
+
+    def _count_sent(self, stream: SenderStream, length: int) -> None:
+        """Data bytes framed and written to ``stream`` (tests, benchmarks)."""
+        self.bytes_sent += length
+        self.stream_bytes[stream.index] = self.stream_bytes.get(stream.index, 0) + length
 
     def _maybe_finish(self) -> None:
         session = self.session

@@ -125,9 +125,12 @@ class _Attempt(Session):
 
     def end(self, abort: bool = False, close: bool = True) -> None:
         super().end(abort, close)
+        if self.reading is not None:
+            # A manifest no one reads to its end: its next step meets the spools closed.
+            self.reading.addErrback(lambda _: None)
         self.digests.close()
-        for kept in [self.early_kept] if self.early_kept is not None else []:
-            self.thread(kept.close).addErrback(
+        if self.early_kept is not None:
+            self.thread(self.early_kept.close).addErrback(
                 lambda f: log.warn("cannot close the record of early data: {error}", error=f.getErrorMessage()))
         self.thread(self.batches.close).addErrback(
             lambda f: log.warn("cannot close the seed manifest kept: {error}", error=f.getErrorMessage()))
@@ -206,10 +209,10 @@ class TreeReceive(state.ReceivePayload):
         agent's, or one an earlier attempt left, is emptied at MANIFEST_END instead)."""
         if self.sessions != 1 or self.restored or self.manifest is not None or self.staging.exists():
             return
-        kind = frames.Digest.BLAKE3 if self.record.keyed and not self.context.tls else frames.Digest.XXH3
+        kind = frames.Digest.for_stream(self.record.keyed, self.context.tls)
         where = os.path.dirname(self.staging.root)
         self.free_at_start = free_bytes(where)
-        session.early_bytes, session.early_files = early.allowance(where)
+        session.early_bytes, session.early_files = early.allowance(self.free_at_start, free_inodes(where))
         session.early_kind = kind
         session.early_kept = spill.Spool(self.context.store.root)
         stream.offer["early"] = {"bytes": session.early_bytes, "files": session.early_files,
@@ -218,8 +221,6 @@ class TreeReceive(state.ReceivePayload):
     def _end_session(self) -> None:
         session, self.session = self.session, None
         session.end(abort=True)
-        if session.reading is not None:
-            session.reading.addErrback(lambda _: None)  # a manifest no one reads to its end
 
     def stream_lost(self, stream) -> None:
         self.waiting.discard(stream)
